@@ -1,0 +1,176 @@
+"""Pydantic models for every command's options: the single source of defaults and validation.
+
+A config file (YAML or TOML) supplies defaults, command-line options override it, and the merged
+result is validated once, so a mistyped key or an out-of-range value stops the run before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ascension_cli.errors import ConfigError
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Accumulation = Literal["cache", "naive"]
+Augment = Literal["color-agnostic", "standard", "none"]
+Head = Literal["mlp", "linear"]
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1)))
+
+
+class TrainConfig(BaseModel):
+    """Options of ``ascension train``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data_root: Path
+    batch_size: int = Field(16, ge=1, description="Images per micro-batch (what fits in memory).")
+    target_batch: int = Field(
+        128, ge=2, description="Images per optimizer step: the contrastive batch SupCon sees."
+    )
+    epochs: int = Field(50, ge=1)
+    warmup_epochs: float = Field(5.0, ge=0)
+    lr: float = Field(3e-4, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0)
+    temperature: float = Field(0.1, gt=0, le=10)
+    model: str = Field("tf_efficientnetv2_m", min_length=1)
+    image_size: int | None = Field(None, ge=16, le=4096)
+    embedding_dim: int = Field(128, ge=2, le=65536)
+    head: Head = "mlp"
+    pretrained: bool = True
+    weights: Path | None = None
+    precision: Precision = "auto"
+    accumulation: Accumulation = "cache"
+    views: int = Field(2, ge=1, le=16)
+    samples_per_class: int = Field(4, ge=1)
+    augment: Augment = "color-agnostic"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_root: Path | None = None
+    workers: int = Field(default_factory=_default_workers, ge=0, le=256)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    save_dir: Path = Path("checkpoints")
+    resume: str | None = None
+    max_steps: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    max_nonfinite: int = Field(
+        20, ge=1, description="Consecutive non-finite losses after which training aborts."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.target_batch % self.batch_size:
+            raise ValueError(
+                f"--target-batch ({self.target_batch}) must be a multiple of "
+                f"--batch-size ({self.batch_size})"
+            )
+        if self.samples_per_class > self.target_batch:
+            raise ValueError(
+                f"--samples-per-class ({self.samples_per_class}) cannot exceed "
+                f"--target-batch ({self.target_batch})"
+            )
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"--warmup-epochs ({self.warmup_epochs}) cannot exceed --epochs ({self.epochs})"
+            )
+        if self.views == 1 and self.samples_per_class == 1:
+            raise ValueError(
+                "with --views 1, --samples-per-class must be at least 2, "
+                "or no anchor has a positive"
+            )
+        if self.val_root is not None and "val_fraction" in self.model_fields_set:
+            raise ValueError("give either --val-root or --val-fraction, not both")
+        return self
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.target_batch // self.batch_size
+
+
+def option_name(field: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--" + field.replace("_", "-")
+
+
+def _describe(error: dict[str, Any], file_keys: set[str], config_file: Path | None) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    field = loc[0] if loc else ""
+    if error.get("type") == "extra_forbidden":
+        where = f" in config file {config_file}" if config_file else ""
+        return f"unknown option '{field}'{where}"
+    message = error.get("msg", "invalid value")
+    message = message.removeprefix("Value error, ")
+    if not field:
+        return message
+    source = f" (from {config_file})" if config_file and field in file_keys else ""
+    given = error.get("input")
+    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+    return f"invalid {option_name(field)}{source}: {message}{shown}"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML file of options; keys may use dashes or underscores."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot parse config file {path}: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def resolve(
+    model: type[ConfigT], cli_values: dict[str, Any], config_file: Path | None = None
+) -> ConfigT:
+    """Merge a config file (defaults) with command-line values (which win) and validate once.
+
+    ``cli_values`` holds only options the user gave: ``None`` means "not given".
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    merged = dict(file_values)
+    merged.update({key: value for key, value in cli_values.items() if value is not None})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], set(file_values), config_file)) from None
+
+
+def to_plain(config: BaseModel) -> dict[str, Any]:
+    """The config as JSON/YAML-friendly values (paths as strings)."""
+    return config.model_dump(mode="json")

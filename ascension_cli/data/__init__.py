@@ -1,0 +1,1 @@
+"""Reading class-per-folder image trees: scan, decode, augment, sample."""

@@ -1,0 +1,97 @@
+"""Torch datasets over scanned image paths: multi-view training samples and eval images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ascension_cli.data.augment import reseed
+from ascension_cli.data.folder import ImageDecodeError, load_image
+
+
+@dataclass
+class Failed:
+    """A sample that could not be loaded; the batch goes on without it."""
+
+    index: int
+    reason: str
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class MultiViewDataset(Dataset):
+    """``views`` independently augmented copies of each image.
+
+    Keys are ``(index, seed)`` pairs from the sampler: the seed fixes the augmentation, so a run
+    is reproducible whatever the number of workers.
+    """
+
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray, transform, views: int):
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        try:
+            image = load_image(self.paths[index])
+        except ImageDecodeError as exc:
+            return Failed(index, str(exc))
+        reseed(self.transform, seed)
+        views = [_to_tensor(self.transform(image=image)["image"]) for _ in range(self.views)]
+        return torch.stack(views), int(self.labels[index]), index
+
+
+class EvalDataset(Dataset):
+    """One deterministic view per image (resize + centre crop)."""
+
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray | None, transform):
+        self.paths = list(paths)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index])
+        except ImageDecodeError as exc:
+            return Failed(index, str(exc))
+        label = -1 if self.labels is None else int(self.labels[index])
+        return _to_tensor(self.transform(image=image)["image"]), label, index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, V, C, H, W) for training, (B, C, H, W) for eval
+    labels: torch.Tensor  # (B,)
+    indices: torch.Tensor  # (B,) dataset indices
+    failed: list[Failed]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+def collate(items: list) -> Batch:
+    """Stack the loaded samples; keep the failures aside so the caller can report them."""
+    failed = [item for item in items if isinstance(item, Failed)]
+    good = [item for item in items if not isinstance(item, Failed)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long),
+                     torch.empty(0, dtype=torch.long), failed)
+    images = torch.stack([item[0] for item in good])
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in good], dtype=torch.long)
+    return Batch(images, labels, indices, failed)

@@ -1,0 +1,201 @@
+"""Scan a class-per-folder tree, decode images robustly with OpenCV, and split train/val."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ascension_cli.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class ImageDecodeError(Exception):
+    """One file could not be turned into an RGB image (corrupt, truncated, unsupported)."""
+
+
+@dataclass
+class FolderScan:
+    """What a scan found: the usable samples and what was skipped, with reasons."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _class_images(class_dir: Path, skipped: Counter) -> list[Path]:
+    """Image files under one class folder, nested folders included, in a stable order."""
+    found: list[Path] = []
+    # followlinks=False: a symlinked folder could loop back on itself.
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        hidden_dirs = [name for name in dirnames if _is_hidden(name)]
+        skipped["hidden"] += len(hidden_dirs)
+        dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if _is_hidden(name):
+                skipped["hidden"] += 1
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped["not an image"] += 1
+            elif not path.is_file():
+                skipped["broken link"] += 1
+            elif path.stat().st_size == 0:
+                skipped["empty file"] += 1
+            else:
+                found.append(path)
+    return found
+
+
+def scan_folder(root: str | Path, classes: list[str] | None = None) -> FolderScan:
+    """Find ``root/<class>/<image>`` files.
+
+    ``classes`` fixes the class list and its order (a validation tree must use the training
+    classes); folders not in it are skipped and counted.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+    skipped: Counter = Counter()
+    class_dirs: dict[str, Path] = {}
+    for entry in sorted(root.iterdir()):
+        if _is_hidden(entry.name):
+            skipped["hidden"] += 1
+        elif entry.is_dir():
+            class_dirs[entry.name] = entry
+        else:
+            skipped["outside a class folder"] += 1
+    if classes is not None:
+        unknown = sorted(set(class_dirs) - set(classes))
+        skipped["unknown class folder"] += len(unknown)
+        class_dirs = {name: class_dirs[name] for name in classes if name in class_dirs}
+    if not class_dirs:
+        raise DataError(
+            f"no class folders in {root}: expected {root}/<class name>/<image files>"
+        )
+    names = list(classes) if classes is not None else []
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name, class_dir in class_dirs.items():
+        images = _class_images(class_dir, skipped)
+        if not images:
+            skipped["empty class folder"] += 1
+            continue
+        if classes is None:
+            names.append(name)
+        label = names.index(name)
+        paths.extend(images)
+        labels.extend([label] * len(images))
+    if not paths:
+        raise DataError(f"no images found under {root} (extensions: {_extensions()})")
+    return FolderScan(root, names, paths, np.asarray(labels, dtype=np.int64), skipped)
+
+
+def _extensions() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a per-class train/val split, the same for the same labels and seed.
+
+    Every class keeps at least one training image; a class's share of validation images is
+    ``round(n * val_fraction)``.
+    """
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng = np.random.default_rng([seed, int(label)])
+        members = members[rng.permutation(len(members))]
+        n_val = min(int(round(len(members) * val_fraction)), len(members) - 1)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+_JPEG_MAGIC = b"\xff\xd8"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    info = np.iinfo(image.dtype)
+    scaled = (image.astype(np.float64) - info.min) / (info.max - info.min)
+    return (scaled * 255.0 + 0.5).astype(np.uint8)
+
+
+def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
+    # Product photos often have transparent backgrounds whose hidden colour is arbitrary;
+    # white is what a person sees.
+    alpha = bgra[..., 3:4].astype(np.float32) / 255.0
+    colour = bgra[..., :3].astype(np.float32)
+    return (colour * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode image bytes to 8-bit RGB (H, W, 3).
+
+    JPEG EXIF orientation is honoured; grayscale, RGBA (over white), 16-bit and float images
+    become 8-bit RGB. Raises ImageDecodeError for anything OpenCV cannot read.
+    """
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    has_alpha_png = data.startswith(_PNG_MAGIC) and len(data) > 25 and data[25] in (4, 6)
+    if data.startswith(_JPEG_MAGIC):
+        # IMREAD_COLOR applies the EXIF orientation and converts CMYK and grayscale JPEGs.
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    elif data.startswith(_PNG_MAGIC) and not has_alpha_png:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    else:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageDecodeError(f"{name}: not a readable image (corrupt or unsupported)")
+    image = _to_uint8(image)
+    if image.ndim == 2:
+        return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2))
+    channels = image.shape[2]
+    if channels == 2:  # grayscale + alpha
+        image = np.concatenate([np.repeat(image[:, :, :1], 3, axis=2), image[:, :, 1:]], axis=2)
+        channels = 4
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=2))
+    if channels == 4:
+        image = _composite_on_white(image)
+    elif channels != 3:
+        raise ImageDecodeError(f"{name}: unsupported number of channels ({channels})")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read and decode one file (unicode names included) to 8-bit RGB."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, str(path))

@@ -1,0 +1,117 @@
+"""Class-balanced batches: each target batch holds ``target_batch / m`` classes x ``m`` images.
+
+SupCon learns from positives; a random batch of 128 from a catalogue of thousands of classes holds
+almost none. Fixing m images per class gives every anchor ``m * views - 1`` positives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+
+class ClassBalancedBatchSampler:
+    """Yields micro-batches of ``(index, seed)`` keys; consecutive groups form target batches.
+
+    Each target batch is laid out class by class, so ``target_batch // micro_batch`` consecutive
+    micro-batches make one contrastive batch. An epoch has ``len(labels) // target_batch`` target
+    batches (at least one), drawn so that it covers the data about once: classes are picked in
+    proportion to the images they have not yet shown, and a class smaller than ``m`` repeats its
+    images (each repeat gets its own augmentation seed). With fewer classes than a batch needs,
+    every class is used and takes a larger share.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        target_batch: int,
+        micro_batch: int,
+        samples_per_class: int,
+        seed: int = 0,
+    ):
+        if target_batch % micro_batch:
+            raise ValueError("target_batch must be a multiple of micro_batch")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.labels.size == 0:
+            raise ValueError("no samples to draw from")
+        self.target_batch = target_batch
+        self.micro_batch = micro_batch
+        self.samples_per_class = samples_per_class
+        self.seed = seed
+        self.epoch = 0
+        self.classes = np.unique(self.labels)
+        self.members = {int(c): np.flatnonzero(self.labels == c) for c in self.classes}
+        self.excluded: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def exclude(self, indices) -> None:
+        """Stop drawing these indices (files that failed to load) from the next epoch on."""
+        self.excluded.update(int(i) for i in indices)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, len(self.labels) // self.target_batch)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch."""
+        return self.batches_per_epoch * (self.target_batch // self.micro_batch)
+
+    def target_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's target batches, as arrays of dataset indices (deterministic by seed)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        pools: dict[int, np.ndarray] = {}
+        for label, members in self.members.items():
+            kept = np.array([i for i in members if int(i) not in self.excluded], dtype=np.int64)
+            if kept.size:
+                pools[label] = kept
+        if not pools:
+            raise ValueError("every sample has been excluded")
+        labels = np.array(sorted(pools), dtype=np.int64)
+        order = {label: rng.permutation(pools[label]) for label in labels}
+        cursor = dict.fromkeys(labels.tolist(), 0)
+        remaining = np.array([len(pools[label]) for label in labels], dtype=np.float64)
+
+        classes_per_batch = min(
+            len(labels), max(1, self.target_batch // self.samples_per_class)
+        )
+        base, extra = divmod(self.target_batch, classes_per_batch)
+        batches: list[np.ndarray] = []
+        for _ in range(self.batches_per_epoch):
+            # Unseen images weigh in; the small floor lets exhausted classes still be picked.
+            weights = remaining + 1e-3
+            chosen = rng.choice(
+                len(labels), size=classes_per_batch, replace=False, p=weights / weights.sum()
+            )
+            batch: list[int] = []
+            for position, class_slot in enumerate(chosen):
+                label = int(labels[class_slot])
+                take = base + (1 if position < extra else 0)
+                batch.extend(self._draw(order, cursor, label, take, rng))
+                remaining[class_slot] = max(0.0, remaining[class_slot] - take)
+            batches.append(np.asarray(batch, dtype=np.int64))
+        return batches
+
+    @staticmethod
+    def _draw(order, cursor, label, count, rng) -> list[int]:
+        drawn: list[int] = []
+        while len(drawn) < count:
+            pool = order[label]
+            start = cursor[label]
+            if start >= len(pool):
+                order[label] = pool = rng.permutation(pool)
+                start = 0
+            piece = pool[start : start + count - len(drawn)]
+            cursor[label] = start + len(piece)
+            drawn.extend(int(i) for i in piece)
+        return drawn
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        seeds = np.random.default_rng([self.seed, self.epoch, 1])
+        for batch in self.target_batches(self.epoch):
+            sample_seeds = seeds.integers(0, 2**31 - 1, size=len(batch))
+            keys = list(zip(batch.tolist(), sample_seeds.tolist(), strict=True))
+            for start in range(0, len(keys), self.micro_batch):
+                yield keys[start : start + self.micro_batch]

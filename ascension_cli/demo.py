@@ -1,0 +1,72 @@
+"""``ascension demo``: the whole job end to end on a dataset that ships with scikit-learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ascension_cli.config import TrainConfig
+from ascension_cli.train.loop import Reporter, train
+
+DEMO_MODEL = "test_convnext"
+DEMO_IMAGE_SIZE = 32
+
+
+def write_digits(root: Path, seed: int = 0) -> int:
+    """Write scikit-learn's 1,797 handwritten digits as 32x32 colour PNGs in class folders.
+
+    Each digit is painted in a random ink on a random paper colour: like a garment photographed
+    in another colour, the class is the shape, not the colour. An untrained network groups by
+    colour; colour-agnostic SupCon training has to learn the shape.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        ink = cv2.resize((image / 16.0).astype(np.float32), (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE),
+                         interpolation=cv2.INTER_CUBIC).clip(0, 1)[:, :, None]
+        paper_colour = rng.integers(0, 256, size=3)
+        # Ink far from the paper in every channel, so each digit stays legible.
+        ink_colour = np.where(paper_colour > 127, paper_colour - 128, paper_colour + 128)
+        ink_colour = np.clip(ink_colour + rng.integers(-40, 40, size=3), 0, 255)
+        pixels = paper_colour * (1 - ink) + ink_colour * ink
+        cv2.imwrite(str(folder / f"{index:04d}.png"), pixels.round().astype(np.uint8))
+    return len(digits.target)
+
+
+def run_demo(
+    workdir: Path, epochs: int, workers: int, reporter: Reporter
+) -> tuple[float, float]:
+    """Train from scratch on the digits; returns validation recall@1 before and after."""
+    data_root = workdir / "digits"
+    if not data_root.exists():
+        count = write_digits(data_root)
+        reporter.message(f"wrote {count} digit images to {data_root}")
+    config = TrainConfig(
+        data_root=data_root,
+        model=DEMO_MODEL,
+        pretrained=False,
+        image_size=DEMO_IMAGE_SIZE,
+        batch_size=64,
+        target_batch=128,
+        samples_per_class=8,
+        epochs=epochs,
+        warmup_epochs=min(2, epochs),
+        # A tiny network from scratch collapses (every embedding equal) at tau 0.1; a softer
+        # temperature and a high LR lift it out within a few epochs.
+        temperature=0.5,
+        lr=3e-3,
+        augment="color-agnostic",
+        val_fraction=0.2,
+        workers=workers,
+        save_dir=workdir / "checkpoints",
+        resume="auto",
+    )
+    result = train(config, reporter)
+    validated = [r.val_recall_at_1 for r in result.history if r.val_recall_at_1 is not None]
+    return validated[0], validated[-1]

@@ -1,0 +1,33 @@
+"""Every error a user can cause, as a typed exception.
+
+``cli.py`` turns these into a one-line message and a non-zero exit code; library users can catch
+``AscensionError`` to handle them all.
+"""
+
+
+class AscensionError(Exception):
+    """Base class: a problem with the user's input, not a bug in Ascension."""
+
+    exit_code = 2
+
+
+class ConfigError(AscensionError):
+    """An option or config file value is invalid."""
+
+
+class DataError(AscensionError):
+    """The dataset folder cannot be used as given."""
+
+
+class WeightsError(AscensionError):
+    """Pretrained weights cannot be found or loaded."""
+
+
+class CheckpointError(AscensionError):
+    """A checkpoint is missing, corrupt or belongs to another model."""
+
+
+class TrainingError(AscensionError):
+    """Training cannot go on (for example, the loss keeps diverging)."""
+
+    exit_code = 3

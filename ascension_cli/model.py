@@ -1,0 +1,188 @@
+"""timm backbone + projection head, and loading weights from the hub, a file, or nowhere."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascension_cli.errors import ConfigError, WeightsError
+
+_HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model and its eval transform from a checkpoint."""
+
+    name: str
+    embedding_dim: int
+    head: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    num_features: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        values = dict(data)
+        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        return cls(**values)
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone pooled features -> projection head -> L2-normalised embedding."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, head: str = "mlp"):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        if head == "mlp":
+            self.head = nn.Sequential(
+                nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embedding_dim)
+            )
+        elif head == "linear":
+            self.head = nn.Linear(width, embedding_dim)
+        else:
+            raise ValueError(f"unknown head {head!r}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected, L2-normalised embeddings: what SupCon trains."""
+        return F.normalize(self.head(self.backbone(images)), dim=-1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled backbone features: what retrieval usually uses."""
+        return F.normalize(self.backbone(images), dim=-1)
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ConfigError(f"unknown timm model '{name}' (see timm.list_models()){hint}")
+
+
+def _hub_cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = hub_id.partition("@")
+    for filename in _HUB_FILES:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str) and os.path.exists(found):
+            return True
+    return False
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _ensure_downloadable(name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when pretrained weights cannot be had."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    advice = (
+        f"pass --weights FILE (a local timm-format .safetensors/.pth for {name}) "
+        "or --no-pretrained to train from scratch"
+    )
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm has no pretrained weights for '{name}': {advice}")
+    if cfg.file and Path(cfg.file).is_file():
+        return
+    if cfg.hf_hub_id:
+        if _hub_cached(cfg.hf_hub_id):
+            return
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    else:
+        host = urlparse(cfg.url).hostname
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not host or not _reachable(host):
+        why = "HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached"
+        raise WeightsError(
+            f"pretrained weights for '{name}' are not cached and {why}: {advice}"
+        )
+
+
+def create_backbone(
+    name: str, pretrained: bool = True, weights: str | Path | None = None, **kwargs: Any
+) -> nn.Module:
+    """A timm trunk with pooled features (``num_classes=0``).
+
+    ``weights`` (a local file) implies pretrained; without it, ``pretrained`` downloads from the
+    hub or uses the local cache.
+    """
+    _check_name(name)
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise WeightsError(f"weights file not found: {weights}")
+        try:
+            return timm.create_model(
+                name,
+                pretrained=True,
+                num_classes=0,
+                pretrained_cfg_overlay={"file": str(weights)},
+                **kwargs,
+            )
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc)
+            raise WeightsError(f"cannot load {weights} into '{name}': {first}") from None
+    if pretrained:
+        _ensure_downloadable(name)
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except OSError as exc:
+            raise WeightsError(
+                f"downloading pretrained weights for '{name}' failed ({exc}); "
+                "pass --weights FILE or --no-pretrained"
+            ) from None
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def build_model(
+    name: str,
+    embedding_dim: int = 128,
+    head: str = "mlp",
+    image_size: int | None = None,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+) -> tuple[EmbeddingModel, ModelSpec]:
+    """Create backbone + head and the spec that rebuilds it (input size, normalisation)."""
+    backbone = create_backbone(name, pretrained=pretrained, weights=weights)
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    input_size = cfg.get("input_size", (3, 224, 224))
+    spec = ModelSpec(
+        name=name,
+        embedding_dim=embedding_dim,
+        head=head,
+        image_size=int(image_size or input_size[-1]),
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
+        num_features=int(backbone.num_features),
+    )
+    return EmbeddingModel(backbone, embedding_dim, head), spec
+
+
+def model_from_spec(spec: ModelSpec) -> EmbeddingModel:
+    """An uninitialised model of the spec's shape, ready for ``load_state_dict``."""
+    _check_name(spec.name)
+    backbone = timm.create_model(spec.name, pretrained=False, num_classes=0)
+    return EmbeddingModel(backbone, spec.embedding_dim, spec.head)

@@ -1,0 +1,1 @@
+"""The SupCon trainer: epoch loop, gradient cache, checkpoints."""

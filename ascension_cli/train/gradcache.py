@@ -1,0 +1,135 @@
+"""One optimizer step's gradients over a large contrastive batch, computed in micro-batches.
+
+Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"): the loss couples every sample in the batch, so plain accumulation cannot split it.
+Instead (1) embed every micro-batch without a graph, (2) compute the loss over the whole batch and
+backpropagate it to the embeddings only, (3) re-run each micro-batch with a graph and push the
+cached embedding gradients through it. Parameter gradients equal those of one true large batch;
+peak activation memory is that of one micro-batch. The RNG state is replayed so dropout and
+drop-path draw the same masks in both passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Scale = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """BatchNorm running statistics, to undo the first pass's update (the replay updates them)."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                if buffer is not None:
+                    pairs.append((buffer, buffer.clone()))
+    return pairs
+
+
+def _flatten_views(images: torch.Tensor) -> torch.Tensor:
+    # (B, V, C, H, W) -> (B*V, C, H, W): image-major, so rows reshape back to (B, V, D).
+    return images.reshape(-1, *images.shape[2:]) if images.dim() == 5 else images
+
+
+def cached_backward(
+    model: nn.Module,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    scale: Scale = _identity,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """Accumulate into ``.grad`` the gradients of ``loss_fn`` over all micro-batches at once.
+
+    Args:
+        micro_batches: ``(images (B, V, C, H, W), labels (B,))`` pairs on the model's device.
+        loss_fn: ``(embeddings (N, V, D), labels (N,)) -> scalar`` over the whole batch.
+        scale: applied to the loss before backward (a GradScaler's ``scale``).
+        no_sync: DDP's ``no_sync``; gradients are then reduced once, on the last micro-batch.
+
+    Returns the detached loss. When it is not finite nothing is accumulated, so the caller can
+    skip the step.
+    """
+    labels = torch.cat([batch_labels for _, batch_labels in micro_batches])
+    device = micro_batches[0][0].device
+    states, cached = [], []
+    saved_buffers = _batchnorm_buffers(model)
+    with torch.no_grad():
+        for images, _ in micro_batches:
+            states.append(_rng_state(device))
+            with autocast():
+                cached.append(model(_flatten_views(images)).float())
+    for buffer, saved in saved_buffers:
+        buffer.copy_(saved)
+
+    views = micro_batches[0][0].shape[1] if micro_batches[0][0].dim() == 5 else 1
+    sizes = [embedding.shape[0] for embedding in cached]
+    embeddings = torch.cat(cached).detach().requires_grad_(True)
+    loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
+    if not torch.isfinite(loss):
+        return loss.detach()
+    scale(loss).backward()
+    gradients = embeddings.grad.split(sizes)
+
+    last = len(micro_batches) - 1
+    for position, ((images, _), gradient, state) in enumerate(
+        zip(micro_batches, gradients, states, strict=True)
+    ):
+        _set_rng_state(state, device)
+        sync = no_sync() if no_sync is not None and position < last else nullcontext()
+        with sync:
+            with autocast():
+                output = model(_flatten_views(images))
+            output.float().backward(gradient)
+    return loss.detach()
+
+
+def accumulated_backward(
+    model: nn.Module,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    scale: Scale = _identity,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """Plain gradient accumulation: the loss is computed inside each micro-batch alone.
+
+    Kept for comparison (``--accumulation naive``): each micro-batch is its own, weaker
+    contrastive problem. Returns the mean micro-batch loss, detached.
+    """
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    count = len(micro_batches)
+    last = count - 1
+    for position, (images, labels) in enumerate(micro_batches):
+        views = images.shape[1] if images.dim() == 5 else 1
+        sync = no_sync() if no_sync is not None and position < last else nullcontext()
+        with sync:
+            with autocast():
+                output = model(_flatten_views(images))
+            loss = loss_fn(output.float().view(-1, views, output.shape[-1]), labels)
+            if not torch.isfinite(loss):
+                return loss.detach()
+            scale(loss / count).backward()
+        total += loss.detach()
+    return total / count

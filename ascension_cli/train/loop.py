@@ -1,0 +1,491 @@
+"""The SupCon training loop, top to bottom: data, model, optimizer, epochs, checkpoints.
+
+Read it like nanoGPT's train.py: set-up first, then one loop whose steps are all in plain sight.
+Progress goes to a ``Reporter`` (the CLI draws it with rich; tests collect it), never to a console.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from ascension_cli import __version__
+from ascension_cli.config import TrainConfig, to_plain
+from ascension_cli.data.augment import eval_transform, train_transform
+from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
+from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
+from ascension_cli.data.sampler import ClassBalancedBatchSampler
+from ascension_cli.embed import extract_features
+from ascension_cli.errors import CheckpointError, DataError, TrainingError
+from ascension_cli.losses import supcon_loss
+from ascension_cli.model import EmbeddingModel, ModelSpec, build_model, model_from_spec
+from ascension_cli.retrieval.metrics import leave_one_out_recall_at_1
+from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
+from ascension_cli.train.gradcache import accumulated_backward, cached_backward
+from ascension_cli.train.runtime import autocast_factory, resolve_device, resolve_precision
+from ascension_cli.train.schedule import adamw, warmup_cosine
+
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+PLOT = "training.png"
+CONFIG = "config.yaml"
+
+# Fields that may differ on resume: they change how the run executes, not what it learns.
+RESUME_MAY_CHANGE = {"epochs", "workers", "device", "resume", "save_dir", "max_steps", "data_root"}
+
+
+class Reporter:
+    """What the trainer tells the outside world. The base class ignores everything."""
+
+    def message(self, text: str) -> None: ...
+
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None: ...
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def step(self, loss: float, lr: float, images_per_second: float) -> None: ...
+
+    def epoch_end(self, record: EpochRecord) -> None: ...
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    loss: float | None
+    lr: float
+    val_recall_at_1: float | None
+    images_per_second: float | None
+    seconds: float
+    data_wait_fraction: float | None = None
+    nonfinite_steps: int = 0
+    best: bool = False
+
+
+@dataclass
+class TrainResult:
+    save_dir: Path
+    history: list[EpochRecord] = field(default_factory=list)
+    best_recall_at_1: float | None = None
+    stopped_early: bool = False
+
+
+@dataclass
+class _Data:
+    scan: FolderScan
+    train_index: np.ndarray
+    val_paths: list[Path]
+    val_labels: np.ndarray
+    val_skipped: int
+
+
+def _load_data(config: TrainConfig) -> _Data:
+    scan = scan_folder(config.data_root)
+    if config.val_root is not None:
+        val_scan = scan_folder(config.val_root, classes=scan.classes)
+        train_index = np.arange(len(scan))
+        return _Data(scan, train_index, val_scan.paths, val_scan.labels,
+                     sum(val_scan.skipped.values()))
+    train_index, val_index = stratified_split(scan.labels, config.val_fraction, config.seed)
+    return _Data(
+        scan, train_index, [scan.paths[i] for i in val_index], scan.labels[val_index], 0
+    )
+
+
+def _data_rows(data: _Data) -> list[tuple[str, str]]:
+    counts = data.scan.class_counts()
+    rows = [
+        ("classes", str(len(data.scan.classes))),
+        ("images", str(len(data.scan))),
+        ("images per class", f"{counts.min()}-{counts.max()} (median {int(np.median(counts))})"),
+        ("train / val", f"{len(data.train_index)} / {len(data.val_paths)}"),
+    ]
+    skipped = data.scan.skipped
+    if skipped:
+        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        rows.append(("skipped", f"{sum(skipped.values())} ({detail})"))
+    else:
+        rows.append(("skipped", "0"))
+    return rows
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
+    saved = checkpoint["config"]
+    current = to_plain(config)
+    differences = [
+        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        for key in sorted(current)
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != current[key]
+    ]
+    if differences:
+        raise CheckpointError(
+            "cannot resume: options differ from the checkpoint's (" + "; ".join(differences)
+            + "); resume with the original options or start a new --save-dir"
+        )
+    if checkpoint["classes"] != classes:
+        raise CheckpointError(
+            "cannot resume: the dataset's classes differ from those the checkpoint was trained on"
+        )
+
+
+def _rng_payload() -> dict[str, Any]:
+    payload: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        payload["cuda"] = torch.cuda.get_rng_state_all()
+    return payload
+
+
+def _restore_rng(payload: dict[str, Any]) -> None:
+    torch.set_rng_state(payload["torch"])
+    states = payload.get("cuda")
+    if states and torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
+
+
+def _write_metrics(save_dir: Path, history: list[EpochRecord]) -> None:
+    # Rewritten whole (it is small) and atomically, so a resumed run never repeats a line.
+    path = save_dir / METRICS
+    temp = path.with_suffix(".jsonl.tmp")
+    with temp.open("w", encoding="utf-8") as handle:
+        for record in history:
+            handle.write(json.dumps(asdict(record)) + "\n")
+    temp.replace(path)
+
+
+def _plot(save_dir: Path, history: list[EpochRecord]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in history if r.loss is not None]
+    validated = [r for r in history if r.val_recall_at_1 is not None]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r.epoch for r in trained], [r.loss for r in trained], marker="o")
+    axes[0].set(title="SupCon loss", xlabel="epoch")
+    axes[1].plot([r.epoch for r in trained], [r.lr for r in trained], marker="o", color="C1")
+    axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[2].plot(
+        [r.epoch for r in validated], [r.val_recall_at_1 for r in validated],
+        marker="o", color="C2",
+    )
+    axes[2].set(title="validation recall@1", xlabel="epoch", ylim=(0, 1.02))
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    temp = save_dir / (PLOT + ".tmp.png")
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    temp.replace(save_dir / PLOT)
+
+
+class _LoadFailures:
+    """Reports each unreadable file once and keeps it out of later epochs."""
+
+    def __init__(self, paths: list[Path], reporter: Reporter,
+                 sampler: ClassBalancedBatchSampler | None):
+        self.paths = paths
+        self.reporter = reporter
+        self.sampler = sampler
+        self.seen: set[int] = set()
+
+    def __call__(self, failure: Failed) -> None:
+        if failure.index in self.seen:
+            return
+        self.seen.add(failure.index)
+        if self.sampler is not None:
+            self.sampler.exclude([failure.index])
+        self.reporter.message(f"skipped unreadable image: {failure.reason}")
+
+
+def train(
+    config: TrainConfig,
+    reporter: Reporter | None = None,
+    stop_after_epoch: Callable[[int], bool] | None = None,
+) -> TrainResult:
+    """Train a SupCon embedding model as ``config`` says; returns the per-epoch history.
+
+    ``stop_after_epoch(epoch)`` returning True ends the run after that epoch's checkpoint (used
+    to simulate interruptions in tests).
+    """
+    reporter = reporter or Reporter()
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_factory(precision, device)
+    save_dir = Path(config.save_dir)
+
+    # ---- checkpoint to resume from, if any
+    checkpoint = None
+    if config.resume is not None:
+        resume_path = save_dir / LAST if config.resume == "auto" else Path(config.resume)
+        if resume_path.is_file():
+            checkpoint = load_checkpoint(resume_path)
+        elif config.resume != "auto":
+            raise CheckpointError(f"--resume: checkpoint not found: {resume_path}")
+        else:
+            reporter.message(f"no {LAST} in {save_dir} yet: starting a new run")
+    elif (save_dir / LAST).exists():
+        raise CheckpointError(
+            f"{save_dir} already holds a run ({LAST}); pass --resume auto to continue it "
+            "or choose another --save-dir"
+        )
+
+    # ---- data
+    data = _load_data(config)
+    classes = data.scan.classes
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, classes)
+    train_labels = data.scan.labels[data.train_index]
+    if len(np.unique(train_labels)) < 2 and config.views < 2:
+        raise DataError("training needs at least two images of a class, or --views 2 or more")
+    reporter.table("dataset " + str(config.data_root), _data_rows(data))
+
+    # ---- model
+    if checkpoint is not None:
+        spec = ModelSpec.from_dict(checkpoint["spec"])
+        model = model_from_spec(spec)
+        model.load_state_dict(checkpoint["model"])
+    else:
+        model, spec = build_model(
+            config.model,
+            embedding_dim=config.embedding_dim,
+            head=config.head,
+            image_size=config.image_size,
+            pretrained=config.pretrained,
+            weights=config.weights,
+        )
+    model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    resolved = to_plain(config)
+    resolved.update(image_size=spec.image_size, resolved_device=str(device),
+                    resolved_precision=precision)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
+
+    # ---- loaders
+    train_paths = [data.scan.paths[i] for i in data.train_index]
+    train_set = MultiViewDataset(
+        train_paths, train_labels,
+        train_transform(config.augment, spec.image_size, spec.mean, spec.std),
+        config.views,
+    )
+    sampler = ClassBalancedBatchSampler(
+        train_labels, config.target_batch, config.batch_size, config.samples_per_class,
+        seed=config.seed,
+    )
+    loader_options: dict[str, Any] = {
+        "num_workers": config.workers,
+        "collate_fn": collate,
+        "pin_memory": device.type == "cuda",
+        # A private generator: the loader must not draw from the global RNG, or a resumed run
+        # (fresh iterator) and an uninterrupted one (persistent workers) would diverge.
+        "generator": torch.Generator().manual_seed(config.seed),
+    }
+    if config.workers > 0:
+        loader_options.update(persistent_workers=True, prefetch_factor=4)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_options)
+    val_loader = None
+    if data.val_paths:
+        val_set = EvalDataset(
+            data.val_paths, data.val_labels,
+            eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
+        )
+        val_loader = DataLoader(
+            val_set, batch_size=config.batch_size * config.views, shuffle=False, **loader_options
+        )
+    else:
+        reporter.message("no validation split (--val-fraction 0): best.pt will not be written")
+    train_failures = _LoadFailures(train_paths, reporter, sampler)
+    val_failures = _LoadFailures(data.val_paths, reporter, None)
+
+    # ---- optimisation
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = adamw(model, config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, round(config.warmup_epochs * steps_per_epoch))
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = partial(supcon_loss, temperature=config.temperature)
+    backward = cached_backward if config.accumulation == "cache" else accumulated_backward
+
+    def validate() -> float | None:
+        if val_loader is None:
+            return None
+        features, labels, _ = extract_features(
+            model, val_loader, device, "backbone", autocast, on_failed=val_failures
+        )
+        if len(labels) == 0:
+            return None
+        return leave_one_out_recall_at_1(features, labels).recall_at_1
+
+    # ---- state: fresh or resumed
+    result = TrainResult(save_dir)
+    start_epoch, step, nonfinite_total = 0, 0, 0
+    best = None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        nonfinite_total = checkpoint.get("nonfinite_steps", 0)
+        best = checkpoint.get("best_recall_at_1")
+        sampler.exclude(checkpoint.get("excluded", []))
+        result.history = [EpochRecord(**record) for record in checkpoint["history"]]
+        _restore_rng(checkpoint["rng"])
+        reporter.message(f"resumed from epoch {start_epoch} (step {step})")
+    else:
+        started = time.perf_counter()
+        # The untrained model's figure, for comparison; best.pt tracks trained epochs only.
+        recall = validate()
+        result.history.append(EpochRecord(
+            0, 0, None, optimizer.param_groups[0]["lr"], recall, None,
+            time.perf_counter() - started,
+        ))
+        if recall is not None:
+            reporter.message(f"before training: validation recall@1 {recall:.4f}")
+
+    def save(path: Path, epoch: int) -> None:
+        atomic_save(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "ascension_version": __version__,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "best_recall_at_1": best,
+                "nonfinite_steps": nonfinite_total,
+                "excluded": sorted(sampler.excluded),
+                "rng": _rng_payload(),
+                "config": to_plain(config),
+                "classes": classes,
+                "spec": spec.to_dict(),
+                "timm_name": spec.name,
+                "pretrained_cfg": dict(getattr(model.backbone, "pretrained_cfg", {}) or {}),
+                "history": [asdict(record) for record in result.history],
+            },
+            path,
+        )
+
+    if start_epoch >= config.epochs or (config.max_steps and step >= config.max_steps):
+        reporter.message("the checkpoint has already finished this run; nothing to do")
+        result.best_recall_at_1 = best
+        return result
+
+    # ---- the loop
+    micro_per_step = config.micro_batches
+    consecutive_nonfinite = 0
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        model.train()
+        sampler.set_epoch(epoch)
+        reporter.epoch_start(epoch, config.epochs, steps_per_epoch)
+        epoch_started = time.perf_counter()
+        waited, images_seen, losses = 0.0, 0, []
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        wait_started = time.perf_counter()
+        for position, batch in enumerate(train_loader, start=1):
+            waited += time.perf_counter() - wait_started
+            for failure in batch.failed:
+                train_failures(failure)
+            if len(batch):
+                group.append((
+                    batch.images.to(device, non_blocking=True),
+                    batch.labels.to(device, non_blocking=True),
+                ))
+            if position % micro_per_step:
+                wait_started = time.perf_counter()
+                continue
+
+            # One optimizer step over the whole target batch.
+            optimizer.zero_grad(set_to_none=True)
+            loss = backward(model, group, loss_fn, autocast, scaler.scale) if group else None
+            step_images = sum(labels.numel() for _, labels in group)
+            group = []
+            if loss is None or not torch.isfinite(loss):
+                nonfinite_total += loss is not None
+                consecutive_nonfinite += loss is not None
+                if consecutive_nonfinite >= config.max_nonfinite:
+                    raise TrainingError(
+                        f"the loss was not finite for {consecutive_nonfinite} steps in a row "
+                        f"(epoch {epoch}, step {step}); lower --lr, use --precision fp32 or "
+                        "bf16, or set --grad-clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                consecutive_nonfinite = 0
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss))
+            scheduler.step()
+            step += 1
+            images_seen += step_images
+            elapsed = time.perf_counter() - epoch_started
+            reporter.step(
+                losses[-1] if losses else float("nan"),
+                scheduler.get_last_lr()[0],
+                images_seen / elapsed if elapsed > 0 else 0.0,
+            )
+            if config.max_steps is not None and step >= config.max_steps:
+                break
+            wait_started = time.perf_counter()
+
+        train_seconds = time.perf_counter() - epoch_started
+        recall = validate()
+        improved = recall is not None and (best is None or recall > best)
+        if improved:
+            best = recall
+        record = EpochRecord(
+            epoch=epoch,
+            step=step,
+            loss=float(np.mean(losses)) if losses else None,
+            lr=scheduler.get_last_lr()[0],
+            val_recall_at_1=recall,
+            images_per_second=images_seen / train_seconds if train_seconds > 0 else None,
+            seconds=time.perf_counter() - epoch_started,
+            data_wait_fraction=waited / train_seconds if train_seconds > 0 else None,
+            nonfinite_steps=nonfinite_total,
+            best=improved,
+        )
+        result.history.append(record)
+        save(save_dir / LAST, epoch)
+        if improved:
+            save(save_dir / BEST, epoch)
+        _write_metrics(save_dir, result.history)
+        _plot(save_dir, result.history)
+        reporter.epoch_end(record)
+        if config.max_steps is not None and step >= config.max_steps:
+            reporter.message(f"reached --max-steps {config.max_steps}")
+            result.stopped_early = epoch < config.epochs
+            break
+        if stop_after_epoch is not None and stop_after_epoch(epoch):
+            result.stopped_early = epoch < config.epochs
+            break
+
+    result.best_recall_at_1 = best
+    return result
+
