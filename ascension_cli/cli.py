@@ -36,7 +36,7 @@ err_console = Console(stderr=True)
 
 def _default(field: str) -> str:
     value = TrainConfig.model_fields[field].get_default(call_default_factory=True)
-    return f" [default: {value}]"
+    return f" (default: {value})"
 
 
 @contextmanager
@@ -180,7 +180,7 @@ def train(
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(help="Square input size. [default: the model's pretrained input size]"),
+        typer.Option(help="Square input size. (default: the model's pretrained input size)"),
     ] = None,
     embedding_dim: Annotated[
         int | None,
@@ -231,7 +231,9 @@ def train(
     ] = None,
     val_fraction: Annotated[
         float | None,
-        typer.Option(help="Share of each class held out for validation." + _default("val_fraction")),
+        typer.Option(
+            help="Share of each class held out for validation." + _default("val_fraction")
+        ),
     ] = None,
     val_root: Annotated[
         Path | None,
@@ -260,6 +262,13 @@ def train(
     ] = None,
     grad_clip: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this value.")
+    ] = None,
+    max_nonfinite: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many non-finite losses in a row (each skips its step)."
+            + _default("max_nonfinite")
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -295,7 +304,7 @@ def train(
 def demo(
     workdir: Annotated[
         Path | None,
-        typer.Option(help="Where the demo dataset and checkpoints go. [default: a temp folder]"),
+        typer.Option(help="Where the demo dataset and checkpoints go. (default: a temp folder)"),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (about 3 s each on 2 cores).")] = 20,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,

@@ -120,6 +120,59 @@ def _ensure_downloadable(name: str) -> None:
         )
 
 
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError("the file holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _load_weights_file(backbone: nn.Module, path: Path, name: str) -> None:
+    """Load timm-format weights strictly, except the classifier, which a trunk does not have.
+
+    timm's own file loading turns strict checking off once it drops the classifier, so a file
+    of another model would load silently; we check every key ourselves.
+    """
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = _read_state_dict(path)
+    except Exception as exc:  # safetensors, zip and unpickling errors have no common base
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot read weights file {path}: {first}") from None
+    classifier = (backbone.pretrained_cfg or {}).get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()
+        raise WeightsError(
+            f"cannot load {path} into '{name}': {detail[1].strip() if len(detail) > 1 else exc}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        expected = len(backbone.state_dict())
+        if result.missing_keys:
+            problem = (
+                f"{len(result.missing_keys)} of {expected} tensors missing "
+                f"(e.g. {result.missing_keys[0]})"
+            )
+        else:
+            problem = (
+                f"{len(result.unexpected_keys)} unexpected tensors "
+                f"(e.g. {result.unexpected_keys[0]})"
+            )
+        raise WeightsError(f"cannot load {path} into '{name}': {problem}; is it for another model?")
+
+
 def create_backbone(
     name: str, pretrained: bool = True, weights: str | Path | None = None, **kwargs: Any
 ) -> nn.Module:
@@ -130,20 +183,9 @@ def create_backbone(
     """
     _check_name(name)
     if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise WeightsError(f"weights file not found: {weights}")
-        try:
-            return timm.create_model(
-                name,
-                pretrained=True,
-                num_classes=0,
-                pretrained_cfg_overlay={"file": str(weights)},
-                **kwargs,
-            )
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc)
-            raise WeightsError(f"cannot load {weights} into '{name}': {first}") from None
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        _load_weights_file(backbone, Path(weights), name)
+        return backbone
     if pretrained:
         _ensure_downloadable(name)
         try:

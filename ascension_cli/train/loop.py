@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -28,7 +29,7 @@ from ascension_cli.data.sampler import ClassBalancedBatchSampler
 from ascension_cli.embed import extract_features
 from ascension_cli.errors import CheckpointError, DataError, TrainingError
 from ascension_cli.losses import supcon_loss
-from ascension_cli.model import EmbeddingModel, ModelSpec, build_model, model_from_spec
+from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.metrics import leave_one_out_recall_at_1
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
@@ -251,7 +252,6 @@ def train(
     train_labels = data.scan.labels[data.train_index]
     if len(np.unique(train_labels)) < 2 and config.views < 2:
         raise DataError("training needs at least two images of a class, or --views 2 or more")
-    reporter.table("dataset " + str(config.data_root), _data_rows(data))
 
     # ---- model
     if checkpoint is not None:
@@ -267,6 +267,7 @@ def train(
             pretrained=config.pretrained,
             weights=config.weights,
         )
+    reporter.table("dataset " + str(config.data_root), _data_rows(data))
     model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -433,6 +434,10 @@ def train(
                         "bf16, or set --grad-clip"
                     )
                 optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():
+                    # A skipped step still advances the schedule, so it stays tied to epochs.
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
             else:
                 consecutive_nonfinite = 0
                 if config.grad_clip is not None:
@@ -441,7 +446,7 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(float(loss))
-            scheduler.step()
+                scheduler.step()
             step += 1
             images_seen += step_images
             elapsed = time.perf_counter() - epoch_started

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated datasets and the paths of the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
+SIGN_DIGITS = SHARED / "data" / "sign-language-digits"
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
+
+
+def draw_shape(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A coloured shape on a coloured background, jittered: the class is the shape."""
+    background = rng.integers(0, 256, size=3).tolist()
+    ink = [(c + 128 + int(rng.integers(-30, 30))) % 256 for c in background]
+    image = np.full((size, size, 3), background, dtype=np.uint8)
+    centre = (size // 2 + int(rng.integers(-3, 4)), size // 2 + int(rng.integers(-3, 4)))
+    radius = size // 3 + int(rng.integers(-2, 3))
+    if shape == "circle":
+        cv2.circle(image, centre, radius, ink, -1)
+    elif shape == "square":
+        cv2.rectangle(image, (centre[0] - radius, centre[1] - radius),
+                      (centre[0] + radius, centre[1] + radius), ink, -1)
+    elif shape == "triangle":
+        points = np.array(
+            [[centre[0], centre[1] - radius], [centre[0] - radius, centre[1] + radius],
+             [centre[0] + radius, centre[1] + radius]],
+            dtype=np.int32,
+        )
+        cv2.fillPoly(image, [points], ink)
+    elif shape == "cross":
+        cv2.line(image, (centre[0] - radius, centre[1] - radius),
+                 (centre[0] + radius, centre[1] + radius), ink, 3)
+        cv2.line(image, (centre[0] - radius, centre[1] + radius),
+                 (centre[0] + radius, centre[1] - radius), ink, 3)
+    elif shape == "ring":
+        cv2.circle(image, centre, radius, ink, 3)
+    else:
+        cv2.rectangle(image, (2, centre[1] - 3), (size - 3, centre[1] + 3), ink, -1)
+    return image
+
+
+def make_dataset(
+    root: Path, classes: int = 4, per_class: int = 8, size: int = 32, seed: int = 0
+) -> Path:
+    """Write ``root/<shape>/<i>.png`` images; returns root."""
+    rng = np.random.default_rng(seed)
+    for shape in SHAPES[:classes]:
+        folder = root / shape
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            image = draw_shape(shape, size, rng)
+            cv2.imwrite(str(folder / f"{index:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never download: a pretrained request without --weights must fail fast and clearly.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

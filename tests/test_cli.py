@@ -1,0 +1,104 @@
+"""The command line: help, one-line errors with non-zero exits, and a real run."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ascension_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands_and_train_help_teaches():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "train" in result.output and "demo" in result.output
+    train_help = invoke("train", "--help")
+    assert train_help.exit_code == 0
+    for text in ("--target-batch", "--accumulation", "gradient caching", "(default: 128)",
+                 "--no-pretrained", "--resume"):
+        assert text in train_help.output, text
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and "ascension 0.1.0" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-batch", "100"], "must be a multiple of --batch-size"),
+        (["--lr", "-1"], "invalid --lr"),
+        (["--precision", "fp8"], "invalid --precision"),
+    ],
+)
+def test_bad_options_end_in_one_line_and_exit_2(dataset, args, message):
+    result = invoke("train", dataset, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_folder_is_one_line(tmp_path):
+    result = invoke("train", tmp_path / "nowhere", "--no-pretrained", "--model", "test_convnext")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_offline_pretrained_is_one_line_naming_the_ways_out(dataset, tmp_path):
+    result = invoke("train", dataset, "--model", "test_convnext", "--save-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "--weights" in result.output and "--no-pretrained" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_config_file_unknown_key(dataset, tmp_path):
+    options = tmp_path / "options.yaml"
+    options.write_text("epochs: 2\nlearnig_rate: 0.1\n")
+    result = invoke("train", dataset, "--config", options)
+    assert result.exit_code == 2
+    assert "unknown option 'learnig_rate'" in result.output
+
+
+def test_train_end_to_end_through_the_cli(dataset, tmp_path):
+    options = tmp_path / "options.toml"
+    options.write_text('model = "test_convnext"\npretrained = false\nimage-size = 32\n')
+    result = invoke(
+        "train", dataset, "--config", options, "--batch-size", "4", "--target-batch", "8",
+        "--samples-per-class", "2", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
+        "--val-fraction", "0.25", "--save-dir", tmp_path / "run",
+    )
+    assert result.exit_code == 0, result.output
+    assert "epoch   1" in result.output and "val recall@1" in result.output
+    assert "done: 1 epoch(s)" in result.output
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_module_entry_point_and_console_script_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "ascension_cli", "train", "--help"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and "--target-batch" in result.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from ascension_cli import cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "False"
+
+
+def test_demo_runs_briefly(tmp_path):
+    result = invoke("demo", "--workdir", tmp_path, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "validation recall@1: before training" in result.output
+    assert len(list((tmp_path / "digits").iterdir())) == 10

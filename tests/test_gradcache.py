@@ -1,0 +1,151 @@
+"""The gradient-cached step against a true large batch (the point of the trainer issue)."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from ascension_cli.losses import supcon_loss
+from ascension_cli.model import EmbeddingModel
+from ascension_cli.train.gradcache import accumulated_backward, cached_backward
+
+
+def make_model(name: str = "test_convnext", **kwargs) -> EmbeddingModel:
+    torch.manual_seed(0)
+    return EmbeddingModel(timm.create_model(name, num_classes=0, **kwargs), 16, "mlp")
+
+
+def make_batch(images: int = 16, views: int = 2, size: int = 32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(images, views, 3, size, size, generator=generator)
+    labels = torch.arange(images) // 4
+    return batch, labels
+
+
+def loss_fn(embeddings, labels):
+    return supcon_loss(embeddings, labels, 0.1)
+
+
+def gradients(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def split(batch, labels, micro: int):
+    return [(batch[i : i + micro], labels[i : i + micro]) for i in range(0, len(batch), micro)]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_cached_step_equals_true_full_batch():
+    model = make_model()  # ConvNeXt: LayerNorm, no BatchNorm
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch()
+
+    cached_loss = cached_backward(model, split(batch, labels, 4), loss_fn)
+
+    embeddings = reference(batch.flatten(0, 1)).view(16, 2, -1)
+    full_loss = loss_fn(embeddings, labels)
+    full_loss.backward()
+
+    assert float(cached_loss) == pytest.approx(float(full_loss.detach()), rel=1e-5)
+    assert relative_error(gradients(model), gradients(reference)) < 1e-4
+
+
+def test_batchnorm_in_eval_mode_also_matches():
+    model = make_model("test_efficientnet").eval()
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch(seed=1)
+    cached_backward(model, split(batch, labels, 8), loss_fn)
+    loss_fn(reference(batch.flatten(0, 1)).view(16, 2, -1), labels).backward()
+    assert relative_error(gradients(model), gradients(reference)) < 1e-4
+
+
+def test_rng_is_replayed_so_drop_path_masks_match():
+    # With stochastic depth the second pass must draw the same masks as the first: compare with
+    # a graph kept through every micro-batch, drawn from the same starting RNG state.
+    model = make_model(drop_path_rate=0.5, drop_rate=0.3)
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch(seed=2)
+    micro = split(batch, labels, 4)
+
+    torch.manual_seed(123)
+    cached_backward(model, micro, loss_fn)
+    after_cached = torch.get_rng_state()
+
+    torch.manual_seed(123)
+    outputs = [reference(images.flatten(0, 1)) for images, _ in micro]
+    loss_fn(torch.cat(outputs).view(16, 2, -1), labels).backward()
+
+    assert relative_error(gradients(model), gradients(reference)) < 1e-4
+    assert torch.equal(after_cached, torch.get_rng_state())
+
+
+def test_without_replay_drop_path_would_differ():
+    # Guards the test above: the masks really are random, so a mismatch would show.
+    model = make_model(drop_path_rate=0.5)
+    batch, _ = make_batch(images=4, seed=3)
+    model.train()
+    torch.manual_seed(1)
+    first = model(batch.flatten(0, 1))
+    second = model(batch.flatten(0, 1))
+    assert not torch.allclose(first, second)
+
+
+def test_batchnorm_running_stats_update_once_per_micro_batch():
+    model = make_model("test_efficientnet").train()
+    plain = copy.deepcopy(model)
+    batch, labels = make_batch(seed=4)
+    micro = split(batch, labels, 8)
+    cached_backward(model, micro, loss_fn)
+    with torch.no_grad():
+        for images, _ in micro:
+            plain(images.flatten(0, 1))
+    for ours, theirs in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.allclose(ours.float(), theirs.float(), atol=1e-6)
+
+
+def test_naive_accumulation_is_a_different_loss():
+    model = make_model()
+    naive = copy.deepcopy(model)
+    batch, labels = make_batch(seed=5)
+    cached_backward(model, split(batch, labels, 4), loss_fn)
+    accumulated_backward(naive, split(batch, labels, 4), loss_fn)
+    assert relative_error(gradients(naive), gradients(model)) > 1e-2
+
+
+def test_naive_accumulation_of_one_micro_batch_is_the_plain_step():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch(images=8, seed=6)
+    accumulated_backward(model, [(batch, labels)], loss_fn)
+    loss_fn(reference(batch.flatten(0, 1)).view(8, 2, -1), labels).backward()
+    assert relative_error(gradients(model), gradients(reference)) < 1e-5
+
+
+def test_non_finite_loss_accumulates_nothing():
+    model = make_model()
+    batch, labels = make_batch(images=8, seed=7)
+
+    def broken(embeddings, labels):
+        return supcon_loss(embeddings, labels) * float("nan")
+
+    loss = cached_backward(model, split(batch, labels, 4), broken)
+    assert not torch.isfinite(loss)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_autocast_cached_step_runs_close_to_fp32():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch(seed=8)
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    cached_backward(model, split(batch, labels, 8), loss_fn, autocast=bf16)
+    cached_backward(reference, split(batch, labels, 8), loss_fn)
+    assert relative_error(gradients(model), gradients(reference)) < 0.1

@@ -1,0 +1,102 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ascension_cli.data.sampler import ClassBalancedBatchSampler
+
+
+def labels_of(counts: list[int]) -> np.ndarray:
+    return np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+
+
+def target_batches(sampler: ClassBalancedBatchSampler, epoch: int = 0) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    micro = list(sampler)
+    per_target = sampler.target_batch // sampler.micro_batch
+    return [
+        [index for batch in micro[i : i + per_target] for index, _ in batch]
+        for i in range(0, len(micro), per_target)
+    ]
+
+
+def test_each_target_batch_is_classes_times_m():
+    labels = labels_of([20] * 40)
+    sampler = ClassBalancedBatchSampler(labels, target_batch=128, micro_batch=16,
+                                        samples_per_class=4, seed=0)
+    batches = target_batches(sampler)
+    assert len(batches) == 800 // 128
+    for batch in batches:
+        assert len(batch) == 128
+        per_class = Counter(labels[batch].tolist())
+        assert len(per_class) == 32
+        assert set(per_class.values()) == {4}
+
+
+def test_micro_batches_have_the_micro_size_and_length_matches():
+    labels = labels_of([10] * 12)
+    sampler = ClassBalancedBatchSampler(labels, 32, 8, 4, seed=1)
+    micro = list(sampler)
+    assert len(micro) == len(sampler) == (120 // 32) * 4
+    assert all(len(batch) == 8 for batch in micro)
+
+
+def test_epoch_covers_the_data_about_once():
+    labels = labels_of([30, 25, 20, 35, 40, 15, 28, 31] * 4)
+    sampler = ClassBalancedBatchSampler(labels, 64, 16, 4, seed=2)
+    drawn = [i for batch in target_batches(sampler) for i in batch]
+    distinct = len(set(drawn))
+    # Balanced classes cannot cover a skewed dataset exactly; most images appear each epoch.
+    assert distinct >= 0.7 * len(drawn)
+    assert len(drawn) <= len(labels)
+
+
+def test_classes_smaller_than_m_repeat_images():
+    labels = labels_of([2, 2, 10, 10, 10, 10, 10, 10])
+    sampler = ClassBalancedBatchSampler(labels, 16, 8, 4, seed=3)
+    for batch in target_batches(sampler):
+        counts = Counter(labels[batch].tolist())
+        assert set(counts.values()) == {4}
+
+
+def test_fewer_classes_than_a_batch_needs_uses_all_classes():
+    labels = labels_of([50, 50, 50])
+    sampler = ClassBalancedBatchSampler(labels, 32, 8, 4, seed=4)
+    for batch in target_batches(sampler):
+        counts = Counter(labels[batch].tolist())
+        assert len(batch) == 32
+        assert sorted(counts) == [0, 1, 2]
+        assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_deterministic_by_seed_and_epoch():
+    labels = labels_of([12] * 10)
+    first = list(ClassBalancedBatchSampler(labels, 24, 8, 4, seed=5))
+    second = list(ClassBalancedBatchSampler(labels, 24, 8, 4, seed=5))
+    other_seed = list(ClassBalancedBatchSampler(labels, 24, 8, 4, seed=6))
+    assert first == second
+    assert first != other_seed
+    sampler = ClassBalancedBatchSampler(labels, 24, 8, 4, seed=5)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_excluded_indices_are_never_drawn():
+    labels = labels_of([8] * 6)
+    sampler = ClassBalancedBatchSampler(labels, 16, 8, 4, seed=7)
+    sampler.exclude([0, 1, 2, 9])
+    for epoch in range(5):
+        drawn = {i for batch in target_batches(sampler, epoch) for i in batch}
+        assert not drawn & {0, 1, 2, 9}
+
+
+def test_augmentation_seeds_differ_between_repeats():
+    labels = labels_of([1, 1])
+    sampler = ClassBalancedBatchSampler(labels, 8, 8, 4, seed=8)
+    keys = [key for batch in sampler for key in batch]
+    assert len({seed for _, seed in keys}) == len(keys)
+
+
+def test_rejects_target_not_multiple_of_micro():
+    with pytest.raises(ValueError):
+        ClassBalancedBatchSampler(labels_of([4, 4]), 10, 4, 2)

@@ -1,0 +1,167 @@
+"""End-to-end trainer runs on a generated dataset with a tiny timm model at 32 px (CPU)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from ascension_cli.config import TrainConfig
+from ascension_cli.errors import CheckpointError, TrainingError
+from ascension_cli.train import loop
+from ascension_cli.train.loop import Reporter, train
+
+
+class Collect(Reporter):
+    def __init__(self):
+        self.messages: list[str] = []
+        self.steps = 0
+        self.tables: dict[str, dict[str, str]] = {}
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def table(self, title, rows):
+        self.tables[title.split()[0]] = dict(rows)
+
+    def step(self, loss, lr, images_per_second):
+        self.steps += 1
+
+
+def config(data, save_dir, **overrides) -> TrainConfig:
+    options = dict(
+        data_root=data, save_dir=save_dir, model="test_convnext", pretrained=False,
+        image_size=32, batch_size=4, target_batch=8, samples_per_class=2, epochs=2,
+        warmup_epochs=1, lr=1e-3, workers=0, val_fraction=0.25, seed=0,
+    )
+    options.update(overrides)
+    if "val_root" in overrides:
+        del options["val_fraction"]
+    return TrainConfig(**options)
+
+
+def test_training_writes_checkpoints_metrics_plot_and_config(dataset, tmp_path):
+    reporter = Collect()
+    result = train(config(dataset, tmp_path / "run"), reporter)
+    run = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "training.png", "config.yaml"):
+        assert (run / name).is_file(), name
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[0]["loss"] is None and records[0]["val_recall_at_1"] is not None
+    for record in records[1:]:
+        assert record["loss"] > 0 and 0 <= record["val_recall_at_1"] <= 1
+        assert record["images_per_second"] > 0 and record["seconds"] > 0
+        assert set(record) >= {"epoch", "step", "loss", "lr", "val_recall_at_1",
+                               "images_per_second", "seconds"}
+    # 24 training images / target batch 8 = 3 optimizer steps per epoch.
+    assert records[-1]["step"] == 6 and reporter.steps == 6
+
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 6
+    assert checkpoint["classes"] == ["circle", "cross", "square", "triangle"]
+    assert checkpoint["timm_name"] == "test_convnext"
+    assert checkpoint["spec"]["image_size"] == 32
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "config", "pretrained_cfg"):
+        assert key in checkpoint, key
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["image_size"] == 32 and resolved["resolved_device"] == "cpu"
+    assert reporter.tables["dataset"]["train / val"] == "24 / 8"
+    assert len(result.history) == 3
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(dataset, tmp_path):
+    train(config(dataset, tmp_path / "whole", epochs=3))
+
+    interrupted = config(dataset, tmp_path / "parts", epochs=3)
+    first = train(interrupted, stop_after_epoch=lambda epoch: epoch == 1)
+    assert first.stopped_early
+    # Resume with another worker count: augmentation is seeded per sample, not per worker.
+    reporter = Collect()
+    train(config(dataset, tmp_path / "parts", epochs=3, resume="auto", workers=1), reporter)
+    assert any("resumed from epoch 1" in m for m in reporter.messages)
+
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
+    assert whole["step"] == parts["step"]
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, parts["model"][name]), name
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+
+
+def test_corrupt_image_is_reported_and_skipped(dataset, tmp_path):
+    (dataset / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (dataset / "square" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 nothing else")
+    reporter = Collect()
+    train(config(dataset, tmp_path / "run", val_fraction=0.0, epochs=3), reporter)
+    skipped = [m for m in reporter.messages if m.startswith("skipped unreadable image")]
+    # Reported once each, even though later epochs would draw them again.
+    assert len(skipped) == len(set(skipped)) == 2
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert len(checkpoint["excluded"]) == 2
+
+
+def test_refuses_to_overwrite_an_existing_run(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1))
+    with pytest.raises(CheckpointError, match="--resume auto"):
+        train(config(dataset, tmp_path / "run", epochs=1))
+
+
+def test_resume_with_other_model_options_is_refused(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1))
+    with pytest.raises(CheckpointError, match="embedding_dim"):
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto", embedding_dim=32))
+
+
+def test_resume_of_a_finished_run_does_nothing(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1))
+    reporter = Collect()
+    train(config(dataset, tmp_path / "run", epochs=1, resume="auto"), reporter)
+    assert reporter.steps == 0
+    assert any("already finished" in m for m in reporter.messages)
+
+
+def test_resume_from_missing_path_is_an_error(dataset, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        train(config(dataset, tmp_path / "run", resume=str(tmp_path / "nope.pt")))
+
+
+def test_non_finite_losses_skip_steps_then_abort(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        loop, "supcon_loss", lambda embeddings, labels, temperature: embeddings.sum() * float("nan")
+    )
+    with pytest.raises(TrainingError, match="not finite for 2 steps in a row"):
+        train(config(dataset, tmp_path / "run", max_nonfinite=2))
+
+
+def test_isolated_non_finite_loss_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
+    real = loop.supcon_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(embeddings, labels, temperature):
+        calls["n"] += 1
+        loss = real(embeddings, labels, temperature)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "supcon_loss", sometimes_nan)
+    result = train(config(dataset, tmp_path / "run", epochs=1))
+    assert result.history[-1].nonfinite_steps == 1
+    assert all(torch.isfinite(t).all() for t in
+               torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"].values())
+
+
+def test_naive_accumulation_and_max_steps(dataset, tmp_path):
+    result = train(config(dataset, tmp_path / "run", accumulation="naive", max_steps=2,
+                          epochs=5, precision="fp32"))
+    assert result.history[-1].step == 2
+    assert result.stopped_early
+
+
+def test_validation_tree_and_more_views(dataset, tmp_path):
+    from tests.conftest import make_dataset
+
+    val_root = make_dataset(tmp_path / "val", per_class=3, seed=9)
+    result = train(config(dataset, tmp_path / "run", val_root=val_root, views=3, epochs=1))
+    assert result.history[-1].val_recall_at_1 is not None
