@@ -331,6 +331,293 @@ def demo(
         )
 
 
+class _ImageProgress:
+    """A progress bar with images/s for embedding runs."""
+
+    def __init__(self, description: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.description = description
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=total, rate="")
+
+    def advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+        speed = self.progress.tasks[0].speed
+        if speed:
+            self.progress.update(self.task, rate=f"{speed:.1f} img/s")
+
+    def failed(self, failure) -> None:
+        self.progress.console.print(f"skipped unreadable image: {failure.reason}",
+                                    highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> _ImageProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def _embed(checkpoint: Path, image_root: Path, description: str, **options):
+    from ascension_cli.embed import embed_folder
+
+    with _ImageProgress(description) as progress:
+        return embed_folder(
+            checkpoint, image_root, on_start=progress.start, on_batch=progress.advance,
+            on_failed=progress.failed, **options,
+        )
+
+
+@app.command(no_args_is_help=True)
+def embed(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `ascension train`.")],
+    image_root: Annotated[
+        Path,
+        typer.Argument(help="Class folders (IMAGE_ROOT/<class>/<image>) or a flat image folder."),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Vectors file to write (.npz).")
+    ] = Path("vectors.npz"),
+    features: Annotated[
+        str | None,
+        typer.Option(help="backbone (pooled trunk features, SupCon practice) or head "
+                     "(the trained projection). (default: backbone)"),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input size. (default: the checkpoint's)")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="Also write a FAISS index of the vectors to this file.")
+    ] = None,
+) -> None:
+    """Write L2-normalised feature vectors, labels and paths for a folder of images.
+
+    The .npz holds vectors (float32), labels (class index, -1 for a flat folder), paths relative
+    to IMAGE_ROOT, class names, model name, checkpoint sha256 and feature kind, in a
+    deterministic order.
+    """
+    given = {key: value for key, value in locals().items() if value is not None}
+    with _user_errors():
+        from ascension_cli.config import EmbedConfig
+        from ascension_cli.embed import save_vectors, write_index
+
+        settings = resolve(EmbedConfig, given)
+        vectors = _embed(
+            settings.checkpoint, settings.image_root, "embedding",
+            kind=settings.features, batch_size=settings.batch_size,
+            precision=settings.precision, workers=settings.workers, device=settings.device,
+            image_size=settings.image_size,
+        )
+        save_vectors(settings.output, vectors)
+        if settings.index is not None:
+            write_index(settings.index, vectors.vectors)
+        labelled = "labelled" if vectors.labelled else "unlabelled"
+        console.print(
+            f"wrote {len(vectors)} {labelled} vectors of dimension {vectors.vectors.shape[1]} "
+            f"({vectors.feature_kind}) to {settings.output}"
+            + (f", index to {settings.index}" if settings.index else "")
+            + (f"; {len(vectors.failed)} unreadable image(s) skipped" if vectors.failed else ""),
+            highlight=False, soft_wrap=True,
+        )
+
+
+def _print_report(evaluation, class_names: list[str], recolored: dict) -> None:
+    report = evaluation.report
+    table = Table(title="retrieval", title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("clean", justify="right")
+    for name in recolored:
+        table.add_column(name, justify="right")
+    for k, value in sorted(report.recall_at_k.items()):
+        row = [f"Recall@{k}", f"{value:.4f}"]
+        row += [f"{result.report.recall_at_k[k]:.4f}" for result in recolored.values()]
+        table.add_row(*row)
+    for label, value in (("Precision@1", report.precision_at_1),
+                         ("R-Precision", report.r_precision), ("MAP@R", report.map_at_r)):
+        table.add_row(label, f"{value:.4f}", *["" for _ in recolored])
+    console.print(table)
+    per_class = Table(title="per-class Recall@1", title_justify="left")
+    per_class.add_column("class")
+    per_class.add_column("Recall@1", justify="right")
+    for label, value in sorted(report.per_class_recall_at_1.items(), key=lambda item: item[1]):
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        per_class.add_row(name, f"{value:.4f}")
+    console.print(per_class)
+    note = f"{report.queries} queries"
+    if report.excluded_queries:
+        note += f"; {report.excluded_queries} left out (no other item of their class)"
+    if evaluation.approximate_recall is not None:
+        note += (f"; {evaluation.index_kind} index finds {evaluation.approximate_recall:.1%} "
+                 "of the exact top-k (sampled)")
+    console.print(note, highlight=False)
+
+
+@app.command(name="eval", no_args_is_help=True)
+def evaluate_command(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A vectors file from `ascension embed`, or a checkpoint (then give "
+                       "IMAGE_ROOT too, and it is embedded first)."),
+    ],
+    image_root: Annotated[
+        Path | None, typer.Argument(help="Images to embed, with a checkpoint as SOURCE.")
+    ] = None,
+    gallery: Annotated[
+        Path | None,
+        typer.Option(help="A vectors file to search in; without it the queries are searched "
+                     "among themselves, each query's own vector excluded."),
+    ] = None,
+    k: Annotated[str | None, typer.Option(help="Recall@k cut-offs. (default: 1,5,10)")] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="flat (exact) | hnsw | ivf (approximate, for galleries past about "
+                     "a million vectors). (default: flat)"),
+    ] = None,
+    recolor: Annotated[
+        bool | None,
+        typer.Option("--recolor", help="With a checkpoint: also embed the queries hue-rotated "
+                     "(90, 180 degrees) and in grayscale, and report Recall@k for each."),
+    ] = None,
+    show: Annotated[
+        int | None, typer.Option(help="Draw this many queries with their top-k results.")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Picture for --show. (default: retrieval.png)"),
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="With a checkpoint: backbone or head. (default: backbone)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="With a checkpoint: batch size.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="With a checkpoint: auto|bf16|fp16|fp32.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="With a checkpoint: loader processes.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="With a checkpoint: auto|cpu|cuda|mps.")
+    ] = None,
+) -> None:
+    """Report Recall@k, Precision@1, R-Precision, MAP@R and per-class Recall@1 (FAISS search)."""
+    given = {key: value for key, value in locals().items() if value is not None}
+    with _user_errors():
+        from ascension_cli.config import EvalConfig
+        from ascension_cli.embed import load_vectors
+        from ascension_cli.retrieval.evaluate import evaluate
+        from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
+
+        settings = resolve(EvalConfig, given)
+        embed_options = dict(kind=settings.features, batch_size=settings.batch_size,
+                             precision=settings.precision, workers=settings.workers,
+                             device=settings.device)
+        if settings.image_root is not None:
+            queries = _embed(settings.source, settings.image_root, "embedding", **embed_options)
+        else:
+            queries = load_vectors(settings.source)
+        gallery_vectors = load_vectors(settings.gallery) if settings.gallery else None
+        if (gallery_vectors is not None and gallery_vectors.paths == queries.paths
+                and gallery_vectors.image_root == queries.image_root):
+            console.print("the gallery holds the same images as the queries: searching them as "
+                          "one set, each query's own vector excluded", highlight=False)
+            gallery_vectors = None
+        _check_evaluable(queries, gallery_vectors)
+        if gallery_vectors is not None:
+            queries.labels = _labels_by_name(queries, gallery_vectors.class_names)
+        ks = settings.ks
+        with _ImageProgress("searching") as progress:
+            progress.start(len(queries))
+            result = evaluate(
+                queries.vectors, queries.labels,
+                None if gallery_vectors is None else gallery_vectors.vectors,
+                None if gallery_vectors is None else gallery_vectors.labels,
+                ks=ks, index_kind=settings.index, on_progress=progress.advance,
+            )
+        recolored = {}
+        if settings.recolor:
+            from ascension_cli.data.augment import RECOLORINGS
+
+            for kind in RECOLORINGS:
+                shifted = _embed(settings.source, settings.image_root, f"embedding ({kind})",
+                                 recolor=kind, **embed_options)
+                recolored[kind] = evaluate(
+                    shifted.vectors, shifted.labels, queries.vectors, queries.labels, ks=ks,
+                    index_kind=settings.index, exclude_self=True,
+                )
+        target = gallery_vectors if gallery_vectors is not None else queries
+        class_names = target.class_names
+        _print_report(result, class_names, recolored)
+        if settings.json_file is not None:
+            write_json(settings.json_file, evaluation_json(
+                result, class_names, recolored,
+                {"queries_file": str(settings.source),
+                 "gallery_file": str(settings.gallery) if settings.gallery else None,
+                 "model_name": queries.model_name, "feature_kind": queries.feature_kind},
+            ))
+            console.print(f"metrics written to {settings.json_file}", highlight=False)
+        if settings.show:
+            picture = retrieval_grid(
+                settings.output, result,
+                [Path(queries.image_root) / p for p in queries.paths], queries.labels,
+                [Path(target.image_root) / p for p in target.paths], target.labels,
+                class_names, queries=settings.show, k=min(5, max(ks)),
+            )
+            console.print(f"retrieval picture written to {picture}", highlight=False)
+
+
+def _check_evaluable(queries, gallery) -> None:
+    from ascension_cli.errors import VectorsError
+
+    if not queries.labelled:
+        raise VectorsError("the query vectors have no labels (a flat folder): metrics need "
+                           "class folders")
+    if gallery is not None:
+        if not gallery.labelled:
+            raise VectorsError("the gallery vectors have no labels: metrics need class folders")
+        if gallery.vectors.shape[1] != queries.vectors.shape[1]:
+            raise VectorsError(
+                f"dimension mismatch: queries have {queries.vectors.shape[1]}, gallery "
+                f"{gallery.vectors.shape[1]}"
+            )
+        if not set(gallery.class_names) & set(queries.class_names):
+            raise VectorsError("queries and gallery share no class name: nothing can be relevant")
+
+
+def _labels_by_name(queries, gallery_classes: list[str]):
+    """Query labels re-indexed into the gallery's classes (matched by folder name)."""
+    import numpy as np
+
+    position = {name: index for index, name in enumerate(gallery_classes)}
+    # A class the gallery lacks gets a label no gallery item has: its queries are left out.
+    mapping = np.array([position.get(name, -2) for name in queries.class_names], dtype=np.int64)
+    return mapping[queries.labels]
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

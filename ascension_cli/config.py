@@ -114,6 +114,73 @@ class TrainConfig(BaseModel):
         return self.target_batch // self.batch_size
 
 
+Features = Literal["backbone", "head"]
+IndexKind = Literal["flat", "hnsw", "ivf"]
+
+
+class _RunOptions(BaseModel):
+    """Options shared by the commands that run a model over images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: Features = "backbone"
+    batch_size: int = Field(64, ge=1)
+    precision: Precision = "auto"
+    workers: int = Field(default_factory=_default_workers, ge=0, le=256)
+    device: str = "auto"
+
+    _check_device = field_validator("device")(TrainConfig._check_device.__func__)
+
+
+class EmbedConfig(_RunOptions):
+    """Options of ``ascension embed``."""
+
+    checkpoint: Path
+    image_root: Path
+    output: Path = Path("vectors.npz")
+    image_size: int | None = Field(None, ge=16, le=4096)
+    index: Path | None = None
+
+
+class EvalConfig(_RunOptions):
+    """Options of ``ascension eval``."""
+
+    source: Path
+    image_root: Path | None = None
+    gallery: Path | None = None
+    k: str = "1,5,10"
+    json_file: Path | None = None
+    index: IndexKind = "flat"
+    recolor: bool = False
+    show: int | None = Field(None, ge=1, le=200)
+    output: Path = Path("retrieval.png")
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: str) -> str:
+        try:
+            ks = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("must be comma-separated whole numbers, like 1,5,10") from None
+        if not ks or min(ks) < 1:
+            raise ValueError("must be comma-separated whole numbers of 1 or more, like 1,5,10")
+        return ",".join(str(k) for k in sorted(set(ks)))
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.k.split(","))
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> EvalConfig:
+        if self.recolor and self.image_root is None:
+            raise ValueError("--recolor needs a checkpoint and IMAGE_ROOT (it re-embeds images)")
+        if self.image_root is None and self.source.suffix in (".pt", ".pth"):
+            raise ValueError(
+                "a checkpoint as SOURCE needs IMAGE_ROOT too: ascension eval CHECKPOINT IMAGE_ROOT"
+            )
+        return self
+
+
 def option_name(field: str) -> str:
     """The command-line spelling of a config field."""
     return "--" + field.replace("_", "-")

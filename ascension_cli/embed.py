@@ -1,16 +1,27 @@
-"""Run a model over images and collect L2-normalised feature vectors."""
+"""Run a model over images, collect L2-normalised vectors, and read/write vectors files."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ascension_cli.data.dataset import Batch, Failed
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.data.augment import eval_transform
+from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
+from ascension_cli.data.folder import scan_images
+from ascension_cli.errors import CheckpointError, DataError, VectorsError
+from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
+from ascension_cli.train.checkpoint import load_checkpoint
 
 FEATURE_KINDS = ("backbone", "head")
 
@@ -58,4 +69,188 @@ def extract_features(
         torch.cat(features).numpy(),
         torch.cat(labels).numpy(),
         torch.cat(indices).numpy(),
+    )
+
+
+VECTORS_FORMAT = "ascension-vectors"
+VECTORS_VERSION = 1
+
+
+@dataclass
+class Vectors:
+    """An embedding export: one L2-normalised float32 row per image, with its provenance."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    class_names: list[str] = field(default_factory=list)
+    model_name: str = ""
+    checkpoint_sha256: str = ""
+    feature_kind: str = "backbone"
+    image_root: str = ""
+    failed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_vectors(path: str | Path, data: Vectors) -> None:
+    """Write an ``.npz`` atomically (temp file, fsync, rename): the old file or all the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(
+                handle,
+                format=np.array(VECTORS_FORMAT),
+                version=np.array(VECTORS_VERSION),
+                vectors=np.ascontiguousarray(data.vectors, dtype=np.float32),
+                labels=np.asarray(data.labels, dtype=np.int64),
+                paths=np.array(data.paths, dtype=str),
+                class_names=np.array(data.class_names, dtype=str),
+                model_name=np.array(data.model_name),
+                checkpoint_sha256=np.array(data.checkpoint_sha256),
+                feature_kind=np.array(data.feature_kind),
+                image_root=np.array(data.image_root),
+                failed=np.array(data.failed, dtype=str),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_vectors(path: str | Path) -> Vectors:
+    """Read and check a vectors file; every problem is a one-line VectorsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise VectorsError(f"vectors file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            contents = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise VectorsError(f"cannot read vectors file {path}: {str(exc)[:200]}") from None
+    if str(contents.get("format", "")) != VECTORS_FORMAT:
+        raise VectorsError(f"{path} is not an Ascension vectors file (from `ascension embed`)")
+    vectors = contents["vectors"]
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise VectorsError(f"{path} holds no vectors")
+    if not np.isfinite(vectors).all():
+        bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+        raise VectorsError(f"{path}: {bad} vector(s) contain NaN or infinity")
+    labels = contents["labels"]
+    if len(labels) != len(vectors) or len(contents["paths"]) != len(vectors):
+        raise VectorsError(f"{path}: vectors, labels and paths differ in length")
+    return Vectors(
+        vectors=vectors.astype(np.float32, copy=False),
+        labels=labels.astype(np.int64, copy=False),
+        paths=contents["paths"].tolist(),
+        class_names=contents["class_names"].tolist(),
+        model_name=str(contents["model_name"]),
+        checkpoint_sha256=str(contents["checkpoint_sha256"]),
+        feature_kind=str(contents["feature_kind"]),
+        image_root=str(contents["image_root"]),
+        failed=contents["failed"].tolist(),
+    )
+
+
+def load_model(checkpoint_path: str | Path) -> tuple[EmbeddingModel, ModelSpec, dict]:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    spec = ModelSpec.from_dict(checkpoint["spec"])
+    model = model_from_spec(spec)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint_path}: weights do not fit '{spec.name}': "
+            f"{str(exc).strip().splitlines()[0][:200]}"
+        ) from None
+    return model, spec, checkpoint
+
+
+def write_index(path: str | Path, vectors: np.ndarray, kind: str = "flat") -> None:
+    """A FAISS index of the vectors, written atomically."""
+    import faiss
+
+    from ascension_cli.retrieval.index import build_index
+
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(build_index(vectors, kind), str(temp))
+    os.replace(temp, path)
+
+
+def embed_folder(
+    checkpoint_path: str | Path,
+    image_root: str | Path,
+    kind: str = "backbone",
+    batch_size: int = 64,
+    precision: str = "auto",
+    workers: int = 0,
+    device: str = "auto",
+    image_size: int | None = None,
+    recolor: str | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_failed: Callable[[Failed], None] | None = None,
+) -> Vectors:
+    """Embed every image under ``image_root`` with a checkpoint's eval transform.
+
+    ``recolor`` (hue90, hue180, grayscale) recolours each image first, to measure how much the
+    embedding depends on colour.
+    """
+    model, spec, _ = load_model(checkpoint_path)
+    scan = scan_images(image_root)
+    run_device = resolve_device(device)
+    run_precision = resolve_precision(precision, run_device)
+    size = image_size or spec.image_size
+    dataset = EvalDataset(
+        scan.paths, scan.labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
+        recolor,
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=run_device.type == "cuda",
+    )
+    if on_start is not None:
+        on_start(len(dataset))
+    failed: list[str] = []
+
+    def record_failure(failure: Failed) -> None:
+        failed.append(str(scan.paths[failure.index].relative_to(scan.root)))
+        if on_failed is not None:
+            on_failed(failure)
+
+    features, labels, indices = extract_features(
+        model.to(run_device), loader, run_device, kind,
+        autocast_factory(run_precision, run_device), record_failure, on_batch,
+    )
+    if len(indices) == 0:
+        raise DataError(f"no readable images under {image_root}")
+    return Vectors(
+        vectors=features.astype(np.float32),
+        labels=labels,
+        paths=[scan.paths[i].relative_to(scan.root).as_posix() for i in indices],
+        class_names=scan.classes,
+        model_name=spec.name,
+        checkpoint_sha256=sha256_of(checkpoint_path),
+        feature_kind=kind,
+        image_root=str(Path(image_root).resolve()),
+        failed=failed,
     )

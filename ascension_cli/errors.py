@@ -31,3 +31,7 @@ class TrainingError(AscensionError):
     """Training cannot go on (for example, the loss keeps diverging)."""
 
     exit_code = 3
+
+
+class VectorsError(AscensionError):
+    """A vectors file or index is unreadable, empty, or does not fit its counterpart."""

@@ -100,3 +100,20 @@ def test_augmentation_seeds_differ_between_repeats():
 def test_rejects_target_not_multiple_of_micro():
     with pytest.raises(ValueError):
         ClassBalancedBatchSampler(labels_of([4, 4]), 10, 4, 2)
+
+
+def test_cached_mode_mixes_classes_across_micro_batches():
+    labels = labels_of([20] * 8)
+    mixed = ClassBalancedBatchSampler(labels, 32, 8, 4, seed=9)
+    blocked = ClassBalancedBatchSampler(labels, 32, 8, 4, seed=9, mix_micro_batches=False)
+    mixed_micro, blocked_micro = list(mixed), list(blocked)
+    # Same target batches either way; only the cut into micro-batches differs.
+    for start in range(0, len(mixed_micro), 4):
+        mixed_keys = sorted(k for batch in mixed_micro[start : start + 4] for k in batch)
+        blocked_keys = sorted(k for batch in blocked_micro[start : start + 4] for k in batch)
+        assert mixed_keys == blocked_keys
+    # Blocked: each micro-batch is exactly two whole classes, so its anchors have positives.
+    for batch in blocked_micro:
+        assert sorted(Counter(labels[[i for i, _ in batch]].tolist()).values()) == [4, 4]
+    classes_per_micro = [len({labels[i] for i, _ in batch}) for batch in mixed_micro]
+    assert sum(classes_per_micro) / len(classes_per_micro) > 3

@@ -100,3 +100,19 @@ def reseed(transform: A.Compose, seed: int) -> None:
             visit(child)
 
     visit(transform)
+
+
+RECOLORINGS = ("hue90", "hue180", "grayscale")
+
+
+def recolor(image: np.ndarray, kind: str) -> np.ndarray:
+    """The same RGB image in other colours: hue rotated by 90 or 180 degrees, or grayscale."""
+    if kind == "grayscale":
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    if kind in ("hue90", "hue180"):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        shift = 45 if kind == "hue90" else 90  # OpenCV hue runs 0-179
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    raise ValueError(f"unknown recolouring {kind!r}; choose one of {RECOLORINGS}")

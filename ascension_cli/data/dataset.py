@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ascension_cli.data.augment import reseed
+from ascension_cli.data.augment import recolor, reseed
 from ascension_cli.data.folder import ImageDecodeError, load_image
 
 
@@ -54,12 +54,16 @@ class MultiViewDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """One deterministic view per image (resize + centre crop)."""
+    """One deterministic view per image (resize + centre crop), optionally recoloured first."""
 
-    def __init__(self, paths: Sequence[Path], labels: np.ndarray | None, transform):
+    def __init__(
+        self, paths: Sequence[Path], labels: np.ndarray | None, transform,
+        recolor: str | None = None,
+    ):
         self.paths = list(paths)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self.recolor = recolor
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,6 +73,8 @@ class EvalDataset(Dataset):
             image = load_image(self.paths[index])
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
+        if self.recolor is not None:
+            image = recolor(image, self.recolor)
         label = -1 if self.labels is None else int(self.labels[index])
         return _to_tensor(self.transform(image=image)["image"]), label, index
 

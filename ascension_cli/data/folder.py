@@ -109,6 +109,22 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FolderSca
     return FolderScan(root, names, paths, np.asarray(labels, dtype=np.int64), skipped)
 
 
+def scan_images(root: str | Path) -> FolderScan:
+    """A class-per-folder tree, or a flat folder of unlabelled images (labels -1, no classes)."""
+    root = Path(root)
+    if root.is_dir() and not any(
+        entry.is_dir() and not _is_hidden(entry.name) for entry in root.iterdir()
+    ):
+        skipped: Counter = Counter()
+        paths = [
+            path for path in _class_images(root, skipped) if path.parent == root
+        ]
+        if not paths:
+            raise DataError(f"no images found in {root} (extensions: {_extensions()})")
+        return FolderScan(root, [], paths, np.full(len(paths), -1, dtype=np.int64), skipped)
+    return scan_folder(root)
+
+
 def _extensions() -> str:
     return ", ".join(sorted(IMAGE_EXTENSIONS))
 
@@ -119,7 +135,8 @@ def stratified_split(
     """Indices of a per-class train/val split, the same for the same labels and seed.
 
     Every class keeps at least one training image; a class's share of validation images is
-    ``round(n * val_fraction)``.
+    ``round(n * val_fraction)``, raised from 1 to 2 where the class has 4 or more images: a lone
+    validation image has no same-class neighbour, so it could never count in recall.
     """
     train: list[np.ndarray] = []
     val: list[np.ndarray] = []
@@ -128,6 +145,8 @@ def stratified_split(
         rng = np.random.default_rng([seed, int(label)])
         members = members[rng.permutation(len(members))]
         n_val = min(int(round(len(members) * val_fraction)), len(members) - 1)
+        if n_val == 1 and len(members) >= 4:
+            n_val = 2
         val.append(members[:n_val])
         train.append(members[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -14,12 +14,18 @@ import numpy as np
 class ClassBalancedBatchSampler:
     """Yields micro-batches of ``(index, seed)`` keys; consecutive groups form target batches.
 
-    Each target batch is laid out class by class, so ``target_batch // micro_batch`` consecutive
-    micro-batches make one contrastive batch. An epoch has ``len(labels) // target_batch`` target
-    batches (at least one), drawn so that it covers the data about once: classes are picked in
-    proportion to the images they have not yet shown, and a class smaller than ``m`` repeats its
-    images (each repeat gets its own augmentation seed). With fewer classes than a batch needs,
-    every class is used and takes a larger share.
+    ``target_batch // micro_batch`` consecutive micro-batches make one contrastive batch. With
+    ``mix_micro_batches`` (for gradient caching) a target batch is shuffled before it is cut, so
+    each micro-batch mixes classes: BatchNorm then normalises every micro-batch alike, and
+    positives cannot be told apart by the micro-batch statistics they share. Without it (plain
+    accumulation, where the loss sees one micro-batch) the batch stays laid out class by class,
+    so each micro-batch holds whole classes and its anchors have positives.
+
+    An epoch has ``len(labels) // target_batch`` target batches (at least one), drawn so that it
+    covers the data about once: classes are picked in proportion to the images they have not yet
+    shown, and a class smaller than ``m`` repeats its images (each repeat gets its own
+    augmentation seed). With fewer classes than a batch needs, every class is used and takes a
+    larger share.
     """
 
     def __init__(
@@ -29,6 +35,7 @@ class ClassBalancedBatchSampler:
         micro_batch: int,
         samples_per_class: int,
         seed: int = 0,
+        mix_micro_batches: bool = True,
     ):
         if target_batch % micro_batch:
             raise ValueError("target_batch must be a multiple of micro_batch")
@@ -39,6 +46,7 @@ class ClassBalancedBatchSampler:
         self.micro_batch = micro_batch
         self.samples_per_class = samples_per_class
         self.seed = seed
+        self.mix_micro_batches = mix_micro_batches
         self.epoch = 0
         self.classes = np.unique(self.labels)
         self.members = {int(c): np.flatnonzero(self.labels == c) for c in self.classes}
@@ -110,8 +118,11 @@ class ClassBalancedBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         seeds = np.random.default_rng([self.seed, self.epoch, 1])
+        shuffle = np.random.default_rng([self.seed, self.epoch, 2])
         for batch in self.target_batches(self.epoch):
             sample_seeds = seeds.integers(0, 2**31 - 1, size=len(batch))
             keys = list(zip(batch.tolist(), sample_seeds.tolist(), strict=True))
+            if self.mix_micro_batches:
+                keys = [keys[i] for i in shuffle.permutation(len(keys))]
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]

@@ -1,44 +1,99 @@
-"""Retrieval metrics from exact nearest neighbours."""
+"""Retrieval metrics computed from ranked neighbour labels, apart from the search."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
-class LeaveOneOutRecall:
-    recall_at_1: float
+class RetrievalReport:
+    """Retrieval metrics over the queries that have at least one relevant gallery item."""
+
+    recall_at_k: dict[int, float]
+    precision_at_1: float
+    r_precision: float
+    map_at_r: float
+    per_class_recall_at_1: dict[int, float]
     queries: int
-    excluded: int  # queries whose class has no other member, so no right answer exists
+    excluded_queries: int
+
+    def to_dict(self, class_names: list[str] | None = None) -> dict:
+        def name(label: int) -> str:
+            if class_names is not None and 0 <= label < len(class_names):
+                return class_names[label]
+            return str(label)
+
+        return {
+            "queries": self.queries,
+            "excluded_queries": self.excluded_queries,
+            "recall_at_k": {str(k): v for k, v in sorted(self.recall_at_k.items())},
+            "precision_at_1": self.precision_at_1,
+            "r_precision": self.r_precision,
+            "map_at_r": self.map_at_r,
+            "per_class_recall_at_1": {
+                name(label): value for label, value in sorted(self.per_class_recall_at_1.items())
+            },
+        }
 
 
-def leave_one_out_recall_at_1(
-    features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, chunk: int = 2048
-) -> LeaveOneOutRecall:
-    """Recall@1 with every vector as a query against all the others (itself excluded).
+def relevant_counts(
+    query_labels: np.ndarray, gallery_labels: np.ndarray, same_set: bool
+) -> np.ndarray:
+    """R for each query: gallery items of its class (itself excluded when the sets are one)."""
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    lookup = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+    r = np.array([lookup.get(int(label), 0) for label in query_labels], dtype=np.int64)
+    return r - 1 if same_set else r
 
-    Cosine similarity on L2-normalised features, exact, searched in chunks so memory stays
-    O(chunk * n). Queries whose class has no other member are left out and counted.
+
+def retrieval_metrics(
+    neighbour_labels: np.ndarray,
+    query_labels: np.ndarray,
+    relevant: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> RetrievalReport:
+    """Recall@k, Precision@1, R-Precision and MAP@R from ranked neighbour labels.
+
+    Args:
+        neighbour_labels: (n, K) labels of each query's gallery neighbours, best first; K must
+            be at least max(ks) and each query's R (else R-Precision/MAP@R are computed at K).
+        query_labels: (n,) labels of the queries.
+        relevant: (n,) R, the number of gallery items sharing each query's label.
+
+    Definitions follow Musgrave et al., "A Metric Learning Reality Check" (2020): R-Precision is
+    the share of relevant items among the first R results; MAP@R averages precision at each rank
+    i <= R where result i is relevant, divided by R. Queries with R = 0 are left out and counted.
     """
-    features = torch.as_tensor(features, dtype=torch.float32)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = features.shape[0]
+    query_labels = np.asarray(query_labels)
+    answerable = np.asarray(relevant) > 0
+    hits = np.asarray(neighbour_labels)[answerable] == query_labels[answerable, None]
+    r = np.minimum(np.asarray(relevant)[answerable], hits.shape[1])
+    labels = query_labels[answerable]
+    n = int(answerable.sum())
+    excluded = int((~answerable).sum())
     if n == 0:
-        return LeaveOneOutRecall(float("nan"), 0, 0)
-    counts = torch.bincount(labels - labels.min())[labels - labels.min()]
-    answerable = counts > 1
-    hits = 0
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        similarity = features[start:stop] @ features.T
-        rows = torch.arange(stop - start)
-        similarity[rows, rows + start] = float("-inf")
-        nearest = similarity.argmax(dim=1)
-        correct = (labels[nearest] == labels[start:stop]) & answerable[start:stop]
-        hits += int(correct.sum())
-    queries = int(answerable.sum())
-    recall = hits / queries if queries else float("nan")
-    return LeaveOneOutRecall(recall, queries, n - queries)
+        nan = float("nan")
+        return RetrievalReport({k: nan for k in ks}, nan, nan, nan, {}, 0, excluded)
+
+    recall = {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    ranks = np.arange(1, hits.shape[1] + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    cumulative = np.cumsum(hits, axis=1)
+    r_precision = (hits & within_r).sum(axis=1) / r
+    precision_at_rank = cumulative / ranks[None, :]
+    map_at_r = (precision_at_rank * (hits & within_r)).sum(axis=1) / r
+    first = hits[:, 0]
+    per_class = {
+        int(label): float(first[labels == label].mean()) for label in np.unique(labels)
+    }
+    return RetrievalReport(
+        recall_at_k=recall,
+        precision_at_1=float(first.mean()),
+        r_precision=float(r_precision.mean()),
+        map_at_r=float(map_at_r.mean()),
+        per_class_recall_at_1=per_class,
+        queries=n,
+        excluded_queries=excluded,
+    )

@@ -7,6 +7,7 @@ Progress goes to a ``Reporter`` (the CLI draws it with rich; tests collect it), 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -30,10 +31,10 @@ from ascension_cli.embed import extract_features
 from ascension_cli.errors import CheckpointError, DataError, TrainingError
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
-from ascension_cli.retrieval.metrics import leave_one_out_recall_at_1
+from ascension_cli.retrieval.evaluate import evaluate
+from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
-from ascension_cli.train.runtime import autocast_factory, resolve_device, resolve_precision
 from ascension_cli.train.schedule import adamw, warmup_cosine
 
 LAST = "last.pt"
@@ -288,7 +289,7 @@ def train(
     )
     sampler = ClassBalancedBatchSampler(
         train_labels, config.target_batch, config.batch_size, config.samples_per_class,
-        seed=config.seed,
+        seed=config.seed, mix_micro_batches=config.accumulation == "cache",
     )
     loader_options: dict[str, Any] = {
         "num_workers": config.workers,
@@ -336,7 +337,9 @@ def train(
         )
         if len(labels) == 0:
             return None
-        return leave_one_out_recall_at_1(features, labels).recall_at_1
+        # The same evaluator as `ascension eval`, so training and eval report the same figure.
+        recall = evaluate(features, labels, ks=(1,)).report.recall_at_k[1]
+        return None if math.isnan(recall) else recall
 
     # ---- state: fresh or resumed
     result = TrainResult(save_dir)
@@ -363,6 +366,11 @@ def train(
         ))
         if recall is not None:
             reporter.message(f"before training: validation recall@1 {recall:.4f}")
+        elif val_loader is not None:
+            reporter.message(
+                "validation recall cannot be measured: no validation class has two readable "
+                "images (raise --val-fraction or give --val-root); best.pt will not be written"
+            )
 
     def save(path: Path, epoch: int) -> None:
         atomic_save(

@@ -1,0 +1,109 @@
+"""FAISS index building and chunked k-nearest-neighbour search (inner product on unit vectors)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+
+
+def _use_all_cores() -> None:
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0) -> faiss.Index:
+    """An inner-product index over ``vectors`` (float32, L2-normalised rows).
+
+    ``flat`` is exact. ``hnsw`` (graph) and ``ivf`` (inverted lists, ~sqrt(n) of them) are
+    approximate, for galleries past about a million vectors.
+    """
+    _use_all_cores()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+        index.hnsw.efConstruction = 80
+    elif kind == "ivf":
+        lists = max(1, min(int(np.sqrt(n)), n // 39 or 1))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(vectors)
+        index.nprobe = max(1, min(lists, 16))
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
+    index.add(vectors)
+    return index
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    chunk: int = 8192,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) for each query, searched ``chunk`` queries at a time.
+
+    Memory is O(n * k), never an n x n matrix. Missing results (k > index size) have id -1.
+    """
+    _use_all_cores()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(k, index.ntotal))
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        stop = min(len(queries), start + chunk)
+        scores[start:stop], ids[start:stop] = index.search(queries[start:stop], k)
+        if on_progress is not None:
+            on_progress(stop - start)
+    return scores, ids
+
+
+def drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from results searched with one extra neighbour.
+
+    Row i is query i. Where the query itself is not among its results (an exact tie, or an
+    approximate index missing it), the last result is dropped instead.
+    """
+    n = ids.shape[0]
+    own = ids == np.arange(n)[:, None]
+    missing = ~own.any(axis=1)
+    own[missing, -1] = True
+    keep = ~own
+    # Exactly one entry per row is removed.
+    ids = ids[keep].reshape(n, -1)[:, :k]
+    scores = scores[keep].reshape(n, -1)[:, :k]
+    return ids, scores
+
+
+def nearest_neighbours(
+    queries: np.ndarray,
+    gallery: np.ndarray | None,
+    k: int,
+    kind: str = "flat",
+    chunk: int = 8192,
+    on_progress: Callable[[int], None] | None = None,
+    exclude_self: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, scores) of the ``k`` nearest gallery vectors per query.
+
+    ``gallery=None`` searches the queries among themselves. ``exclude_self`` (default: when the
+    gallery is the queries) drops gallery item i from query i's results: the same image.
+    """
+    if exclude_self is None:
+        exclude_self = gallery is None
+    index = build_index(queries if gallery is None else gallery, kind)
+    if exclude_self:
+        scores, ids = search(index, queries, k + 1, chunk, on_progress)
+        ids, scores = drop_self(ids, scores, k)
+        return ids, scores
+    scores, ids = search(index, queries, k, chunk, on_progress)
+    return ids, scores
