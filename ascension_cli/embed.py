@@ -45,7 +45,12 @@ def extract_features(
         raise ValueError(f"unknown feature kind {kind!r}")
     was_training = model.training
     model.eval()
-    features, labels, indices = [], [], []
+    # Filled in place as batches stream by: memory is the vectors, allocated once.
+    total = len(loader.dataset)
+    features: np.ndarray | None = None
+    labels = np.empty(total, np.int64)
+    indices = np.empty(total, np.int64)
+    filled = 0
     try:
         batch: Batch
         for batch in loader:
@@ -56,20 +61,20 @@ def extract_features(
                 images = batch.images.to(device, non_blocking=True)
                 with autocast():
                     output = model.features(images) if kind == "backbone" else model(images)
-                features.append(output.float().cpu())
-                labels.append(batch.labels)
-                indices.append(batch.indices)
+                if features is None:
+                    features = np.empty((total, output.shape[1]), np.float32)
+                stop = filled + len(batch)
+                features[filled:stop] = output.float().cpu().numpy()
+                labels[filled:stop] = batch.labels.numpy()
+                indices[filled:stop] = batch.indices.numpy()
+                filled = stop
             if on_batch is not None:
                 on_batch(len(batch) + len(batch.failed))
     finally:
         model.train(was_training)
-    if not features:
+    if features is None:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (
-        torch.cat(features).numpy(),
-        torch.cat(labels).numpy(),
-        torch.cat(indices).numpy(),
-    )
+    return features[:filled], labels[:filled], indices[:filled]
 
 
 VECTORS_FORMAT = "ascension-vectors"
@@ -192,7 +197,7 @@ def write_index(path: str | Path, vectors: np.ndarray, kind: str = "flat") -> No
 
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(build_index(vectors, kind), str(temp))
+    faiss.write_index(build_index(vectors, kind, use_gpu=False), str(temp))
     os.replace(temp, path)
 
 
