@@ -77,30 +77,37 @@ def _root(
     """Train image-embedding models with SupCon and measure how well they retrieve."""
 
 
+def _progress_bar(out: Console, fields: str):
+    """A transient bar: description, bar, done/total, the given task fields, elapsed and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(fields),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=True,
+    )
+
+
 class RichReporter:
     """Draws the trainer's progress: tables at start, a bar per epoch, a line per epoch."""
 
     def __init__(self, out: Console):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.console = out
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=out,
-            transient=True,
+        self.progress = _progress_bar(
+            out, "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"
         )
         self.task = None
 
@@ -335,24 +342,8 @@ class _ImageProgress:
     """A progress bar with images/s for embedding runs."""
 
     def __init__(self, description: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
         self.description = description
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
+        self.progress = _progress_bar(console, "{task.fields[rate]}")
         self.task = None
 
     def start(self, total: int) -> None:

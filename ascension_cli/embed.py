@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ascension_cli.atomic import atomic_write
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
 from ascension_cli.data.folder import scan_images
@@ -113,31 +112,23 @@ def sha256_of(path: str | Path) -> str:
 
 def save_vectors(path: str | Path, data: Vectors) -> None:
     """Write an ``.npz`` atomically (temp file, fsync, rename): the old file or all the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                format=np.array(VECTORS_FORMAT),
-                version=np.array(VECTORS_VERSION),
-                vectors=np.ascontiguousarray(data.vectors, dtype=np.float32),
-                labels=np.asarray(data.labels, dtype=np.int64),
-                paths=np.array(data.paths, dtype=str),
-                class_names=np.array(data.class_names, dtype=str),
-                model_name=np.array(data.model_name),
-                checkpoint_sha256=np.array(data.checkpoint_sha256),
-                feature_kind=np.array(data.feature_kind),
-                image_root=np.array(data.image_root),
-                failed=np.array(data.failed, dtype=str),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path,
+        lambda handle: np.savez(
+            handle,
+            format=np.array(VECTORS_FORMAT),
+            version=np.array(VECTORS_VERSION),
+            vectors=np.ascontiguousarray(data.vectors, dtype=np.float32),
+            labels=np.asarray(data.labels, dtype=np.int64),
+            paths=np.array(data.paths, dtype=str),
+            class_names=np.array(data.class_names, dtype=str),
+            model_name=np.array(data.model_name),
+            checkpoint_sha256=np.array(data.checkpoint_sha256),
+            feature_kind=np.array(data.feature_kind),
+            image_root=np.array(data.image_root),
+            failed=np.array(data.failed, dtype=str),
+        ),
+    )
 
 
 def load_vectors(path: str | Path) -> Vectors:
@@ -195,10 +186,8 @@ def write_index(path: str | Path, vectors: np.ndarray, kind: str = "flat") -> No
 
     from ascension_cli.retrieval.index import build_index
 
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(build_index(vectors, kind, use_gpu=False), str(temp))
-    os.replace(temp, path)
+    index = build_index(vectors, kind, use_gpu=False)
+    atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
 
 
 def embed_folder(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from ascension_cli.atomic import atomic_write_text
 from ascension_cli.data.folder import ImageDecodeError, load_image
 from ascension_cli.retrieval.evaluate import Evaluation
 
@@ -35,11 +35,7 @@ def evaluation_json(
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
 def _tile(path: Path, size: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from ascension_cli import __version__
+from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
@@ -157,12 +158,8 @@ def _restore_rng(payload: dict[str, Any]) -> None:
 
 def _write_metrics(save_dir: Path, history: list[EpochRecord]) -> None:
     # Rewritten whole (it is small) and atomically, so a resumed run never repeats a line.
-    path = save_dir / METRICS
-    temp = path.with_suffix(".jsonl.tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        for record in history:
-            handle.write(json.dumps(asdict(record)) + "\n")
-    temp.replace(path)
+    lines = "".join(json.dumps(asdict(record)) + "\n" for record in history)
+    atomic_write_text(save_dir / METRICS, lines)
 
 
 def _plot(save_dir: Path, history: list[EpochRecord]) -> None:
@@ -187,10 +184,8 @@ def _plot(save_dir: Path, history: list[EpochRecord]) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    temp = save_dir / (PLOT + ".tmp.png")
-    figure.savefig(temp, dpi=100)
+    atomic_write(save_dir / PLOT, lambda handle: figure.savefig(handle, format="png", dpi=100))
     plt.close(figure)
-    temp.replace(save_dir / PLOT)
 
 
 class _LoadFailures:
@@ -277,7 +272,7 @@ def train(
     resolved.update(image_size=spec.image_size, resolved_device=str(device),
                     resolved_precision=precision)
     save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
     reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
 
     # ---- loaders
