@@ -609,6 +609,163 @@ def _labels_by_name(queries, gallery_classes: list[str]):
     return mapping[queries.labels]
 
 
+@app.command(no_args_is_help=True)
+def index(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `ascension train`.")],
+    gallery_root: Annotated[
+        Path, typer.Argument(help="The known items: class folders, or a flat image folder.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Catalogue folder to write.")],
+    add: Annotated[
+        bool | None,
+        typer.Option("--add", help="Append the images the catalogue does not hold yet, "
+                     "without re-embedding the others (same checkpoint required)."),
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="backbone or head. (default: backbone)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+) -> None:
+    """Build a searchable catalogue of known items: FAISS index, paths, labels and the model.
+
+    The catalogue folder holds everything `ascension search` needs, the model included.
+    """
+    given = {key: value for key, value in locals().items() if value is not None}
+    with _user_errors():
+        from ascension_cli.catalog import build_catalog
+        from ascension_cli.config import IndexConfig
+
+        settings = resolve(IndexConfig, given)
+        with _ImageProgress("indexing") as progress:
+            catalog, added = build_catalog(
+                settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
+                kind=settings.features, batch_size=settings.batch_size,
+                precision=settings.precision, workers=settings.workers, device=settings.device,
+                on_start=progress.start, on_batch=progress.advance, on_failed=progress.failed,
+            )
+        console.print(
+            f"catalogue {settings.output}: {len(catalog)} items in "
+            f"{len(catalog.class_names)} classes ({added} added)", highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _query_images(images: list[Path]) -> list[Path]:
+    from ascension_cli.data.folder import IMAGE_EXTENSIONS
+    from ascension_cli.errors import DataError
+
+    paths: list[Path] = []
+    for item in images:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise DataError(f"no images in folder {item}")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"query image not found: {item}")
+    return paths
+
+
+@app.command(name="search", no_args_is_help=True)
+def search_command(
+    catalog: Annotated[Path, typer.Argument(help="A catalogue folder from `ascension index`.")],
+    images: Annotated[list[Path], typer.Argument(help="Query images, or folders of them.")],
+    k: Annotated[int | None, typer.Option(help="Matches per query. (default: 5)")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Cosine similarity the best match must reach; below it the query is "
+                     "'unknown'."),
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+) -> None:
+    """Which catalogue item is each photo? Top-k matches and a similarity-weighted vote."""
+    given = {key: value for key, value in locals().items() if value is not None}
+    with _user_errors():
+        from ascension_cli.catalog import load_catalog, search_catalog
+        from ascension_cli.config import SearchConfig
+        from ascension_cli.data.folder import ImageDecodeError, load_image
+        from ascension_cli.errors import DataError
+        from ascension_cli.retrieval.report import write_json
+
+        settings = resolve(SearchConfig, given)
+        catalog_data = load_catalog(settings.catalog)
+        paths = _query_images(settings.images)
+        for named in settings.images:  # an image asked for by name must be readable
+            if named.is_file():
+                try:
+                    load_image(named)
+                except ImageDecodeError as exc:
+                    raise DataError(str(exc)) from None
+        with _ImageProgress("searching") as progress:
+            results = search_catalog(
+                catalog_data, paths, settings.k, settings.threshold, on_failed=progress.failed,
+                batch_size=settings.batch_size, precision=settings.precision,
+                workers=settings.workers, device=settings.device,
+                on_start=progress.start, on_batch=progress.advance,
+            )
+        if not results:
+            raise DataError("no readable query image")
+        table = Table(title=f"search in {settings.catalog}", title_justify="left")
+        for column in ("query", "prediction", "score", "best matches (similarity)"):
+            table.add_column(column)
+        for result in results:
+            prediction = "unknown" if result.unknown else (result.predicted or "-")
+            best = ", ".join(f"{m.class_name or Path(m.path).name} ({m.similarity:.3f})"
+                             for m in result.matches[:3])
+            table.add_row(result.query, prediction, f"{result.score:.2f}", best)
+        console.print(table)
+        if settings.json_file is not None:
+            write_json(settings.json_file, {"catalog": str(settings.catalog), "k": settings.k,
+                                            "threshold": settings.threshold,
+                                            "results": [r.to_dict() for r in results]})
+            console.print(f"results written to {settings.json_file}", highlight=False)
+
+
+@app.command(no_args_is_help=True)
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint from `ascension train`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    export_format: Annotated[
+        str | None, typer.Option("--format", help="onnx or torchscript. (default: onnx)")
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="backbone or head. (default: backbone)")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input size. (default: the checkpoint's)")
+    ] = None,
+) -> None:
+    """Export the model: normalised images in, L2-normalised embeddings out, any batch size."""
+    with _user_errors():
+        from ascension_cli.config import ExportConfig
+        from ascension_cli.export import export_model
+
+        given = {"checkpoint": checkpoint, "output": output, "format": export_format,
+                 "features": features, "image_size": image_size}
+        settings = resolve(ExportConfig, {k: v for k, v in given.items() if v is not None})
+        info = export_model(settings.checkpoint, settings.output, settings.format,
+                            settings.features, settings.image_size)
+        console.print(
+            f"wrote {info['format']} model to {info['path']}: input (batch, 3, "
+            f"{info['image_size']}, {info['image_size']}) normalised with mean {info['mean']} "
+            f"std {info['std']}; output (batch, {info['embedding_dim']}) L2-normalised",
+            highlight=False, soft_wrap=True,
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -181,6 +181,37 @@ class EvalConfig(_RunOptions):
         return self
 
 
+class IndexConfig(_RunOptions):
+    """Options of ``ascension index``."""
+
+    checkpoint: Path
+    gallery_root: Path
+    output: Path
+    add: bool = False
+
+
+class SearchConfig(_RunOptions):
+    """Options of ``ascension search``."""
+
+    catalog: Path
+    images: list[Path] = Field(min_length=1)
+    k: int = Field(5, ge=1, le=1000)
+    threshold: float | None = Field(None, ge=-1, le=1)
+    json_file: Path | None = None
+
+
+class ExportConfig(BaseModel):
+    """Options of ``ascension export``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path
+    format: Literal["onnx", "torchscript"] = "onnx"
+    output: Path
+    features: Features = "backbone"
+    image_size: int | None = Field(None, ge=16, le=4096)
+
+
 def option_name(field: str) -> str:
     """The command-line spelling of a config field."""
     return "--" + field.replace("_", "-")

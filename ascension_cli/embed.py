@@ -190,9 +190,11 @@ def write_index(path: str | Path, vectors: np.ndarray, kind: str = "flat") -> No
     atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
 
 
-def embed_folder(
-    checkpoint_path: str | Path,
-    image_root: str | Path,
+def embed_images(
+    model: EmbeddingModel,
+    spec: ModelSpec,
+    paths: list[Path],
+    labels: np.ndarray | None = None,
     kind: str = "backbone",
     batch_size: int = 64,
     precision: str = "auto",
@@ -203,20 +205,14 @@ def embed_folder(
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_failed: Callable[[Failed], None] | None = None,
-) -> Vectors:
-    """Embed every image under ``image_root`` with a checkpoint's eval transform.
-
-    ``recolor`` (hue90, hue180, grayscale) recolours each image first, to measure how much the
-    embedding depends on colour.
-    """
-    model, spec, _ = load_model(checkpoint_path)
-    scan = scan_images(image_root)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, labels, indices into ``paths``) of the readable images, with the spec's eval
+    transform; ``recolor`` (hue90, hue180, grayscale) recolours each image first."""
     run_device = resolve_device(device)
     run_precision = resolve_precision(precision, run_device)
     size = image_size or spec.image_size
     dataset = EvalDataset(
-        scan.paths, scan.labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
-        recolor,
+        paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct), recolor
     )
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
@@ -224,27 +220,45 @@ def embed_folder(
     )
     if on_start is not None:
         on_start(len(dataset))
+    return extract_features(
+        model.to(run_device), loader, run_device, kind,
+        autocast_factory(run_precision, run_device), on_failed, on_batch,
+    )
+
+
+def embed_folder(
+    checkpoint_path: str | Path,
+    image_root: str | Path,
+    on_failed: Callable[[Failed], None] | None = None,
+    **options,
+) -> Vectors:
+    """Embed every image under ``image_root`` with a checkpoint's eval transform.
+
+    ``options`` are those of ``embed_images`` (kind, batch_size, precision, workers, device,
+    image_size, recolor, on_start, on_batch).
+    """
+    model, spec, _ = load_model(checkpoint_path)
+    scan = scan_images(image_root)
     failed: list[str] = []
 
     def record_failure(failure: Failed) -> None:
-        failed.append(str(scan.paths[failure.index].relative_to(scan.root)))
+        failed.append(scan.paths[failure.index].relative_to(scan.root).as_posix())
         if on_failed is not None:
             on_failed(failure)
 
-    features, labels, indices = extract_features(
-        model.to(run_device), loader, run_device, kind,
-        autocast_factory(run_precision, run_device), record_failure, on_batch,
+    features, labels, indices = embed_images(
+        model, spec, scan.paths, scan.labels, on_failed=record_failure, **options
     )
     if len(indices) == 0:
         raise DataError(f"no readable images under {image_root}")
     return Vectors(
-        vectors=features.astype(np.float32),
+        vectors=features,
         labels=labels,
         paths=[scan.paths[i].relative_to(scan.root).as_posix() for i in indices],
         class_names=scan.classes,
         model_name=spec.name,
         checkpoint_sha256=sha256_of(checkpoint_path),
-        feature_kind=kind,
+        feature_kind=options.get("kind", "backbone"),
         image_root=str(Path(image_root).resolve()),
         failed=failed,
     )

@@ -165,3 +165,25 @@ def test_validation_tree_and_more_views(dataset, tmp_path):
     val_root = make_dataset(tmp_path / "val", per_class=3, seed=9)
     result = train(config(dataset, tmp_path / "run", val_root=val_root, views=3, epochs=1))
     assert result.history[-1].val_recall_at_1 is not None
+
+
+def test_a_single_class_is_refused_with_a_clear_error(tmp_path):
+    from ascension_cli.errors import DataError
+
+    data = make_dataset_of(tmp_path, classes=1)
+    with pytest.raises(DataError, match="at least two classes"):
+        train(config(data, tmp_path / "run"))
+
+
+def test_one_image_classes_still_train(tmp_path):
+    data = make_dataset_of(tmp_path, classes=4, per_class=6)
+    for index in range(1, 6):
+        (data / "circle" / f"{index:03d}.png").unlink()  # circle keeps one image
+    result = train(config(data, tmp_path / "run", epochs=1))
+    assert result.history[-1].loss is not None
+
+
+def make_dataset_of(tmp_path, **options):
+    from tests.conftest import make_dataset
+
+    return make_dataset(tmp_path / "data", **options)

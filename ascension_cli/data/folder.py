@@ -12,6 +12,10 @@ import numpy as np
 
 from ascension_cli.errors import DataError
 
+# We report unreadable files ourselves, once, in one line; OpenCV's own decoder chatter on stderr
+# would only repeat it less clearly.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -46,7 +50,8 @@ def _class_images(class_dir: Path, skipped: Counter) -> list[Path]:
     # followlinks=False: a symlinked folder could loop back on itself.
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
         hidden_dirs = [name for name in dirnames if _is_hidden(name)]
-        skipped["hidden"] += len(hidden_dirs)
+        if hidden_dirs:
+            skipped["hidden"] += len(hidden_dirs)
         dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
         for name in sorted(filenames):
             path = Path(dirpath) / name

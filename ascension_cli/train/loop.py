@@ -191,9 +191,7 @@ def _plot(save_dir: Path, history: list[EpochRecord]) -> None:
 class _LoadFailures:
     """Reports each unreadable file once and keeps it out of later epochs."""
 
-    def __init__(self, paths: list[Path], reporter: Reporter,
-                 sampler: ClassBalancedBatchSampler | None):
-        self.paths = paths
+    def __init__(self, reporter: Reporter, sampler: ClassBalancedBatchSampler | None):
         self.reporter = reporter
         self.sampler = sampler
         self.seen: set[int] = set()
@@ -246,8 +244,13 @@ def train(
     if checkpoint is not None:
         _check_resumable(checkpoint, config, classes)
     train_labels = data.scan.labels[data.train_index]
-    if len(np.unique(train_labels)) < 2 and config.views < 2:
-        raise DataError("training needs at least two images of a class, or --views 2 or more")
+    if len(np.unique(train_labels)) < 2:
+        raise DataError(
+            f"training needs at least two classes (found {len(np.unique(train_labels))} in "
+            f"{config.data_root}): SupCon learns by contrasting classes"
+        )
+    if config.views == 1 and np.bincount(train_labels).max() < 2:
+        raise DataError("with --views 1 some class needs two training images; use --views 2")
 
     # ---- model
     if checkpoint is not None:
@@ -308,8 +311,8 @@ def train(
         )
     else:
         reporter.message("no validation split (--val-fraction 0): best.pt will not be written")
-    train_failures = _LoadFailures(train_paths, reporter, sampler)
-    val_failures = _LoadFailures(data.val_paths, reporter, None)
+    train_failures = _LoadFailures(reporter, sampler)
+    val_failures = _LoadFailures(reporter, None)
 
     # ---- optimisation
     steps_per_epoch = sampler.batches_per_epoch

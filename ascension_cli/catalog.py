@@ -1,0 +1,252 @@
+"""A searchable catalogue of known items: "which item is this photo?".
+
+A catalogue folder holds everything a search needs, and nothing from the training run:
+
+    catalog.json   format, model identity (spec, checkpoint sha256), feature kind, class names
+    model.pt       the model's weights and spec (weights_only-loadable), to embed query photos
+    items.npz      vectors, labels and absolute paths of the catalogued images
+    index.faiss    an exact inner-product FAISS index over the vectors
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.data.dataset import Failed
+from ascension_cli.data.folder import scan_images
+from ascension_cli.embed import embed_images, load_model, sha256_of
+from ascension_cli.errors import AscensionError, DataError
+from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.retrieval.index import build_index, search
+
+CATALOG_FORMAT = "ascension-catalog"
+CATALOG_VERSION = 1
+CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
+    "catalog.json", "model.pt", "items.npz", "index.faiss")
+
+
+class CatalogError(AscensionError):
+    """A catalogue is missing, inconsistent, empty, or from another model."""
+
+
+@dataclass
+class Catalog:
+    directory: Path
+    spec: ModelSpec
+    checkpoint_sha256: str
+    feature_kind: str
+    class_names: list[str]
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_name(self, label: int) -> str | None:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else None
+
+
+@dataclass
+class Match:
+    path: str
+    class_name: str | None
+    similarity: float
+
+
+@dataclass
+class SearchResult:
+    query: str
+    matches: list[Match] = field(default_factory=list)
+    predicted: str | None = None  # None: unknown (nothing close enough) or no labelled match
+    score: float = 0.0  # the predicted class's share of the similarity-weighted vote
+    unknown: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "predicted": self.predicted,
+            "score": self.score,
+            "unknown": self.unknown,
+            "matches": [
+                {"path": m.path, "class": m.class_name, "similarity": m.similarity}
+                for m in self.matches
+            ],
+        }
+
+
+def _write(catalog: Catalog, model: EmbeddingModel | None) -> None:
+    directory = catalog.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        payload = {"format": CATALOG_FORMAT + "-model", "spec": catalog.spec.to_dict(),
+                   "model": model.state_dict()}
+        atomic_write(directory / MODEL_FILE, lambda handle: torch.save(payload, handle))
+    atomic_write(directory / ITEMS_FILE, lambda handle: np.savez(
+        handle, vectors=catalog.vectors, labels=catalog.labels,
+        paths=np.array(catalog.paths, dtype=str)))
+    index = build_index(catalog.vectors, "flat", use_gpu=False)
+    atomic_write(directory / INDEX_FILE,
+                 lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+    # Written last: its count vouches for the other files.
+    atomic_write_text(directory / CATALOG_JSON, json.dumps({
+        "format": CATALOG_FORMAT,
+        "version": CATALOG_VERSION,
+        "model": catalog.spec.to_dict(),
+        "checkpoint_sha256": catalog.checkpoint_sha256,
+        "feature_kind": catalog.feature_kind,
+        "class_names": catalog.class_names,
+        "count": len(catalog),
+    }, indent=2) + "\n")
+
+
+def load_catalog(directory: str | Path) -> Catalog:
+    """Read and check a catalogue folder."""
+    directory = Path(directory)
+    meta_path = directory / CATALOG_JSON
+    if not meta_path.is_file():
+        raise CatalogError(f"not a catalogue (no {CATALOG_JSON}): {directory}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:
+            vectors, labels = items["vectors"], items["labels"]
+            paths = items["paths"].tolist()
+    except (OSError, ValueError, KeyError) as exc:
+        raise CatalogError(f"cannot read catalogue {directory}: {str(exc)[:200]}") from None
+    if meta.get("format") != CATALOG_FORMAT or meta.get("version") != CATALOG_VERSION:
+        raise CatalogError(f"{directory} is not a version-{CATALOG_VERSION} Ascension catalogue")
+    if not (meta.get("count") == len(vectors) == len(labels) == len(paths)):
+        raise CatalogError(f"catalogue {directory} is inconsistent (an interrupted write?); "
+                           "build it again with `ascension index`")
+    return Catalog(directory, ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
+                   meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths)
+
+
+def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
+    try:
+        payload = torch.load(catalog.directory / MODEL_FILE, map_location="cpu",
+                             weights_only=True)
+        model = model_from_spec(ModelSpec.from_dict(payload["spec"]))
+        model.load_state_dict(payload["model"])
+    except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        raise CatalogError(f"cannot load the catalogue's model: {str(exc)[:200]}") from None
+    return model
+
+
+def build_catalog(
+    checkpoint: str | Path,
+    gallery_root: str | Path,
+    directory: str | Path,
+    add: bool = False,
+    kind: str = "backbone",
+    on_failed: Callable[[Failed], None] | None = None,
+    **embed_options,
+) -> tuple[Catalog, int]:
+    """Create a catalogue, or with ``add`` append the images it does not hold yet.
+
+    Returns the catalogue and how many images were added. Labels come from class folders (a flat
+    folder gives -1); new class names are appended to the catalogue's list.
+    """
+    directory = Path(directory)
+    checkpoint_sha = sha256_of(checkpoint)
+    if add:
+        catalog = load_catalog(directory)
+        if catalog.checkpoint_sha256 != checkpoint_sha:
+            raise CatalogError(
+                f"the catalogue in {directory} was built with another model (checkpoint sha256 "
+                f"{catalog.checkpoint_sha256[:12]}…, this one {checkpoint_sha[:12]}…); "
+                "its vectors would not be comparable"
+            )
+        if catalog.feature_kind != kind:
+            raise CatalogError(f"the catalogue holds {catalog.feature_kind} features, not {kind}")
+    elif (directory / CATALOG_JSON).exists():
+        raise CatalogError(f"{directory} already holds a catalogue: pass --add to extend it, or "
+                           "choose another --output")
+    model, spec, _ = load_model(checkpoint)
+    if not add:
+        catalog = Catalog(directory, spec, checkpoint_sha, kind, [],
+                          np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
+
+    scan = scan_images(gallery_root)
+    known = set(catalog.paths)
+    fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
+    if fresh:
+        for name in scan.classes:
+            if name not in catalog.class_names:
+                catalog.class_names.append(name)
+        remap = np.array([catalog.class_names.index(n) for n in scan.classes] + [-1], np.int64)
+        paths = [scan.paths[i] for i in fresh]
+        vectors, _, indices = embed_images(model, spec, paths, None, kind=kind,
+                                           on_failed=on_failed, **embed_options)
+        if len(indices):
+            labels = remap[scan.labels[fresh][indices]]  # -1 indexes the flat-folder slot
+            catalog.vectors = (vectors if len(catalog) == 0
+                               else np.concatenate([catalog.vectors, vectors]))
+            catalog.labels = np.concatenate([catalog.labels, labels])
+            catalog.paths = catalog.paths + [paths[i].resolve().as_posix() for i in indices]
+    if len(catalog) == 0:
+        raise DataError(f"no readable images in {gallery_root}: the catalogue would be empty")
+    _write(catalog, model if not add else None)
+    return catalog, len(catalog) - len(known)
+
+
+def vote(matches: list[Match]) -> tuple[str | None, float]:
+    """Similarity-weighted vote over the labelled matches: (class, its share of the vote)."""
+    weights: dict[str, float] = {}
+    for match in matches:
+        if match.class_name is not None:
+            weights[match.class_name] = weights.get(match.class_name, 0.0) + max(
+                match.similarity, 0.0)
+    total = sum(weights.values())
+    if not weights or total <= 0:
+        return None, 0.0
+    best = max(weights, key=weights.get)
+    return best, weights[best] / total
+
+
+def search_catalog(
+    catalog: Catalog,
+    query_paths: list[Path],
+    k: int = 5,
+    threshold: float | None = None,
+    on_failed: Callable[[Failed], None] | None = None,
+    **embed_options,
+) -> list[SearchResult]:
+    """Top-``k`` catalogue items per readable query image, with a voted class.
+
+    A query whose best match is less similar than ``threshold`` is marked unknown.
+    """
+    if len(catalog) == 0:
+        raise CatalogError(f"the catalogue in {catalog.directory} is empty")
+    model = load_catalog_model(catalog)
+    vectors, _, indices = embed_images(model, catalog.spec, query_paths, None,
+                                       kind=catalog.feature_kind, on_failed=on_failed,
+                                       **embed_options)
+    if len(indices) == 0:
+        return []
+    index = faiss.deserialize_index(
+        np.frombuffer((catalog.directory / INDEX_FILE).read_bytes(), dtype=np.uint8))
+    if index.ntotal != len(catalog):
+        raise CatalogError(f"catalogue {catalog.directory} is inconsistent: rebuild it")
+    scores, ids = search(index, vectors, k)
+    results = []
+    for row, query_index in enumerate(indices):
+        matches = [
+            Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score))
+            for i, score in zip(ids[row], scores[row], strict=True) if i >= 0
+        ]
+        result = SearchResult(str(query_paths[query_index]), matches)
+        if threshold is not None and (not matches or matches[0].similarity < threshold):
+            result.unknown = True
+        else:
+            result.predicted, result.score = vote(matches)
+        results.append(result)
+    return results

@@ -1,0 +1,179 @@
+"""`ascension index`, `search` and `export`: a lookup of known items, and deployable models."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ascension_cli.catalog import Match, load_catalog, vote
+from ascension_cli.cli import app
+from ascension_cli.config import TrainConfig
+from ascension_cli.embed import load_model
+from ascension_cli.train.loop import train
+from tests.conftest import make_dataset
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def train_tiny(root, seed=0):
+    data = make_dataset(root / "data", classes=4, per_class=8)
+    train(TrainConfig(
+        data_root=data, save_dir=root / "run", model="test_convnext", pretrained=False,
+        image_size=32, batch_size=4, target_batch=8, samples_per_class=2, epochs=1,
+        warmup_epochs=0, workers=0, val_fraction=0.25, seed=seed,
+    ))
+    return data, root / "run" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalog")
+    data, checkpoint = train_tiny(root)
+    return root, data, checkpoint
+
+
+def test_index_then_search_finds_the_item_at_rank_1(trained, tmp_path):
+    root, data, checkpoint = trained
+    result = invoke("index", checkpoint, data, "-o", tmp_path / "cat", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "32 items in 4 classes (32 added)" in result.output
+    for name in ("catalog.json", "model.pt", "items.npz", "index.faiss"):
+        assert (tmp_path / "cat" / name).is_file()
+
+    # The same item photographed again: a catalogued image, slightly noisier.
+    image = cv2.imread(str(data / "triangle" / "003.png")).astype(np.int16)
+    noisy = np.clip(image + np.random.default_rng(0).integers(-6, 7, image.shape), 0, 255)
+    cv2.imwrite(str(tmp_path / "query.png"), noisy.astype(np.uint8))
+    result = invoke("search", tmp_path / "cat", tmp_path / "query.png", "--k", "3",
+                    "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert found["matches"][0]["path"].endswith("triangle/003.png")
+    assert found["matches"][0]["class"] == "triangle"
+    assert found["matches"][0]["similarity"] > 0.9
+    assert found["predicted"] is not None and 0 < found["score"] <= 1
+    assert len(found["matches"]) == 3
+
+
+def test_search_a_folder_and_the_unknown_threshold(trained, tmp_path):
+    root, data, checkpoint = trained
+    assert invoke("index", checkpoint, data, "-o", tmp_path / "cat",
+                  "--workers", "0").exit_code == 0
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(data / "circle" / "001.png", queries / "known.png")
+    noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cv2.imwrite(str(queries / "stranger.png"), noise)
+    result = invoke("search", tmp_path / "cat", queries, "--threshold", "0.999",
+                    "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    by_name = {r["query"].rsplit("/", 1)[-1]: r
+               for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert by_name["known.png"]["unknown"] is False
+    assert by_name["known.png"]["matches"][0]["class"] == "circle"
+    assert by_name["stranger.png"]["unknown"] is True
+    assert by_name["stranger.png"]["predicted"] is None
+
+
+def test_add_appends_without_re_embedding_the_old_items(trained, tmp_path):
+    root, data, checkpoint = trained
+    part = tmp_path / "part"
+    for name in ("circle", "cross"):
+        shutil.copytree(data / name, part / name)
+    assert invoke("index", checkpoint, part, "-o", tmp_path / "cat",
+                  "--workers", "0").exit_code == 0
+    before = load_catalog(tmp_path / "cat")
+    assert len(before) == 16 and before.class_names == ["circle", "cross"]
+
+    shutil.copytree(data / "square", part / "square")
+    result = invoke("index", checkpoint, part, "-o", tmp_path / "cat", "--add", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "(8 added)" in result.output
+    after = load_catalog(tmp_path / "cat")
+    assert len(after) == 24 and after.class_names == ["circle", "cross", "square"]
+    assert np.array_equal(after.vectors[:16], before.vectors)
+    assert after.paths[:16] == before.paths
+    assert set(after.labels[16:].tolist()) == {2}
+
+    again = invoke("index", checkpoint, part, "-o", tmp_path / "cat", "--add", "--workers", "0")
+    assert again.exit_code == 0 and "(0 added)" in again.output
+
+
+def test_bad_input_ends_in_one_line(trained, tmp_path):
+    root, data, checkpoint = trained
+    assert invoke("index", checkpoint, data, "-o", tmp_path / "cat",
+                  "--workers", "0").exit_code == 0
+    cases = []
+    other_root = tmp_path / "other"
+    _, other_checkpoint = train_tiny(other_root, seed=1)
+    cases.append((invoke("index", other_checkpoint, data, "-o", tmp_path / "cat", "--add"),
+                  "built with another model"))
+    cases.append((invoke("index", checkpoint, data, "-o", tmp_path / "cat"),
+                  "already holds a catalogue"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    cases.append((invoke("search", tmp_path / "cat", tmp_path / "broken.png", "--workers", "0"),
+                  "broken.png"))
+    cases.append((invoke("search", tmp_path / "nowhere", tmp_path / "broken.png"),
+                  "not a catalogue"))
+    cases.append((invoke("search", tmp_path / "cat", tmp_path / "missing.png"),
+                  "query image not found"))
+    bad_gallery = tmp_path / "bad_gallery" / "x"
+    bad_gallery.mkdir(parents=True)
+    (bad_gallery / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    cases.append((invoke("index", checkpoint, bad_gallery.parent, "-o", tmp_path / "empty",
+                         "--workers", "0"), "catalogue would be empty"))
+    for result, message in cases:
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        # Skipped files may be reported above it; the error itself is the one last line.
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert lines[-1].startswith("error:") and message in lines[-1], result.output
+        assert sum(line.startswith("error:") for line in lines) == 1
+
+
+def test_vote_weighs_by_similarity():
+    matches = [Match("a", "x", 0.9), Match("b", "y", 0.5), Match("c", "y", 0.5),
+               Match("d", None, 0.99)]
+    assert vote(matches) == ("y", pytest.approx(1.0 / 1.9))
+    assert vote([Match("a", None, 0.9)]) == (None, 0.0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("features", ["backbone", "head"])
+def test_exports_match_pytorch(trained, tmp_path, features):
+    ort = pytest.importorskip("onnxruntime")
+    root, data, checkpoint = trained
+    onnx_file, script_file = tmp_path / "m.onnx", tmp_path / "m.pt"
+    for fmt, path in (("onnx", onnx_file), ("torchscript", script_file)):
+        result = invoke("export", checkpoint, "--format", fmt, "-o", path,
+                        "--features", features)
+        assert result.exit_code == 0, result.output
+        assert "L2-normalised" in result.output
+    model, _, _ = load_model(checkpoint)
+    model.eval()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(script_file))
+    for batch in (1, 3):  # the batch size is dynamic
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = (model.features(images) if features == "backbone" else model(images))
+            from_script = scripted(images)
+        from_onnx = session.run(None, {"images": images.numpy()})[0]
+        assert from_onnx.shape == tuple(expected.shape)
+        assert np.allclose(from_onnx, expected.numpy(), atol=1e-4)
+        assert torch.allclose(from_script, expected, atol=1e-4)
+        assert np.allclose(np.linalg.norm(from_onnx, axis=1), 1, atol=1e-4)
+
+
+def test_export_bad_format_is_one_line(trained, tmp_path):
+    root, data, checkpoint = trained
+    result = invoke("export", checkpoint, "--format", "tflite", "-o", tmp_path / "m")
+    assert result.exit_code == 2 and "invalid --format" in result.output
