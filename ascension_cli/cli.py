@@ -42,10 +42,17 @@ def _default(field: str) -> str:
 @contextmanager
 def _user_errors():
     """Turn a user-caused error into one line on stderr and a non-zero exit, never a traceback."""
+    import errno
+
     import torch
+
+    from ascension_cli.errors import Interrupted
 
     try:
         yield
+    except Interrupted as exc:
+        err_console.print(str(exc), soft_wrap=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
     except AscensionError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
@@ -57,8 +64,19 @@ def _user_errors():
         )
         raise typer.Exit(4) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted", soft_wrap=True)
+        err_console.print("interrupted; files written before stay as they were", soft_wrap=True)
         raise typer.Exit(130) from None
+    except OSError as exc:
+        # The machine's limits, not a bug: say which file and why. Writes are atomic, so the
+        # previous checkpoint or vectors file is intact.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(
+            f"[bold red]error:[/] cannot write{where}: {exc.strerror or exc}; files written "
+            "before are intact", soft_wrap=True, highlight=False,
+        )
+        raise typer.Exit(5) from None
 
 
 def _version(value: bool) -> None:

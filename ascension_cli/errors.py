@@ -35,3 +35,11 @@ class TrainingError(AscensionError):
 
 class VectorsError(AscensionError):
     """A vectors file or index is unreadable, empty, or does not fit its counterpart."""
+
+
+class Interrupted(AscensionError):
+    """SIGINT/SIGTERM stopped training after a resumable checkpoint was written."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

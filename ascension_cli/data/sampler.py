@@ -48,12 +48,16 @@ class ClassBalancedBatchSampler:
         self.seed = seed
         self.mix_micro_batches = mix_micro_batches
         self.epoch = 0
+        self.skip = 0
         self.classes = np.unique(self.labels)
         self.members = {int(c): np.flatnonzero(self.labels == c) for c in self.classes}
         self.excluded: set[int] = set()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw ``epoch``'s batches; ``skip`` leaves out its first target batches (a resume
+        mid-epoch), drawing exactly what the uninterrupted epoch would draw after them."""
         self.epoch = epoch
+        self.skip = skip
 
     def exclude(self, indices) -> None:
         """Stop drawing these indices (files that failed to load) from the next epoch on."""
@@ -64,8 +68,9 @@ class ClassBalancedBatchSampler:
         return max(1, len(self.labels) // self.target_batch)
 
     def __len__(self) -> int:
-        """Micro-batches per epoch."""
-        return self.batches_per_epoch * (self.target_batch // self.micro_batch)
+        """Micro-batches left in the epoch."""
+        remaining = max(0, self.batches_per_epoch - self.skip)
+        return remaining * (self.target_batch // self.micro_batch)
 
     def target_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's target batches, as arrays of dataset indices (deterministic by seed)."""
@@ -119,10 +124,12 @@ class ClassBalancedBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         seeds = np.random.default_rng([self.seed, self.epoch, 1])
         shuffle = np.random.default_rng([self.seed, self.epoch, 2])
-        for batch in self.target_batches(self.epoch):
+        for number, batch in enumerate(self.target_batches(self.epoch)):
             sample_seeds = seeds.integers(0, 2**31 - 1, size=len(batch))
             keys = list(zip(batch.tolist(), sample_seeds.tolist(), strict=True))
             if self.mix_micro_batches:
                 keys = [keys[i] for i in shuffle.permutation(len(keys))]
+            if number < self.skip:  # drawn above all the same, so later seeds do not move
+                continue
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, co
 from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
 from ascension_cli.data.sampler import ClassBalancedBatchSampler
 from ascension_cli.embed import extract_features
-from ascension_cli.errors import CheckpointError, DataError, TrainingError
+from ascension_cli.errors import CheckpointError, DataError, Interrupted, TrainingError
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.evaluate import evaluate
@@ -205,6 +207,47 @@ class _LoadFailures:
         self.reporter.message(f"skipped unreadable image: {failure.reason}")
 
 
+class _StopRequest:
+    """SIGINT/SIGTERM: finish the current step, save a resumable checkpoint, stop.
+
+    A second Ctrl-C stops at once (the last checkpoint written stays as it was).
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides when to stop, and
+    # workers dying under it would turn a clean stop into a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupted(signal_number: int, save_dir: Path, epoch: int, step: int) -> None:
+    name = signal.Signals(signal_number).name
+    raise Interrupted(
+        f"stopped by {name} in epoch {epoch} at step {step}; a resumable checkpoint is in "
+        f"{save_dir / LAST}: run the same command with --resume auto to continue",
+        signal_number,
+    )
+
+
 def train(
     config: TrainConfig,
     reporter: Reporter | None = None,
@@ -212,10 +255,20 @@ def train(
 ) -> TrainResult:
     """Train a SupCon embedding model as ``config`` says; returns the per-epoch history.
 
-    ``stop_after_epoch(epoch)`` returning True ends the run after that epoch's checkpoint (used
-    to simulate interruptions in tests).
+    SIGINT or SIGTERM ends the run after the current optimizer step with a checkpoint that
+    ``--resume auto`` continues exactly, then raises ``Interrupted``. ``stop_after_epoch(epoch)``
+    returning True ends the run after that epoch's checkpoint.
     """
-    reporter = reporter or Reporter()
+    with _StopRequest() as stop:
+        return _train(config, reporter or Reporter(), stop_after_epoch, stop)
+
+
+def _train(
+    config: TrainConfig,
+    reporter: Reporter,
+    stop_after_epoch: Callable[[int], bool] | None,
+    stop: _StopRequest,
+) -> TrainResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -298,7 +351,9 @@ def train(
         "generator": torch.Generator().manual_seed(config.seed),
     }
     if config.workers > 0:
-        loader_options.update(persistent_workers=True, prefetch_factor=4)
+        loader_options.update(
+            persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_sigint
+        )
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_options)
     val_loader = None
     if data.val_paths:
@@ -343,6 +398,7 @@ def train(
     result = TrainResult(save_dir)
     start_epoch, step, nonfinite_total = 0, 0, 0
     best = None
+    progress: dict[str, Any] | None = None  # of an epoch interrupted part-way
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -352,8 +408,11 @@ def train(
         best = checkpoint.get("best_recall_at_1")
         sampler.exclude(checkpoint.get("excluded", []))
         result.history = [EpochRecord(**record) for record in checkpoint["history"]]
+        progress = checkpoint.get("epoch_progress")
         _restore_rng(checkpoint["rng"])
-        reporter.message(f"resumed from epoch {start_epoch} (step {step})")
+        where = f"epoch {start_epoch}" if progress is None else (
+            f"epoch {start_epoch + 1}, {progress['batches_done']} of {steps_per_epoch} steps in")
+        reporter.message(f"resumed from {where} (step {step})")
     else:
         started = time.perf_counter()
         # The untrained model's figure, for comparison; best.pt tracks trained epochs only.
@@ -370,7 +429,7 @@ def train(
                 "images (raise --val-fraction or give --val-root); best.pt will not be written"
             )
 
-    def save(path: Path, epoch: int) -> None:
+    def save(path: Path, epoch: int, progress: dict[str, Any] | None = None) -> None:
         atomic_save(
             {
                 "format": FORMAT,
@@ -392,6 +451,7 @@ def train(
                 "timm_name": spec.name,
                 "pretrained_cfg": dict(getattr(model.backbone, "pretrained_cfg", {}) or {}),
                 "history": [asdict(record) for record in result.history],
+                "epoch_progress": progress,
             },
             path,
         )
@@ -406,10 +466,15 @@ def train(
     consecutive_nonfinite = 0
     for epoch in range(start_epoch + 1, config.epochs + 1):
         model.train()
-        sampler.set_epoch(epoch)
-        reporter.epoch_start(epoch, config.epochs, steps_per_epoch)
-        epoch_started = time.perf_counter()
-        waited, images_seen, losses = 0.0, 0, []
+        done = progress["batches_done"] if progress else 0
+        sampler.set_epoch(epoch, skip=done)
+        reporter.epoch_start(epoch, config.epochs, steps_per_epoch - done)
+        # Figures of the steps before an interruption carry over into this epoch's record.
+        epoch_started = time.perf_counter() - (progress["seconds"] if progress else 0.0)
+        waited = progress["waited"] if progress else 0.0
+        images_seen = progress["images"] if progress else 0
+        losses = list(progress["losses"]) if progress else []
+        progress = None
         group: list[tuple[torch.Tensor, torch.Tensor]] = []
         wait_started = time.perf_counter()
         for position, batch in enumerate(train_loader, start=1):
@@ -461,6 +526,13 @@ def train(
                 scheduler.get_last_lr()[0],
                 images_seen / elapsed if elapsed > 0 else 0.0,
             )
+            done += 1
+            if stop.signal_number is not None and done < steps_per_epoch:
+                save(save_dir / LAST, epoch - 1, {
+                    "batches_done": done, "losses": losses, "images": images_seen,
+                    "seconds": time.perf_counter() - epoch_started, "waited": waited,
+                })
+                _interrupted(stop.signal_number, save_dir, epoch, step)
             if config.max_steps is not None and step >= config.max_steps:
                 break
             wait_started = time.perf_counter()
@@ -489,6 +561,8 @@ def train(
         _write_metrics(save_dir, result.history)
         _plot(save_dir, result.history)
         reporter.epoch_end(record)
+        if stop.signal_number is not None and epoch < config.epochs:
+            _interrupted(stop.signal_number, save_dir, epoch + 1, step)
         if config.max_steps is not None and step >= config.max_steps:
             reporter.message(f"reached --max-steps {config.max_steps}")
             result.stopped_early = epoch < config.epochs
