@@ -288,6 +288,11 @@ def train(
     grad_clip: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this value.")
     ] = None,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(help="Refuse images with more pixels than this (decompression bombs)."
+                     + _default("max_image_pixels")),
+    ] = None,
     max_nonfinite: Annotated[
         int | None,
         typer.Option(
@@ -786,6 +791,10 @@ def export(
 
 def main() -> None:
     """Console-script entry point."""
+    # File names need not be UTF-8; print what cannot be encoded as escapes, never crash on it.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         app()
     except AscensionError as exc:  # raised outside a command's guard (should not happen)

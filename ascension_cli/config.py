@@ -65,6 +65,9 @@ class TrainConfig(BaseModel):
     resume: str | None = None
     max_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Images larger than this are refused before decoding."
+    )
     max_nonfinite: int = Field(
         20, ge=1, description="Consecutive non-finite losses after which training aborts."
     )

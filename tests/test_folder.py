@@ -61,6 +61,7 @@ def test_symlink_loop_does_not_hang(tmp_path):
     [
         (lambda root: None, "data folder not found"),
         (lambda root: root.mkdir(), "no class folders"),
+        (lambda root: root.mkdir() or (root / "loose.jpg").write_bytes(b"x"), "no class folders"),
         (lambda root: (root / "a").mkdir(parents=True), "no images found"),
     ],
 )

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ascension_cli.data.augment import recolor, reseed
-from ascension_cli.data.folder import ImageDecodeError, load_image
+from ascension_cli.data.folder import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 
 @dataclass
@@ -33,7 +33,11 @@ class MultiViewDataset(Dataset):
     is reproducible whatever the number of workers.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: np.ndarray, transform, views: int):
+    def __init__(
+        self, paths: Sequence[Path], labels: np.ndarray, transform, views: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.max_pixels = max_pixels
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -45,7 +49,7 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         try:
-            image = load_image(self.paths[index])
+            image = load_image(self.paths[index], self.max_pixels)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         reseed(self.transform, seed)
@@ -58,8 +62,9 @@ class EvalDataset(Dataset):
 
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray | None, transform,
-        recolor: str | None = None,
+        recolor: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        self.max_pixels = max_pixels
         self.paths = list(paths)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -70,7 +75,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = load_image(self.paths[index])
+            image = load_image(self.paths[index], self.max_pixels)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         if self.recolor is not None:

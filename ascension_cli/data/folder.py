@@ -16,6 +16,9 @@ from ascension_cli.errors import DataError
 # would only repeat it less clearly.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
+# A decompression bomb (a small file that decodes to gigapixels) is refused before decoding.
+DEFAULT_MAX_PIXELS = 100_000_000
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -181,14 +184,60 @@ def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
     return (colour * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 9 < len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        # Start-of-frame markers (not DHT C4, JPG C8, DAC CC) carry the dimensions.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return width, height
+        position += 2 + length
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, without decoding; None if unknown."""
+    if data.startswith(_PNG_MAGIC) and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(_JPEG_MAGIC):
+        return _jpeg_size(data)
+    return None
+
+
+def decode_image(
+    data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode image bytes to 8-bit RGB (H, W, 3).
 
     JPEG EXIF orientation is honoured; grayscale, RGBA (over white), 16-bit and float images
-    become 8-bit RGB. Raises ImageDecodeError for anything OpenCV cannot read.
+    become 8-bit RGB. PNG and JPEG headers announcing more than ``max_pixels`` are refused before
+    decoding (OpenCV's own limit, a gigapixel, covers the other formats). Raises
+    ImageDecodeError for anything that cannot be read.
     """
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
+            "(a decompression bomb?); raise --max-image-pixels to accept it"
+        )
+    try:
+        return _decode(data, name)
+    except cv2.error as exc:  # OpenCV raises on some malformed headers instead of returning None
+        reason = str(exc).strip().splitlines()[-1][:120]
+        raise ImageDecodeError(f"{name}: not a readable image ({reason})") from None
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     has_alpha_png = data.startswith(_PNG_MAGIC) and len(data) > 25 and data[25] in (4, 6)
     if data.startswith(_JPEG_MAGIC):
@@ -216,10 +265,10 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode one file (unicode names included) to 8-bit RGB."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), max_pixels)
