@@ -119,6 +119,13 @@ def _progress_bar(out: Console, fields: str):
     )
 
 
+# Options shared by the commands that run a model over images (embed, eval, index, search).
+BatchSizeOption = Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")]
+PrecisionOption = Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")]
+WorkersOption = Annotated[int | None, typer.Option(help="Data-loading processes.")]
+DeviceOption = Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")]
+
+
 class RichReporter:
     """Draws the trainer's progress: tables at start, a bar per epoch, a line per epoch."""
 
@@ -415,10 +422,10 @@ def embed(
         typer.Option(help="backbone (pooled trunk features, SupCon practice) or head "
                      "(the trained projection). (default: backbone)"),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
+    device: DeviceOption = None,
     image_size: Annotated[
         int | None, typer.Option(help="Input size. (default: the checkpoint's)")
     ] = None,
@@ -527,18 +534,16 @@ def evaluate_command(
     features: Annotated[
         str | None, typer.Option(help="With a checkpoint: backbone or head. (default: backbone)")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="With a checkpoint: batch size.")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="With a checkpoint: auto|bf16|fp16|fp32.")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="With a checkpoint: loader processes.")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="With a checkpoint: auto|cpu|cuda|mps.")
-    ] = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
+    device: DeviceOption = None,
 ) -> None:
-    """Report Recall@k, Precision@1, R-Precision, MAP@R and per-class Recall@1 (FAISS search)."""
+    """Report Recall@k, Precision@1, R-Precision, MAP@R and per-class Recall@1 (FAISS search).
+
+    With a checkpoint and IMAGE_ROOT the images are embedded first (--features, --batch-size,
+    --precision, --workers and --device apply to that step).
+    """
     given = {key: value for key, value in locals().items() if value is not None}
     with _user_errors():
         from ascension_cli.config import EvalConfig
@@ -647,10 +652,10 @@ def index(
     features: Annotated[
         str | None, typer.Option(help="backbone or head. (default: backbone)")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Build a searchable catalogue of known items: FAISS index, paths, labels and the model.
 
@@ -709,10 +714,10 @@ def search_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the results to this JSON file.")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Which catalogue item is each photo? Top-k matches and a similarity-weighted vote."""
     given = {key: value for key, value in locals().items() if value is not None}
