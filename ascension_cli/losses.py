@@ -20,7 +20,8 @@ def supcon_loss(
     ``l_i = -1/|P(i)| * sum_{p in P(i)} log(exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau))``.
     The loss is the mean over anchors that have at least one positive; with none it is 0, still
     attached to the graph. Computed in fp32 whatever the input dtype, so autocast cannot make the
-    log-sum-exp overflow.
+    log-sum-exp overflow. Since the mean over positives of ``log(exp(a_ip) / sum_a exp(a_ia))``
+    is ``mean_p a_ip - logsumexp_a a_ia``, only the denominators need the N x N similarity matrix.
     """
     if embeddings.dim() == 3:
         views = embeddings.shape[1]
@@ -33,21 +34,25 @@ def supcon_loss(
     features = embeddings.float()
     labels = labels.to(features.device)
     n = features.shape[0]
-    logits = features @ features.T / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
-    # Row-max subtraction keeps exp() finite; it cancels in the log-softmax.
-    logits = logits - logits.detach().masked_fill(self_mask, float("-inf")).amax(
-        dim=1, keepdim=True
-    ).clamp_min(-1e4)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    if n < 2:
+        return features.sum() * 0.0
 
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    positive_counts = positives.sum(dim=1)
+    # Denominators: log-sum-exp over every other row. logsumexp subtracts each row's maximum
+    # before exponentiating, so exp() cannot overflow however small tau is.
+    logits = features @ features.T / temperature
+    logits.diagonal().fill_(float("-inf"))  # an anchor is not its own "other"
+    log_denominator = torch.logsumexp(logits, dim=1)
+
+    # Numerators: sum_p z_i.z_p over i's positives = z_i . (sum of its class) - z_i.z_i.
+    # Computed from per-class sums in O(N * D), so no N x N positive mask is ever built.
+    _, class_of, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+    class_sums = torch.zeros(
+        len(class_sizes), features.shape[1], dtype=features.dtype, device=features.device
+    ).index_add_(0, class_of, features)
+    positive_dot = (features * class_sums[class_of]).sum(dim=1) - (features * features).sum(dim=1)
+    positive_counts = class_sizes[class_of] - 1
     has_positive = positive_counts > 0
-    # where() rather than multiplying: -inf * 0 on the diagonal would be NaN.
-    positive_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-    per_anchor = -positive_log_prob / positive_counts.clamp_min(1)
     if not bool(has_positive.any()):
         return features.sum() * 0.0
-    return per_anchor[has_positive].mean()
+    mean_positive_logit = positive_dot[has_positive] / temperature / positive_counts[has_positive]
+    return (log_denominator[has_positive] - mean_positive_logit).mean()

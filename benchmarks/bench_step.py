@@ -1,0 +1,109 @@
+"""One optimizer step for a contrastive batch of 128 images: gradient cache vs the alternatives.
+
+(a) gradient cache, micro-batch 16; (b) naive accumulation, 16 x 8; (c) one true batch of 128;
+and, for the memory goal, (d) a plain step on 16 images. Each configuration runs in its own
+process, so peak memory is its own. Goals: (a) peak memory within 1.3x of (d), time within 1.4x
+of (b).
+
+    python benchmarks/bench_step.py --quick    # test_efficientnet at 64 px on the CPU
+    python benchmarks/bench_step.py            # resnet50 at 224 px (a GPU if present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+import torch
+from _common import measure, print_table, write_json
+
+CONFIGS = {
+    "cache 16x8": ("cache", 16, 8),
+    "naive 16x8": ("naive", 16, 8),
+    "true batch 128": ("cache", 128, 1),
+    "plain 16": ("cache", 16, 1),
+}
+
+
+def run_config(name: str, args) -> dict:
+    from ascension_cli.losses import supcon_loss
+    from ascension_cli.model import build_model
+    from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
+    from ascension_cli.train.gradcache import accumulated_backward, cached_backward
+
+    mode, micro, count = CONFIGS[name]
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    autocast = autocast_factory(precision, device)
+    torch.manual_seed(0)
+    model, _ = build_model(args.model, pretrained=False, image_size=args.image_size)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(micro * count, args.views, 3, args.image_size, args.image_size,
+                         device=device)
+    labels = (torch.arange(micro * count) // 4).to(device)
+    batches = [(images[i : i + micro], labels[i : i + micro])
+               for i in range(0, micro * count, micro)]
+    backward = cached_backward if mode == "cache" else accumulated_backward
+    loss_fn = partial(supcon_loss, temperature=0.1)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        backward(model, batches, loss_fn, autocast)
+        optimizer.step()
+
+    timing = measure(step, repeats=args.repeats, device=device.type)
+    return {"config": name, "precision": precision, **timing,
+            "images_per_second": micro * count / timing["seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or ("test_efficientnet" if args.quick else "resnet50")
+    args.image_size = args.image_size or (64 if args.quick else 224)
+
+    if args.config:
+        print(json.dumps(run_config(args.config, args)))
+        return
+    results = {}
+    for name in CONFIGS:
+        command = [sys.executable, __file__, "--config", name, "--model", args.model,
+                   "--image-size", str(args.image_size), "--views", str(args.views),
+                   "--precision", args.precision, "--device", args.device,
+                   "--repeats", str(args.repeats)]
+        # A fixed mmap threshold makes glibc return every large tensor to the system when it is
+        # freed, so the kernel's peak-RSS counter sees each step's own activation peak.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        results[name] = json.loads(output.stdout.strip().splitlines()[-1])
+    cache, naive, plain = results["cache 16x8"], results["naive 16x8"], results["plain 16"]
+    memory_ratio = cache["peak_mib"] / plain["peak_mib"] if plain["peak_mib"] else None
+    time_ratio = cache["seconds"] / naive["seconds"]
+    rows = [[name, f"{r['seconds']:.3f}", f"{r['images_per_second']:.1f}", f"{r['peak_mib']:.0f}"]
+            for name, r in results.items()]
+    print_table(f"{args.model} at {args.image_size} px, {args.views} views, target batch 128, "
+                f"{plain['precision']}", ["configuration", "s/step", "img/s", "peak MiB"], rows)
+    memory_text = "-" if memory_ratio is None else f"{memory_ratio:.2f}x"
+    print(f"cache peak memory vs plain 16-image step: {memory_text} (goal <= 1.3x)")
+    print(f"cache time vs naive accumulation: {time_ratio:.2f}x (goal <= 1.4x)")
+    write_json("bench_step", {"quick": args.quick, "model": args.model,
+                              "image_size": args.image_size, "views": args.views,
+                              "results": results, "cache_memory_vs_plain16": memory_ratio,
+                              "cache_time_vs_naive": time_ratio})
+
+
+if __name__ == "__main__":
+    main()
