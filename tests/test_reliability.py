@@ -209,3 +209,23 @@ def test_resume_after_a_device_change_loads_on_the_cpu(dataset, tmp_path):
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(t.device.type == "cpu" for t in payload["model"].values())
     train(tiny(dataset, tmp_path / "run", epochs=2, resume="auto", device="cpu"))
+
+
+def test_full_disk_keeps_the_previous_vectors_file(dataset, tmp_path, monkeypatch):
+    from ascension_cli import embed as embed_module
+    from ascension_cli.embed import load_vectors
+
+    train(tiny(dataset, tmp_path / "run"))
+    arguments = ["embed", str(tmp_path / "run" / "last.pt"), str(dataset), "-o",
+                 str(tmp_path / "v.npz"), "--workers", "0"]
+    assert runner.invoke(app, arguments).exit_code == 0
+    before = load_vectors(tmp_path / "v.npz").vectors
+
+    def no_space(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(embed_module, "atomic_write", no_space)
+    result = runner.invoke(app, arguments + ["--features", "head"])
+    assert result.exit_code == 5 and "No space left on device" in result.output
+    monkeypatch.undo()
+    assert np.array_equal(load_vectors(tmp_path / "v.npz").vectors, before)
