@@ -295,6 +295,15 @@ def train(
     grad_clip: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this value.")
     ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option("--sync-bn", help="Under DDP, BatchNorm statistics over all processes."),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Train with this many processes on this machine (torchrun + DDP, "
+                     "one per GPU; gloo on the CPU). --target-batch stays the global batch."),
+    ] = None,
     max_image_pixels: Annotated[
         int | None,
         typer.Option(help="Refuse images with more pixels than this (decompression bombs)."
@@ -319,10 +328,16 @@ def train(
     memory holds one --batch-size micro-batch.
     """
     given: dict[str, Any] = {
-        key: value for key, value in locals().items() if key != "config" and value is not None
+        key: value for key, value in locals().items()
+        if key not in ("config", "nproc") and value is not None
     }
     with _user_errors():
         settings = resolve(TrainConfig, given, config)
+        if nproc is not None and nproc > 1:
+            from ascension_cli.train.distributed import launched_by_torchrun
+
+            if not launched_by_torchrun():
+                raise typer.Exit(_launch_torchrun(nproc, given, config))
         from ascension_cli.train.loop import train as run_training
 
         result = run_training(settings, RichReporter(console))
@@ -335,6 +350,29 @@ def train(
                 f"checkpoints in {result.save_dir}",
                 highlight=False,
             )
+
+
+def _launch_torchrun(nproc: int, given: dict[str, Any], config: Path | None) -> int:
+    """Re-run this train command under torchrun with ``nproc`` processes; its exit code."""
+    import subprocess
+
+    arguments = [str(given.pop("data_root"))]
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if key == "pretrained":
+                arguments.append("--pretrained" if value else "--no-pretrained")
+            elif value:
+                arguments.append(flag)
+        else:
+            arguments += [flag, str(value)]
+    if config is not None:
+        arguments += ["--config", str(config)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "ascension_cli", "train", *arguments]
+    console.print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} "
+                  "-m ascension_cli train ...", highlight=False, soft_wrap=True)
+    return subprocess.run(command).returncode
 
 
 @app.command()

@@ -65,6 +65,7 @@ class TrainConfig(BaseModel):
     resume: str | None = None
     max_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    sync_bn: bool = False
     max_image_pixels: int = Field(
         100_000_000, ge=1, description="Images larger than this are refused before decoding."
     )

@@ -14,7 +14,8 @@ import numpy as np
 class ClassBalancedBatchSampler:
     """Yields micro-batches of ``(index, seed)`` keys; consecutive groups form target batches.
 
-    ``target_batch // micro_batch`` consecutive micro-batches make one contrastive batch. With
+    ``target_batch // micro_batch`` consecutive micro-batches make one contrastive batch (under
+    DDP, each of ``world_size`` ranks yields its ``1 / world_size`` share of them). With
     ``mix_micro_batches`` (for gradient caching) a target batch is shuffled before it is cut, so
     each micro-batch mixes classes: BatchNorm then normalises every micro-batch alike, and
     positives cannot be told apart by the micro-batch statistics they share. Without it (plain
@@ -36,9 +37,15 @@ class ClassBalancedBatchSampler:
         samples_per_class: int,
         seed: int = 0,
         mix_micro_batches: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        if target_batch % micro_batch:
-            raise ValueError("target_batch must be a multiple of micro_batch")
+        if target_batch % (micro_batch * world_size):
+            raise ValueError(
+                "target_batch must be a multiple of micro_batch x the number of processes"
+            )
+        self.rank = rank
+        self.world_size = world_size
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.size == 0:
             raise ValueError("no samples to draw from")
@@ -67,10 +74,15 @@ class ClassBalancedBatchSampler:
     def batches_per_epoch(self) -> int:
         return max(1, len(self.labels) // self.target_batch)
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of this rank that make one target batch."""
+        return self.target_batch // (self.micro_batch * self.world_size)
+
     def __len__(self) -> int:
-        """Micro-batches left in the epoch."""
+        """This rank's micro-batches left in the epoch."""
         remaining = max(0, self.batches_per_epoch - self.skip)
-        return remaining * (self.target_batch // self.micro_batch)
+        return remaining * self.micro_batches_per_step
 
     def target_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's target batches, as arrays of dataset indices (deterministic by seed)."""
@@ -131,5 +143,9 @@ class ClassBalancedBatchSampler:
                 keys = [keys[i] for i in shuffle.permutation(len(keys))]
             if number < self.skip:  # drawn above all the same, so later seeds do not move
                 continue
+            # Every rank draws the same global batch and takes its own contiguous share: no
+            # image is seen by two ranks, and the global batch keeps m images per class.
+            share = len(keys) // self.world_size
+            keys = keys[self.rank * share : (self.rank + 1) * share]
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]

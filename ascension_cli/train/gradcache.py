@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed
 from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,6 +60,7 @@ def cached_backward(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     scale: Scale = _identity,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Accumulate into ``.grad`` the gradients of ``loss_fn`` over all micro-batches at once.
 
@@ -67,6 +69,10 @@ def cached_backward(
         loss_fn: ``(embeddings (N, V, D), labels (N,)) -> scalar`` over the whole batch.
         scale: applied to the loss before backward (a GradScaler's ``scale``).
         no_sync: DDP's ``no_sync``; gradients are then reduced once, on the last micro-batch.
+        gather: under DDP, concatenates every rank's embeddings (and labels) with this rank's
+            slice still attached, so the loss covers the global batch. Each rank then holds the
+            full gradient of its own embeddings; it is multiplied by the world size because DDP
+            averages parameter gradients over ranks, and the global batch's gradient is their sum.
 
     Returns the detached loss. When it is not finite nothing is accumulated, so the caller can
     skip the step.
@@ -86,10 +92,14 @@ def cached_backward(
     views = micro_batches[0][0].shape[1] if micro_batches[0][0].dim() == 5 else 1
     sizes = [embedding.shape[0] for embedding in cached]
     embeddings = torch.cat(cached).detach().requires_grad_(True)
-    loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
+    contrasted, contrasted_labels, ranks = embeddings, labels, 1
+    if gather is not None:
+        contrasted, contrasted_labels = gather(embeddings), gather(labels)
+        ranks = torch.distributed.get_world_size()
+    loss = loss_fn(contrasted.view(-1, views, contrasted.shape[-1]), contrasted_labels)
     if not torch.isfinite(loss):
         return loss.detach()
-    scale(loss).backward()
+    scale(loss * ranks).backward()
     gradients = embeddings.grad.split(sizes)
 
     last = len(micro_batches) - 1

@@ -31,12 +31,19 @@ from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, co
 from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
 from ascension_cli.data.sampler import ClassBalancedBatchSampler
 from ascension_cli.embed import extract_features
-from ascension_cli.errors import CheckpointError, DataError, Interrupted, TrainingError
+from ascension_cli.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    TrainingError,
+)
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
+from ascension_cli.train.distributed import any_rank, gather_with_grad, init_distributed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.schedule import adamw, warmup_cosine
 
@@ -269,8 +276,21 @@ def _train(
     stop_after_epoch: Callable[[int], bool] | None,
     stop: _StopRequest,
 ) -> TrainResult:
-    torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    if distributed.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", distributed.local_rank)
+            torch.cuda.set_device(device)
+        if config.target_batch % (config.batch_size * distributed.world_size):
+            raise ConfigError(
+                f"--target-batch ({config.target_batch}) must be a multiple of --batch-size "
+                f"({config.batch_size}) x {distributed.world_size} processes"
+            )
+        if not distributed.is_main:
+            reporter = Reporter()  # one voice: rank 0 reports, writes and saves
+    # Same initial weights everywhere (DDP also broadcasts them); each rank its own dropout.
+    torch.manual_seed(config.seed)
     precision = resolve_precision(config.precision, device)
     autocast = autocast_factory(precision, device)
     save_dir = Path(config.save_dir)
@@ -323,12 +343,26 @@ def _train(
     model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    trained_model: torch.nn.Module = model
+    no_sync = gather = None
+    if distributed.enabled:
+        if config.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        no_sync = trained_model.no_sync
+        gather = gather_with_grad if config.accumulation == "cache" else None
+        torch.manual_seed(config.seed + 7919 * distributed.rank)
 
     resolved = to_plain(config)
     resolved.update(image_size=spec.image_size, resolved_device=str(device),
                     resolved_precision=precision)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
+    if distributed.enabled:
+        resolved.update(processes=distributed.world_size)
+    if distributed.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
     reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
 
     # ---- loaders
@@ -341,6 +375,7 @@ def _train(
     sampler = ClassBalancedBatchSampler(
         train_labels, config.target_batch, config.batch_size, config.samples_per_class,
         seed=config.seed, mix_micro_batches=config.accumulation == "cache",
+        rank=distributed.rank, world_size=distributed.world_size,
     )
     loader_options: dict[str, Any] = {
         "num_workers": config.workers,
@@ -367,7 +402,9 @@ def _train(
         )
     else:
         reporter.message("no validation split (--val-fraction 0): best.pt will not be written")
-    train_failures = _LoadFailures(reporter, sampler)
+    # Under DDP every rank must draw the same batches, so a rank cannot exclude a file alone:
+    # unreadable files are skipped each time instead.
+    train_failures = _LoadFailures(reporter, None if distributed.enabled else sampler)
     val_failures = _LoadFailures(reporter, None)
 
     # ---- optimisation
@@ -384,7 +421,9 @@ def _train(
     backward = cached_backward if config.accumulation == "cache" else accumulated_backward
 
     def validate() -> float | None:
-        if val_loader is None:
+        # Rank 0 embeds the whole validation split with the plain model (no collectives), so
+        # the figure is the same whatever the number of processes.
+        if val_loader is None or not distributed.is_main:
             return None
         features, labels, _ = extract_features(
             model, val_loader, device, "backbone", autocast, on_failed=val_failures
@@ -431,6 +470,8 @@ def _train(
             )
 
     def save(path: Path, epoch: int, progress: dict[str, Any] | None = None) -> None:
+        if not distributed.is_main:
+            return
         atomic_save(
             {
                 "format": FORMAT,
@@ -463,10 +504,10 @@ def _train(
         return result
 
     # ---- the loop
-    micro_per_step = config.micro_batches
+    micro_per_step = sampler.micro_batches_per_step
     consecutive_nonfinite = 0
     for epoch in range(start_epoch + 1, config.epochs + 1):
-        model.train()
+        trained_model.train()
         done = progress["batches_done"] if progress else 0
         sampler.set_epoch(epoch, skip=done)
         reporter.epoch_start(epoch, config.epochs, steps_per_epoch - done)
@@ -493,8 +534,12 @@ def _train(
 
             # One optimizer step over the whole target batch.
             optimizer.zero_grad(set_to_none=True)
-            loss = backward(model, group, loss_fn, autocast, scaler.scale) if group else None
-            step_images = sum(labels.numel() for _, labels in group)
+            options = {"no_sync": no_sync}
+            if gather is not None:
+                options["gather"] = gather
+            loss = (backward(trained_model, group, loss_fn, autocast, scaler.scale, **options)
+                    if group else None)
+            step_images = sum(labels.numel() for _, labels in group) * distributed.world_size
             group = []
             if loss is None or not torch.isfinite(loss):
                 nonfinite_total += loss is not None
@@ -528,12 +573,15 @@ def _train(
                 images_seen / elapsed if elapsed > 0 else 0.0,
             )
             done += 1
-            if stop.signal_number is not None and done < steps_per_epoch:
+            stopping = stop.signal_number is not None
+            if distributed.enabled:  # all ranks stop at the same step, or collectives hang
+                stopping = any_rank(stopping, device)
+            if stopping and done < steps_per_epoch:
                 save(save_dir / LAST, epoch - 1, {
                     "batches_done": done, "losses": losses, "images": images_seen,
                     "seconds": time.perf_counter() - epoch_started, "waited": waited,
                 })
-                _interrupted(stop.signal_number, save_dir, epoch, step)
+                _interrupted(stop.signal_number or signal.SIGTERM, save_dir, epoch, step)
             if config.max_steps is not None and step >= config.max_steps:
                 break
             wait_started = time.perf_counter()
@@ -559,11 +607,15 @@ def _train(
         save(save_dir / LAST, epoch)
         if improved:
             save(save_dir / BEST, epoch)
-        _write_metrics(save_dir, result.history)
-        _plot(save_dir, result.history)
+        if distributed.is_main:
+            _write_metrics(save_dir, result.history)
+            _plot(save_dir, result.history)
         reporter.epoch_end(record)
-        if stop.signal_number is not None and epoch < config.epochs:
-            _interrupted(stop.signal_number, save_dir, epoch + 1, step)
+        stopping = stop.signal_number is not None
+        if distributed.enabled:
+            stopping = any_rank(stopping, device)
+        if stopping and epoch < config.epochs:
+            _interrupted(stop.signal_number or signal.SIGTERM, save_dir, epoch + 1, step)
         if config.max_steps is not None and step >= config.max_steps:
             reporter.message(f"reached --max-steps {config.max_steps}")
             result.stopped_early = epoch < config.epochs
@@ -573,5 +625,7 @@ def _train(
             break
 
     result.best_recall_at_1 = best
+    if distributed.enabled:
+        torch.distributed.barrier()  # the others wait while rank 0 validates and saves
     return result
 

@@ -1,0 +1,71 @@
+"""torchrun / DistributedDataParallel set-up and a gradient-carrying all_gather.
+
+SupCon contrasts every sample with every other, so plain DDP (each rank its own loss) would
+contrast only a rank's own share of the batch. Each rank instead gathers every rank's embeddings,
+its own slice still attached to its graph, and computes the loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU)."""
+    if not launched_by_torchrun():
+        return DistributedContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(),
+                              int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``local`` (rank order); this rank's slice keeps its graph.
+
+    Ranks may hold different numbers of rows (an unreadable image dropped on one rank): rows are
+    padded to the largest count for the collective, then trimmed.
+    """
+    world = dist.get_world_size()
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local.detach()
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    pieces = [piece[:size] for piece, size in zip(pieces, sizes, strict=True)]
+    pieces[dist.get_rank()] = local
+    return torch.cat(pieces)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any (so all ranks stop at the same step)."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
