@@ -212,7 +212,8 @@ def embed_images(
     run_precision = resolve_precision(precision, run_device)
     size = image_size or spec.image_size
     dataset = EvalDataset(
-        paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct), recolor
+        paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct), recolor,
+        min_side=2 * size,
     )
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,

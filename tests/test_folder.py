@@ -152,3 +152,17 @@ def test_load_image_unicode_name_and_missing_file(tmp_path):
     assert load_image(path).shape == (3, 3, 3)
     with pytest.raises(ImageDecodeError, match="cannot read"):
         load_image(Path(tmp_path / "gone.png"))
+
+
+def test_large_jpeg_decodes_at_reduced_scale_keeping_orientation():
+    image = Image.new("RGB", (400, 200), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 200 wide, 400 high
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    assert decode_image(data).shape == (400, 200, 3)
+    reduced = decode_image(data, min_side=50)  # short side 200 -> 1/4 scale keeps 50
+    assert reduced.shape == (100, 50, 3)
+    assert decode_image(data, min_side=120).shape == (400, 200, 3)  # 1/2 would go below 120
+    assert abs(int(reduced[..., 0].mean()) - int(decode_image(data)[..., 0].mean())) < 5

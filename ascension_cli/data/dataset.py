@@ -29,15 +29,18 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 class MultiViewDataset(Dataset):
     """``views`` independently augmented copies of each image.
 
+    ``min_side`` lets large JPEGs decode at a reduced scale that still has this short side.
+
     Keys are ``(index, seed)`` pairs from the sampler: the seed fixes the augmentation, so a run
     is reproducible whatever the number of workers.
     """
 
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray, transform, views: int,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None,
     ):
         self.max_pixels = max_pixels
+        self.min_side = min_side
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -49,7 +52,7 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         try:
-            image = load_image(self.paths[index], self.max_pixels)
+            image = load_image(self.paths[index], self.max_pixels, self.min_side)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         reseed(self.transform, seed)
@@ -63,8 +66,10 @@ class EvalDataset(Dataset):
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray | None, transform,
         recolor: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
     ):
         self.max_pixels = max_pixels
+        self.min_side = min_side
         self.paths = list(paths)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -75,7 +80,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = load_image(self.paths[index], self.max_pixels)
+            image = load_image(self.paths[index], self.max_pixels, self.min_side)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         if self.recolor is not None:

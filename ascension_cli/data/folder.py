@@ -212,14 +212,21 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+_REDUCED_JPEG_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                       (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
 def decode_image(
-    data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
 ) -> np.ndarray:
     """Decode image bytes to 8-bit RGB (H, W, 3).
 
     JPEG EXIF orientation is honoured; grayscale, RGBA (over white), 16-bit and float images
     become 8-bit RGB. PNG and JPEG headers announcing more than ``max_pixels`` are refused before
-    decoding (OpenCV's own limit, a gigapixel, covers the other formats). Raises
+    decoding (OpenCV's own limit, a gigapixel, covers the other formats). ``min_side``: a JPEG
+    whose short side is a multiple of it is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
+    (far cheaper than decoding in full and resizing), never below ``min_side``. Raises
     ImageDecodeError for anything that cannot be read.
     """
     if not data:
@@ -230,19 +237,25 @@ def decode_image(
             f"{name}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
             "(a decompression bomb?); raise --max-image-pixels to accept it"
         )
+    flags = None
+    if min_side and size is not None and data.startswith(_JPEG_MAGIC):
+        short = min(size)
+        flags = next((flag for factor, flag in _REDUCED_JPEG_FLAGS if short // factor >= min_side),
+                     None)
     try:
-        return _decode(data, name)
+        return _decode(data, name, flags)
     except cv2.error as exc:  # OpenCV raises on some malformed headers instead of returning None
         reason = str(exc).strip().splitlines()[-1][:120]
         raise ImageDecodeError(f"{name}: not a readable image ({reason})") from None
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
+def _decode(data: bytes, name: str, jpeg_flags: int | None = None) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     has_alpha_png = data.startswith(_PNG_MAGIC) and len(data) > 25 and data[25] in (4, 6)
     if data.startswith(_JPEG_MAGIC):
-        # IMREAD_COLOR applies the EXIF orientation and converts CMYK and grayscale JPEGs.
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        # IMREAD_COLOR (and its reduced variants) apply the EXIF orientation and convert CMYK
+        # and grayscale JPEGs.
+        image = cv2.imdecode(buffer, jpeg_flags or cv2.IMREAD_COLOR)
     elif data.startswith(_PNG_MAGIC) and not has_alpha_png:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     else:
@@ -265,10 +278,12 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode one file (unicode names included) to 8-bit RGB."""
+def load_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> np.ndarray:
+    """Read and decode one file (unicode names included) to 8-bit RGB; see decode_image."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path), max_pixels)
+    return decode_image(data, str(path), max_pixels, min_side)

@@ -370,7 +370,8 @@ def _train(
     train_set = MultiViewDataset(
         train_paths, train_labels,
         train_transform(config.augment, spec.image_size, spec.mean, spec.std),
-        config.views, config.max_image_pixels,
+        # Large JPEGs decode at reduced scale, keeping twice the input size for the crops.
+        config.views, config.max_image_pixels, min_side=2 * spec.image_size,
     )
     sampler = ClassBalancedBatchSampler(
         train_labels, config.target_batch, config.batch_size, config.samples_per_class,
@@ -395,7 +396,7 @@ def _train(
         val_set = EvalDataset(
             data.val_paths, data.val_labels,
             eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
-            max_pixels=config.max_image_pixels,
+            max_pixels=config.max_image_pixels, min_side=2 * spec.image_size,
         )
         val_loader = DataLoader(
             val_set, batch_size=config.batch_size * config.views, shuffle=False, **loader_options
