@@ -117,3 +117,28 @@ def test_cached_mode_mixes_classes_across_micro_batches():
         assert sorted(Counter(labels[[i for i, _ in batch]].tolist()).values()) == [4, 4]
     classes_per_micro = [len({labels[i] for i, _ in batch}) for batch in mixed_micro]
     assert sum(classes_per_micro) / len(classes_per_micro) > 3
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_ranks_share_each_global_batch_without_overlap(mix):
+    labels = labels_of([12] * 10)
+    whole = ClassBalancedBatchSampler(labels, 32, 4, 4, seed=3, mix_micro_batches=mix)
+    ranks = [ClassBalancedBatchSampler(labels, 32, 4, 4, seed=3, mix_micro_batches=mix,
+                                       rank=r, world_size=2) for r in range(2)]
+    for sampler in (whole, *ranks):
+        sampler.set_epoch(2)
+    whole_micro, rank_micro = list(whole), [list(s) for s in ranks]
+    assert all(len(m) == len(whole_micro) // 2 for m in rank_micro)
+    per_step = 32 // 4
+    for step in range(len(whole_micro) // per_step):
+        expected = [k for b in whole_micro[step * per_step : (step + 1) * per_step] for k in b]
+        shares = [[k for b in micro[step * 4 : (step + 1) * 4] for k in b]
+                  for micro in rank_micro]
+        assert shares[0] + shares[1] == expected  # together: the one-process global batch
+        assert not {i for i, _ in shares[0]} & {i for i, _ in shares[1]}
+        assert set(Counter(labels[[i for i, _ in expected]].tolist()).values()) == {4}
+
+
+def test_target_batch_must_split_over_ranks():
+    with pytest.raises(ValueError, match="number of processes"):
+        ClassBalancedBatchSampler(labels_of([4] * 4), 8, 4, 2, world_size=3)

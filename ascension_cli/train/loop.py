@@ -287,6 +287,8 @@ def _train(
                 f"--target-batch ({config.target_batch}) must be a multiple of --batch-size "
                 f"({config.batch_size}) x {distributed.world_size} processes"
             )
+        if config.sync_bn and device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
         if not distributed.is_main:
             reporter = Reporter()  # one voice: rank 0 reports, writes and saves
     # Same initial weights everywhere (DDP also broadcasts them); each rank its own dropout.
@@ -451,6 +453,8 @@ def _train(
         result.history = [EpochRecord(**record) for record in checkpoint["history"]]
         progress = checkpoint.get("epoch_progress")
         _restore_rng(checkpoint["rng"])
+        if distributed.enabled:  # rank 0's saved state for all would give every rank one mask
+            torch.manual_seed(config.seed + 7919 * distributed.rank + 104729 * step)
         where = f"epoch {start_epoch}" if progress is None else (
             f"epoch {start_epoch + 1}, {progress['batches_done']} of {steps_per_epoch} steps in")
         reporter.message(f"resumed from {where} (step {step})")
