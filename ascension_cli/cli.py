@@ -719,26 +719,6 @@ def index(
         )
 
 
-def _query_images(images: list[Path]) -> list[Path]:
-    from ascension_cli.data.folder import IMAGE_EXTENSIONS
-    from ascension_cli.errors import DataError
-
-    paths: list[Path] = []
-    for item in images:
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
-            if not found:
-                raise DataError(f"no images in folder {item}")
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise DataError(f"query image not found: {item}")
-    return paths
-
-
 @app.command(name="search", no_args_is_help=True)
 def search_command(
     catalog: Annotated[Path, typer.Argument(help="A catalogue folder from `ascension index`.")],
@@ -762,13 +742,13 @@ def search_command(
     with _user_errors():
         from ascension_cli.catalog import load_catalog, search_catalog
         from ascension_cli.config import SearchConfig
-        from ascension_cli.data.folder import ImageDecodeError, load_image
+        from ascension_cli.data.folder import ImageDecodeError, list_images, load_image
         from ascension_cli.errors import DataError
         from ascension_cli.retrieval.report import write_json
 
         settings = resolve(SearchConfig, given)
         catalog_data = load_catalog(settings.catalog)
-        paths = _query_images(settings.images)
+        paths = list_images(settings.images)
         for named in settings.images:  # an image asked for by name must be readable
             if named.is_file():
                 try:

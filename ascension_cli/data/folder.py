@@ -133,6 +133,29 @@ def scan_images(root: str | Path) -> FolderScan:
     return scan_folder(root)
 
 
+def list_images(items: list[Path]) -> list[Path]:
+    """Image files named directly, and every image under named folders (sorted, hidden skipped).
+
+    A missing path, or a folder without images, is a DataError.
+    """
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(
+                path for path in item.rglob("*")
+                if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                and not any(_is_hidden(part) for part in path.relative_to(item).parts)
+            )
+            if not found:
+                raise DataError(f"no images in folder {item}")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"query image not found: {item}")
+    return paths
+
+
 def _extensions() -> str:
     return ", ".join(sorted(IMAGE_EXTENSIONS))
 
