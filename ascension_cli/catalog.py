@@ -22,10 +22,10 @@ import torch
 from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.folder import scan_images
-from ascension_cli.embed import embed_images, load_model, sha256_of
-from ascension_cli.errors import AscensionError, DataError
+from ascension_cli.embed import embed_images, load_model, sha256_of, write_index
+from ascension_cli.errors import AscensionError, DataError, first_line
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
-from ascension_cli.retrieval.index import build_index, search
+from ascension_cli.retrieval.index import search
 
 CATALOG_FORMAT = "ascension-catalog"
 CATALOG_VERSION = 1
@@ -93,9 +93,7 @@ def _write(catalog: Catalog, model: EmbeddingModel | None) -> None:
     atomic_write(directory / ITEMS_FILE, lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
         paths=np.array(catalog.paths, dtype=str)))
-    index = build_index(catalog.vectors, "flat", use_gpu=False)
-    atomic_write(directory / INDEX_FILE,
-                 lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+    write_index(directory / INDEX_FILE, catalog.vectors)
     # Written last: its count vouches for the other files.
     atomic_write_text(directory / CATALOG_JSON, json.dumps({
         "format": CATALOG_FORMAT,
@@ -120,7 +118,7 @@ def load_catalog(directory: str | Path) -> Catalog:
             vectors, labels = items["vectors"], items["labels"]
             paths = items["paths"].tolist()
     except (OSError, ValueError, KeyError) as exc:
-        raise CatalogError(f"cannot read catalogue {directory}: {str(exc)[:200]}") from None
+        raise CatalogError(f"cannot read catalogue {directory}: {first_line(exc)}") from None
     if meta.get("format") != CATALOG_FORMAT or meta.get("version") != CATALOG_VERSION:
         raise CatalogError(f"{directory} is not a version-{CATALOG_VERSION} Ascension catalogue")
     if not (meta.get("count") == len(vectors) == len(labels) == len(paths)):
@@ -137,7 +135,7 @@ def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
         model = model_from_spec(ModelSpec.from_dict(payload["spec"]))
         model.load_state_dict(payload["model"])
     except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise CatalogError(f"cannot load the catalogue's model: {str(exc)[:200]}") from None
+        raise CatalogError(f"cannot load the catalogue's model: {first_line(exc)}") from None
     return model
 
 

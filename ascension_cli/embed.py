@@ -17,7 +17,7 @@ from ascension_cli.atomic import atomic_write
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
 from ascension_cli.data.folder import scan_images
-from ascension_cli.errors import CheckpointError, DataError, VectorsError
+from ascension_cli.errors import CheckpointError, DataError, VectorsError, first_line
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
 from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
 from ascension_cli.train.checkpoint import load_checkpoint
@@ -140,7 +140,7 @@ def load_vectors(path: str | Path) -> Vectors:
         with np.load(path, allow_pickle=False) as archive:
             contents = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise VectorsError(f"cannot read vectors file {path}: {str(exc)[:200]}") from None
+        raise VectorsError(f"cannot read vectors file {path}: {first_line(exc)}") from None
     if str(contents.get("format", "")) != VECTORS_FORMAT:
         raise VectorsError(f"{path} is not an Ascension vectors file (from `ascension embed`)")
     vectors = contents["vectors"]
@@ -175,7 +175,7 @@ def load_model(checkpoint_path: str | Path) -> tuple[EmbeddingModel, ModelSpec, 
     except RuntimeError as exc:
         raise CheckpointError(
             f"{checkpoint_path}: weights do not fit '{spec.name}': "
-            f"{str(exc).strip().splitlines()[0][:200]}"
+            f"{first_line(exc)}"
         ) from None
     return model, spec, checkpoint
 

@@ -5,6 +5,13 @@
 """
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line of text (or its type's name), cut to ``limit`` characters:
+    library errors often span many lines, and ours must stay one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class AscensionError(Exception):
     """Base class: a problem with the user's input, not a bug in Ascension."""
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ascension_cli.errors import ConfigError, WeightsError
+from ascension_cli.errors import ConfigError, WeightsError, first_line
 
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
@@ -146,8 +146,7 @@ def _load_weights_file(backbone: nn.Module, path: Path, name: str) -> None:
     try:
         state = _read_state_dict(path)
     except Exception as exc:  # safetensors, zip and unpickling errors have no common base
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read weights file {path}: {first}") from None
+        raise WeightsError(f"cannot read weights file {path}: {first_line(exc)}") from None
     classifier = (backbone.pretrained_cfg or {}).get("classifier") or ()
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}

@@ -82,14 +82,17 @@ def search(
     return scores, ids
 
 
-def drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_self(
+    ids: np.ndarray, scores: np.ndarray, k: int, query_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Remove each query's own id from results searched with one extra neighbour.
 
-    Row i is query i. Where the query itself is not among its results (an exact tie, or an
-    approximate index missing it), the last result is dropped instead.
+    Row i is query ``query_ids[i]`` (default: i). Where the query itself is not among its
+    results (an exact tie, or an approximate index missing it), the last result is dropped.
     """
     n = ids.shape[0]
-    own = ids == np.arange(n)[:, None]
+    own_ids = np.arange(n) if query_ids is None else np.asarray(query_ids)
+    own = ids == own_ids[:, None]
     missing = ~own.any(axis=1)
     own[missing, -1] = True
     keep = ~own

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.errors import CheckpointError
+from ascension_cli.errors import CheckpointError, first_line
 
 FORMAT = "ascension-checkpoint"
 FORMAT_VERSION = 1
@@ -29,8 +29,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an Ascension checkpoint")
     version = payload.get("format_version")
