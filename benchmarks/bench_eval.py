@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Run from a checkout (`python benchmarks/bench_eval.py`): the package need not be installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 METHODS = ("ascension", "numpy", "sklearn")
 
 
