@@ -122,8 +122,18 @@ def _progress_bar(out: Console, fields: str):
 # Options shared by the commands that run a model over images (embed, eval, index, search).
 BatchSizeOption = Annotated[int | None, typer.Option(help="Images per batch. (default: 64)")]
 PrecisionOption = Annotated[str | None, typer.Option(help="auto|bf16|fp16|fp32.")]
-WorkersOption = Annotated[int | None, typer.Option(help="Data-loading processes.")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(help="Data-loading processes. (default: one per core up to 8 on a GPU; on the "
+                 "CPU one per 8 cores, as the model's threads use them all)"),
+]
 DeviceOption = Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")]
+ChannelsLastOption = Annotated[
+    bool | None,
+    typer.Option("--channels-last/--no-channels-last",
+                 help="Run the model on NHWC weights and images, faster for convolutions. "
+                 "(default: on)"),
+]
 
 
 class RichReporter:
@@ -271,9 +281,7 @@ def train(
         Path | None,
         typer.Option(help="A separate validation tree with the same class folders."),
     ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Data-loading processes." + _default("workers"))
-    ] = None,
+    workers: WorkersOption = None,
     seed: Annotated[int | None, typer.Option(help="Random seed." + _default("seed"))] = None,
     device: Annotated[
         str | None, typer.Option(help="auto|cpu|cuda|cuda:N|mps." + _default("device"))
@@ -316,6 +324,12 @@ def train(
             + _default("max_nonfinite")
         ),
     ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last",
+                     help="NHWC weights and batches: faster convolutions (1.1-1.6x measured on "
+                     "CPU), same results up to rounding." + _default("channels_last")),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="YAML or TOML file of options; command-line options override it."),
@@ -352,24 +366,31 @@ def train(
             )
 
 
-def _launch_torchrun(nproc: int, given: dict[str, Any], config: Path | None) -> int:
-    """Re-run this train command under torchrun with ``nproc`` processes; its exit code."""
-    import subprocess
-
+def _torchrun_arguments(given: dict[str, Any], config: Path | None) -> list[str]:
+    """The train options given on this command line, spelled again for the torchrun workers."""
+    given = dict(given)
     arguments = [str(given.pop("data_root"))]
     for key, value in given.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            if key == "pretrained":
-                arguments.append("--pretrained" if value else "--no-pretrained")
+            if key in ("pretrained", "channels_last"):  # --X/--no-X pairs
+                arguments.append(flag if value else "--no-" + flag[2:])
             elif value:
                 arguments.append(flag)
         else:
             arguments += [flag, str(value)]
     if config is not None:
         arguments += ["--config", str(config)]
+    return arguments
+
+
+def _launch_torchrun(nproc: int, given: dict[str, Any], config: Path | None) -> int:
+    """Re-run this train command under torchrun with ``nproc`` processes; its exit code."""
+    import subprocess
+
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "ascension_cli", "train", *arguments]
+               f"--nproc-per-node={nproc}", "-m", "ascension_cli", "train",
+               *_torchrun_arguments(given, config)]
     console.print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} "
                   "-m ascension_cli train ...", highlight=False, soft_wrap=True)
     return subprocess.run(command).returncode
@@ -464,6 +485,7 @@ def embed(
     precision: PrecisionOption = None,
     workers: WorkersOption = None,
     device: DeviceOption = None,
+    channels_last: ChannelsLastOption = None,
     image_size: Annotated[
         int | None, typer.Option(help="Input size. (default: the checkpoint's)")
     ] = None,
@@ -485,9 +507,7 @@ def embed(
         settings = resolve(EmbedConfig, given)
         vectors = _embed(
             settings.checkpoint, settings.image_root, "embedding",
-            kind=settings.features, batch_size=settings.batch_size,
-            precision=settings.precision, workers=settings.workers, device=settings.device,
-            image_size=settings.image_size,
+            kind=settings.features, image_size=settings.image_size, **settings.run_options(),
         )
         save_vectors(settings.output, vectors)
         if settings.index is not None:
@@ -576,6 +596,7 @@ def evaluate_command(
     precision: PrecisionOption = None,
     workers: WorkersOption = None,
     device: DeviceOption = None,
+    channels_last: ChannelsLastOption = None,
 ) -> None:
     """Report Recall@k, Precision@1, R-Precision, MAP@R and per-class Recall@1 (FAISS search).
 
@@ -590,9 +611,7 @@ def evaluate_command(
         from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
 
         settings = resolve(EvalConfig, given)
-        embed_options = dict(kind=settings.features, batch_size=settings.batch_size,
-                             precision=settings.precision, workers=settings.workers,
-                             device=settings.device)
+        embed_options = dict(kind=settings.features, **settings.run_options())
         if settings.image_root is not None:
             queries = _embed(settings.source, settings.image_root, "embedding", **embed_options)
         else:
@@ -694,6 +713,7 @@ def index(
     precision: PrecisionOption = None,
     workers: WorkersOption = None,
     device: DeviceOption = None,
+    channels_last: ChannelsLastOption = None,
 ) -> None:
     """Build a searchable catalogue of known items: FAISS index, paths, labels and the model.
 
@@ -708,9 +728,8 @@ def index(
         with _ImageProgress("indexing") as progress:
             catalog, added = build_catalog(
                 settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
-                kind=settings.features, batch_size=settings.batch_size,
-                precision=settings.precision, workers=settings.workers, device=settings.device,
-                on_start=progress.start, on_batch=progress.advance, on_failed=progress.failed,
+                kind=settings.features, **settings.run_options(), on_start=progress.start,
+                on_batch=progress.advance, on_failed=progress.failed,
             )
         console.print(
             f"catalogue {settings.output}: {len(catalog)} items in "
@@ -736,6 +755,7 @@ def search_command(
     precision: PrecisionOption = None,
     workers: WorkersOption = None,
     device: DeviceOption = None,
+    channels_last: ChannelsLastOption = None,
 ) -> None:
     """Which catalogue item is each photo? Top-k matches and a similarity-weighted vote."""
     given = {key: value for key, value in locals().items() if value is not None}
@@ -758,9 +778,7 @@ def search_command(
         with _ImageProgress("searching") as progress:
             results = search_catalog(
                 catalog_data, paths, settings.k, settings.threshold, on_failed=progress.failed,
-                batch_size=settings.batch_size, precision=settings.precision,
-                workers=settings.workers, device=settings.device,
-                on_start=progress.start, on_batch=progress.advance,
+                **settings.run_options(), on_start=progress.start, on_batch=progress.advance,
             )
         if not results:
             raise DataError("no readable query image")

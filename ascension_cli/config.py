@@ -6,7 +6,6 @@ result is validated once, so a mistyped key or an out-of-range value stops the r
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -24,10 +23,6 @@ Head = Literal["mlp", "linear"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1)))
 
 
 class TrainConfig(BaseModel):
@@ -58,7 +53,10 @@ class TrainConfig(BaseModel):
     augment: Augment = "color-agnostic"
     val_fraction: float = Field(0.1, ge=0, lt=1)
     val_root: Path | None = None
-    workers: int = Field(default_factory=_default_workers, ge=0, le=256)
+    workers: int | None = Field(
+        None, ge=0, le=256,
+        description="Data-loading processes; none given: by device (see runtime.resolve_workers).",
+    )
     seed: int = Field(0, ge=0)
     device: str = "auto"
     save_dir: Path = Path("checkpoints")
@@ -71,6 +69,9 @@ class TrainConfig(BaseModel):
     )
     max_nonfinite: int = Field(
         20, ge=1, description="Consecutive non-finite losses after which training aborts."
+    )
+    channels_last: bool = Field(
+        True, description="NHWC weights and batches: faster convolutions on CPU and GPU."
     )
 
     @field_validator("device")
@@ -130,10 +131,18 @@ class _RunOptions(BaseModel):
     features: Features = "backbone"
     batch_size: int = Field(64, ge=1)
     precision: Precision = "auto"
-    workers: int = Field(default_factory=_default_workers, ge=0, le=256)
+    workers: int | None = Field(None, ge=0, le=256)
     device: str = "auto"
+    channels_last: bool = True
 
     _check_device = field_validator("device")(TrainConfig._check_device.__func__)
+
+    def run_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``embed.embed_images`` these options set."""
+        return {
+            "batch_size": self.batch_size, "precision": self.precision, "workers": self.workers,
+            "device": self.device, "channels_last": self.channels_last,
+        }
 
 
 class EmbedConfig(_RunOptions):

@@ -19,7 +19,14 @@ from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
 from ascension_cli.data.folder import scan_images
 from ascension_cli.errors import CheckpointError, DataError, VectorsError, first_line
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
-from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
+from ascension_cli.runtime import (
+    autocast_factory,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+    to_input,
+    use_channels_last,
+)
 from ascension_cli.train.checkpoint import load_checkpoint
 
 FEATURE_KINDS = ("backbone", "head")
@@ -34,11 +41,13 @@ def extract_features(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     on_failed: Callable[[Failed], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    channels_last: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, labels and dataset indices of every readable image, in loader order.
 
     ``kind`` is ``backbone`` (pooled trunk features, the usual choice for retrieval) or ``head``
     (the projection SupCon trained). Unreadable images are passed to ``on_failed`` and left out.
+    ``channels_last`` hands the model NHWC batches (see ``runtime.to_input``).
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}")
@@ -57,7 +66,7 @@ def extract_features(
                 if on_failed is not None:
                     on_failed(failure)
             if len(batch):
-                images = batch.images.to(device, non_blocking=True)
+                images = to_input(batch.images, device, channels_last)
                 with autocast():
                     output = model.features(images) if kind == "backbone" else model(images)
                 if features is None:
@@ -198,16 +207,19 @@ def embed_images(
     kind: str = "backbone",
     batch_size: int = 64,
     precision: str = "auto",
-    workers: int = 0,
+    workers: int | None = 0,
     device: str = "auto",
     image_size: int | None = None,
     recolor: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_failed: Callable[[Failed], None] | None = None,
+    channels_last: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vectors, labels, indices into ``paths``) of the readable images, with the spec's eval
-    transform; ``recolor`` (hue90, hue180, grayscale) recolours each image first."""
+    transform; ``recolor`` (hue90, hue180, grayscale) recolours each image first.
+    ``channels_last`` runs the model on NHWC weights and batches (faster convolutions);
+    ``workers=None`` picks the loader processes by device (``runtime.resolve_workers``)."""
     run_device = resolve_device(device)
     run_precision = resolve_precision(precision, run_device)
     size = image_size or spec.image_size
@@ -216,14 +228,15 @@ def embed_images(
         min_side=2 * size,
     )
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+        num_workers=resolve_workers(workers, run_device),
         pin_memory=run_device.type == "cuda",
     )
     if on_start is not None:
         on_start(len(dataset))
     return extract_features(
-        model.to(run_device), loader, run_device, kind,
-        autocast_factory(run_precision, run_device), on_failed, on_batch,
+        use_channels_last(model.to(run_device), channels_last), loader, run_device, kind,
+        autocast_factory(run_precision, run_device), on_failed, on_batch, channels_last,
     )
 
 
@@ -236,7 +249,7 @@ def embed_folder(
     """Embed every image under ``image_root`` with a checkpoint's eval transform.
 
     ``options`` are those of ``embed_images`` (kind, batch_size, precision, workers, device,
-    image_size, recolor, on_start, on_batch).
+    image_size, recolor, on_start, on_batch, channels_last).
     """
     model, spec, _ = load_model(checkpoint_path)
     scan = scan_images(image_root)

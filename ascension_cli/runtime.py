@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -32,6 +33,20 @@ def resolve_device(name: str) -> torch.device:
     ):
         raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu")
     return device
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """Data-loading processes; ``None`` picks by device.
+
+    On a GPU, up to 8 (one per core) keep it fed. On the CPU the model's threads already use
+    every core, so loader processes compete with it: measured on 2 cores, 0 workers trained 13 %
+    and embedded 15 % faster than 2 (decoding is a few percent of a step there). One worker per
+    8 cores is kept for large photos.
+    """
+    if workers is not None:
+        return workers
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type in ("cuda", "mps") else min(8, cores // 8)
 
 
 def _cpu_has_bf16() -> bool:
@@ -65,3 +80,33 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Abstr
         return nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def use_channels_last(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Store the model's 4-D weights channels-last (NHWC), or channels-first (NCHW) when not
+    ``enabled``; returns the model.
+
+    Convolutions run faster on NHWC data with oneDNN (CPU, measured 1.1-1.7x in
+    ``benchmarks/``) and with cuDNN under AMP; the input must be NHWC too (``to_input``).
+    """
+    layout = torch.channels_last if enabled else torch.contiguous_format
+    try:
+        model.to(memory_format=layout)
+    except RuntimeError:  # a 5-D weight (Conv3d) has no channels_last: keep the plain layout
+        model.to(memory_format=torch.contiguous_format)
+    return model
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch ``(B, C, H, W)`` or ``(B, V, C, H, W)`` on ``device`` in the layout asked for.
+
+    Channels-last means each pixel's channels are adjacent in memory; for the 5-D multi-view
+    batch the views are then flattened into the batch by a view, not a copy. Already in that
+    layout (the loader's), nothing is copied.
+    """
+    images = images.to(device, non_blocking=True)
+    if not channels_last:
+        return images.contiguous()
+    if images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images.movedim(-3, -1).contiguous().movedim(-1, -3)

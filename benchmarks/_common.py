@@ -58,6 +58,23 @@ def measure(fn: Callable[[], object], repeats: int = 3, device: str = "cpu") -> 
     return {"seconds": float(np.min(times)), "peak_mib": peak}
 
 
+def best_of_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best wall time of each function over ``rounds`` rounds that call every one once in turn.
+
+    Interleaving puts every method under the same drift of machine speed (other processes,
+    clock changes), which matters for sub-millisecond calls; each is warmed up first.
+    """
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def machine() -> dict:
     import torch
 

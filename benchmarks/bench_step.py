@@ -1,9 +1,10 @@
 """One optimizer step for a contrastive batch of 128 images: gradient cache vs the alternatives.
 
 (a) gradient cache, micro-batch 16; (b) naive accumulation, 16 x 8; (c) one true batch of 128;
-and, for the memory goal, (d) a plain step on 16 images. Each configuration runs in its own
-process, so peak memory is its own. Goals: (a) peak memory within 1.3x of (d), time within 1.4x
-of (b).
+and, for the memory goal, (d) a plain step on 16 images. All run channels-last (NHWC), the
+trainer's default; (e) repeats (a) channels-first (NCHW, ``--no-channels-last``) to measure that
+fast path. Each configuration runs in its own process, so peak memory is its own. Goals: (a) peak
+memory within 1.3x of (d), time within 1.4x of (b).
 
     python benchmarks/bench_step.py --quick    # test_efficientnet at 64 px on the CPU
     python benchmarks/bench_step.py            # resnet50 at 224 px (a GPU if present)
@@ -21,30 +22,37 @@ from functools import partial
 import torch
 from _common import measure, print_table, write_json
 
-CONFIGS = {
-    "cache 16x8": ("cache", 16, 8),
-    "naive 16x8": ("naive", 16, 8),
-    "true batch 128": ("cache", 128, 1),
-    "plain 16": ("cache", 16, 1),
+CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channels-last)
+    "cache 16x8": ("cache", 16, 8, True),
+    "naive 16x8": ("naive", 16, 8, True),
+    "true batch 128": ("cache", 128, 1, True),
+    "plain 16": ("cache", 16, 1, True),
+    "cache 16x8, NCHW": ("cache", 16, 8, False),
 }
 
 
 def run_config(name: str, args) -> dict:
     from ascension_cli.losses import supcon_loss
     from ascension_cli.model import build_model
-    from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
+    from ascension_cli.runtime import (
+        autocast_factory,
+        resolve_device,
+        resolve_precision,
+        to_input,
+        use_channels_last,
+    )
     from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 
-    mode, micro, count = CONFIGS[name]
+    mode, micro, count, channels_last = CONFIGS[name]
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
     torch.manual_seed(0)
     model, _ = build_model(args.model, pretrained=False, image_size=args.image_size)
-    model.to(device).train()
+    use_channels_last(model.to(device), channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(micro * count, args.views, 3, args.image_size, args.image_size,
-                         device=device)
+    images = to_input(torch.randn(micro * count, args.views, 3, args.image_size, args.image_size),
+                      device, channels_last)
     labels = (torch.arange(micro * count) // 4).to(device)
     batches = [(images[i : i + micro], labels[i : i + micro])
                for i in range(0, micro * count, micro)]
@@ -99,10 +107,13 @@ def main() -> None:
     memory_text = "-" if memory_ratio is None else f"{memory_ratio:.2f}x"
     print(f"cache peak memory vs plain 16-image step: {memory_text} (goal <= 1.3x)")
     print(f"cache time vs naive accumulation: {time_ratio:.2f}x (goal <= 1.4x)")
+    layout_speedup = results["cache 16x8, NCHW"]["seconds"] / cache["seconds"]
+    print(f"channels-last vs NCHW, gradient cache: {layout_speedup:.2f}x faster")
     write_json("bench_step", {"quick": args.quick, "model": args.model,
                               "image_size": args.image_size, "views": args.views,
                               "results": results, "cache_memory_vs_plain16": memory_ratio,
-                              "cache_time_vs_naive": time_ratio})
+                              "cache_time_vs_naive": time_ratio,
+                              "channels_last_speedup": layout_speedup})
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def test_training_writes_checkpoints_metrics_plot_and_config(dataset, tmp_path):
         assert key in checkpoint, key
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["image_size"] == 32 and resolved["resolved_device"] == "cpu"
+    assert resolved["channels_last"] is True and resolved["workers"] == 0
     assert reporter.tables["dataset"]["train / val"] == "24 / 8"
     assert len(result.history) == 3
 
@@ -113,6 +114,16 @@ def test_resume_with_other_model_options_is_refused(dataset, tmp_path):
     train(config(dataset, tmp_path / "run", epochs=1))
     with pytest.raises(CheckpointError, match="embedding_dim"):
         train(config(dataset, tmp_path / "run", epochs=2, resume="auto", embedding_dim=32))
+
+
+def test_resume_may_switch_the_memory_layout_and_workers_resolve_by_device(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1, channels_last=False, workers=None))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["channels_last"] is False
+    assert saved["workers"] == loop.resolve_workers(None, torch.device("cpu"))
+    reporter = Collect()
+    train(config(dataset, tmp_path / "run", epochs=2, resume="auto"), reporter)
+    assert any("resumed from epoch 1" in m for m in reporter.messages) and reporter.steps == 3
 
 
 def test_resume_of_a_finished_run_does_nothing(dataset, tmp_path):

@@ -41,7 +41,14 @@ from ascension_cli.errors import (
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.evaluate import evaluate
-from ascension_cli.runtime import autocast_factory, resolve_device, resolve_precision
+from ascension_cli.runtime import (
+    autocast_factory,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+    to_input,
+    use_channels_last,
+)
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.distributed import any_rank, gather_with_grad, init_distributed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
@@ -54,7 +61,11 @@ PLOT = "training.png"
 CONFIG = "config.yaml"
 
 # Fields that may differ on resume: they change how the run executes, not what it learns.
-RESUME_MAY_CHANGE = {"epochs", "workers", "device", "resume", "save_dir", "max_steps", "data_root"}
+# Options a resume may change: where and how fast it runs, not what it learns (channels_last
+# changes only the order of floating-point sums).
+RESUME_MAY_CHANGE = {
+    "epochs", "workers", "device", "resume", "save_dir", "max_steps", "data_root", "channels_last",
+}
 
 
 class Reporter:
@@ -294,6 +305,7 @@ def _train(
     # Same initial weights everywhere (DDP also broadcasts them); each rank its own dropout.
     torch.manual_seed(config.seed)
     precision = resolve_precision(config.precision, device)
+    workers = resolve_workers(config.workers, device)
     autocast = autocast_factory(precision, device)
     save_dir = Path(config.save_dir)
 
@@ -342,7 +354,7 @@ def _train(
             weights=config.weights,
         )
     reporter.table("dataset " + str(config.data_root), _data_rows(data))
-    model.to(device)
+    use_channels_last(model.to(device), config.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     trained_model: torch.nn.Module = model
@@ -358,7 +370,7 @@ def _train(
         torch.manual_seed(config.seed + 7919 * distributed.rank)
 
     resolved = to_plain(config)
-    resolved.update(image_size=spec.image_size, resolved_device=str(device),
+    resolved.update(image_size=spec.image_size, workers=workers, resolved_device=str(device),
                     resolved_precision=precision)
     if distributed.enabled:
         resolved.update(processes=distributed.world_size)
@@ -381,14 +393,14 @@ def _train(
         rank=distributed.rank, world_size=distributed.world_size,
     )
     loader_options: dict[str, Any] = {
-        "num_workers": config.workers,
+        "num_workers": workers,
         "collate_fn": collate,
         "pin_memory": device.type == "cuda",
         # A private generator: the loader must not draw from the global RNG, or a resumed run
         # (fresh iterator) and an uninterrupted one (persistent workers) would diverge.
         "generator": torch.Generator().manual_seed(config.seed),
     }
-    if config.workers > 0:
+    if workers > 0:
         loader_options.update(
             persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_sigint
         )
@@ -429,7 +441,8 @@ def _train(
         if val_loader is None or not distributed.is_main:
             return None
         features, labels, _ = extract_features(
-            model, val_loader, device, "backbone", autocast, on_failed=val_failures
+            model, val_loader, device, "backbone", autocast, on_failed=val_failures,
+            channels_last=config.channels_last,
         )
         if len(labels) == 0:
             return None
@@ -530,7 +543,7 @@ def _train(
                 train_failures(failure)
             if len(batch):
                 group.append((
-                    batch.images.to(device, non_blocking=True),
+                    to_input(batch.images, device, config.channels_last),
                     batch.labels.to(device, non_blocking=True),
                 ))
             if position % micro_per_step:
