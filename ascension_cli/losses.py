@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# Up to this many rows (views included) the positives come from an N x N label mask, beyond it
+# from per-class sums; both give the same loss.
+MASK_ROWS = 512
+
 
 def supcon_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
@@ -21,7 +25,10 @@ def supcon_loss(
     The loss is the mean over anchors that have at least one positive; with none it is 0, still
     attached to the graph. Computed in fp32 whatever the input dtype, so autocast cannot make the
     log-sum-exp overflow. Since the mean over positives of ``log(exp(a_ip) / sum_a exp(a_ia))``
-    is ``mean_p a_ip - logsumexp_a a_ia``, only the denominators need the N x N similarity matrix.
+    is ``mean_p a_ip - logsumexp_a a_ia``, only the denominators need the N x N similarity
+    matrix; the positive terms come from a label mask over it up to ``MASK_ROWS`` rows, and from
+    per-class sums in O(N * D) beyond (faster there, measured in ``benchmarks/bench_loss.py``).
+    No step waits on the device: anchors without positives are weighted out, not indexed out.
     """
     if embeddings.dim() == 3:
         views = embeddings.shape[1]
@@ -38,21 +45,27 @@ def supcon_loss(
         return features.sum() * 0.0
 
     # Denominators: log-sum-exp over every other row. logsumexp subtracts each row's maximum
-    # before exponentiating, so exp() cannot overflow however small tau is.
-    logits = features @ features.T / temperature
+    # before exponentiating, so exp() cannot overflow however small tau is. Scaling one operand
+    # by 1/tau saves a pass over the N x N matrix.
+    logits = (features / temperature) @ features.T
     logits.diagonal().fill_(float("-inf"))  # an anchor is not its own "other"
     log_denominator = torch.logsumexp(logits, dim=1)
 
-    # Numerators: sum_p z_i.z_p over i's positives = z_i . (sum of its class) - z_i.z_i.
-    # Computed from per-class sums in O(N * D), so no N x N positive mask is ever built.
-    _, class_of, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
-    class_sums = torch.zeros(
-        len(class_sizes), features.shape[1], dtype=features.dtype, device=features.device
-    ).index_add_(0, class_of, features)
-    positive_dot = (features * class_sums[class_of]).sum(dim=1) - (features * features).sum(dim=1)
-    positive_counts = class_sizes[class_of] - 1
+    if n <= MASK_ROWS:
+        # Numerators from the logits already there: the sum over i's positives of a_ip.
+        positive = labels[:, None] == labels[None, :]
+        positive.fill_diagonal_(False)
+        positive_counts = positive.sum(dim=1)
+        positive_logits = torch.where(positive, logits, 0.0).sum(dim=1)
+    else:
+        # sum_p z_i.z_p over i's positives = z_i . (sum of its class - z_i), from per-class
+        # sums: no second N x N matrix is built.
+        _, class_of, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+        class_sums = torch.zeros(
+            len(class_sizes), features.shape[1], dtype=features.dtype, device=features.device
+        ).index_add_(0, class_of, features)
+        positive_logits = (features * (class_sums[class_of] - features)).sum(dim=1) / temperature
+        positive_counts = class_sizes[class_of] - 1
     has_positive = positive_counts > 0
-    if not bool(has_positive.any()):
-        return features.sum() * 0.0
-    mean_positive_logit = positive_dot[has_positive] / temperature / positive_counts[has_positive]
-    return (log_denominator[has_positive] - mean_positive_logit).mean()
+    per_anchor = log_denominator - positive_logits / positive_counts.clamp_min(1)
+    return (per_anchor * has_positive).sum() / has_positive.sum().clamp_min(1)

@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascension_cli.losses import supcon_loss
+from ascension_cli import losses
+from ascension_cli.losses import MASK_ROWS, supcon_loss
+
+
+@pytest.fixture(params=["label mask", "class sums"], autouse=True)
+def positives_from(request, monkeypatch):
+    """Every test runs on both ways of summing the positives (chosen by batch size)."""
+    if request.param == "class sums":
+        monkeypatch.setattr(losses, "MASK_ROWS", 1)
+    return request.param
 
 
 def reference_supcon(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -39,6 +48,13 @@ def test_matches_per_anchor_reference(temperature, seed):
     embeddings, labels = random_batch(24, 8, 5, seed)
     ours = supcon_loss(embeddings, labels, temperature)
     assert float(ours) == pytest.approx(reference_supcon(embeddings, labels, temperature), rel=1e-5)
+
+
+def test_both_ways_chosen_by_size_match_the_reference():
+    for n in (MASK_ROWS, MASK_ROWS + 8):  # the real threshold, whatever the fixture set
+        embeddings, labels = random_batch(n, 6, n // 6, n)
+        ours = supcon_loss(embeddings, labels, 0.1)
+        assert float(ours) == pytest.approx(reference_supcon(embeddings, labels, 0.1), rel=1e-5)
 
 
 def test_anchors_without_positive_are_left_out():
