@@ -73,6 +73,9 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(
         True, description="NHWC weights and batches: faster convolutions on CPU and GPU."
     )
+    cache_images: bool = Field(
+        False, description="Decode every image once, at twice the input size, and keep it in RAM."
+    )
 
     @field_validator("device")
     @classmethod

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from ascension_cli.cli import app
@@ -74,9 +75,13 @@ def test_train_end_to_end_through_the_cli(dataset, tmp_path):
     result = invoke(
         "train", dataset, "--config", options, "--batch-size", "4", "--target-batch", "8",
         "--samples-per-class", "2", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0",
-        "--val-fraction", "0.25", "--save-dir", tmp_path / "run",
+        "--val-fraction", "0.25", "--save-dir", tmp_path / "run", "--cache-images",
+        "--no-channels-last",
     )
     assert result.exit_code == 0, result.output
+    assert "--cache-images: 32 images decoded once" in result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["cache_images"] is True and saved["channels_last"] is False
     assert "epoch   1" in result.output and "val recall@1" in result.output
     assert "done: 1 epoch(s)" in result.output
     assert (tmp_path / "run" / "best.pt").is_file()

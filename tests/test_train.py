@@ -198,3 +198,37 @@ def make_dataset_of(tmp_path, **options):
     from tests.conftest import make_dataset
 
     return make_dataset(tmp_path / "data", **options)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cached_training_ends_with_the_weights_of_an_uncached_run(dataset, tmp_path, workers):
+    # The 32 px images are within twice the input size: the cache holds the very same pixels.
+    train(config(dataset, tmp_path / "plain", epochs=2))
+    reporter = Collect()
+    train(config(dataset, tmp_path / "cached", epochs=2, cache_images=True, workers=workers),
+          reporter)
+    assert any(m.startswith("--cache-images: 32 images decoded once") for m in reporter.messages)
+    plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    cached = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)
+    for name, tensor in plain["model"].items():
+        assert torch.equal(tensor, cached["model"][name]), name
+    assert plain["history"][-1]["val_recall_at_1"] == cached["history"][-1]["val_recall_at_1"]
+
+
+def test_resume_may_not_switch_the_cache(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1, cache_images=True))
+    with pytest.raises(CheckpointError, match="cache_images"):
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto"))
+
+
+def test_options_newer_than_the_checkpoint_compare_as_their_defaults(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", epochs=1))
+    path = tmp_path / "run" / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["cache_images"]  # as written before the option existed
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="cache_images: False -> True"):
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto", cache_images=True))
+    reporter = Collect()
+    train(config(dataset, tmp_path / "run", epochs=2, resume="auto"), reporter)
+    assert any("resumed from epoch 1" in m for m in reporter.messages)

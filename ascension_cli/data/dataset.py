@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ascension_cli.data.augment import recolor, reseed
+from ascension_cli.data.cache import DecodedImages
 from ascension_cli.data.folder import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 
@@ -36,10 +37,23 @@ def stack_channels_last(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([tensor.movedim(-3, -1) for tensor in tensors]).movedim(-1, -3)
 
 
-class MultiViewDataset(Dataset):
+class _ImageSource:
+    paths: list[Path]
+    cache: DecodedImages | None
+    max_pixels: int
+    min_side: int | None
+
+    def _load(self, index: int) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache[index]
+        return load_image(self.paths[index], self.max_pixels, self.min_side)
+
+
+class MultiViewDataset(_ImageSource, Dataset):
     """``views`` independently augmented copies of each image.
 
-    ``min_side`` lets large JPEGs decode at a reduced scale that still has this short side.
+    ``min_side`` lets large JPEGs decode at a reduced scale that still has this short side;
+    ``cache`` holds the decoded images already (``--cache-images``), in ``paths`` order.
 
     Keys are ``(index, seed)`` pairs from the sampler: the seed fixes the augmentation, so a run
     is reproducible whatever the number of workers.
@@ -48,7 +62,9 @@ class MultiViewDataset(Dataset):
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray, transform, views: int,
         max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+        cache: DecodedImages | None = None,
     ):
+        self.cache = cache
         self.max_pixels = max_pixels
         self.min_side = min_side
         self.paths = list(paths)
@@ -62,7 +78,7 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         try:
-            image = load_image(self.paths[index], self.max_pixels, self.min_side)
+            image = self._load(index)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         reseed(self.transform, seed)
@@ -70,14 +86,15 @@ class MultiViewDataset(Dataset):
         return stack_channels_last(views), int(self.labels[index]), index
 
 
-class EvalDataset(Dataset):
+class EvalDataset(_ImageSource, Dataset):
     """One deterministic view per image (resize + centre crop), optionally recoloured first."""
 
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray | None, transform,
         recolor: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-        min_side: int | None = None,
+        min_side: int | None = None, cache: DecodedImages | None = None,
     ):
+        self.cache = cache
         self.max_pixels = max_pixels
         self.min_side = min_side
         self.paths = list(paths)
@@ -90,7 +107,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = load_image(self.paths[index], self.max_pixels, self.min_side)
+            image = self._load(index)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
         if self.recolor is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from ascension_cli import __version__
 from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.data.augment import eval_transform, train_transform
+from ascension_cli.data.cache import DecodedImages, available_memory
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
 from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
 from ascension_cli.data.sampler import ClassBalancedBatchSampler
@@ -80,6 +82,13 @@ class Reporter:
     def step(self, loss: float, lr: float, images_per_second: float) -> None: ...
 
     def epoch_end(self, record: EpochRecord) -> None: ...
+
+    def work_start(self, description: str, total: int) -> None:
+        """Long preparatory work (such as --cache-images) begins: ``total`` items."""
+
+    def work_advance(self, count: int) -> None: ...
+
+    def work_end(self) -> None: ...
 
 
 @dataclass
@@ -143,9 +152,41 @@ def _data_rows(data: _Data) -> list[tuple[str, str]]:
     return rows
 
 
+# Share of the free memory --cache-images may fill (the rest: model, loader processes, system),
+# split between the training processes of one machine.
+CACHE_MEMORY_SHARE = 0.6
+
+
+def _cache_images(
+    groups: list[list[Path]], keep_side: int, max_pixels: int, reporter: Reporter
+) -> list[DecodedImages]:
+    """Decode every image of each group once (``--cache-images``), within the memory share."""
+    available = available_memory()
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    limit = None if available is None else int(available * CACHE_MEMORY_SHARE / processes_here)
+    started = time.perf_counter()
+    caches: list[DecodedImages] = []
+    reporter.work_start("decoding images into memory", sum(len(paths) for paths in groups))
+    try:
+        for paths in groups:
+            left = None if limit is None else limit - sum(cache.nbytes for cache in caches)
+            caches.append(DecodedImages.build(paths, keep_side, max_pixels, memory_limit=left,
+                                              on_progress=reporter.work_advance))
+    finally:
+        reporter.work_end()
+    nbytes = sum(cache.nbytes for cache in caches)
+    reporter.message(
+        f"--cache-images: {sum(len(cache) for cache in caches)} images decoded once in "
+        f"{time.perf_counter() - started:.1f} s, {nbytes / 2**20:.0f} MiB in memory"
+    )
+    return caches
+
+
 def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
-    saved = checkpoint["config"]
     current = to_plain(config)
+    # An option added after the checkpoint was written had its default value then.
+    defaults = to_plain(TrainConfig.model_construct())
+    saved = {**defaults, **checkpoint["config"]}
     differences = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"
         for key in sorted(current)
@@ -381,11 +422,16 @@ def _train(
 
     # ---- loaders
     train_paths = [data.scan.paths[i] for i in data.train_index]
+    train_cache = val_cache = None
+    if config.cache_images:
+        train_cache, val_cache = _cache_images(
+            [train_paths, data.val_paths], 2 * spec.image_size, config.max_image_pixels, reporter
+        )
     train_set = MultiViewDataset(
         train_paths, train_labels,
         train_transform(config.augment, spec.image_size, spec.mean, spec.std),
         # Large JPEGs decode at reduced scale, keeping twice the input size for the crops.
-        config.views, config.max_image_pixels, min_side=2 * spec.image_size,
+        config.views, config.max_image_pixels, min_side=2 * spec.image_size, cache=train_cache,
     )
     sampler = ClassBalancedBatchSampler(
         train_labels, config.target_batch, config.batch_size, config.samples_per_class,
@@ -410,7 +456,7 @@ def _train(
         val_set = EvalDataset(
             data.val_paths, data.val_labels,
             eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
-            max_pixels=config.max_image_pixels, min_side=2 * spec.image_size,
+            max_pixels=config.max_image_pixels, min_side=2 * spec.image_size, cache=val_cache,
         )
         val_loader = DataLoader(
             val_set, batch_size=config.batch_size * config.views, shuffle=False, **loader_options
