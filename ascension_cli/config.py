@@ -76,6 +76,7 @@ class TrainConfig(BaseModel):
     cache_images: bool = Field(
         False, description="Decode every image once, at twice the input size, and keep it in RAM."
     )
+    compile: bool = Field(False, description="torch.compile the model for training.")
 
     @field_validator("device")
     @classmethod

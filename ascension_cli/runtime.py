@@ -97,6 +97,19 @@ def use_channels_last(model: torch.nn.Module, enabled: bool = True) -> torch.nn.
     return model
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` the model, drawing random numbers exactly as eager mode does.
+
+    Inductor would otherwise generate dropout and drop-path masks with its own kernels, which
+    differ between the graph-free and the graph pass: gradient caching replays the RNG state
+    between them and needs the same masks in both.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    return torch.compile(model)
+
+
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """A batch ``(B, C, H, W)`` or ``(B, V, C, H, W)`` on ``device`` in the layout asked for.
 

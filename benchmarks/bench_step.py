@@ -3,8 +3,9 @@
 (a) gradient cache, micro-batch 16; (b) naive accumulation, 16 x 8; (c) one true batch of 128;
 and, for the memory goal, (d) a plain step on 16 images. All run channels-last (NHWC), the
 trainer's default; (e) repeats (a) channels-first (NCHW, ``--no-channels-last``) to measure that
-fast path. Each configuration runs in its own process, so peak memory is its own. Goals: (a) peak
-memory within 1.3x of (d), time within 1.4x of (b).
+fast path, and (f), with ``--compile`` or in full mode, repeats (a) under torch.compile (its
+compile time reported apart). Each configuration runs in its own process, so peak memory is its
+own. Goals: (a) peak memory within 1.3x of (d), time within 1.4x of (b).
 
     python benchmarks/bench_step.py --quick    # test_efficientnet at 64 px on the CPU
     python benchmarks/bench_step.py            # resnet50 at 224 px (a GPU if present)
@@ -17,17 +18,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 
 import torch
 from _common import measure, print_table, write_json
 
-CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channels-last)
-    "cache 16x8": ("cache", 16, 8, True),
-    "naive 16x8": ("naive", 16, 8, True),
-    "true batch 128": ("cache", 128, 1, True),
-    "plain 16": ("cache", 16, 1, True),
-    "cache 16x8, NCHW": ("cache", 16, 8, False),
+CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channels-last, compile)
+    "cache 16x8": ("cache", 16, 8, True, False),
+    "naive 16x8": ("naive", 16, 8, True, False),
+    "true batch 128": ("cache", 128, 1, True, False),
+    "plain 16": ("cache", 16, 1, True, False),
+    "cache 16x8, NCHW": ("cache", 16, 8, False, False),
+    "cache 16x8, compiled": ("cache", 16, 8, True, True),
 }
 
 
@@ -36,6 +39,7 @@ def run_config(name: str, args) -> dict:
     from ascension_cli.model import build_model
     from ascension_cli.runtime import (
         autocast_factory,
+        compile_model,
         resolve_device,
         resolve_precision,
         to_input,
@@ -43,7 +47,7 @@ def run_config(name: str, args) -> dict:
     )
     from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 
-    mode, micro, count, channels_last = CONFIGS[name]
+    mode, micro, count, channels_last, compiled = CONFIGS[name]
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
@@ -59,13 +63,18 @@ def run_config(name: str, args) -> dict:
     backward = cached_backward if mode == "cache" else accumulated_backward
     loss_fn = partial(supcon_loss, temperature=0.1)
 
+    runner = compile_model(model) if compiled else model
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        backward(model, batches, loss_fn, autocast)
+        backward(runner, batches, loss_fn, autocast)
         optimizer.step()
 
+    started = time.perf_counter()
+    step()  # the first call compiles, when compiling
+    first_call = time.perf_counter() - started
     timing = measure(step, repeats=args.repeats, device=device.type)
-    return {"config": name, "precision": precision, **timing,
+    return {"config": name, "precision": precision, **timing, "first_call_seconds": first_call,
             "images_per_second": micro * count / timing["seconds"]}
 
 
@@ -78,6 +87,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time (a) under torch.compile (default in full mode)")
     parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("test_efficientnet" if args.quick else "resnet50")
@@ -87,7 +98,8 @@ def main() -> None:
         print(json.dumps(run_config(args.config, args)))
         return
     results = {}
-    for name in CONFIGS:
+    names = [n for n in CONFIGS if not CONFIGS[n][4] or args.compile or not args.quick]
+    for name in names:
         command = [sys.executable, __file__, "--config", name, "--model", args.model,
                    "--image-size", str(args.image_size), "--views", str(args.views),
                    "--precision", args.precision, "--device", args.device,
@@ -109,11 +121,18 @@ def main() -> None:
     print(f"cache time vs naive accumulation: {time_ratio:.2f}x (goal <= 1.4x)")
     layout_speedup = results["cache 16x8, NCHW"]["seconds"] / cache["seconds"]
     print(f"channels-last vs NCHW, gradient cache: {layout_speedup:.2f}x faster")
+    compile_speedup = None
+    if "cache 16x8, compiled" in results:
+        compiled = results["cache 16x8, compiled"]
+        compile_speedup = cache["seconds"] / compiled["seconds"]
+        print(f"torch.compile vs eager, gradient cache: {compile_speedup:.2f}x faster per step, "
+              f"after {compiled['first_call_seconds']:.0f} s compiling")
     write_json("bench_step", {"quick": args.quick, "model": args.model,
                               "image_size": args.image_size, "views": args.views,
                               "results": results, "cache_memory_vs_plain16": memory_ratio,
                               "cache_time_vs_naive": time_ratio,
-                              "channels_last_speedup": layout_speedup})
+                              "channels_last_speedup": layout_speedup,
+                              "compile_speedup": compile_speedup})
 
 
 if __name__ == "__main__":

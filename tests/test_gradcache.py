@@ -149,3 +149,31 @@ def test_bf16_autocast_cached_step_runs_close_to_fp32():
     cached_backward(model, split(batch, labels, 8), loss_fn, autocast=bf16)
     cached_backward(reference, split(batch, labels, 8), loss_fn)
     assert relative_error(gradients(model), gradients(reference)) < 0.1
+
+
+def test_compiled_model_replays_the_same_dropout_masks():
+    """Under --compile the two passes must still draw the same masks (eager random numbers)."""
+    from ascension_cli.runtime import compile_model
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+            torch.nn.Linear(8, 4),
+        )
+
+    images = torch.randn(2, 4, 2, 3, 12, 12)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).view(2, 4)
+    batches = [(images[i], labels[i]) for i in range(2)]
+    gradients = {}
+    for compiled in (False, True):
+        model = build().train()
+        runner = compile_model(model) if compiled else model
+        torch.manual_seed(1)
+        loss = cached_backward(runner, batches, lambda z, y: supcon_loss(
+            torch.nn.functional.normalize(z, dim=-1), y, 0.5))
+        gradients[compiled] = (float(loss), [p.grad.clone() for p in model.parameters()])
+    assert gradients[True][0] == pytest.approx(gradients[False][0], rel=1e-5)
+    for eager, compiled in zip(gradients[False][1], gradients[True][1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

@@ -232,3 +232,33 @@ def test_options_newer_than_the_checkpoint_compare_as_their_defaults(dataset, tm
     reporter = Collect()
     train(config(dataset, tmp_path / "run", epochs=2, resume="auto"), reporter)
     assert any("resumed from epoch 1" in m for m in reporter.messages)
+
+
+def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
+    options = dict(epochs=1, max_steps=2, precision="fp32", val_fraction=0.0)
+    train(config(dataset, tmp_path / "eager", **options))
+    reporter = Collect()
+    train(config(dataset, tmp_path / "compiled", compile=True, **options), reporter)
+    assert any(m.startswith("--compile:") for m in reporter.messages)
+    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)
+    compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert compiled["model"].keys() == eager["model"].keys()  # the plain module is saved
+    assert compiled["history"][-1]["loss"] == pytest.approx(eager["history"][-1]["loss"],
+                                                            rel=1e-4)
+
+
+def test_a_failing_compiler_ends_in_one_line(dataset, tmp_path, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    class Broken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            raise TorchDynamoException("no working C++ compiler\nlong details")
+
+    monkeypatch.setattr(loop, "compile_model", Broken)
+    with pytest.raises(TrainingError, match=r"^--compile failed: no working C\+\+ compiler; "
+                                            r"train without --compile$"):
+        train(config(dataset, tmp_path / "run", epochs=1, compile=True))

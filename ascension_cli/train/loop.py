@@ -39,12 +39,14 @@ from ascension_cli.errors import (
     DataError,
     Interrupted,
     TrainingError,
+    first_line,
 )
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import (
     autocast_factory,
+    compile_model,
     resolve_device,
     resolve_precision,
     resolve_workers,
@@ -62,11 +64,11 @@ METRICS = "metrics.jsonl"
 PLOT = "training.png"
 CONFIG = "config.yaml"
 
-# Fields that may differ on resume: they change how the run executes, not what it learns.
-# Options a resume may change: where and how fast it runs, not what it learns (channels_last
-# changes only the order of floating-point sums).
+# Options a resume may change: where and how fast it runs, not what it learns (channels_last and
+# compile change only the order of floating-point operations).
 RESUME_MAY_CHANGE = {
     "epochs", "workers", "device", "resume", "save_dir", "max_steps", "data_root", "channels_last",
+    "compile",
 }
 
 
@@ -409,6 +411,14 @@ def _train(
         no_sync = trained_model.no_sync
         gather = gather_with_grad if config.accumulation == "cache" else None
         torch.manual_seed(config.seed + 7919 * distributed.rank)
+    compile_errors: tuple[type[Exception], ...] = ()
+    if config.compile:
+        from torch._dynamo.exc import TorchDynamoException
+
+        compile_errors = (TorchDynamoException,)
+        # Training passes only; validation and saving use the plain module.
+        trained_model = compile_model(trained_model)
+        reporter.message("--compile: the first steps compile the model, which takes minutes")
 
     resolved = to_plain(config)
     resolved.update(image_size=spec.image_size, workers=workers, resolved_device=str(device),
@@ -601,8 +611,13 @@ def _train(
             options = {"no_sync": no_sync}
             if gather is not None:
                 options["gather"] = gather
-            loss = (backward(trained_model, group, loss_fn, autocast, scaler.scale, **options)
-                    if group else None)
+            try:
+                loss = (backward(trained_model, group, loss_fn, autocast, scaler.scale, **options)
+                        if group else None)
+            except compile_errors as exc:
+                raise TrainingError(
+                    f"--compile failed: {first_line(exc)}; train without --compile"
+                ) from None
             step_images = sum(labels.numel() for _, labels in group) * distributed.world_size
             group = []
             if loss is None or not torch.isfinite(loss):
