@@ -58,6 +58,17 @@ def test_embed_writes_the_documented_file(trained, tmp_path):
     assert index.ntotal == 32
 
 
+def test_embed_layout_flag_changes_speed_not_vectors(trained, tmp_path):
+    _, data, checkpoint = trained
+    for name, flags in (("nhwc", ()), ("nchw", ("--no-channels-last",))):
+        result = invoke("embed", checkpoint, data, "-o", tmp_path / f"{name}.npz",
+                        "--precision", "fp32", *flags)
+        assert result.exit_code == 0, result.output
+    nhwc, nchw = load_vectors(tmp_path / "nhwc.npz"), load_vectors(tmp_path / "nchw.npz")
+    assert nhwc.paths == nchw.paths
+    np.testing.assert_allclose(nhwc.vectors, nchw.vectors, rtol=0, atol=1e-5)
+
+
 def test_embed_head_features_and_flat_folder(trained, tmp_path):
     root, data, checkpoint = trained
     flat = tmp_path / "flat"
