@@ -76,3 +76,17 @@ def test_failed_image_in_the_cache_is_a_failed_sample(dataset):
     data = MultiViewDataset(scan.paths, scan.labels, train_transform("none", 24, MEAN, STD), 1,
                             cache=DecodedImages.build(scan.paths, keep_side=48))
     assert isinstance(data[(broken, 0)], Failed)
+
+
+def test_a_stop_request_ends_the_build_between_windows(dataset):
+    scan = scan_folder(dataset)
+    asked = []
+
+    def should_stop():
+        asked.append(True)
+        return len(asked) > 1  # after the first window
+
+    progress = []
+    assert DecodedImages.build(scan.paths, keep_side=64, threads=1, should_stop=should_stop,
+                               on_progress=progress.append) is None
+    assert progress == [4]  # one window of 4 files per thread was decoded, no more

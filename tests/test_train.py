@@ -262,3 +262,19 @@ def test_a_failing_compiler_ends_in_one_line(dataset, tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"^--compile failed: no working C\+\+ compiler; "
                                             r"train without --compile$"):
         train(config(dataset, tmp_path / "run", epochs=1, compile=True))
+
+
+def test_ctrl_c_while_caching_stops_before_training(dataset, tmp_path):
+    import os
+    import signal
+
+    from ascension_cli.errors import Interrupted
+
+    class CtrlC(Collect):
+        def work_advance(self, count):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="while decoding images for --cache-images") as caught:
+        train(config(dataset, tmp_path / "run", cache_images=True), CtrlC())
+    assert caught.value.exit_code == 128 + signal.SIGINT
+    assert not (tmp_path / "run" / "last.pt").exists()

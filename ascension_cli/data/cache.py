@@ -88,10 +88,12 @@ class DecodedImages:
         threads: int | None = None,
         memory_limit: int | None = None,
         on_progress: Callable[[int], None] | None = None,
-    ) -> DecodedImages:
+        should_stop: Callable[[], bool] | None = None,
+    ) -> DecodedImages | None:
         """Decode every path (OpenCV releases the GIL, so threads decode in parallel).
 
         ``memory_limit``: stop with a ConfigError as soon as the cache would exceed it.
+        ``should_stop`` is asked between windows of files; when it says so, None is returned.
         """
         threads = threads or min(8, os.cpu_count() or 1)
         min_side = keep_side  # libjpeg may decode at reduced scale down to this short side
@@ -115,12 +117,19 @@ class DecodedImages:
                 chunks.append(np.concatenate([image.reshape(-1) for image in pending]))
             pending, pending_bytes = [], 0
 
+        # Files go to the threads a window at a time, so a stop or an error waits for one
+        # window, and decoded images never run far ahead of the packing.
+        window = 4 * threads
         with ThreadPoolExecutor(threads) as pool:
-            for index, result in enumerate(pool.map(decode, paths)):
-                if isinstance(result, str):
-                    errors[index] = result
-                    where.append((0, 0, ()))
-                else:
+            for start in range(0, len(paths), window):
+                if should_stop is not None and should_stop():
+                    return None
+                results = pool.map(decode, paths[start : start + window])
+                for index, result in enumerate(results, start=start):
+                    if isinstance(result, str):
+                        errors[index] = result
+                        where.append((0, 0, ()))
+                        continue
                     where.append((len(chunks), pending_bytes, result.shape))
                     pending.append(result)
                     pending_bytes += result.nbytes
@@ -134,6 +143,6 @@ class DecodedImages:
                     if pending_bytes >= CHUNK_BYTES:
                         flush()
                 if on_progress is not None:
-                    on_progress(1)
+                    on_progress(min(window, len(paths) - start))
         flush()
         return cls(chunks, where, errors)

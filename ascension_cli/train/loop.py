@@ -160,7 +160,8 @@ CACHE_MEMORY_SHARE = 0.6
 
 
 def _cache_images(
-    groups: list[list[Path]], keep_side: int, max_pixels: int, reporter: Reporter
+    groups: list[list[Path]], keep_side: int, max_pixels: int, reporter: Reporter,
+    stop: _StopRequest,
 ) -> list[DecodedImages]:
     """Decode every image of each group once (``--cache-images``), within the memory share."""
     available = available_memory()
@@ -172,8 +173,17 @@ def _cache_images(
     try:
         for paths in groups:
             left = None if limit is None else limit - sum(cache.nbytes for cache in caches)
-            caches.append(DecodedImages.build(paths, keep_side, max_pixels, memory_limit=left,
-                                              on_progress=reporter.work_advance))
+            cache = DecodedImages.build(
+                paths, keep_side, max_pixels, memory_limit=left,
+                on_progress=reporter.work_advance,
+                should_stop=lambda: stop.signal_number is not None,
+            )
+            if cache is None:  # nothing trained yet, so nothing to save
+                name = signal.Signals(stop.signal_number or signal.SIGTERM).name
+                raise Interrupted(f"stopped by {name} while decoding images for "
+                                  "--cache-images, before any training",
+                                  stop.signal_number or signal.SIGTERM)
+            caches.append(cache)
     finally:
         reporter.work_end()
     nbytes = sum(cache.nbytes for cache in caches)
@@ -435,7 +445,8 @@ def _train(
     train_cache = val_cache = None
     if config.cache_images:
         train_cache, val_cache = _cache_images(
-            [train_paths, data.val_paths], 2 * spec.image_size, config.max_image_pixels, reporter
+            [train_paths, data.val_paths], 2 * spec.image_size, config.max_image_pixels, reporter,
+            stop,
         )
     train_set = MultiViewDataset(
         train_paths, train_labels,
