@@ -40,7 +40,7 @@ def resolve_workers(workers: int | None, device: torch.device) -> int:
 
     On a GPU, up to 8 (one per core) keep it fed. On the CPU the model's threads already use
     every core, so loader processes compete with it: measured on 2 cores, 0 workers trained 13 %
-    and embedded 15 % faster than 2 (decoding is a few percent of a step there). One worker per
+    and embedded 15-25 % faster than 2 (decoding is a few percent of a step there). One worker per
     8 cores is kept for large photos.
     """
     if workers is not None:

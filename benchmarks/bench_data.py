@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from _common import SHARED_DATA, best_of_rounds, print_table, write_json
@@ -65,6 +66,8 @@ def torchvision_pipeline(paths, labels, size, views):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write the results "
+                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
     parser.add_argument("--root", default=str(SHARED_DATA / "sign-language-digits"))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=2)
@@ -146,7 +149,7 @@ def main() -> None:
                               "images": len(paths), "results": results,
                               "ours_vs_torchvision": ratio, "large_jpegs": reduced,
                               "cache": {"speedup": cached_ratio, "build_seconds": cache_seconds,
-                                        "mib": cache.nbytes / 2**20}})
+                                        "mib": cache.nbytes / 2**20}}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -59,6 +60,8 @@ def hand_written(model, paths, size, batch_size, device, autocast, mean, std, cr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write the results "
+                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
     parser.add_argument("--root", default=str(SHARED_DATA / "sign-language-digits"))
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -117,7 +120,7 @@ def main() -> None:
                                "ours_vs_hand_written": ours_default / theirs,
                                "ours_worker_per_core_vs_hand_written": ours_per_core / theirs,
                                "channels_last_vs_nchw": ours_default / ours_nchw,
-                               "mean_cosine_between_outputs": agreement})
+                               "mean_cosine_between_outputs": agreement}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from _common import best_of_rounds, measure, print_table, write_json
@@ -30,10 +31,13 @@ def paper_formula(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write the results "
+                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--views", type=int, nargs="+", help="batch sizes to time (rows)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    sizes = (256, 1024) if args.quick else (256, 1024, 4096)
+    sizes = args.views or ((256, 1024) if args.quick else (256, 1024, 4096))
 
     methods = {"ascension": lambda z, y: supcon_loss(z, y, 0.1),
                "paper formula": lambda z, y: paper_formula(z, y, 0.1)}
@@ -82,7 +86,7 @@ def main() -> None:
     print_table(f"SupCon forward+backward, d={args.dim}, {args.device}",
                 ["views", "method", "ms", "peak MiB", "loss", "equal"], rows)
     write_json("bench_loss", {"quick": args.quick, "device": args.device, "dim": args.dim,
-                              "results": results})
+                              "results": results}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 from _common import measure, print_table, write_json
@@ -81,6 +82,8 @@ def run_config(name: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write the results "
+                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
     parser.add_argument("--model")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--views", type=int, default=2)
@@ -132,7 +135,7 @@ def main() -> None:
                               "results": results, "cache_memory_vs_plain16": memory_ratio,
                               "cache_time_vs_naive": time_ratio,
                               "channels_last_speedup": layout_speedup,
-                              "compile_speedup": compile_speedup})
+                              "compile_speedup": compile_speedup}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,41 @@ def test_bench_eval_runs_and_all_methods_find_the_same_neighbours(tmp_path):
     assert [r["method"] for r in data["results"]] == ["ascension", "numpy", "sklearn"]
     recalls = {r["recall_at_1"] for r in data["results"]}
     assert len(recalls) == 1
+
+
+def run_benchmark(name: str, *arguments, timeout: int = 300) -> dict:
+    output = Path(arguments[-1])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *map(str, arguments)],
+                   check=True, capture_output=True, text=True, timeout=timeout)
+    return json.loads(output.read_text())
+
+
+def test_bench_loss_runs_and_every_method_gives_our_loss(tmp_path):
+    data = run_benchmark("bench_loss", "--views", "32", "64", "--dim", "16",
+                         "--json", tmp_path / "loss.json")
+    rows = [r for r in data["results"] if "method" in r]
+    assert {r["views"] for r in rows} == {32, 64}
+    assert {r["method"] for r in rows} >= {"ascension", "paper formula"}
+    assert all(r["equal_to_ours"] for r in rows)
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_bench_step_runs_every_configuration(tmp_path):
+    data = run_benchmark("bench_step", "--quick", "--image-size", "32", "--repeats", "1",
+                         "--json", tmp_path / "step.json")
+    assert set(data["results"]) == {"cache 16x8", "naive 16x8", "true batch 128", "plain 16",
+                                    "cache 16x8, NCHW"}  # no compile row unless asked
+    assert all(r["seconds"] > 0 for r in data["results"].values())
+    assert data["cache_time_vs_naive"] > 0 and data["compile_speedup"] is None
+
+
+def test_bench_data_and_bench_embed_run_on_a_folder(dataset, tmp_path):
+    data = run_benchmark("bench_data", "--quick", "--root", dataset, "--size", "32",
+                         "--json", tmp_path / "data.json")
+    assert data["images"] == 32 and data["ours_vs_torchvision"] > 0
+    assert data["cache"]["speedup"] > 0 and data["large_jpegs"] == {}
+    embed = run_benchmark("bench_embed", "--quick", "--root", dataset, "--model",
+                          "test_efficientnet", "--rounds", "1", "--json", tmp_path / "embed.json")
+    assert embed["images"] == 32 and embed["ours_vs_hand_written"] > 0
+    # Same images, same model: our pipeline and the hand-written loop agree.
+    assert embed["mean_cosine_between_outputs"] > 0.95
