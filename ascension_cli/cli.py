@@ -340,8 +340,8 @@ def train(
     channels_last: Annotated[
         bool | None,
         typer.Option("--channels-last/--no-channels-last",
-                     help="NHWC weights and batches: faster convolutions (1.4-1.8x measured on "
-                     "CPU), same results up to rounding." + _default("channels_last")),
+                     help="NHWC weights and batches: faster convolutions (up to 1.8x measured "
+                     "on the CPU), same results up to rounding." + _default("channels_last")),
     ] = None,
     cache_images: Annotated[
         bool | None,
