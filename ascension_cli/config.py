@@ -117,11 +117,6 @@ class TrainConfig(BaseModel):
             raise ValueError("give either --val-root or --val-fraction, not both")
         return self
 
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches per optimizer step."""
-        return self.target_batch // self.batch_size
-
 
 Features = Literal["backbone", "head"]
 IndexKind = Literal["flat", "hnsw", "ivf"]

@@ -22,7 +22,8 @@ def test_defaults_are_the_documented_ones(tmp_path):
     assert (config.embedding_dim, config.views, config.samples_per_class) == (128, 2, 4)
     assert (config.accumulation, config.augment, config.precision) == (
         "cache", "color-agnostic", "auto")
-    assert config.micro_batches == 8
+    assert (config.channels_last, config.cache_images, config.compile) == (True, False, False)
+    assert config.workers is None  # chosen by device when training starts
 
 
 @pytest.mark.parametrize(
