@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a checkout
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def benchmark_parser(doc: str, script: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` and ``--json`` (where the results go)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: under two minutes on a 2-core CPU")
+    parser.add_argument("--json", type=Path, help="where to write the results "
+                        f"(default: benchmarks/results/{Path(script).stem}.json)")
+    return parser
 
 
 def _status_mib(field: str) -> float:

@@ -11,13 +11,11 @@ from ``--cache-images`` memory instead of decoding them.
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
-from _common import SHARED_DATA, best_of_rounds, print_table, write_json
+from _common import SHARED_DATA, benchmark_parser, best_of_rounds, print_table, write_json
 
 from ascension_cli.data.augment import train_transform
 from ascension_cli.data.cache import DecodedImages
@@ -64,10 +62,7 @@ def torchvision_pipeline(paths, labels, size, views):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, help="where to write the results "
-                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
+    parser = benchmark_parser(__doc__, __file__)
     parser.add_argument("--root", default=str(SHARED_DATA / "sign-language-digits"))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=2)

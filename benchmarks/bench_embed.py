@@ -12,14 +12,12 @@ batch, forward under inference_mode.
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from _common import SHARED_DATA, best_of_rounds, print_table, write_json
+from _common import SHARED_DATA, benchmark_parser, best_of_rounds, print_table, write_json
 
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.embed import embed_images
@@ -58,10 +56,7 @@ def hand_written(model, paths, size, batch_size, device, autocast, mean, std, cr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, help="where to write the results "
-                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
+    parser = benchmark_parser(__doc__, __file__)
     parser.add_argument("--root", default=str(SHARED_DATA / "sign-language-digits"))
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=64)

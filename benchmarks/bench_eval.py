@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-# Run from a checkout (`python benchmarks/bench_eval.py`): the package need not be installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import benchmark_parser, print_table, write_json
 
 METHODS = ("ascension", "numpy", "sklearn")
 
@@ -94,15 +90,13 @@ def run_one(method: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small size for a 2-core CPU")
+    parser = benchmark_parser(__doc__, __file__)
     parser.add_argument("--gallery", type=int)
     parser.add_argument("--queries", type=int)
     parser.add_argument("--dim", type=int)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_eval.json"))
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = (20_000, 2_000, 128) if args.quick else (100_000, 10_000, 512)
@@ -136,27 +130,17 @@ def main() -> None:
 
     title = (f"top-{args.k} search, {args.queries:,} queries x {args.gallery:,} gallery x "
              f"{args.dim}-d float32, {os.cpu_count()} cores")
-    print(title)
-    header = f"{'method':<10} {'seconds':>9} {'x numpy':>8} {'peak MiB':>9} {'x numpy':>8} " \
-             f"{'R@1':>7} {'R@' + str(args.k):>7}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        memory_ratio = "-" if r["memory_vs_numpy"] is None else f"{r['memory_vs_numpy']:.2f}"
-        print(f"{r['method']:<10} {r['seconds']:>9.2f} {r['speedup_vs_numpy']:>8.2f} "
-              f"{r['peak_extra_mib']:>9.0f} {memory_ratio:>8} {r['recall_at_1']:>7.4f} "
-              f"{r[f'recall_at_{args.k}']:>7.4f}")
+    rows = [[r["method"], f"{r['seconds']:.2f}", f"{r['speedup_vs_numpy']:.2f}",
+             f"{r['peak_extra_mib']:.0f}",
+             "-" if r["memory_vs_numpy"] is None else f"{r['memory_vs_numpy']:.2f}",
+             f"{r['recall_at_1']:.4f}", f"{r[f'recall_at_{args.k}']:.4f}"] for r in results]
+    print_table(title, ["method", "seconds", "x numpy", "peak MiB", "x numpy", "R@1",
+                        f"R@{args.k}"], rows)
     print(f"same nearest neighbours in every method: {agree}")
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "benchmark": "bench_eval", "title": title, "quick": args.quick,
-        "gallery": args.gallery, "queries": args.queries, "dim": args.dim, "k": args.k,
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "same_neighbours": agree, "results": results,
-    }, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json("bench_eval", {
+        "title": title, "quick": args.quick, "gallery": args.gallery, "queries": args.queries,
+        "dim": args.dim, "k": args.k, "same_neighbours": agree, "results": results,
+    }, path=args.json)
 
 
 if __name__ == "__main__":

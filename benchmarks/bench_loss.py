@@ -6,11 +6,8 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from _common import best_of_rounds, measure, print_table, write_json
+from _common import benchmark_parser, best_of_rounds, measure, print_table, write_json
 
 from ascension_cli.losses import supcon_loss
 
@@ -29,10 +26,7 @@ def paper_formula(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, help="where to write the results "
-                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
+    parser = benchmark_parser(__doc__, __file__)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--views", type=int, nargs="+", help="batch sizes to time (rows)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

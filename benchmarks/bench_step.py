@@ -20,10 +20,9 @@ import subprocess
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
-from _common import measure, print_table, write_json
+from _common import benchmark_parser, measure, print_table, write_json
 
 CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channels-last, compile)
     "cache 16x8": ("cache", 16, 8, True, False),
@@ -80,10 +79,7 @@ def run_config(name: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, help="where to write the results "
-                        f"(default: benchmarks/results/{Path(__file__).stem}.json)")
+    parser = benchmark_parser(__doc__, __file__)
     parser.add_argument("--model")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--views", type=int, default=2)
