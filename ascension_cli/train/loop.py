@@ -179,10 +179,8 @@ def _cache_images(
                 should_stop=lambda: stop.signal_number is not None,
             )
             if cache is None:  # nothing trained yet, so nothing to save
-                name = signal.Signals(stop.signal_number or signal.SIGTERM).name
-                raise Interrupted(f"stopped by {name} while decoding images for "
-                                  "--cache-images, before any training",
-                                  stop.signal_number or signal.SIGTERM)
+                _stopped(stop.signal_number,
+                         "while decoding images for --cache-images, before any training")
             caches.append(cache)
     finally:
         reporter.work_end()
@@ -310,13 +308,15 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _interrupted(signal_number: int, save_dir: Path, epoch: int, step: int) -> None:
-    name = signal.Signals(signal_number).name
-    raise Interrupted(
-        f"stopped by {name} in epoch {epoch} at step {step}; a resumable checkpoint is in "
-        f"{save_dir / LAST}: run the same command with --resume auto to continue",
-        signal_number,
-    )
+def _stopped(signal_number: int | None, what: str) -> None:
+    """Raise ``Interrupted``: "stopped by SIGNAL <what>" (SIGTERM when the signal is unknown)."""
+    number = signal_number or signal.SIGTERM
+    raise Interrupted(f"stopped by {signal.Signals(number).name} {what}", number)
+
+
+def _interrupted(signal_number: int | None, save_dir: Path, epoch: int, step: int) -> None:
+    _stopped(signal_number, f"in epoch {epoch} at step {step}; a resumable checkpoint is in "
+             f"{save_dir / LAST}: run the same command with --resume auto to continue")
 
 
 def train(
@@ -442,17 +442,18 @@ def _train(
 
     # ---- loaders
     train_paths = [data.scan.paths[i] for i in data.train_index]
+    # Large photos are decoded (and cached) at reduced scale, keeping twice the input size for
+    # the crops.
+    keep_side = 2 * spec.image_size
     train_cache = val_cache = None
     if config.cache_images:
         train_cache, val_cache = _cache_images(
-            [train_paths, data.val_paths], 2 * spec.image_size, config.max_image_pixels, reporter,
-            stop,
+            [train_paths, data.val_paths], keep_side, config.max_image_pixels, reporter, stop
         )
     train_set = MultiViewDataset(
         train_paths, train_labels,
         train_transform(config.augment, spec.image_size, spec.mean, spec.std),
-        # Large JPEGs decode at reduced scale, keeping twice the input size for the crops.
-        config.views, config.max_image_pixels, min_side=2 * spec.image_size, cache=train_cache,
+        config.views, config.max_image_pixels, min_side=keep_side, cache=train_cache,
     )
     sampler = ClassBalancedBatchSampler(
         train_labels, config.target_batch, config.batch_size, config.samples_per_class,
@@ -477,7 +478,7 @@ def _train(
         val_set = EvalDataset(
             data.val_paths, data.val_labels,
             eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
-            max_pixels=config.max_image_pixels, min_side=2 * spec.image_size, cache=val_cache,
+            max_pixels=config.max_image_pixels, min_side=keep_side, cache=val_cache,
         )
         val_loader = DataLoader(
             val_set, batch_size=config.batch_size * config.views, shuffle=False, **loader_options
@@ -588,6 +589,12 @@ def _train(
         result.best_recall_at_1 = best
         return result
 
+    def stop_requested() -> bool:
+        stopping = stop.signal_number is not None
+        if distributed.enabled:  # all ranks stop at the same step, or collectives hang
+            stopping = any_rank(stopping, device)
+        return stopping
+
     # ---- the loop
     micro_per_step = sampler.micro_batches_per_step
     consecutive_nonfinite = 0
@@ -663,15 +670,12 @@ def _train(
                 images_seen / elapsed if elapsed > 0 else 0.0,
             )
             done += 1
-            stopping = stop.signal_number is not None
-            if distributed.enabled:  # all ranks stop at the same step, or collectives hang
-                stopping = any_rank(stopping, device)
-            if stopping and done < steps_per_epoch:
+            if stop_requested() and done < steps_per_epoch:
                 save(save_dir / LAST, epoch - 1, {
                     "batches_done": done, "losses": losses, "images": images_seen,
                     "seconds": time.perf_counter() - epoch_started, "waited": waited,
                 })
-                _interrupted(stop.signal_number or signal.SIGTERM, save_dir, epoch, step)
+                _interrupted(stop.signal_number, save_dir, epoch, step)
             if config.max_steps is not None and step >= config.max_steps:
                 break
             wait_started = time.perf_counter()
@@ -701,11 +705,8 @@ def _train(
             _write_metrics(save_dir, result.history)
             _plot(save_dir, result.history)
         reporter.epoch_end(record)
-        stopping = stop.signal_number is not None
-        if distributed.enabled:
-            stopping = any_rank(stopping, device)
-        if stopping and epoch < config.epochs:
-            _interrupted(stop.signal_number or signal.SIGTERM, save_dir, epoch + 1, step)
+        if stop_requested() and epoch < config.epochs:
+            _interrupted(stop.signal_number, save_dir, epoch + 1, step)
         if config.max_steps is not None and step >= config.max_steps:
             reporter.message(f"reached --max-steps {config.max_steps}")
             result.stopped_early = epoch < config.epochs
