@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ascension_cli.retrieval.index import build_index, drop_self, nearest_neighbours, search
+from ascension_cli.retrieval.index import nearest_neighbours
 from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
 
 _MISSING = np.iinfo(np.int64).min  # label of a missing neighbour (id -1): matches no query
@@ -64,11 +64,8 @@ def evaluate(
         sample = rng.choice(len(query_vectors), min(approximate_sample, len(query_vectors)),
                             replace=False)
         k = min(max(ks), depth)
-        exact_index = build_index(gallery_vectors, "flat")
-        extra = 1 if same_set else 0
-        exact_scores, exact_ids = search(exact_index, query_vectors[sample], k + extra)
-        if same_set:
-            exact_ids, _ = drop_self(exact_ids, exact_scores, k, query_ids=sample)
+        exact_ids, _ = nearest_neighbours(query_vectors[sample], gallery_vectors, k, "flat",
+                                          exclude_self=same_set, query_ids=sample)
         approx_ids = ids[sample, :k]
         overlap = [len(set(a) & set(e)) / k for a, e in zip(approx_ids, exact_ids, strict=True)]
         evaluation.approximate_recall = float(np.mean(overlap))

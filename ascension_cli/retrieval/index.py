@@ -110,18 +110,20 @@ def nearest_neighbours(
     chunk: int = 8192,
     on_progress: Callable[[int], None] | None = None,
     exclude_self: bool | None = None,
+    query_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of the ``k`` nearest gallery vectors per query.
 
     ``gallery=None`` searches the queries among themselves. ``exclude_self`` (default: when the
     gallery is the queries) drops gallery item i from query i's results: the same image.
+    ``query_ids``: the gallery id of each query's own item when the queries are a subset.
     """
     if exclude_self is None:
         exclude_self = gallery is None
     index = build_index(queries if gallery is None else gallery, kind)
     if exclude_self:
         scores, ids = search(index, queries, k + 1, chunk, on_progress)
-        ids, scores = drop_self(ids, scores, k)
+        ids, scores = drop_self(ids, scores, k, query_ids)
         return ids, scores
     scores, ids = search(index, queries, k, chunk, on_progress)
     return ids, scores
