@@ -87,7 +87,7 @@ def use_channels_last(model: torch.nn.Module, enabled: bool = True) -> torch.nn.
     ``enabled``; returns the model.
 
     Convolutions run faster on NHWC data with oneDNN (on the CPU, measured 1.4-1.6x for
-    embedding and 1.0-1.8x for a training step, by model) and with cuDNN under AMP; the input
+    embedding and 1.3-1.8x for a training step) and with cuDNN under AMP; the input
     must be NHWC too (``to_input``).
     """
     layout = torch.channels_last if enabled else torch.contiguous_format
