@@ -43,7 +43,9 @@ def test_bench_step_runs_every_configuration(tmp_path):
     data = run_benchmark("bench_step", "--quick", "--image-size", "32", "--repeats", "1",
                          "--json", tmp_path / "step.json")
     assert set(data["results"]) == {"cache 16x8", "naive 16x8", "true batch 128", "plain 16",
+                                    "plain 16, two passes",
                                     "cache 16x8, NCHW"}  # no compile row unless asked
+    assert data["one_micro_batch_speedup"] > 0
     assert all(r["seconds"] > 0 for r in data["results"].values())
     assert data["cache_time_vs_naive"] > 0 and data["compile_speedup"] is None
 

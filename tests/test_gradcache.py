@@ -126,6 +126,33 @@ def test_naive_accumulation_of_one_micro_batch_is_the_plain_step():
     assert relative_error(gradients(model), gradients(reference)) < 1e-5
 
 
+def test_one_micro_batch_takes_the_plain_step_with_one_forward_pass():
+    # Drop-path on, BatchNorm in training mode: the plain step must still give the gradients,
+    # running statistics and RNG use of the cached step over the same batch in two halves.
+    model = make_model("test_efficientnet", drop_path_rate=0.3).train()
+    cached = copy.deepcopy(model)
+    batch, labels = make_batch(images=8, seed=8)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+
+    torch.manual_seed(5)
+    loss = cached_backward(model, [(batch, labels)], loss_fn)
+    torch.manual_seed(5)
+    reference = loss_fn(cached(batch.flatten(0, 1)).view(8, 2, -1), labels)
+    reference.backward()
+
+    assert len(forwards) == 1  # no graph-free first pass
+    assert float(loss) == pytest.approx(float(reference.detach()), rel=1e-6)
+    assert relative_error(gradients(model), gradients(cached)) < 1e-6
+    for ours, theirs in zip(model.buffers(), cached.buffers(), strict=True):
+        assert torch.equal(ours, theirs)
+
+    untouched = make_model()
+    broken = cached_backward(untouched, [(batch, labels)], lambda e, y: loss_fn(e, y) * 1e39)
+    assert not torch.isfinite(broken)
+    assert all(p.grad is None for p in untouched.parameters())
+
+
 def test_non_finite_loss_accumulates_nothing():
     model = make_model()
     batch, labels = make_batch(images=8, seed=7)

@@ -75,8 +75,24 @@ def cached_backward(
             averages parameter gradients over ranks, and the global batch's gradient is their sum.
 
     Returns the detached loss. When it is not finite nothing is accumulated, so the caller can
-    skip the step.
+    skip the step. A single micro-batch (the target batch fits in memory) takes the ordinary
+    step, since caching would only add a graph-free forward pass.
     """
+    if len(micro_batches) == 1:
+        return _plain_backward(model, micro_batches[0], loss_fn, autocast, scale, gather)
+    return _two_pass_backward(model, micro_batches, loss_fn, autocast, scale, no_sync, gather)
+
+
+def _two_pass_backward(
+    model: nn.Module,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    scale: Scale = _identity,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Steps (1)-(3) of the module docstring, for any number of micro-batches."""
     labels = torch.cat([batch_labels for _, batch_labels in micro_batches])
     device = micro_batches[0][0].device
     states, cached = [], []
@@ -112,6 +128,29 @@ def cached_backward(
             with autocast():
                 output = model(_flatten_views(images))
             output.float().backward(gradient)
+    return loss.detach()
+
+
+def _plain_backward(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: LossFn,
+    autocast: Callable[[], AbstractContextManager],
+    scale: Scale,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """One forward and backward over the whole batch: the gradients ``cached_backward`` gives."""
+    images, labels = batch
+    views = images.shape[1] if images.dim() == 5 else 1
+    with autocast():
+        embeddings = model(_flatten_views(images)).float()
+    ranks = 1
+    if gather is not None:
+        embeddings, labels = gather(embeddings), gather(labels)
+        ranks = torch.distributed.get_world_size()
+    loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
+    if torch.isfinite(loss):
+        scale(loss * ranks).backward()
     return loss.detach()
 
 
