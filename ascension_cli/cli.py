@@ -596,7 +596,8 @@ def evaluate_command(
     recolor: Annotated[
         bool | None,
         typer.Option("--recolor", help="With a checkpoint: also embed the queries hue-rotated "
-                     "(90, 180 degrees) and in grayscale, and report Recall@k for each."),
+                     "(90, 180 degrees) and in grayscale, search them where the clean queries "
+                     "were searched (the --gallery, if given), and report Recall@k for each."),
     ] = None,
     show: Annotated[
         int | None, typer.Option(help="Draw this many queries with their top-k results.")
@@ -623,7 +624,7 @@ def evaluate_command(
     with _user_errors():
         from ascension_cli.config import EvalConfig
         from ascension_cli.embed import load_vectors
-        from ascension_cli.retrieval.evaluate import evaluate
+        from ascension_cli.retrieval.evaluate import evaluate, evaluate_recoloured
         from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
 
         settings = resolve(EvalConfig, given)
@@ -657,9 +658,11 @@ def evaluate_command(
             for kind in RECOLORINGS:
                 shifted = _embed(settings.source, settings.image_root, f"embedding ({kind})",
                                  recolor=kind, **embed_options)
-                recolored[kind] = evaluate(
-                    shifted.vectors, shifted.labels, queries.vectors, queries.labels, ks=ks,
-                    index_kind=settings.index, exclude_self=True,
+                recolored[kind] = evaluate_recoloured(
+                    shifted.vectors, queries.labels, queries.vectors,
+                    None if gallery_vectors is None else gallery_vectors.vectors,
+                    None if gallery_vectors is None else gallery_vectors.labels,
+                    ks=ks, index_kind=settings.index,
                 )
         target = gallery_vectors if gallery_vectors is not None else queries
         class_names = target.class_names

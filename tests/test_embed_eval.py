@@ -141,6 +141,41 @@ def test_eval_query_gallery_recolor_and_show(trained, tmp_path):
     assert set(json.loads((tmp_path / "r.json").read_text())["recolor"]) == {
         "hue90", "hue180", "grayscale"}
 
+    # With --gallery the recoloured queries are searched in that gallery, like the clean ones.
+    # A gallery of circles alone: every answerable query (a circle) finds a circle first, clean
+    # or recoloured; searched among the queries instead, they would also meet squares.
+    circles = make_dataset(tmp_path / "circles", classes=1, per_class=4, seed=9)
+    assert invoke("embed", checkpoint, circles, "-o", tmp_path / "c.npz",
+                  "--workers", "0").exit_code == 0
+    against_gallery = invoke("eval", checkpoint, queries, "--gallery", tmp_path / "c.npz",
+                             "--recolor", "--workers", "0", "--json", tmp_path / "rg.json")
+    assert against_gallery.exit_code == 0, against_gallery.output
+    metrics = json.loads((tmp_path / "rg.json").read_text())
+    assert metrics["queries"] == 3 and set(metrics["recall_at_k"].values()) == {1.0}
+    for kind in ("hue90", "hue180", "grayscale"):
+        assert metrics["recolor"][kind] == metrics["recall_at_k"]
+
+
+def test_recoloured_queries_are_searched_where_the_clean_ones_were():
+    from ascension_cli.retrieval.evaluate import evaluate, evaluate_recoloured
+
+    # Each query's nearest gallery item is of another class; its nearest other query is of its
+    # own class. Searched among the queries (the old mistake) the recoloured row would read 1.0.
+    queries = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.14, 0.99]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    gallery = np.array([[0.9, 0.44], [0.44, 0.9]], np.float32)
+    gallery_labels = np.array([1, 0])
+    clean = evaluate(queries, labels, gallery, gallery_labels, ks=(1,))
+    same = evaluate_recoloured(queries, labels, queries, gallery, gallery_labels, ks=(1,))
+    assert clean.report.recall_at_k == same.report.recall_at_k == {1: 0.0}
+    assert np.array_equal(same.neighbour_ids, clean.neighbour_ids)
+
+    # Without a gallery: among the clean queries, each query's own clean vector left out.
+    alone = evaluate(queries, labels, ks=(1,))
+    alone_recoloured = evaluate_recoloured(queries, labels, queries, ks=(1,))
+    assert alone.report.recall_at_k == alone_recoloured.report.recall_at_k == {1: 1.0}
+    assert np.array_equal(alone_recoloured.neighbour_ids, alone.neighbour_ids)
+
 
 def raw(path, content: bytes):
     path.write_bytes(content)

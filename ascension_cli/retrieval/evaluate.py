@@ -70,3 +70,26 @@ def evaluate(
         overlap = [len(set(a) & set(e)) / k for a, e in zip(approx_ids, exact_ids, strict=True)]
         evaluation.approximate_recall = float(np.mean(overlap))
     return evaluation
+
+
+def evaluate_recoloured(
+    recoloured_vectors: np.ndarray,
+    labels: np.ndarray,
+    clean_vectors: np.ndarray,
+    gallery_vectors: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    **options,
+) -> Evaluation:
+    """Recoloured queries searched where the clean queries were, so the two rows compare.
+
+    Row i of ``recoloured_vectors`` and of ``clean_vectors`` is the same image (label
+    ``labels[i]``). With a gallery, the recoloured queries go against that gallery, exactly as
+    the clean ones did. Without one, the clean queries were searched among themselves, so the
+    recoloured ones are searched among the clean queries with their own clean vector excluded.
+    ``options`` are ``evaluate``'s (ks, index_kind, ...).
+    """
+    if gallery_vectors is None:
+        return evaluate(recoloured_vectors, labels, clean_vectors, labels, exclude_self=True,
+                        **options)
+    return evaluate(recoloured_vectors, labels, gallery_vectors, gallery_labels,
+                    exclude_self=False, **options)
