@@ -191,9 +191,13 @@ class RichReporter:
             "" if record.data_wait_fraction is None
             else f"  data wait {record.data_wait_fraction:.0%}"
         )
+        marks = [word for word, shown in (("best", record.best),
+                                          ("below the untrained model", record.below_untrained))
+                 if shown]
+        mark = f" ({', '.join(marks)})" if marks else ""
         self.console.print(
             f"epoch {record.epoch:>3}  step {record.step:>6}  loss {loss}  lr {record.lr:.2e}  "
-            f"val recall@1 {recall}{' (best)' if record.best else ''}  {speed} img/s  "
+            f"val recall@1 {recall}{mark}  {speed} img/s  "
             f"{record.seconds:.1f}s{wait}",
             highlight=False,
             soft_wrap=True,
@@ -376,13 +380,19 @@ def train(
         result = run_training(settings, RichReporter(console))
         trained = [r for r in result.history if r.loss is not None]
         if trained:
-            best = result.best_recall_at_1
+            best, untrained = result.best_recall_at_1, result.untrained_recall_at_1
             best_text = "-" if best is None else f"{best:.4f}"
             console.print(
                 f"done: {len(trained)} epoch(s) this run, best validation recall@1 {best_text}; "
                 f"checkpoints in {result.save_dir}",
                 highlight=False,
             )
+            if best is not None and untrained is not None and best <= untrained:
+                console.print(
+                    f"note: training has not yet beaten the untrained model (validation "
+                    f"recall@1 {untrained:.4f} before training); best.pt holds the best trained "
+                    "epoch. Train longer, or lower --lr.", highlight=False,
+                )
 
 
 def _torchrun_arguments(given: dict[str, Any], config: Path | None) -> list[str]:

@@ -107,3 +107,21 @@ def test_demo_runs_briefly(tmp_path):
     assert result.exit_code == 0, result.output
     assert "validation recall@1: before training" in result.output
     assert len(list((tmp_path / "digits").iterdir())) == 10
+
+
+def test_epoch_line_says_when_training_is_below_the_untrained_model():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ascension_cli.cli import RichReporter
+    from ascension_cli.train.loop import EpochRecord
+
+    out = StringIO()
+    reporter = RichReporter(Console(file=out, width=200))
+    reporter.epoch_end(EpochRecord(1, 10, 2.5, 1e-3, 0.55, 100.0, 3.0, best=True,
+                                   below_untrained=True))
+    reporter.epoch_end(EpochRecord(2, 20, 2.0, 1e-3, 0.70, 100.0, 3.0, best=True))
+    first, second = [line for line in out.getvalue().splitlines() if line]
+    assert "val recall@1 0.5500 (best, below the untrained model)" in first
+    assert "val recall@1 0.7000 (best)" in second and "untrained" not in second

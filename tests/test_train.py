@@ -55,6 +55,10 @@ def test_training_writes_checkpoints_metrics_plot_and_config(dataset, tmp_path):
         assert record["images_per_second"] > 0 and record["seconds"] > 0
         assert set(record) >= {"epoch", "step", "loss", "lr", "val_recall_at_1",
                                "images_per_second", "seconds"}
+    untrained = records[0]["val_recall_at_1"]
+    assert result.untrained_recall_at_1 == untrained
+    for record in records[1:]:
+        assert record["below_untrained"] == (record["val_recall_at_1"] <= untrained)
     # 24 training images / target batch 8 = 3 optimizer steps per epoch.
     assert records[-1]["step"] == 6 and reporter.steps == 6
 

@@ -105,6 +105,7 @@ class EpochRecord:
     data_wait_fraction: float | None = None
     nonfinite_steps: int = 0
     best: bool = False
+    below_untrained: bool = False  # validation recall@1 not above the untrained model's
 
 
 @dataclass
@@ -113,6 +114,12 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_recall_at_1: float | None = None
     stopped_early: bool = False
+
+    @property
+    def untrained_recall_at_1(self) -> float | None:
+        """Validation recall@1 of the model before training (epoch 0), when measured."""
+        first = self.history[0] if self.history else None
+        return first.val_recall_at_1 if first is not None and first.epoch == 0 else None
 
 
 @dataclass
@@ -317,6 +324,10 @@ def _stopped(signal_number: int | None, what: str) -> None:
 def _interrupted(signal_number: int | None, save_dir: Path, epoch: int, step: int) -> None:
     _stopped(signal_number, f"in epoch {epoch} at step {step}; a resumable checkpoint is in "
              f"{save_dir / LAST}: run the same command with --resume auto to continue")
+
+
+def _below(recall: float | None, untrained: float | None) -> bool:
+    return recall is not None and untrained is not None and recall <= untrained
 
 
 def train(
@@ -696,6 +707,7 @@ def _train(
             data_wait_fraction=waited / train_seconds if train_seconds > 0 else None,
             nonfinite_steps=nonfinite_total,
             best=improved,
+            below_untrained=_below(recall, result.untrained_recall_at_1),
         )
         result.history.append(record)
         save(save_dir / LAST, epoch)
