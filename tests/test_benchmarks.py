@@ -60,3 +60,23 @@ def test_bench_data_and_bench_embed_run_on_a_folder(dataset, tmp_path):
     assert embed["images"] == 32 and embed["ours_vs_hand_written"] > 0
     # Same images, same model: our pipeline and the hand-written loop agree.
     assert embed["mean_cosine_between_outputs"] > 0.95
+
+
+def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=3, per_class=10)
+    result = run_benchmark(
+        "bench_quality", "--sets", data, "--model", "test_efficientnet", "--weights", "none",
+        "--image-size", "32", "--epochs", "1", "--variant", "linear:head=linear,lr=1e-3",
+        "--json", tmp_path / "quality.json", timeout=600,
+    )
+    by_system = result["results"]["shapes"]
+    assert list(by_system) == ["frozen", "plain", "ascension", "linear"]
+    for system, summary in by_system.items():
+        figures = summary["mean"]
+        assert 0 <= figures["recall_at_1"] <= figures["recall_at_5"] <= 1, system
+        assert {"map_at_r", "recall_at_1_hue90", "recall_at_1_grayscale"} <= set(figures)
+        assert (figures["train_seconds"] > 0) == (system != "frozen")
+    assert result["variants"] == {"linear": {"head": "linear", "lr": 0.001}}
+    assert isinstance(result["defaults_win_everywhere"], bool)

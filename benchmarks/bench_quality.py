@@ -1,0 +1,318 @@
+"""Retrieval quality on real photos: Ascension's defaults against frozen features and a plain loop.
+
+Each data set (a class-per-folder tree) is split once, by ``--split-seed``, into train / val /
+test per class. Every system trains on train; queries are the test photos and the gallery is the
+train photos, so the figures are on photos no system trained on. Val is for tuning (``--on val``
+reports it instead of test); the test split is never used for a choice. Systems:
+
+- ``frozen``: the pretrained backbone's pooled features, no training;
+- ``plain``: the loop a user would write on pytorch-metric-learning (SupConLoss,
+  MPerClassSampler m=4, AdamW 3e-4 wd 1e-4, batch 32 x 2 views, crop/flip/20 % grayscale, fp32,
+  loss on the backbone features), the baseline every ratio is taken against;
+- ``ascension``: ``TrainConfig`` defaults through the Python API (``train``), evaluated from
+  ``best.pt`` (chosen on val) with the features ``ascension embed`` gives by default;
+- ``--variant NAME:key=value,key=value``: Ascension with those ``TrainConfig`` options changed
+  (and ``features=head`` to evaluate the projection head's output instead of the backbone's).
+
+Reported per set and system: Recall@1/5, MAP@R, Recall@1 of hue-rotated (90 and 180 degrees) and
+grayscale queries against the clean gallery, training wall time, and the ratios of Recall@1 and
+time to ``plain``. With several ``--seeds`` (training seeds; the split stays fixed) each figure
+is a mean, with its spread in the JSON.
+
+    python benchmarks/bench_quality.py --quick          # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_quality.py --seeds 0 1 2    # the 5-epoch protocol of BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import ROOT, SHARED_DATA, benchmark_parser, print_table, write_json
+
+RECOLOURED = ("hue90", "hue180", "grayscale")
+WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
+
+
+@dataclass
+class Split:
+    name: str
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def part(self, which: str) -> tuple[list[Path], np.ndarray]:
+        index = getattr(self, which)
+        return [self.paths[i] for i in index], self.labels[index]
+
+
+def split_set(root: Path, seed: int, test_fraction: float, val_fraction: float,
+              max_per_class: int | None) -> Split:
+    """A fixed per-class split; ``max_per_class`` first keeps a seeded subset of each class."""
+    from ascension_cli.data.folder import scan_folder
+
+    scan = scan_folder(root)
+    keep = []
+    for label in range(len(scan.classes)):
+        members = np.flatnonzero(scan.labels == label)
+        members = members[np.random.default_rng([seed, label, 7]).permutation(len(members))]
+        keep.append(members[:max_per_class] if max_per_class else members)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for label, members in enumerate(keep):
+        members = members[np.random.default_rng([seed, label]).permutation(len(members))]
+        n_test = max(2, round(len(members) * test_fraction))
+        n_val = max(2, round(len(members) * val_fraction))
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test:n_test + n_val])
+        parts["train"].append(members[n_test + n_val:])
+    index = {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+    return Split(root.name, scan.classes, scan.paths, scan.labels, **index)
+
+
+def link_tree(destination: Path, split: Split, which: str) -> Path:
+    """The part as a class-per-folder tree of symbolic links, the input ``train`` reads."""
+    paths, labels = split.part(which)
+    for number, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        folder = destination / split.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{number:06d}{path.suffix}").symlink_to(path.resolve())
+    return destination
+
+
+def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dict:
+    """Queries (``on``: test or val) against the train photos as gallery, clean and recoloured."""
+    from ascension_cli.embed import embed_images
+    from ascension_cli.retrieval.evaluate import evaluate
+
+    def vectors(which: str, recolor: str | None = None):
+        paths, labels = split.part(which)
+        features, found, _ = embed_images(model, spec, paths, labels, kind=kind,
+                                          batch_size=batch_size, workers=0, recolor=recolor)
+        return features, found
+
+    gallery, gallery_labels = vectors("train")
+    figures = {}
+    for recolor in (None, *RECOLOURED):
+        queries, query_labels = vectors(on, recolor)
+        report = evaluate(queries, query_labels, gallery, gallery_labels, ks=(1, 5)).report
+        if recolor is None:
+            figures.update(recall_at_1=report.recall_at_k[1], recall_at_5=report.recall_at_k[5],
+                           map_at_r=report.map_at_r)
+        else:
+            figures[f"recall_at_1_{recolor}"] = report.recall_at_k[1]
+    return figures
+
+
+def backbone_model(args):
+    """The pretrained trunk as an ``EmbeddingModel`` (its head unused: backbone features)."""
+    from ascension_cli.model import build_model
+
+    return build_model(args.model, image_size=args.image_size, pretrained=args.weights is not None,
+                       weights=args.weights)
+
+
+def run_frozen(split: Split, args, seed: int) -> dict:
+    model, spec = backbone_model(args)
+    return {"train_seconds": 0.0, **score(model, spec, "backbone", split, args.on, 64)}
+
+
+def run_plain(split: Split, args, seed: int) -> dict:
+    """The baseline: a plain pytorch-metric-learning loop, as a user would write it."""
+    from PIL import Image
+    from pytorch_metric_learning.losses import SupConLoss
+    from pytorch_metric_learning.samplers import MPerClassSampler
+    from torchvision import transforms as T
+
+    torch.manual_seed(seed)
+    model, spec = backbone_model(args)
+    augment = T.Compose([
+        T.RandomResizedCrop(spec.image_size), T.RandomHorizontalFlip(), T.RandomGrayscale(0.2),
+        T.ToTensor(), T.Normalize(spec.mean, spec.std),
+    ])
+    paths, labels = split.part("train")
+
+    class TwoViews(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            with Image.open(paths[i]) as image:
+                image = image.convert("RGB")
+                return torch.stack([augment(image), augment(image)]), int(labels[i])
+
+    # 32 images of 8 classes; fewer classes (a tiny smoke-test set) make the batch smaller.
+    batch = min(32, 4 * len(np.unique(labels)))
+    sampler = MPerClassSampler(labels, m=4, batch_size=batch,
+                               length_before_new_iter=max(len(labels), batch))
+    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, sampler=sampler,
+                                         drop_last=True)
+    loss_fn = SupConLoss(temperature=0.1)
+    optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=3e-4, weight_decay=1e-4)
+    started = time.perf_counter()
+    model.train()
+    for _ in range(args.epochs):
+        for views, batch_labels in loader:
+            embeddings = model.backbone(views.flatten(0, 1))
+            loss = loss_fn(embeddings, batch_labels.repeat_interleave(2))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    seconds = time.perf_counter() - started
+    return {"train_seconds": seconds, **score(model, spec, "backbone", split, args.on, 64)}
+
+
+def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
+    from ascension_cli.config import TrainConfig
+    from ascension_cli.embed import load_model
+    from ascension_cli.train.loop import BEST, LAST, train
+
+    options = dict(options)
+    features = options.pop("features", "backbone")  # which vectors are evaluated
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    try:
+        values = dict(
+            data_root=link_tree(work / "train", split, "train"),
+            val_root=link_tree(work / "val", split, "val"),
+            model=args.model, image_size=args.image_size, epochs=args.epochs, seed=seed,
+            save_dir=work / "run", **options,
+        )
+        if args.weights is None:
+            values["pretrained"] = False
+        else:
+            values["weights"] = args.weights
+        config = TrainConfig(**values)
+        started = time.perf_counter()
+        result = train(config)
+        seconds = time.perf_counter() - started
+        best = work / "run" / BEST
+        model, spec, _ = load_model(best if best.is_file() else work / "run" / LAST)
+        figures = score(model, spec, features, split, args.on, 64)
+        validated = [r.val_recall_at_1 for r in result.history]
+        return {"train_seconds": seconds, "val_recall_at_1_by_epoch": validated,
+                "steps": result.history[-1].step, **figures}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,key=value`` -> (name, TrainConfig options); numbers (``1e-3`` too, which
+    YAML reads as text) become numbers, other values are parsed as YAML."""
+    import yaml
+
+    def value_of(value: str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return yaml.safe_load(value)
+
+    name, _, body = text.partition(":")
+    options = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip().replace("-", "_")] = value_of(value.strip())
+    return name, options
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, float | int)]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    spread = {k: float(np.std([r[k] for r in runs])) for k in keys}
+    return {"mean": mean, "std": spread, "runs": runs}
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, __file__)
+    parser.add_argument("--sets", nargs="+", type=Path,
+                        help="class-per-folder trees (default: every set under ../shared/data)")
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS if WEIGHTS.is_file() else None,
+                        help="timm weights file (default: ../shared/weights' lite0; 'none' "
+                        "trains from scratch)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, help="default: 5 (--quick: 2)")
+    parser.add_argument("--max-per-class", type=int,
+                        help="keep this many photos of each class (default: all; --quick: 150)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--on", choices=("test", "val"), default="test",
+                        help="queries: the test split (report) or the val split (tuning)")
+    parser.add_argument("--systems", nargs="+", default=["frozen", "plain", "ascension"])
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:key=value,... Ascension with these TrainConfig options")
+    args = parser.parse_args()
+    if args.weights is not None and str(args.weights).lower() == "none":
+        args.weights = None
+    args.epochs = args.epochs or (2 if args.quick else 5)
+    args.max_per_class = args.max_per_class or (150 if args.quick else None)
+    sets = args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+    variants = dict(parse_variant(text) for text in args.variant)
+    systems = {name: None for name in args.systems} | variants
+
+    results: dict[str, dict] = {}
+    for root in sets:
+        split = split_set(root, args.split_seed, args.test_fraction, args.val_fraction,
+                          args.max_per_class)
+        results[split.name] = {}
+        print(f"{split.name}: {len(split.classes)} classes, train {len(split.train)}, "
+              f"val {len(split.val)}, test {len(split.test)}", flush=True)
+        for system, options in systems.items():
+            runs = []
+            for seed in args.seeds if system != "frozen" else args.seeds[:1]:
+                if system == "frozen":
+                    figures = run_frozen(split, args, seed)
+                elif system == "plain":
+                    figures = run_plain(split, args, seed)
+                else:
+                    figures = run_ascension(split, args, seed, options or {})
+                runs.append({"seed": seed, **figures})
+                print(f"  {system} seed {seed}: R@1 {figures['recall_at_1']:.4f} "
+                      f"in {figures['train_seconds']:.0f} s", flush=True)
+            results[split.name][system] = summarise(runs)
+
+    rows = []
+    for name, by_system in results.items():
+        plain = by_system.get("plain", {}).get("mean")
+        for system, summary in by_system.items():
+            m, s = summary["mean"], summary["std"]
+            worst = min(m[f"recall_at_1_{kind}"] for kind in RECOLOURED)
+            ratio = f"{m['recall_at_1'] / plain['recall_at_1']:.3f}" if plain else "-"
+            time_ratio = (f"{m['train_seconds'] / plain['train_seconds']:.2f}"
+                          if plain and plain["train_seconds"] and m["train_seconds"] else "-")
+            spread = f" ±{s['recall_at_1']:.3f}" if len(summary["runs"]) > 1 else ""
+            rows.append([name, system, f"{m['recall_at_1']:.4f}{spread}",
+                         f"{m['recall_at_5']:.4f}", f"{m['map_at_r']:.4f}",
+                         f"{m['recall_at_1_hue180']:.4f}", f"{m['recall_at_1_grayscale']:.4f}",
+                         f"{worst - m['recall_at_1']:+.4f}", f"{m['train_seconds']:.0f}",
+                         ratio, time_ratio])
+            summary["recolour_gap"] = worst - m["recall_at_1"]
+    print_table(
+        f"retrieval on the {args.on} split ({args.epochs} epochs, {args.model} at "
+        f"{args.image_size} px, seeds {args.seeds})",
+        ["set", "system", "R@1", "R@5", "MAP@R", "R@1 hue180", "R@1 gray", "recolour gap",
+         "train s", "R@1 / plain", "time / plain"], rows,
+    )
+    write_json("bench_quality", {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("json", "sets")} | {"sets": [str(s) for s in sets]},
+        "variants": variants, "results": results,
+        "defaults_win_everywhere": all(
+            by["ascension"]["mean"]["recall_at_1"] > by["plain"]["mean"]["recall_at_1"]
+            for by in results.values() if "ascension" in by and "plain" in by
+        ) if all("ascension" in by and "plain" in by for by in results.values()) else None,
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()
