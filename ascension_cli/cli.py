@@ -223,9 +223,25 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs." + _default("epochs"))] = None,
     warmup_epochs: Annotated[
         float | None,
-        typer.Option(help="Linear LR warmup, then cosine decay." + _default("warmup_epochs")),
+        typer.Option(help="Linear LR warmup, then cosine decay. (default: 5% of the run's "
+                     "optimizer steps)"),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate." + _default("lr"))] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate for 32 images per step; --lr-scaling turns it "
+                     "into the step's LR (linear: x --target-batch/32, so 128 gives 4x)."
+                     + _default("lr")),
+    ] = None,
+    lr_scaling: Annotated[
+        str | None,
+        typer.Option(help="How --lr follows --target-batch: linear, sqrt or none."
+                     + _default("lr_scaling")),
+    ] = None,
+    backbone_lr_scale: Annotated[
+        float | None,
+        typer.Option(help="The backbone's LR as a share of the head's, with --head mlp or "
+                     "linear." + _default("backbone_lr_scale")),
+    ] = None,
     weight_decay: Annotated[
         float | None, typer.Option(help="AdamW weight decay." + _default("weight_decay"))
     ] = None,
@@ -241,10 +257,14 @@ def train(
     ] = None,
     embedding_dim: Annotated[
         int | None,
-        typer.Option(help="Projection head output size." + _default("embedding_dim")),
+        typer.Option(help="Projection head output size, with --head mlp or linear."
+                     + _default("embedding_dim")),
     ] = None,
     head: Annotated[
-        str | None, typer.Option(help="Projection head: mlp or linear." + _default("head"))
+        str | None,
+        typer.Option(help="What the loss trains: none (the pooled backbone features, which "
+                     "retrieval uses), or an mlp or linear projection head on them."
+                     + _default("head")),
     ] = None,
     pretrained: Annotated[
         bool | None,

@@ -19,7 +19,8 @@ from ascension_cli.errors import ConfigError
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Accumulation = Literal["cache", "naive"]
 Augment = Literal["color-agnostic", "standard", "none"]
-Head = Literal["mlp", "linear"]
+Head = Literal["none", "mlp", "linear"]
+LrScaling = Literal["linear", "sqrt", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -36,14 +37,30 @@ class TrainConfig(BaseModel):
         128, ge=2, description="Images per optimizer step: the contrastive batch SupCon sees."
     )
     epochs: int = Field(50, ge=1)
-    warmup_epochs: float = Field(5.0, ge=0)
-    lr: float = Field(3e-4, gt=0, le=10)
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="Linear LR warmup in epochs; none given: see schedule.WARMUP."
+    )
+    lr: float = Field(
+        3e-4, gt=0, le=10,
+        description="Peak learning rate for 32 images per step; --lr-scaling adapts it to "
+        "--target-batch.",
+    )
+    lr_scaling: LrScaling = Field(
+        "linear",
+        description="How --lr follows --target-batch: linear (x target/32), sqrt, or none.",
+    )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="The pretrained backbone's LR as a share of --lr."
+    )
     weight_decay: float = Field(0.05, ge=0)
     temperature: float = Field(0.1, gt=0, le=10)
     model: str = Field("tf_efficientnetv2_m", min_length=1)
     image_size: int | None = Field(None, ge=16, le=4096)
     embedding_dim: int = Field(128, ge=2, le=65536)
-    head: Head = "mlp"
+    head: Head = Field(
+        "none", description="Projection head trained by the loss: none (the pooled features "
+        "themselves, what retrieval uses), mlp or linear."
+    )
     pretrained: bool = True
     weights: Path | None = None
     precision: Precision = "auto"
@@ -104,7 +121,7 @@ class TrainConfig(BaseModel):
                 f"--samples-per-class ({self.samples_per_class}) cannot exceed "
                 f"--target-batch ({self.target_batch})"
             )
-        if self.warmup_epochs > self.epochs:
+        if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"--warmup-epochs ({self.warmup_epochs}) cannot exceed --epochs ({self.epochs})"
             )

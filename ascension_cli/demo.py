@@ -58,9 +58,10 @@ def run_demo(
         epochs=epochs,
         warmup_epochs=min(2, epochs),
         # A tiny network from scratch collapses (every embedding equal) at tau 0.1; a softer
-        # temperature and a high LR lift it out within a few epochs.
+        # temperature and a high LR (3e-3 per step: --lr is per 32 images) lift it out within a
+        # few epochs.
         temperature=0.5,
-        lr=3e-3,
+        lr=7.5e-4,
         augment="color-agnostic",
         val_fraction=0.2,
         workers=workers,

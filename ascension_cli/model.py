@@ -45,7 +45,11 @@ class ModelSpec:
 
 
 class EmbeddingModel(nn.Module):
-    """Backbone pooled features -> projection head -> L2-normalised embedding."""
+    """Backbone pooled features -> projection head -> L2-normalised embedding.
+
+    ``head="none"`` trains the pooled features themselves (``forward`` equals ``features``):
+    the loss then shapes exactly the vectors that retrieval uses.
+    """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, head: str = "mlp"):
         super().__init__()
@@ -57,6 +61,8 @@ class EmbeddingModel(nn.Module):
             )
         elif head == "linear":
             self.head = nn.Linear(width, embedding_dim)
+        elif head == "none":
+            self.head = nn.Identity()
         else:
             raise ValueError(f"unknown head {head!r}")
 
@@ -211,7 +217,7 @@ def build_model(
     input_size = cfg.get("input_size", (3, 224, 224))
     spec = ModelSpec(
         name=name,
-        embedding_dim=embedding_dim,
+        embedding_dim=int(backbone.num_features) if head == "none" else embedding_dim,
         head=head,
         image_size=int(image_size or input_size[-1]),
         mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -219,7 +225,7 @@ def build_model(
         crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
         num_features=int(backbone.num_features),
     )
-    return EmbeddingModel(backbone, embedding_dim, head), spec
+    return EmbeddingModel(backbone, spec.embedding_dim, head), spec
 
 
 def model_from_spec(spec: ModelSpec) -> EmbeddingModel:

@@ -17,9 +17,11 @@ def make(tmp_path: Path, file_text: str | None = None, suffix: str = ".yaml", **
 def test_defaults_are_the_documented_ones(tmp_path):
     config = make(tmp_path)
     assert (config.batch_size, config.target_batch, config.epochs) == (16, 128, 50)
-    assert (config.warmup_epochs, config.lr, config.temperature) == (5, 3e-4, 0.1)
+    assert (config.warmup_epochs, config.lr, config.temperature) == (None, 3e-4, 0.1)
+    assert (config.lr_scaling, config.backbone_lr_scale) == ("linear", 1.0)
     assert config.model == "tf_efficientnetv2_m"
-    assert (config.embedding_dim, config.views, config.samples_per_class) == (128, 2, 4)
+    assert (config.head, config.embedding_dim) == ("none", 128)
+    assert (config.views, config.samples_per_class) == (2, 4)
     assert (config.accumulation, config.augment, config.precision) == (
         "cache", "color-agnostic", "auto")
     assert (config.channels_last, config.cache_images, config.compile) == (True, False, False)
@@ -42,6 +44,9 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"views": 1, "samples_per_class": 1}, "--samples-per-class must be at least 2"),
         ({"weights": "missing.safetensors"}, "--weights"),
         ({"temperature": 0}, "--temperature"),
+        ({"lr_scaling": "cubic"}, "--lr-scaling"),
+        ({"backbone_lr_scale": 0}, "--backbone-lr-scale"),
+        ({"head": "deep"}, "--head"),
     ],
 )
 def test_invalid_options_name_the_option(tmp_path, options, message):

@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     train(TrainConfig(
         data_root=data, save_dir=root / "run", model="test_convnext", pretrained=False,
         image_size=32, batch_size=4, target_batch=8, samples_per_class=2, epochs=1,
-        warmup_epochs=0, workers=0, val_fraction=0.25,
+        warmup_epochs=0, workers=0, val_fraction=0.25, head="mlp",  # so head != backbone
     ))
     return root, data, root / "run" / "last.pt"
 

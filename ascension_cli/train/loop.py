@@ -56,7 +56,7 @@ from ascension_cli.runtime import (
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.distributed import any_rank, gather_with_grad, init_distributed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
-from ascension_cli.train.schedule import adamw, warmup_cosine
+from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -441,9 +441,10 @@ def _train(
         trained_model = compile_model(trained_model)
         reporter.message("--compile: the first steps compile the model, which takes minutes")
 
+    step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
     resolved = to_plain(config)
     resolved.update(image_size=spec.image_size, workers=workers, resolved_device=str(device),
-                    resolved_precision=precision)
+                    resolved_precision=precision, step_lr=step_lr)
     if distributed.enabled:
         resolved.update(processes=distributed.world_size)
     if distributed.is_main:
@@ -506,10 +507,9 @@ def _train(
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = adamw(model, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(config.warmup_epochs * steps_per_epoch))
-    )
+    optimizer = adamw(model, step_lr, config.weight_decay, config.backbone_lr_scale)
+    warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = partial(supcon_loss, temperature=config.temperature)
     backward = cached_backward if config.accumulation == "cache" else accumulated_backward

@@ -25,14 +25,52 @@ def warmup_cosine(
     return factor
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and normalisation weights (1-d parameters)."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
+# --lr is the learning rate of a step over this many images (a plain loop's batch size).
+LR_REFERENCE_BATCH = 32
+
+
+def scaled_lr(lr: float, target_batch: int, rule: str) -> float:
+    """The learning rate of a step over ``target_batch`` images, from ``lr`` for
+    ``LR_REFERENCE_BATCH`` images: ``linear`` keeps lr x steps per epoch constant, so a larger
+    contrastive batch, with fewer steps, still moves the weights as far in the same epochs."""
+    ratio = target_batch / LR_REFERENCE_BATCH
+    factors = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}
+    if rule not in factors:
+        raise ValueError(f"unknown LR scaling {rule!r}")
+    return lr * factors[rule]
+
+
+# Warmup when --warmup-epochs is not given: this share of all optimizer steps.
+WARMUP_SHARE = 0.05
+
+
+def warmup_steps(warmup_epochs: float | None, steps_per_epoch: int, total_steps: int) -> int:
+    """Warmup length in optimizer steps: ``warmup_epochs`` when given, else ``WARMUP_SHARE``
+    of the run, so a short run does not spend most of its few steps warming up."""
+    if warmup_epochs is None:
+        return round(WARMUP_SHARE * total_steps)
+    return round(warmup_epochs * steps_per_epoch)
+
+
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and normalisation weights (1-d parameters), and
+    ``backbone_lr_scale * lr`` for the parameters under ``model.backbone``.
+
+    With the scale at 1 there are two groups (decay, no decay), as in earlier versions, so
+    their checkpoints' optimizer states still load.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
+            backbone = backbone_lr_scale != 1.0 and name.startswith("backbone.")
+            groups.setdefault((backbone, parameter.ndim <= 1), []).append(parameter)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr * (backbone_lr_scale if backbone else 1.0),
+             "weight_decay": 0.0 if flat else weight_decay}
+            for (backbone, flat), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
