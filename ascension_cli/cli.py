@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ascension_cli import __version__
-from ascension_cli.config import TrainConfig, resolve
+from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE, TrainConfig, resolve
 from ascension_cli.errors import AscensionError
 
 if TYPE_CHECKING:
@@ -223,14 +223,14 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs." + _default("epochs"))] = None,
     warmup_epochs: Annotated[
         float | None,
-        typer.Option(help="Linear LR warmup, then cosine decay. (default: 5% of the run's "
-                     "optimizer steps)"),
+        typer.Option(help="Linear LR warmup, then cosine decay. (default: "
+                     f"{WARMUP_SHARE:.0%} of the run's optimizer steps)"),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Peak learning rate for 32 images per step; --lr-scaling turns it "
-                     "into the step's LR (linear: x --target-batch/32, so 128 gives 4x)."
-                     + _default("lr")),
+        typer.Option(help=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; "
+                     "--lr-scaling turns it into the step's LR (linear: x --target-batch/"
+                     f"{LR_REFERENCE_BATCH})." + _default("lr")),
     ] = None,
     lr_scaling: Annotated[
         str | None,

@@ -23,6 +23,11 @@ Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
+# --lr is the learning rate of a step over this many images (a plain loop's batch size).
+LR_REFERENCE_BATCH = 32
+# Warmup when --warmup-epochs is not given: this share of all optimizer steps.
+WARMUP_SHARE = 0.05
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -38,16 +43,16 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(50, ge=1)
     warmup_epochs: float | None = Field(
-        None, ge=0, description="Linear LR warmup in epochs; none given: see schedule.WARMUP."
+        None, ge=0, description="Linear LR warmup in epochs; none given: WARMUP_SHARE of the "
+        "optimizer steps."
     )
     lr: float = Field(
         3e-4, gt=0, le=10,
-        description="Peak learning rate for 32 images per step; --lr-scaling adapts it to "
-        "--target-batch.",
+        description="Peak learning rate for LR_REFERENCE_BATCH images per step; --lr-scaling "
+        "adapts it to --target-batch.",
     )
     lr_scaling: LrScaling = Field(
-        "linear",
-        description="How --lr follows --target-batch: linear (x target/32), sqrt, or none.",
+        "linear", description="How --lr follows --target-batch: linear, sqrt, or none."
     )
     backbone_lr_scale: float = Field(
         1.0, gt=0, le=1, description="The pretrained backbone's LR as a share of --lr."

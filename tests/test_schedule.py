@@ -6,15 +6,9 @@ import pytest
 import timm
 import torch
 
+from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE
 from ascension_cli.model import EmbeddingModel
-from ascension_cli.train.schedule import (
-    LR_REFERENCE_BATCH,
-    WARMUP_SHARE,
-    adamw,
-    scaled_lr,
-    warmup_cosine,
-    warmup_steps,
-)
+from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
 
 
 def test_lr_follows_the_target_batch_by_the_chosen_rule():

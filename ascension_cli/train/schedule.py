@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE
+
 
 def warmup_cosine(
     total_steps: int, warmup_steps: int, min_ratio: float = 0.01
@@ -25,10 +27,6 @@ def warmup_cosine(
     return factor
 
 
-# --lr is the learning rate of a step over this many images (a plain loop's batch size).
-LR_REFERENCE_BATCH = 32
-
-
 def scaled_lr(lr: float, target_batch: int, rule: str) -> float:
     """The learning rate of a step over ``target_batch`` images, from ``lr`` for
     ``LR_REFERENCE_BATCH`` images: ``linear`` keeps lr x steps per epoch constant, so a larger
@@ -38,10 +36,6 @@ def scaled_lr(lr: float, target_batch: int, rule: str) -> float:
     if rule not in factors:
         raise ValueError(f"unknown LR scaling {rule!r}")
     return lr * factors[rule]
-
-
-# Warmup when --warmup-epochs is not given: this share of all optimizer steps.
-WARMUP_SHARE = 0.05
 
 
 def warmup_steps(warmup_epochs: float | None, steps_per_epoch: int, total_steps: int) -> int:
