@@ -19,7 +19,7 @@ grayscale queries against the clean gallery, training wall time, and the ratios 
 time to ``plain``. With several ``--seeds`` (training seeds; the split stays fixed) each figure
 is a mean, with its spread in the JSON.
 
-    python benchmarks/bench_quality.py --quick          # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_quality.py --quick          # about 5 minutes on a 2-core CPU
     python benchmarks/bench_quality.py --seeds 0 1 2    # the 5-epoch protocol of BENCHMARKS.md
 """
 
