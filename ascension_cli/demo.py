@@ -58,10 +58,12 @@ def run_demo(
         epochs=epochs,
         warmup_epochs=min(2, epochs),
         # A tiny network from scratch collapses (every embedding equal) at tau 0.1; a softer
-        # temperature and a high LR (3e-3 per step: --lr is per 32 images) lift it out within a
-        # few epochs.
+        # temperature, a high LR (3e-3 per step: --lr is per 32 images) and, unlike the
+        # pretrained default, a projection head (without it the loss stalled from epoch 1)
+        # lift it out within a few epochs.
         temperature=0.5,
         lr=7.5e-4,
+        head="mlp",
         augment="color-agnostic",
         val_fraction=0.2,
         workers=workers,

@@ -109,6 +109,17 @@ def test_demo_runs_briefly(tmp_path):
     assert len(list((tmp_path / "digits").iterdir())) == 10
 
 
+@pytest.mark.slow
+def test_demo_improves_recall_as_the_readme_promises(tmp_path):
+    # The first command a user runs: its default run must learn (a recipe change once made the
+    # tiny from-scratch model collapse here while the 1-epoch test above still passed).
+    from ascension_cli.demo import run_demo
+    from ascension_cli.train.loop import Reporter
+
+    before, after = run_demo(tmp_path, epochs=20, workers=0, reporter=Reporter())
+    assert after > before + 0.2, (before, after)
+
+
 def test_epoch_line_says_when_training_is_below_the_untrained_model():
     from io import StringIO
 
