@@ -135,6 +135,14 @@ class TrainConfig(BaseModel):
                 "with --views 1, --samples-per-class must be at least 2, "
                 "or no anchor has a positive"
             )
+        if self.head == "none":
+            for field in ("embedding_dim", "backbone_lr_scale"):
+                if field in self.model_fields_set:
+                    raise ValueError(
+                        f"{option_name(field)} applies to a projection head; with --head none "
+                        "the loss trains the backbone's pooled features themselves: give "
+                        f"--head mlp or linear, or drop {option_name(field)}"
+                    )
         if self.val_root is not None and "val_fraction" in self.model_fields_set:
             raise ValueError("give either --val-root or --val-fraction, not both")
         return self

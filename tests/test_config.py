@@ -47,6 +47,8 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"lr_scaling": "cubic"}, "--lr-scaling"),
         ({"backbone_lr_scale": 0}, "--backbone-lr-scale"),
         ({"head": "deep"}, "--head"),
+        ({"embedding_dim": 64}, "--embedding-dim applies to a projection head"),
+        ({"backbone_lr_scale": 0.1}, "--backbone-lr-scale applies to a projection head"),
     ],
 )
 def test_invalid_options_name_the_option(tmp_path, options, message):

@@ -115,9 +115,10 @@ def test_refuses_to_overwrite_an_existing_run(dataset, tmp_path):
 
 
 def test_resume_with_other_model_options_is_refused(dataset, tmp_path):
-    train(config(dataset, tmp_path / "run", epochs=1))
+    train(config(dataset, tmp_path / "run", epochs=1, head="mlp"))
     with pytest.raises(CheckpointError, match="embedding_dim"):
-        train(config(dataset, tmp_path / "run", epochs=2, resume="auto", embedding_dim=32))
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto", head="mlp",
+                     embedding_dim=32))
 
 
 def test_resume_may_switch_the_memory_layout_and_workers_resolve_by_device(dataset, tmp_path):
