@@ -107,6 +107,14 @@ class TrainConfig(BaseModel):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @field_validator("save_dir")
+    @classmethod
+    def _check_save_dir(cls, value: Path) -> Path:
+        for folder in (value, *value.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"{folder} is a file, not a folder")
+        return value
+
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value: Path | None) -> Path | None:
@@ -271,6 +279,7 @@ def _describe(error: dict[str, Any], file_keys: set[str], config_file: Path | No
         return message
     source = f" (from {config_file})" if config_file and field in file_keys else ""
     given = error.get("input")
+    given = str(given) if isinstance(given, Path) else given
     shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
     return f"invalid {option_name(field)}{source}: {message}{shown}"
 

@@ -93,3 +93,10 @@ def test_unparseable_or_missing_file(tmp_path):
         resolve(TrainConfig, {"data_root": tmp_path}, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         make(tmp_path, "- a\n- b\n")
+
+
+def test_a_save_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    for save_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError, match="--save-dir.*is a file, not a folder"):
+            make(tmp_path, save_dir=save_dir)
