@@ -48,6 +48,31 @@ def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
     return pairs
 
 
+def _views(images: torch.Tensor) -> int:
+    return images.shape[1] if images.dim() == 5 else 1
+
+
+def _contrast_and_backward(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    views: int,
+    loss_fn: LossFn,
+    scale: Scale,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """The loss over the whole batch (every rank's, with ``gather``), backpropagated to
+    ``embeddings`` when finite; returns it detached. The world-size factor undoes DDP's
+    averaging of parameter gradients (see ``cached_backward``)."""
+    ranks = 1
+    if gather is not None:
+        embeddings, labels = gather(embeddings), gather(labels)
+        ranks = torch.distributed.get_world_size()
+    loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
+    if torch.isfinite(loss):
+        scale(loss * ranks).backward()
+    return loss.detach()
+
+
 def _flatten_views(images: torch.Tensor) -> torch.Tensor:
     # (B, V, C, H, W) -> (B*V, C, H, W): image-major, so rows reshape back to (B, V, D).
     return images.reshape(-1, *images.shape[2:]) if images.dim() == 5 else images
@@ -105,17 +130,12 @@ def _two_pass_backward(
     for buffer, saved in saved_buffers:
         buffer.copy_(saved)
 
-    views = micro_batches[0][0].shape[1] if micro_batches[0][0].dim() == 5 else 1
     sizes = [embedding.shape[0] for embedding in cached]
     embeddings = torch.cat(cached).detach().requires_grad_(True)
-    contrasted, contrasted_labels, ranks = embeddings, labels, 1
-    if gather is not None:
-        contrasted, contrasted_labels = gather(embeddings), gather(labels)
-        ranks = torch.distributed.get_world_size()
-    loss = loss_fn(contrasted.view(-1, views, contrasted.shape[-1]), contrasted_labels)
+    loss = _contrast_and_backward(embeddings, labels, _views(micro_batches[0][0]), loss_fn,
+                                  scale, gather)
     if not torch.isfinite(loss):
-        return loss.detach()
-    scale(loss * ranks).backward()
+        return loss
     gradients = embeddings.grad.split(sizes)
 
     last = len(micro_batches) - 1
@@ -128,7 +148,7 @@ def _two_pass_backward(
             with autocast():
                 output = model(_flatten_views(images))
             output.float().backward(gradient)
-    return loss.detach()
+    return loss
 
 
 def _plain_backward(
@@ -141,17 +161,9 @@ def _plain_backward(
 ) -> torch.Tensor:
     """One forward and backward over the whole batch: the gradients ``cached_backward`` gives."""
     images, labels = batch
-    views = images.shape[1] if images.dim() == 5 else 1
     with autocast():
         embeddings = model(_flatten_views(images)).float()
-    ranks = 1
-    if gather is not None:
-        embeddings, labels = gather(embeddings), gather(labels)
-        ranks = torch.distributed.get_world_size()
-    loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
-    if torch.isfinite(loss):
-        scale(loss * ranks).backward()
-    return loss.detach()
+    return _contrast_and_backward(embeddings, labels, _views(images), loss_fn, scale, gather)
 
 
 def accumulated_backward(
@@ -171,7 +183,7 @@ def accumulated_backward(
     count = len(micro_batches)
     last = count - 1
     for position, (images, labels) in enumerate(micro_batches):
-        views = images.shape[1] if images.dim() == 5 else 1
+        views = _views(images)
         sync = no_sync() if no_sync is not None and position < last else nullcontext()
         with sync:
             with autocast():
