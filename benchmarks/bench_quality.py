@@ -131,7 +131,9 @@ def run_plain(split: Split, args, seed: int) -> dict:
     from pytorch_metric_learning.samplers import MPerClassSampler
     from torchvision import transforms as T
 
+    # PML's sampler draws from numpy's global generator: seed it too, so the baseline repeats.
     torch.manual_seed(seed)
+    np.random.seed(seed)
     model, spec = backbone_model(args)
     augment = T.Compose([
         T.RandomResizedCrop(spec.image_size), T.RandomHorizontalFlip(), T.RandomGrayscale(0.2),
@@ -287,7 +289,8 @@ def main() -> None:
         for system, summary in by_system.items():
             m, s = summary["mean"], summary["std"]
             worst = min(m[f"recall_at_1_{kind}"] for kind in RECOLOURED)
-            ratio = f"{m['recall_at_1'] / plain['recall_at_1']:.3f}" if plain else "-"
+            ratio = (f"{m['recall_at_1'] / plain['recall_at_1']:.3f}"
+                     if plain and plain["recall_at_1"] else "-")
             time_ratio = (f"{m['train_seconds'] / plain['train_seconds']:.2f}"
                           if plain and plain["train_seconds"] and m["train_seconds"] else "-")
             spread = f" ±{s['recall_at_1']:.3f}" if len(summary["runs"]) > 1 else ""
