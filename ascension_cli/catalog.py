@@ -23,14 +23,19 @@ from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.folder import scan_images
 from ascension_cli.embed import embed_images, load_model, sha256_of, write_index
-from ascension_cli.errors import AscensionError, DataError, first_line
+from ascension_cli.errors import AscensionError, DataError
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.paths import (
+    CATALOG_FORMAT,
+    CATALOG_JSON,
+    CATALOG_VERSION,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MODEL_FILE,
+    catalog_folder,
+    not_ours,
+)
 from ascension_cli.retrieval.index import search
-
-CATALOG_FORMAT = "ascension-catalog"
-CATALOG_VERSION = 1
-CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
-    "catalog.json", "model.pt", "items.npz", "index.faiss")
 
 
 class CatalogError(AscensionError):
@@ -109,18 +114,17 @@ def _write(catalog: Catalog, model: EmbeddingModel | None) -> None:
 def load_catalog(directory: str | Path) -> Catalog:
     """Read and check a catalogue folder."""
     directory = Path(directory)
-    meta_path = directory / CATALOG_JSON
-    if not meta_path.is_file():
-        raise CatalogError(f"not a catalogue (no {CATALOG_JSON}): {directory}")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        catalog_folder(directory)
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from None
+    try:
+        meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
         with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:
             vectors, labels = items["vectors"], items["labels"]
             paths = items["paths"].tolist()
-    except (OSError, ValueError, KeyError) as exc:
-        raise CatalogError(f"cannot read catalogue {directory}: {first_line(exc)}") from None
-    if meta.get("format") != CATALOG_FORMAT or meta.get("version") != CATALOG_VERSION:
-        raise CatalogError(f"{directory} is not a version-{CATALOG_VERSION} Ascension catalogue")
+    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
+        raise _damaged(directory / ITEMS_FILE) from None
     if not (meta.get("count") == len(vectors) == len(labels) == len(paths)):
         raise CatalogError(f"catalogue {directory} is inconsistent (an interrupted write?); "
                            "build it again with `ascension index`")
@@ -128,15 +132,31 @@ def load_catalog(directory: str | Path) -> Catalog:
                    meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths)
 
 
+def _damaged(path: Path) -> CatalogError:
+    return CatalogError(str(not_ours(path, "part of an Ascension catalogue",
+                                     "build the catalogue again with `ascension index`")))
+
+
 def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
+    path = catalog.directory / MODEL_FILE
     try:
-        payload = torch.load(catalog.directory / MODEL_FILE, map_location="cpu",
-                             weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         model = model_from_spec(ModelSpec.from_dict(payload["spec"]))
         model.load_state_dict(payload["model"])
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise CatalogError(f"cannot load the catalogue's model: {first_line(exc)}") from None
+    except Exception:  # whatever torch raises: never its advice to turn weights_only off
+        raise _damaged(path) from None
     return model
+
+
+def _load_index(catalog: Catalog) -> faiss.Index:
+    path = catalog.directory / INDEX_FILE
+    try:
+        index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+    except Exception:
+        raise _damaged(path) from None
+    if index.ntotal != len(catalog) or index.d != catalog.vectors.shape[1]:
+        raise CatalogError(f"catalogue {catalog.directory} is inconsistent: rebuild it")
+    return index
 
 
 def build_catalog(
@@ -230,11 +250,7 @@ def search_catalog(
                                        **embed_options)
     if len(indices) == 0:
         return []
-    index = faiss.deserialize_index(
-        np.frombuffer((catalog.directory / INDEX_FILE).read_bytes(), dtype=np.uint8))
-    if index.ntotal != len(catalog):
-        raise CatalogError(f"catalogue {catalog.directory} is inconsistent: rebuild it")
-    scores, ids = search(index, vectors, k)
+    scores, ids = search(_load_index(catalog), vectors, k)
     results = []
     for row, query_index in enumerate(indices):
         matches = [

@@ -44,8 +44,6 @@ def _user_errors():
     """Turn a user-caused error into one line on stderr and a non-zero exit, never a traceback."""
     import errno
 
-    import torch
-
     from ascension_cli.errors import Interrupted
 
     try:
@@ -56,13 +54,6 @@ def _user_errors():
     except AscensionError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    except torch.cuda.OutOfMemoryError:
-        err_console.print(
-            "[bold red]error:[/] the GPU ran out of memory: lower --batch-size (with gradient "
-            "caching --target-batch, the contrastive batch, can stay as it is)",
-            soft_wrap=True,
-        )
-        raise typer.Exit(4) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; files written before stay as they were", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -77,6 +68,16 @@ def _user_errors():
             "before are intact", soft_wrap=True, highlight=False,
         )
         raise typer.Exit(5) from None
+    except RuntimeError as exc:
+        torch = sys.modules.get("torch")  # imported by the work, if it got that far
+        if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        err_console.print(
+            "[bold red]error:[/] the GPU ran out of memory: lower --batch-size (with gradient "
+            "caching --target-batch, the contrastive batch, can stay as it is)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(4) from None
 
 
 def _version(value: bool) -> None:
@@ -548,9 +549,10 @@ def embed(
     given = {key: value for key, value in locals().items() if value is not None}
     with _user_errors():
         from ascension_cli.config import EmbedConfig
+
+        settings = resolve(EmbedConfig, given)  # before the workers' imports: errors come fast
         from ascension_cli.embed import save_vectors, write_index
 
-        settings = resolve(EmbedConfig, given)
         vectors = _embed(
             settings.checkpoint, settings.image_root, "embedding",
             kind=settings.features, image_size=settings.image_size, **settings.run_options(),
@@ -653,11 +655,12 @@ def evaluate_command(
     given = {key: value for key, value in locals().items() if value is not None}
     with _user_errors():
         from ascension_cli.config import EvalConfig
+
+        settings = resolve(EvalConfig, given)
         from ascension_cli.embed import load_vectors
         from ascension_cli.retrieval.evaluate import evaluate, evaluate_recoloured
         from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
 
-        settings = resolve(EvalConfig, given)
         embed_options = dict(kind=settings.features, **settings.run_options())
         if settings.image_root is not None:
             queries = _embed(settings.source, settings.image_root, "embedding", **embed_options)
@@ -770,10 +773,11 @@ def index(
     """
     given = {key: value for key, value in locals().items() if value is not None}
     with _user_errors():
-        from ascension_cli.catalog import build_catalog
         from ascension_cli.config import IndexConfig
 
         settings = resolve(IndexConfig, given)
+        from ascension_cli.catalog import build_catalog
+
         with _ImageProgress("indexing") as progress:
             catalog, added = build_catalog(
                 settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
@@ -809,13 +813,14 @@ def search_command(
     """Which catalogue item is each photo? Top-k matches and a similarity-weighted vote."""
     given = {key: value for key, value in locals().items() if value is not None}
     with _user_errors():
-        from ascension_cli.catalog import load_catalog, search_catalog
         from ascension_cli.config import SearchConfig
+
+        settings = resolve(SearchConfig, given)
+        from ascension_cli.catalog import load_catalog, search_catalog
         from ascension_cli.data.folder import ImageDecodeError, list_images, load_image
         from ascension_cli.errors import DataError
         from ascension_cli.retrieval.report import write_json
 
-        settings = resolve(SearchConfig, given)
         catalog_data = load_catalog(settings.catalog)
         paths = list_images(settings.images)
         for named in settings.images:  # an image asked for by name must be readable
@@ -864,11 +869,12 @@ def export(
     """Export the model: normalised images in, L2-normalised embeddings out, any batch size."""
     with _user_errors():
         from ascension_cli.config import ExportConfig
-        from ascension_cli.export import export_model
 
         given = {"checkpoint": checkpoint, "output": output, "format": export_format,
                  "features": features, "image_size": image_size}
         settings = resolve(ExportConfig, {k: v for k, v in given.items() if v is not None})
+        from ascension_cli.export import export_model
+
         info = export_model(settings.checkpoint, settings.output, settings.format,
                             settings.features, settings.image_size)
         console.print(

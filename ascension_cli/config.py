@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ascension_cli import paths
 from ascension_cli.errors import ConfigError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -22,6 +32,19 @@ Augment = Literal["color-agnostic", "standard", "none"]
 Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
+Folder = Annotated[Path, AfterValidator(paths.existing_folder)]
+FileOrFolder = Annotated[Path, AfterValidator(paths.existing_file_or_folder)]
+OutputFile = Annotated[Path, AfterValidator(paths.output_file)]
+OutputFolder = Annotated[Path, AfterValidator(paths.output_folder)]
+WeightsFile = Annotated[Path, AfterValidator(paths.existing_file)]
+CheckpointFile = Annotated[Path, AfterValidator(paths.checkpoint_file)]
+VectorsFile = Annotated[Path, AfterValidator(paths.vectors_file)]
+CatalogFolder = Annotated[Path, AfterValidator(paths.catalog_folder)]
+# Fields given as positional arguments: messages spell them as the help does (DATA_ROOT).
+POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root", "catalog",
+              "images"}
 
 # --lr is the learning rate of a step over this many images (a plain loop's batch size).
 LR_REFERENCE_BATCH = 32
@@ -36,7 +59,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data_root: Path
+    data_root: Folder
     batch_size: int = Field(16, ge=1, description="Images per micro-batch (what fits in memory).")
     target_batch: int = Field(
         128, ge=2, description="Images per optimizer step: the contrastive batch SupCon sees."
@@ -67,21 +90,21 @@ class TrainConfig(BaseModel):
         "themselves, what retrieval uses), mlp or linear."
     )
     pretrained: bool = True
-    weights: Path | None = None
+    weights: WeightsFile | None = None
     precision: Precision = "auto"
     accumulation: Accumulation = "cache"
     views: int = Field(2, ge=1, le=16)
     samples_per_class: int = Field(4, ge=1)
     augment: Augment = "color-agnostic"
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    val_root: Path | None = None
+    val_root: Folder | None = None
     workers: int | None = Field(
         None, ge=0, le=256,
         description="Data-loading processes; none given: by device (see runtime.resolve_workers).",
     )
     seed: int = Field(0, ge=0)
     device: str = "auto"
-    save_dir: Path = Path("checkpoints")
+    save_dir: OutputFolder = Path("checkpoints")
     resume: str | None = None
     max_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(None, gt=0)
@@ -107,19 +130,11 @@ class TrainConfig(BaseModel):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("save_dir")
+    @field_validator("resume")
     @classmethod
-    def _check_save_dir(cls, value: Path) -> Path:
-        for folder in (value, *value.parents):
-            if folder.exists() and not folder.is_dir():
-                raise ValueError(f"{folder} is a file, not a folder")
-        return value
-
-    @field_validator("weights")
-    @classmethod
-    def _check_weights(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"file not found: {value}")
+    def _check_resume(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            paths.checkpoint_file(Path(value))
         return value
 
     @model_validator(mode="after")
@@ -185,25 +200,25 @@ class _RunOptions(BaseModel):
 class EmbedConfig(_RunOptions):
     """Options of ``ascension embed``."""
 
-    checkpoint: Path
-    image_root: Path
-    output: Path = Path("vectors.npz")
+    checkpoint: CheckpointFile
+    image_root: Folder
+    output: OutputFile = Path("vectors.npz")
     image_size: int | None = Field(None, ge=16, le=4096)
-    index: Path | None = None
+    index: OutputFile | None = None
 
 
 class EvalConfig(_RunOptions):
     """Options of ``ascension eval``."""
 
     source: Path
-    image_root: Path | None = None
-    gallery: Path | None = None
+    image_root: Folder | None = None
+    gallery: VectorsFile | None = None
     k: str = "1,5,10"
-    json_file: Path | None = None
+    json_file: OutputFile | None = None
     index: IndexKind = "flat"
     recolor: bool = False
     show: int | None = Field(None, ge=1, le=200)
-    output: Path = Path("retrieval.png")
+    output: OutputFile = Path("retrieval.png")
 
     @field_validator("k")
     @classmethod
@@ -228,26 +243,35 @@ class EvalConfig(_RunOptions):
             raise ValueError(
                 "a checkpoint as SOURCE needs IMAGE_ROOT too: ascension eval CHECKPOINT IMAGE_ROOT"
             )
+        # A checkpoint with IMAGE_ROOT (embedded first), else a vectors file.
+        check = paths.vectors_file if self.image_root is None else paths.checkpoint_file
+        _check_path(check, self.source, "source")
         return self
 
 
 class IndexConfig(_RunOptions):
     """Options of ``ascension index``."""
 
-    checkpoint: Path
-    gallery_root: Path
-    output: Path
+    checkpoint: CheckpointFile
+    gallery_root: Folder
+    output: OutputFolder
     add: bool = False
+
+    @model_validator(mode="after")
+    def _check_catalog(self) -> IndexConfig:
+        if self.add:
+            _check_path(paths.catalog_folder, self.output, "output")
+        return self
 
 
 class SearchConfig(_RunOptions):
     """Options of ``ascension search``."""
 
-    catalog: Path
-    images: list[Path] = Field(min_length=1)
+    catalog: CatalogFolder
+    images: list[FileOrFolder] = Field(min_length=1)
     k: int = Field(5, ge=1, le=1000)
     threshold: float | None = Field(None, ge=-1, le=1)
-    json_file: Path | None = None
+    json_file: OutputFile | None = None
 
 
 class ExportConfig(BaseModel):
@@ -255,16 +279,24 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path
+    checkpoint: CheckpointFile
     format: Literal["onnx", "torchscript"] = "onnx"
-    output: Path
+    output: OutputFile
     features: Features = "backbone"
     image_size: int | None = Field(None, ge=16, le=4096)
 
 
+def _check_path(check: Callable[[Path], Path], path: Path, field: str) -> None:
+    """A path check that depends on other options, with its message naming the option."""
+    try:
+        check(path)
+    except ValueError as exc:
+        raise ValueError(f"invalid {option_name(field)}: {exc}") from None
+
+
 def option_name(field: str) -> str:
-    """The command-line spelling of a config field."""
-    return "--" + field.replace("_", "-")
+    """The command-line spelling of a config field: DATA_ROOT for an argument, else --option."""
+    return field.upper() if field in POSITIONAL else "--" + field.replace("_", "-")
 
 
 def _describe(error: dict[str, Any], file_keys: set[str], config_file: Path | None) -> str:
@@ -280,15 +312,22 @@ def _describe(error: dict[str, Any], file_keys: set[str], config_file: Path | No
     source = f" (from {config_file})" if config_file and field in file_keys else ""
     given = error.get("input")
     given = str(given) if isinstance(given, Path) else given
-    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+    shown = (f" (got {given!r})" if given is not None and not isinstance(given, (dict, list))
+             and str(given) not in message else "")
     return f"invalid {option_name(field)}{source}: {message}{shown}"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML or TOML file of options; keys may use dashes or underscores."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        paths.existing_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"config {exc}") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise ConfigError(f"cannot parse config file {path}: {why}") from None
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:

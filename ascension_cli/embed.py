@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
 from ascension_cli.data.folder import scan_images
 from ascension_cli.errors import CheckpointError, DataError, VectorsError, first_line
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.paths import VECTORS_FORMAT, VECTORS_VERSION, not_ours, vectors_file
 from ascension_cli.runtime import (
     autocast_factory,
     resolve_device,
@@ -27,7 +27,7 @@ from ascension_cli.runtime import (
     to_input,
     use_channels_last,
 )
-from ascension_cli.train.checkpoint import load_checkpoint
+from ascension_cli.train.checkpoint import load_checkpoint, not_a_checkpoint
 
 FEATURE_KINDS = ("backbone", "head")
 
@@ -85,8 +85,9 @@ def extract_features(
     return features[:filled], labels[:filled], indices[:filled]
 
 
-VECTORS_FORMAT = "ascension-vectors"
-VECTORS_VERSION = 1
+# Arrays every vectors file holds (save_vectors writes them all).
+_VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",
+                 "feature_kind", "image_root", "failed")
 
 
 @dataclass
@@ -143,16 +144,21 @@ def save_vectors(path: str | Path, data: Vectors) -> None:
 def load_vectors(path: str | Path) -> Vectors:
     """Read and check a vectors file; every problem is a one-line VectorsError."""
     path = Path(path)
-    if not path.is_file():
-        raise VectorsError(f"vectors file not found: {path}")
+    try:
+        vectors_file(path)
+    except ValueError as exc:
+        raise VectorsError(str(exc)) from None
     try:
         with np.load(path, allow_pickle=False) as archive:
             contents = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise VectorsError(f"cannot read vectors file {path}: {first_line(exc)}") from None
-    if str(contents.get("format", "")) != VECTORS_FORMAT:
-        raise VectorsError(f"{path} is not an Ascension vectors file (from `ascension embed`)")
+        missing = [key for key in _VECTORS_KEYS if key not in contents]
+    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
+        missing = ["readable arrays"]
+    if missing:
+        raise VectorsError(str(not_ours(path, "an Ascension vectors file",
+                                        f"it lacks {', '.join(missing)}")))
     vectors = contents["vectors"]
+
     if vectors.ndim != 2 or len(vectors) == 0:
         raise VectorsError(f"{path} holds no vectors")
     if not np.isfinite(vectors).all():
@@ -177,7 +183,10 @@ def load_vectors(path: str | Path) -> Vectors:
 def load_model(checkpoint_path: str | Path) -> tuple[EmbeddingModel, ModelSpec, dict]:
     """Rebuild the model a checkpoint describes and load its weights."""
     checkpoint = load_checkpoint(checkpoint_path)
-    spec = ModelSpec.from_dict(checkpoint["spec"])
+    try:
+        spec = ModelSpec.from_dict(checkpoint["spec"])
+    except (KeyError, TypeError, ValueError):
+        raise not_a_checkpoint(Path(checkpoint_path), "its model spec is damaged") from None
     model = model_from_spec(spec)
     try:
         model.load_state_dict(checkpoint["model"])

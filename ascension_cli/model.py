@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ascension_cli.errors import ConfigError, WeightsError, first_line
+from ascension_cli.errors import ConfigError, WeightsError
+from ascension_cli.paths import not_ours, why_unloadable
 
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
@@ -137,7 +138,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ValueError("the file holds no state dict")
+        raise WeightsError(str(not_ours(path, "a weights file", "it holds no state dict")))
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
 
 
@@ -151,8 +152,12 @@ def _load_weights_file(backbone: nn.Module, path: Path, name: str) -> None:
         raise WeightsError(f"weights file not found: {path}")
     try:
         state = _read_state_dict(path)
+    except WeightsError:
+        raise
     except Exception as exc:  # safetensors, zip and unpickling errors have no common base
-        raise WeightsError(f"cannot read weights file {path}: {first_line(exc)}") from None
+        why = (f"safetensors cannot read it ({type(exc).__name__})"
+               if path.suffix == ".safetensors" else why_unloadable(exc))
+        raise WeightsError(str(not_ours(path, "a weights file", why))) from None
     classifier = (backbone.pretrained_cfg or {}).get("classifier") or ()
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}

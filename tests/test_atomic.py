@@ -22,7 +22,8 @@ def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, mon
 
     from ascension_cli.train import checkpoint
 
-    payload = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "x": 1}
+    payload = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "x": 1,
+               **dict.fromkeys(checkpoint.REQUIRED_KEYS, {})}
     atomic_save(payload, tmp_path / "last.pt")
 
     def interrupted(obj, handle):

@@ -122,9 +122,11 @@ def test_bad_input_ends_in_one_line(trained, tmp_path):
     cases.append((invoke("search", tmp_path / "cat", tmp_path / "broken.png", "--workers", "0"),
                   "broken.png"))
     cases.append((invoke("search", tmp_path / "nowhere", tmp_path / "broken.png"),
-                  "not a catalogue"))
+                  "CATALOG: folder not found"))
+    cases.append((invoke("search", other_root, tmp_path / "broken.png"),
+                  "not an Ascension catalogue"))
     cases.append((invoke("search", tmp_path / "cat", tmp_path / "missing.png"),
-                  "query image not found"))
+                  "IMAGES: not found"))
     bad_gallery = tmp_path / "bad_gallery" / "x"
     bad_gallery.mkdir(parents=True)
     (bad_gallery / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")

@@ -51,11 +51,13 @@ def test_bad_options_end_in_one_line_and_exit_2(dataset, args, message):
 def test_missing_folder_is_one_line(tmp_path):
     result = invoke("train", tmp_path / "nowhere", "--no-pretrained", "--model", "test_convnext")
     assert result.exit_code == 2
-    assert result.output.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
+    missing = tmp_path / "nowhere"
+    assert result.output.strip() == f"error: invalid DATA_ROOT: folder not found: {missing}"
 
 
 def test_offline_pretrained_is_one_line_naming_the_ways_out(dataset, tmp_path):
-    result = invoke("train", dataset, "--model", "test_convnext", "--save-dir", tmp_path / "run")
+    result = invoke("train", dataset, "--model", "test_convnext", "--save-dir", tmp_path / "run",
+                    "--target-batch", "16", "--batch-size", "16")  # fits the 24 training images
     assert result.exit_code == 2
     assert "--weights" in result.output and "--no-pretrained" in result.output
     assert len(result.output.strip().splitlines()) == 1

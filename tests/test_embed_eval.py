@@ -193,9 +193,9 @@ def write(path, **overrides):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: p / "missing.npz", "vectors file not found"),
-        (lambda p: raw(p / "e.npz", b""), "cannot read vectors file"),
-        (lambda p: raw(p / "t.npz", b"hello"), "cannot read vectors file"),
+        (lambda p: p / "missing.npz", "file not found"),
+        (lambda p: raw(p / "e.npz", b""), "(0 bytes) is not an Ascension vectors file"),
+        (lambda p: raw(p / "t.npz", b"hello"), "(5 bytes) is not an Ascension vectors file"),
         (lambda p: write(p / "n.npz", vectors=np.full((4, 4), np.nan, np.float32)), "NaN"),
         (lambda p: write(p / "z.npz", vectors=np.zeros((0, 4), np.float32), labels=np.zeros(0),
                          paths=[]), "holds no vectors"),
@@ -226,7 +226,7 @@ def test_checkpoint_without_image_root_and_bad_checkpoint(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     images = make_dataset(tmp_path / "img", classes=2, per_class=2)
     result = invoke("embed", junk, images, "-o", tmp_path / "v.npz")
-    assert result.exit_code == 2 and "cannot read checkpoint" in result.output
+    assert result.exit_code == 2 and "(16 bytes) is not an Ascension checkpoint" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

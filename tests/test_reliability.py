@@ -107,7 +107,7 @@ def test_non_utf8_file_names_scan_load_and_print(tmp_path):
     scan = scan_folder(data)
     odd = [p for p in scan.paths if "\udcff" in str(p)]
     assert len(odd) == 1 and load_image(odd[0]).shape == (32, 32, 3)
-    train(tiny(data, tmp_path / "run"))
+    train(tiny(data, tmp_path / "run", target_batch=4))  # 2 x 4 images: 6 train, 2 validate
     # The CLI prints such names as escapes instead of crashing on them.
     result = subprocess.run(
         [sys.executable, "-m", "ascension_cli", "embed", str(tmp_path / "run" / "last.pt"),
@@ -149,7 +149,7 @@ def test_checkpoint_with_code_is_never_executed(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": checkpoint_module.FORMAT, "payload": Exploit()}, path)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="is not an Ascension checkpoint.*refused unread"):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -158,7 +158,8 @@ def test_truncated_and_future_checkpoints_are_refused(tmp_path, dataset):
     train(tiny(dataset, tmp_path / "run"))
     good = (tmp_path / "run" / "last.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cut.pt \(.* MB\) is not an Ascension checkpoint"
+                       ", or is damaged: PyTorch cannot read it"):
         load_checkpoint(tmp_path / "cut.pt")
     payload = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     payload["format_version"] = 99

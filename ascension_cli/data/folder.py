@@ -62,8 +62,10 @@ def _class_images(class_dir: Path, skipped: Counter) -> list[Path]:
                 skipped["hidden"] += 1
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped["not an image"] += 1
-            elif not path.is_file():
+            elif not path.exists():
                 skipped["broken link"] += 1
+            elif not path.is_file():  # a named pipe or device: reading it could block forever
+                skipped["not a regular file"] += 1
             elif path.stat().st_size == 0:
                 skipped["empty file"] += 1
             else:

@@ -1,0 +1,185 @@
+"""What each kind of path option must be, checked before any work, in one place.
+
+Every command's config model (``config.py``) runs these on its path options, so a folder given
+where a file is expected, a catalogue with a file missing, or a file another tool wrote ends the
+command with one line (exit 2) before a model is built or an image is read. The checks read
+headers and small metadata only; the loaders (``train/checkpoint.py``, ``embed.load_vectors``,
+``catalog.load_catalog``) still check everything they read, for library callers.
+
+Each check returns the path unchanged or raises ``ValueError`` with a message that names the path.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+# File formats, as their writers stamp them.
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "ascension-checkpoint", 1
+VECTORS_FORMAT, VECTORS_VERSION = "ascension-vectors", 1
+CATALOG_FORMAT, CATALOG_VERSION = "ascension-catalog", 1
+CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
+    "catalog.json", "model.pt", "items.npz", "index.faiss")
+CATALOG_FILES = (CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE)
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def size_text(path: Path) -> str:
+    """A file's size for messages: '12 bytes', '3.4 MB'."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "unreadable"
+    if size < 10_000:
+        return f"{size} bytes"
+    return f"{size / 1e6:.1f} MB" if size < 10**9 else f"{size / 1e9:.1f} GB"
+
+
+def kind_of(path: Path) -> str | None:
+    """What ``path`` is when it is not a plain file or folder: None, or a phrase for messages."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        return "a broken link" if path.is_symlink() else "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    return "not a regular file"
+
+
+def existing_folder(path: Path) -> Path:
+    problem = kind_of(path)
+    if problem == "missing":
+        raise ValueError(f"folder not found: {path}")
+    if problem is not None:
+        raise ValueError(f"{path} is {problem}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder")
+    return path
+
+
+def existing_file(path: Path) -> Path:
+    problem = kind_of(path)
+    if problem == "missing":
+        raise ValueError(f"file not found: {path}")
+    if problem is not None:
+        raise ValueError(f"{path} is {problem}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
+    return path
+
+
+def existing_file_or_folder(path: Path) -> Path:
+    problem = kind_of(path)
+    if problem == "missing":
+        raise ValueError(f"not found: {path}")
+    if problem is not None:
+        raise ValueError(f"{path} is {problem}")
+    return path
+
+
+def _no_file_above(path: Path) -> None:
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a folder")
+
+
+def output_file(path: Path) -> Path:
+    """A file to write: absent, or a regular file to replace; never a folder."""
+    _no_file_above(path)
+    problem = kind_of(path)
+    if problem not in (None, "missing", "a broken link"):
+        raise ValueError(f"{path} is {problem}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name to write")
+    return path
+
+
+def output_folder(path: Path) -> Path:
+    """A folder to write into: absent (it is created) or a folder."""
+    _no_file_above(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder")
+    return path
+
+
+def not_ours(path: Path, what: str, why: str) -> ValueError:
+    """The one message for a file that is not ours or is damaged: its name, size and why."""
+    return ValueError(f"{path} ({size_text(path)}) is not {what}, or is damaged: {why}")
+
+
+def why_unloadable(exc: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in our words: torch's own text
+    suggests turning the safety off, which is never the advice."""
+    if "weights only load failed" in str(exc).lower():
+        return ("it holds objects other than tensors and plain values, refused unread (loading "
+                "them could run code)")
+    return "PyTorch cannot read it (damaged, cut short, or not PyTorch's)"
+
+
+def checkpoint_file(path: Path) -> Path:
+    """A file that starts like a checkpoint ``ascension train`` writes (a PyTorch zip archive)."""
+    existing_file(path)
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head != _ZIP_MAGIC:
+        raise not_ours(path, "an Ascension checkpoint",
+                       "it is not a PyTorch archive (empty, cut short, or another kind of file)")
+    return path
+
+
+def vectors_file(path: Path) -> Path:
+    """A vectors file from ``ascension embed``, of the version this Ascension reads."""
+    existing_file(path)
+    import numpy as np
+
+    what = "an Ascension vectors file (from `ascension embed`)"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            stamp = str(archive["format"]) if "format" in names else None
+            version = int(archive["version"]) if "version" in names else None
+    except Exception:  # numpy raises many kinds for a file it cannot read
+        raise not_ours(path, what, "not a readable .npz archive") from None
+    if stamp != VECTORS_FORMAT:
+        raise not_ours(path, what, "another tool wrote it")
+    if version != VECTORS_VERSION:
+        raise ValueError(f"{path} is a version-{version} vectors file; this Ascension reads "
+                         f"version {VECTORS_VERSION}: embed the images again")
+    return path
+
+
+def catalog_folder(path: Path) -> Path:
+    """A catalogue from ``ascension index``: all its files present, of a version we read."""
+    existing_folder(path)
+    meta_path = path / CATALOG_JSON
+    if not meta_path.exists():
+        raise ValueError(f"{path} is not an Ascension catalogue (no {CATALOG_JSON}); build one "
+                         "with `ascension index`")
+    try:
+        meta = json.loads(existing_file(meta_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{meta_path} is damaged; build the catalogue again with "
+                         "`ascension index`") from None
+    if not isinstance(meta, dict) or meta.get("format") != CATALOG_FORMAT:
+        raise ValueError(f"{path} is not an Ascension catalogue ({CATALOG_JSON} is another "
+                         "tool's)")
+    if meta.get("version") != CATALOG_VERSION:
+        raise ValueError(f"{path} is a version-{meta.get('version')} catalogue; this Ascension "
+                         f"reads version {CATALOG_VERSION}: build it again with `ascension index`")
+    missing = [name for name in CATALOG_FILES if kind_of(path / name) is not None
+               or not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"catalogue {path} lacks {', '.join(missing)} (copied in part?); "
+                         "build it again with `ascension index`")
+    return path
+
