@@ -204,3 +204,47 @@ def test_compiled_model_replays_the_same_dropout_masks():
     assert gradients[True][0] == pytest.approx(gradients[False][0], rel=1e-5)
     for eager, compiled in zip(gradients[False][1], gradients[True][1], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+class StopAfter:
+    """should_stop that says yes from its ``calls``-th question on (a signal mid-step)."""
+
+    def __init__(self, calls: int):
+        self.calls, self.asked = calls, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.calls
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
+@pytest.mark.parametrize(("backward", "calls"), [
+    (cached_backward, 2),   # in the graph-free first pass
+    (cached_backward, 6),   # in the replay, after some gradients were accumulated
+    (accumulated_backward, 3),
+])
+def test_a_stop_mid_step_abandons_it_and_leaves_the_model_as_before(backward, calls):
+    from ascension_cli.train.gradcache import StepAbandoned
+
+    model = make_model("test_efficientnet", drop_path_rate=0.2).train()  # BatchNorm, drop-path
+    batch, labels = make_batch()
+    before, rng = batchnorm_state(model), torch.get_rng_state()
+    should_stop = StopAfter(calls)
+    with pytest.raises(StepAbandoned):
+        backward(model, split(batch, labels, 4), loss_fn, should_stop=should_stop)
+    assert should_stop.asked == calls  # it stopped at the first micro-batch after the signal
+    after = batchnorm_state(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_should_stop_never_saying_yes_changes_nothing():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    batch, labels = make_batch()
+    cached_backward(model, split(batch, labels, 4), loss_fn, should_stop=lambda: False)
+    cached_backward(reference, split(batch, labels, 4), loss_fn)
+    assert torch.equal(gradients(model), gradients(reference))

@@ -66,6 +66,56 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, at_step, number):
     assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "parts" / "last.pt")
 
 
+def signal_on_call(module, name: str, call: int, monkeypatch) -> None:
+    """Wrap ``module.name`` so that its ``call``-th call first sends this process SIGTERM."""
+    original, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize(("where", "name", "call", "says"), [
+    ("loading a step's micro-batches", "to_input", 3, "the step in progress was abandoned"),
+    ("in the step's backward passes", "supcon_loss", 2, "the step in progress was abandoned"),
+    ("validating an epoch", "extract_features", 2, "validation was abandoned"),
+])
+def test_a_signal_inside_a_step_or_validation_stops_there_and_resume_is_exact(
+    tmp_path, monkeypatch, where, name, call, says
+):
+    from ascension_cli.train import loop
+
+    data = make_dataset(tmp_path / "data")
+    train(TrainConfig(**options(data, tmp_path / "whole")))
+
+    signal_on_call(loop, name, call, monkeypatch)
+    with pytest.raises(Interrupted) as stopped:
+        train(TrainConfig(**options(data, tmp_path / "parts")))
+    assert says in str(stopped.value), where
+    monkeypatch.undo()
+
+    train(TrainConfig(**options(data, tmp_path / "parts", resume="auto")))
+    assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "parts" / "last.pt")
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")["history"]
+    parts = load_checkpoint(tmp_path / "parts" / "last.pt")["history"]
+    assert [r["val_recall_at_1"] for r in parts] == [r["val_recall_at_1"] for r in whole]
+
+
+def test_a_signal_before_training_starts_stops_at_once(tmp_path, monkeypatch):
+    from ascension_cli.train import loop
+
+    data = make_dataset(tmp_path / "data")
+    signal_on_call(loop, "extract_features", 1, monkeypatch)  # the untrained model's validation
+    with pytest.raises(Interrupted, match="before training started") as stopped:
+        train(TrainConfig(**options(data, tmp_path / "run")))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_sigterm_to_the_cli_exits_cleanly_with_resume_advice(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=16)
     command = [sys.executable, "-m", "ascension_cli", "train", str(data), "--model",

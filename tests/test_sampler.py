@@ -142,3 +142,47 @@ def test_ranks_share_each_global_batch_without_overlap(mix):
 def test_target_batch_must_split_over_ranks():
     with pytest.raises(ValueError, match="number of processes"):
         ClassBalancedBatchSampler(labels_of([4] * 4), 8, 4, 2, world_size=3)
+
+
+@pytest.mark.parametrize(("sizes", "target", "m"), [
+    ([10, 10, 10], 16, 4), ([3] * 40, 32, 8), ([3] * 40, 32, 2), ([50, 1, 1, 1], 16, 4),
+    ([1] * 30, 16, 4), ([6] * 6, 16, 16),
+])
+def test_distinct_share_matches_what_the_sampler_draws(sizes, target, m):
+    from ascension_cli.data.sampler import distinct_share
+
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    sampler = ClassBalancedBatchSampler(labels, target, target, m, seed=0)
+    drawn = [len(set(batch.tolist())) / len(batch)
+             for epoch in range(20) for batch in sampler.target_batches(epoch)]
+    assert distinct_share(np.array(sizes), target, m) == pytest.approx(np.mean(drawn), abs=0.1)
+
+
+def test_fit_batches_reduces_defaults_and_refuses_what_the_user_chose():
+    from ascension_cli.data.sampler import BatchPlan, fit_batches
+
+    sizes = np.array([10, 10, 10, 6])  # 36 training images
+    fitted = fit_batches(sizes, 128, 16, 4)
+    assert (fitted.target_batch, fitted.micro_batch, fitted.samples_per_class) == (32, 16, 4)
+    assert "holds 36 images" in fitted.notes[0] and "--target-batch 32" in fitted.notes[0]
+    with pytest.raises(ValueError, match="give --target-batch 32"):
+        fit_batches(sizes, 1024, 16, 4, given=frozenset({"target_batch"}))
+    with pytest.raises(ValueError, match="give --batch-size 36 --target-batch 36"):
+        fit_batches(sizes, 10**9, 10**9, 4, given=frozenset({"target_batch", "batch_size"}))
+    # Under DDP the micro-batch of every process counts.
+    assert fit_batches(sizes, 128, 8, 4, world_size=2).target_batch == 32
+    # Options that fit are left alone.
+    assert fit_batches(sizes, 16, 4, 4) == fit_batches(sizes, 16, 4, 4, given=frozenset(
+        {"target_batch", "batch_size", "samples_per_class"})) == BatchPlan(16, 4, 4, ())
+
+
+def test_fit_batches_lowers_samples_per_class_that_would_make_mostly_repeats():
+    from ascension_cli.data.sampler import fit_batches
+
+    sizes = np.full(40, 3)  # many small classes: m = 32 would draw 3 images 32 times over
+    fitted = fit_batches(sizes, 64, 16, 32)
+    assert fitted.samples_per_class == 5 and "--samples-per-class 5" in fitted.notes[0]
+    with pytest.raises(ValueError, match="give --samples-per-class 5 or less"):
+        fit_batches(sizes, 64, 16, 32, given=frozenset({"samples_per_class"}))
+    # One-image classes repeat by design; a lower m that cannot help is not asked for.
+    assert fit_batches(np.array([50, 1, 1, 1]), 16, 4, 4).notes == ()

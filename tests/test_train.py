@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from ascension_cli.config import TrainConfig
 from ascension_cli.errors import CheckpointError, TrainingError
@@ -140,7 +141,8 @@ def test_resume_of_a_finished_run_does_nothing(dataset, tmp_path):
 
 
 def test_resume_from_missing_path_is_an_error(dataset, tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    # Refused with the options, before any work (the CLI prints it as one line).
+    with pytest.raises(ValidationError, match="(?s)resume.*file not found"):
         train(config(dataset, tmp_path / "run", resume=str(tmp_path / "nope.pt")))
 
 
@@ -283,3 +285,18 @@ def test_ctrl_c_while_caching_stops_before_training(dataset, tmp_path):
         train(config(dataset, tmp_path / "run", cache_images=True), CtrlC())
     assert caught.value.exit_code == 128 + signal.SIGINT
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_default_target_batch_past_the_data_is_reduced_with_the_reason(dataset, tmp_path):
+    options = dict(data_root=dataset, save_dir=tmp_path / "run", model="test_convnext",
+                   pretrained=False, image_size=32, batch_size=4, epochs=1, workers=0,
+                   val_fraction=0.25)  # --target-batch left at its default, 128
+    reporter = Collect()
+    train(TrainConfig(**options), reporter)
+    assert any("holds 24 images, fewer than --target-batch 128" in message
+               and "using --target-batch 24" in message for message in reporter.messages)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["target_batch"] == 24 and saved["batch_size"] == 4
+    # The same options resume: the fitted batch is the checkpoint's.
+    result = train(TrainConfig(**{**options, "epochs": 2, "resume": "auto"}))
+    assert [record.epoch for record in result.history] == [0, 1, 2]

@@ -7,6 +7,7 @@ almost none. Fixing m images per class gives every anchor ``m * views - 1`` posi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -149,3 +150,83 @@ class ClassBalancedBatchSampler:
             keys = keys[self.rank * share : (self.rank + 1) * share]
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]
+
+
+def distinct_share(class_sizes: np.ndarray, target_batch: int, samples_per_class: int) -> float:
+    """The share of a target batch that holds different images (the rest repeat), as the
+    sampler above draws it: ``min(classes, target_batch // m)`` classes, each its share of the
+    batch, a class smaller than its share repeating its images."""
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    classes_per_batch = min(len(sizes), max(1, target_batch // samples_per_class))
+    take = target_batch / classes_per_batch
+    distinct = classes_per_batch * np.minimum(sizes, take).mean()
+    return min(1.0, distinct / target_batch)
+
+
+# Below this share of different images, a target batch is "mostly repeats".
+MIN_DISTINCT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch options fitted to the data; ``notes`` say what was reduced and why."""
+
+    target_batch: int
+    micro_batch: int
+    samples_per_class: int
+    notes: tuple[str, ...] = ()
+
+
+def fit_batches(
+    class_sizes: np.ndarray,
+    target_batch: int,
+    micro_batch: int,
+    samples_per_class: int,
+    world_size: int = 1,
+    min_samples_per_class: int = 1,
+    given: frozenset[str] = frozenset(),
+) -> BatchPlan:
+    """Check the batch options against the training set before anything is allocated.
+
+    A target batch larger than the training set, or a ``samples_per_class`` so large for the
+    classes that most of a batch would be repeats, is no contrastive batch. A value the user
+    chose (named in ``given``) is refused with ``ValueError`` naming what would work; a default
+    is reduced, with a note saying why.
+    """
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    notes: list[str] = []
+    if target_batch > total:
+        unit = micro_batch * world_size
+        fitted_micro = micro_batch if unit <= total else max(1, total // world_size)
+        fitted = max(2, total // (fitted_micro * world_size) * fitted_micro * world_size)
+        changed = [name for name, old, new in (("batch_size", micro_batch, fitted_micro),
+                                               ("target_batch", target_batch, fitted))
+                   if old != new]
+        advice = " ".join(f"{_flag(name)} {value}" for name, value in (
+            ("batch_size", fitted_micro), ("target_batch", fitted)) if name in changed)
+        why = (f"the training set holds {total} images, fewer than --target-batch "
+               f"{target_batch}: a step would show each image about {target_batch / total:.0f} "
+               "times")
+        if given & set(changed):
+            raise ValueError(f"{why}; give {advice}")
+        notes.append(f"{why}; using {advice}")
+        target_batch, micro_batch = fitted, fitted_micro
+    samples_per_class = min(samples_per_class, target_batch)
+    if distinct_share(sizes, target_batch, samples_per_class) < MIN_DISTINCT_SHARE:
+        fewer = [m for m in range(samples_per_class - 1, min_samples_per_class - 1, -1)
+                 if distinct_share(sizes, target_batch, m) >= MIN_DISTINCT_SHARE]
+        if fewer:  # repeats the option causes (small classes alone repeat by design)
+            share = distinct_share(sizes, target_batch, samples_per_class)
+            why = (f"with --samples-per-class {samples_per_class}, only about {share:.0%} of "
+                   f"each target batch would be different images (classes hold a median of "
+                   f"{int(np.median(sizes))} training images)")
+            if "samples_per_class" in given:
+                raise ValueError(f"{why}; give --samples-per-class {fewer[0]} or less")
+            notes.append(f"{why}; using --samples-per-class {fewer[0]}")
+            samples_per_class = fewer[0]
+    return BatchPlan(target_batch, micro_batch, samples_per_class, tuple(notes))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

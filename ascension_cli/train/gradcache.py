@@ -20,6 +20,12 @@ from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Scale = Callable[[torch.Tensor], torch.Tensor]
+ShouldStop = Callable[[], bool]
+
+
+class StepAbandoned(Exception):
+    """A stop was asked for part-way through a step. The model is as it was before the step
+    (BatchNorm statistics and RNG state restored); the caller discards its ``.grad``."""
 
 
 def _identity(loss: torch.Tensor) -> torch.Tensor:
@@ -46,6 +52,21 @@ def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
                 if buffer is not None:
                     pairs.append((buffer, buffer.clone()))
     return pairs
+
+
+def _abandon_if_asked(
+    should_stop: ShouldStop | None,
+    saved_buffers: list[tuple[torch.Tensor, torch.Tensor]],
+    rng: tuple[torch.Tensor, torch.Tensor | None],
+    device: torch.device,
+) -> None:
+    """Between micro-batches: when ``should_stop()``, undo the step so far, raise StepAbandoned."""
+    if should_stop is None or not should_stop():
+        return
+    for buffer, saved in saved_buffers:
+        buffer.copy_(saved)
+    _set_rng_state(rng, device)
+    raise StepAbandoned
 
 
 def _views(images: torch.Tensor) -> int:
@@ -86,6 +107,7 @@ def cached_backward(
     scale: Scale = _identity,
     no_sync: Callable[[], AbstractContextManager] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
     """Accumulate into ``.grad`` the gradients of ``loss_fn`` over all micro-batches at once.
 
@@ -98,6 +120,8 @@ def cached_backward(
             slice still attached, so the loss covers the global batch. Each rank then holds the
             full gradient of its own embeddings; it is multiplied by the world size because DDP
             averages parameter gradients over ranks, and the global batch's gradient is their sum.
+        should_stop: asked between micro-batches; True abandons the step (``StepAbandoned``),
+            so a stop signal is honoured within a micro-batch's time, however large the batch.
 
     Returns the detached loss. When it is not finite nothing is accumulated, so the caller can
     skip the step. A single micro-batch (the target batch fits in memory) takes the ordinary
@@ -105,7 +129,8 @@ def cached_backward(
     """
     if len(micro_batches) == 1:
         return _plain_backward(model, micro_batches[0], loss_fn, autocast, scale, gather)
-    return _two_pass_backward(model, micro_batches, loss_fn, autocast, scale, no_sync, gather)
+    return _two_pass_backward(model, micro_batches, loss_fn, autocast, scale, no_sync, gather,
+                              should_stop)
 
 
 def _two_pass_backward(
@@ -116,6 +141,7 @@ def _two_pass_backward(
     scale: Scale = _identity,
     no_sync: Callable[[], AbstractContextManager] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
     """Steps (1)-(3) of the module docstring, for any number of micro-batches."""
     labels = torch.cat([batch_labels for _, batch_labels in micro_batches])
@@ -125,6 +151,7 @@ def _two_pass_backward(
     with torch.no_grad():
         for images, _ in micro_batches:
             states.append(_rng_state(device))
+            _abandon_if_asked(should_stop, saved_buffers, states[0], device)
             with autocast():
                 cached.append(model(_flatten_views(images)).float())
     for buffer, saved in saved_buffers:
@@ -142,6 +169,7 @@ def _two_pass_backward(
     for position, ((images, _), gradient, state) in enumerate(
         zip(micro_batches, gradients, states, strict=True)
     ):
+        _abandon_if_asked(should_stop, saved_buffers, states[0], device)
         _set_rng_state(state, device)
         sync = no_sync() if no_sync is not None and position < last else nullcontext()
         with sync:
@@ -173,16 +201,22 @@ def accumulated_backward(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     scale: Scale = _identity,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
     """Plain gradient accumulation: the loss is computed inside each micro-batch alone.
 
     Kept for comparison (``--accumulation naive``): each micro-batch is its own, weaker
-    contrastive problem. Returns the mean micro-batch loss, detached.
+    contrastive problem. Returns the mean micro-batch loss, detached. ``should_stop`` as in
+    ``cached_backward``.
     """
-    total = torch.zeros((), device=micro_batches[0][0].device)
+    device = micro_batches[0][0].device
+    total = torch.zeros((), device=device)
     count = len(micro_batches)
     last = count - 1
+    saved_buffers = _batchnorm_buffers(model) if should_stop is not None else []
+    rng = _rng_state(device)
     for position, (images, labels) in enumerate(micro_batches):
+        _abandon_if_asked(should_stop, saved_buffers, rng, device)
         views = _views(images)
         sync = no_sync() if no_sync is not None and position < last else nullcontext()
         with sync:

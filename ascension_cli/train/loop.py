@@ -31,7 +31,7 @@ from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.cache import DecodedImages, available_memory
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
 from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
-from ascension_cli.data.sampler import ClassBalancedBatchSampler
+from ascension_cli.data.sampler import ClassBalancedBatchSampler, fit_batches
 from ascension_cli.embed import extract_features
 from ascension_cli.errors import (
     CheckpointError,
@@ -55,7 +55,7 @@ from ascension_cli.runtime import (
 )
 from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.distributed import any_rank, gather_with_grad, init_distributed
-from ascension_cli.train.gradcache import accumulated_backward, cached_backward
+from ascension_cli.train.gradcache import StepAbandoned, accumulated_backward, cached_backward
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
 
 LAST = "last.pt"
@@ -177,26 +177,46 @@ def _cache_images(
     started = time.perf_counter()
     caches: list[DecodedImages] = []
     reporter.work_start("decoding images into memory", sum(len(paths) for paths in groups))
+    stop.before = "while decoding images for --cache-images, before any training"
     try:
         for paths in groups:
             left = None if limit is None else limit - sum(cache.nbytes for cache in caches)
-            cache = DecodedImages.build(
+            # A signal here stops at once (see _StopRequest): nothing is trained yet.
+            caches.append(DecodedImages.build(
                 paths, keep_side, max_pixels, memory_limit=left,
                 on_progress=reporter.work_advance,
-                should_stop=lambda: stop.signal_number is not None,
-            )
-            if cache is None:  # nothing trained yet, so nothing to save
-                _stopped(stop.signal_number,
-                         "while decoding images for --cache-images, before any training")
-            caches.append(cache)
+            ))
     finally:
         reporter.work_end()
+        stop.before = "before training started"
     nbytes = sum(cache.nbytes for cache in caches)
     reporter.message(
         f"--cache-images: {sum(len(cache) for cache in caches)} images decoded once in "
         f"{time.perf_counter() - started:.1f} s, {nbytes / 2**20:.0f} MiB in memory"
     )
     return caches
+
+
+def _fit_batches(
+    config: TrainConfig, train_labels: np.ndarray, world_size: int, reporter: Reporter
+) -> TrainConfig:
+    """The batch options fitted to the training set before anything is allocated: options the
+    user gave that cannot fit are refused, defaults are reduced (see ``fit_batches``)."""
+    try:
+        plan = fit_batches(
+            np.unique(train_labels, return_counts=True)[1], config.target_batch,
+            config.batch_size, config.samples_per_class, world_size,
+            min_samples_per_class=2 if config.views == 1 else 1,
+            given=frozenset(config.model_fields_set),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for note in plan.notes:
+        reporter.message(note)
+    return config.model_copy(update={
+        "target_batch": plan.target_batch, "batch_size": plan.micro_batch,
+        "samples_per_class": plan.samples_per_class,
+    })
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
@@ -284,14 +304,21 @@ class _LoadFailures:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM: finish the current step, save a resumable checkpoint, stop.
-
-    A second Ctrl-C stops at once (the last checkpoint written stays as it was).
+    """SIGINT/SIGTERM. Before training starts (``deferring`` False) the run stops at once: there
+    is nothing to save. Once it trains, the signal is noted and the loop stops at the next
+    micro-batch, abandoning a step in progress, or after validation, and saves a resumable
+    checkpoint first. A second Ctrl-C stops at once (the last checkpoint stays as it was).
     """
 
     def __init__(self):
         self.signal_number: int | None = None
+        self.deferring = False
+        self.before = "before training started"  # what was going on, for the message
         self._previous: dict[int, Any] = {}
+
+    @property
+    def asked(self) -> bool:
+        return self.signal_number is not None
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -307,6 +334,8 @@ class _StopRequest:
         if self.signal_number is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_number = number
+        if not self.deferring:
+            _stopped(number, f"{self.before}; files written before stay as they were")
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -321,9 +350,12 @@ def _stopped(signal_number: int | None, what: str) -> None:
     raise Interrupted(f"stopped by {signal.Signals(number).name} {what}", number)
 
 
-def _interrupted(signal_number: int | None, save_dir: Path, epoch: int, step: int) -> None:
-    _stopped(signal_number, f"in epoch {epoch} at step {step}; a resumable checkpoint is in "
-             f"{save_dir / LAST}: run the same command with --resume auto to continue")
+def _interrupted(
+    signal_number: int | None, save_dir: Path, epoch: int, step: int, abandoned: str = ""
+) -> None:
+    _stopped(signal_number, f"in epoch {epoch} at step {step}; {abandoned}a resumable "
+             f"checkpoint is in {save_dir / LAST}: run the same command with --resume auto to "
+             "continue")
 
 
 def _below(recall: float | None, untrained: float | None) -> bool:
@@ -392,8 +424,6 @@ def _train(
     # ---- data
     data = _load_data(config)
     classes = data.scan.classes
-    if checkpoint is not None:
-        _check_resumable(checkpoint, config, classes)
     train_labels = data.scan.labels[data.train_index]
     if len(np.unique(train_labels)) < 2:
         raise DataError(
@@ -402,6 +432,9 @@ def _train(
         )
     if config.views == 1 and np.bincount(train_labels).max() < 2:
         raise DataError("with --views 1 some class needs two training images; use --views 2")
+    config = _fit_batches(config, train_labels, distributed.world_size, reporter)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, classes)
 
     # ---- model
     if checkpoint is not None:
@@ -519,9 +552,14 @@ def _train(
         # the figure is the same whatever the number of processes.
         if val_loader is None or not distributed.is_main:
             return None
+
+        def abandon_if_asked(_: int) -> None:  # a single process may stop mid-validation
+            if stop.deferring and stop.asked and not distributed.enabled:
+                raise StepAbandoned
+
         features, labels, _ = extract_features(
             model, val_loader, device, "backbone", autocast, on_failed=val_failures,
-            channels_last=config.channels_last,
+            on_batch=abandon_if_asked, channels_last=config.channels_last,
         )
         if len(labels) == 0:
             return None
@@ -601,12 +639,29 @@ def _train(
         return result
 
     def stop_requested() -> bool:
-        stopping = stop.signal_number is not None
+        stopping = stop.asked
         if distributed.enabled:  # all ranks stop at the same step, or collectives hang
             stopping = any_rank(stopping, device)
         return stopping
 
+    def stop_mid_epoch(epoch: int, done: int, losses: list[float], images: int,
+                       epoch_started: float, waited: float, abandoned: str = "") -> None:
+        """Save where epoch ``epoch`` stands after ``done`` steps, then raise Interrupted."""
+        save(save_dir / LAST, epoch - 1, {
+            "batches_done": done, "losses": losses, "images": images,
+            "seconds": time.perf_counter() - epoch_started, "waited": waited,
+        })
+        _interrupted(stop.signal_number, save_dir, epoch, step, abandoned)
+
+    # A single process abandons a step when asked to stop (under DDP every rank would have to
+    # agree at each micro-batch, so there the step finishes first).
+    should_stop = None if distributed.enabled else (lambda: stop.asked)
+    step_options: dict[str, Any] = {"no_sync": no_sync, "should_stop": should_stop}
+    if gather is not None:
+        step_options["gather"] = gather
+
     # ---- the loop
+    stop.deferring = True
     micro_per_step = sampler.micro_batches_per_step
     consecutive_nonfinite = 0
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -632,17 +687,20 @@ def _train(
                     batch.labels.to(device, non_blocking=True),
                 ))
             if position % micro_per_step:
+                if should_stop is not None and should_stop():
+                    stop_mid_epoch(epoch, done, losses, images_seen, epoch_started, waited,
+                                   "the step in progress was abandoned; ")
                 wait_started = time.perf_counter()
                 continue
 
             # One optimizer step over the whole target batch.
             optimizer.zero_grad(set_to_none=True)
-            options = {"no_sync": no_sync}
-            if gather is not None:
-                options["gather"] = gather
             try:
-                loss = (backward(trained_model, group, loss_fn, autocast, scaler.scale, **options)
-                        if group else None)
+                loss = (backward(trained_model, group, loss_fn, autocast, scaler.scale,
+                                 **step_options) if group else None)
+            except StepAbandoned:
+                stop_mid_epoch(epoch, done, losses, images_seen, epoch_started, waited,
+                               "the step in progress was abandoned; ")
             except compile_errors as exc:
                 raise TrainingError(
                     f"--compile failed: {first_line(exc)}; train without --compile"
@@ -682,17 +740,17 @@ def _train(
             )
             done += 1
             if stop_requested() and done < steps_per_epoch:
-                save(save_dir / LAST, epoch - 1, {
-                    "batches_done": done, "losses": losses, "images": images_seen,
-                    "seconds": time.perf_counter() - epoch_started, "waited": waited,
-                })
-                _interrupted(stop.signal_number, save_dir, epoch, step)
+                stop_mid_epoch(epoch, done, losses, images_seen, epoch_started, waited)
             if config.max_steps is not None and step >= config.max_steps:
                 break
             wait_started = time.perf_counter()
 
         train_seconds = time.perf_counter() - epoch_started
-        recall = validate()
+        try:
+            recall = validate()
+        except StepAbandoned:  # resumed, the epoch has no steps left and validates first
+            stop_mid_epoch(epoch, done, losses, images_seen, epoch_started, waited,
+                           "validation was abandoned; ")
         improved = recall is not None and (best is None or recall > best)
         if improved:
             best = recall
