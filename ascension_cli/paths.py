@@ -3,7 +3,7 @@
 Every command's config model (``config.py``) runs these on its path options, so a folder given
 where a file is expected, a catalogue with a file missing, or a file another tool wrote ends the
 command with one line (exit 2) before a model is built or an image is read. The checks read
-headers and small metadata only; the loaders (``train/checkpoint.py``, ``embed.load_vectors``,
+headers and small metadata only; the loaders (``checkpoint.py``, ``embed.load_vectors``,
 ``catalog.load_catalog``) still check everything they read, for library callers.
 
 Each check returns the path unchanged or raises ``ValueError`` with a message that names the path.
@@ -120,7 +120,7 @@ def not_ours(path: Path, what: str, why: str) -> ValueError:
 def why_unloadable(exc: Exception) -> str:
     """Why ``torch.load(..., weights_only=True)`` refused a file, in our words: torch's own text
     suggests turning the safety off, which is never the advice."""
-    if "weights only load failed" in str(exc).lower():
+    if "unsupported global" in str(exc).lower():  # a class or function torch would not load
         return ("it holds objects other than tensors and plain values, refused unread (loading "
                 "them could run code)")
     return "PyTorch cannot read it (damaged, cut short, or not PyTorch's)"

@@ -10,6 +10,7 @@ other tools' files) and what someone trying to make it fall over would type.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -94,6 +95,11 @@ def run(*args, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
 
 
 TINY = ("--model", "test_convnext", "--no-pretrained", "--image-size", "32", "--workers", "0")
+
+
+def noise(size: int) -> bytes:
+    """The same random bytes every run."""
+    return random.Random(size).randbytes(size)
 
 
 def train_args(zoo: Zoo, name: str, *options) -> list:
@@ -192,15 +198,15 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
     ("config-unknown-key", lambda z: config_file(z, "k.yaml", b"learning_rate: 1\n"), 2,
      "unknown option 'learning_rate'"),
     ("weights-random-bytes", lambda z: train_args(z, "w", "--weights",
-                                                 z.file("w.pth", os.urandom(300))), 2,
+                                                 z.file("w.pth", noise(300))), 2,
      "(300 bytes) is not a weights file, or is damaged: PyTorch cannot read it"),
     ("weights-is-a-folder", lambda z: train_args(z, "w2", "--weights", z.folder("wdir")), 2,
      "is a folder, not a file"),
     ("resume-from-random-bytes", lambda z: train_args(z, "r", "--resume",
-                                                     z.file("r.pt", os.urandom(64))), 2,
+                                                     z.file("r.pt", noise(64))), 2,
      "is not an Ascension checkpoint"),
     # -- checkpoint files
-    ("checkpoint-random-bytes", lambda z: ["embed", z.file("rand.pt", os.urandom(1000)),
+    ("checkpoint-random-bytes", lambda z: ["embed", z.file("rand.pt", noise(1000)),
                                            z.data], 2, "(1000 bytes) is not an Ascension"),
     ("checkpoint-empty", lambda z: ["embed", z.file("empty.pt"), z.data], 2,
      "(0 bytes) is not an Ascension checkpoint"),
@@ -251,7 +257,7 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
         "items", lambda c: (c / "items.npz").write_bytes(b"PK\x03\x04 cut")), z.data], 2,
      "items.npz (8 bytes) is not part of an Ascension catalogue"),
     ("catalog-index-damaged", lambda z: ["search", z.spoilt_catalog(
-        "index", lambda c: (c / "index.faiss").write_bytes(os.urandom(100))), z.data,
+        "index", lambda c: (c / "index.faiss").write_bytes(noise(100))), z.data,
         "--workers", "0"], 2, "index.faiss (100 bytes) is not part of an Ascension catalogue"),
     ("catalog-is-a-plain-folder", lambda z: ["search", z.data, z.data], 2,
      "not an Ascension catalogue"),
