@@ -17,14 +17,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.checkpoint import load_model, load_model_file, save_model_file
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.folder import scan_images
-from ascension_cli.embed import embed_images, load_model, sha256_of, write_index
-from ascension_cli.errors import AscensionError, DataError
-from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.embed import embed_images, sha256_of, write_index
+from ascension_cli.errors import AscensionError, CheckpointError, DataError
+from ascension_cli.model import EmbeddingModel, ModelSpec
 from ascension_cli.paths import (
     CATALOG_FORMAT,
     CATALOG_JSON,
@@ -92,9 +92,7 @@ def _write(catalog: Catalog, model: EmbeddingModel | None) -> None:
     directory = catalog.directory
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
-        payload = {"format": CATALOG_FORMAT + "-model", "spec": catalog.spec.to_dict(),
-                   "model": model.state_dict()}
-        atomic_write(directory / MODEL_FILE, lambda handle: torch.save(payload, handle))
+        save_model_file(directory / MODEL_FILE, model, catalog.spec)
     atomic_write(directory / ITEMS_FILE, lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
         paths=np.array(catalog.paths, dtype=str)))
@@ -140,12 +138,9 @@ def _damaged(path: Path) -> CatalogError:
 def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
     path = catalog.directory / MODEL_FILE
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = model_from_spec(ModelSpec.from_dict(payload["spec"]))
-        model.load_state_dict(payload["model"])
-    except Exception:  # whatever torch raises: never its advice to turn weights_only off
+        return load_model_file(path)
+    except CheckpointError:
         raise _damaged(path) from None
-    return model
 
 
 def _load_index(catalog: Catalog) -> faiss.Index:

@@ -4,86 +4,28 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from ascension_cli.atomic import atomic_write
+from ascension_cli.checkpoint import load_model
 from ascension_cli.data.augment import eval_transform
-from ascension_cli.data.dataset import Batch, EvalDataset, Failed, collate
+from ascension_cli.data.dataset import EvalDataset, Failed, collate
 from ascension_cli.data.folder import scan_images
-from ascension_cli.errors import CheckpointError, DataError, VectorsError, first_line
-from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.errors import DataError, VectorsError
+from ascension_cli.inference import extract_features
+from ascension_cli.model import EmbeddingModel, ModelSpec
 from ascension_cli.paths import VECTORS_FORMAT, VECTORS_VERSION, not_ours, vectors_file
 from ascension_cli.runtime import (
     autocast_factory,
     resolve_device,
     resolve_precision,
     resolve_workers,
-    to_input,
     use_channels_last,
 )
-from ascension_cli.train.checkpoint import load_checkpoint, not_a_checkpoint
-
-FEATURE_KINDS = ("backbone", "head")
-
-
-@torch.inference_mode()
-def extract_features(
-    model: EmbeddingModel,
-    loader: DataLoader,
-    device: torch.device,
-    kind: str = "backbone",
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    on_failed: Callable[[Failed], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    channels_last: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, labels and dataset indices of every readable image, in loader order.
-
-    ``kind`` is ``backbone`` (pooled trunk features, the usual choice for retrieval) or ``head``
-    (the projection SupCon trained). Unreadable images are passed to ``on_failed`` and left out.
-    ``channels_last`` hands the model NHWC batches (see ``runtime.to_input``).
-    """
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {kind!r}")
-    was_training = model.training
-    model.eval()
-    # Filled in place as batches stream by: memory is the vectors, allocated once.
-    total = len(loader.dataset)
-    features: np.ndarray | None = None
-    labels = np.empty(total, np.int64)
-    indices = np.empty(total, np.int64)
-    filled = 0
-    try:
-        batch: Batch
-        for batch in loader:
-            for failure in batch.failed:
-                if on_failed is not None:
-                    on_failed(failure)
-            if len(batch):
-                images = to_input(batch.images, device, channels_last)
-                with autocast():
-                    output = model.features(images) if kind == "backbone" else model(images)
-                if features is None:
-                    features = np.empty((total, output.shape[1]), np.float32)
-                stop = filled + len(batch)
-                features[filled:stop] = output.float().cpu().numpy()
-                labels[filled:stop] = batch.labels.numpy()
-                indices[filled:stop] = batch.indices.numpy()
-                filled = stop
-            if on_batch is not None:
-                on_batch(len(batch) + len(batch.failed))
-    finally:
-        model.train(was_training)
-    if features is None:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return features[:filled], labels[:filled], indices[:filled]
-
 
 # Arrays every vectors file holds (save_vectors writes them all).
 _VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",
@@ -178,24 +120,6 @@ def load_vectors(path: str | Path) -> Vectors:
         image_root=str(contents["image_root"]),
         failed=contents["failed"].tolist(),
     )
-
-
-def load_model(checkpoint_path: str | Path) -> tuple[EmbeddingModel, ModelSpec, dict]:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    try:
-        spec = ModelSpec.from_dict(checkpoint["spec"])
-    except (KeyError, TypeError, ValueError):
-        raise not_a_checkpoint(Path(checkpoint_path), "its model spec is damaged") from None
-    model = model_from_spec(spec)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint_path}: weights do not fit '{spec.name}': "
-            f"{first_line(exc)}"
-        ) from None
-    return model, spec, checkpoint
 
 
 def write_index(path: str | Path, vectors: np.ndarray, kind: str = "flat") -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.embed import load_model
+from ascension_cli.checkpoint import load_model
 from ascension_cli.model import EmbeddingModel
 
 EXPORT_FORMATS = ("onnx", "torchscript")

@@ -172,8 +172,8 @@ def run_plain(split: Split, args, seed: int) -> dict:
 
 
 def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
+    from ascension_cli.checkpoint import load_model
     from ascension_cli.config import TrainConfig
-    from ascension_cli.embed import load_model
     from ascension_cli.train.loop import BEST, LAST, train
 
     options = dict(options)

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from ascension_cli import checkpoint as checkpoint_module
+from ascension_cli.checkpoint import load_checkpoint
 from ascension_cli.cli import app
 from ascension_cli.config import TrainConfig, resolve
 from ascension_cli.data.folder import ImageDecodeError, decode_image, load_image, scan_folder
 from ascension_cli.errors import CheckpointError, ConfigError
-from ascension_cli.train import checkpoint as checkpoint_module
-from ascension_cli.train.checkpoint import load_checkpoint
 from ascension_cli.train.loop import Reporter, train
 from tests.conftest import make_dataset
 

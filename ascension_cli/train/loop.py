@@ -24,15 +24,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from ascension_cli import __version__
 from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.checkpoint import atomic_save, load_checkpoint, training_state
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.cache import DecodedImages, available_memory
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
 from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
 from ascension_cli.data.sampler import ClassBalancedBatchSampler, fit_batches
-from ascension_cli.embed import extract_features
 from ascension_cli.errors import (
     CheckpointError,
     ConfigError,
@@ -41,6 +40,7 @@ from ascension_cli.errors import (
     TrainingError,
     first_line,
 )
+from ascension_cli.inference import extract_features
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import ModelSpec, build_model, model_from_spec
 from ascension_cli.retrieval.evaluate import evaluate
@@ -53,7 +53,6 @@ from ascension_cli.runtime import (
     to_input,
     use_channels_last,
 )
-from ascension_cli.train.checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ascension_cli.train.distributed import any_rank, gather_with_grad, init_distributed
 from ascension_cli.train.gradcache import StepAbandoned, accumulated_backward, cached_backward
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
@@ -607,31 +606,14 @@ def _train(
     def save(path: Path, epoch: int, progress: dict[str, Any] | None = None) -> None:
         if not distributed.is_main:
             return
-        atomic_save(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "ascension_version": __version__,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "best_recall_at_1": best,
-                "nonfinite_steps": nonfinite_total,
-                "excluded": sorted(sampler.excluded),
-                "rng": _rng_payload(),
-                "config": to_plain(config),
-                "classes": classes,
-                "spec": spec.to_dict(),
-                "timm_name": spec.name,
-                "pretrained_cfg": dict(getattr(model.backbone, "pretrained_cfg", {}) or {}),
-                "history": [asdict(record) for record in result.history],
-                "epoch_progress": progress,
-            },
-            path,
-        )
+        atomic_save(training_state(
+            model, spec, to_plain(config), classes,
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(), epoch=epoch, step=step, best_recall_at_1=best,
+            nonfinite_steps=nonfinite_total, excluded=sorted(sampler.excluded),
+            rng=_rng_payload(), history=[asdict(record) for record in result.history],
+            epoch_progress=progress,
+        ), path)
 
     if start_epoch >= config.epochs or (config.max_steps and step >= config.max_steps):
         reporter.message("the checkpoint has already finished this run; nothing to do")
