@@ -22,7 +22,7 @@ from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.checkpoint import load_model, load_model_file, save_model_file
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.folder import scan_images
-from ascension_cli.embed import embed_images, sha256_of, write_index
+from ascension_cli.embedding import embed_images, write_index
 from ascension_cli.errors import AscensionError, CheckpointError, DataError
 from ascension_cli.model import EmbeddingModel, ModelSpec
 from ascension_cli.paths import (
@@ -36,6 +36,7 @@ from ascension_cli.paths import (
     not_ours,
 )
 from ascension_cli.retrieval.index import search
+from ascension_cli.vectors import sha256_of
 
 
 class CatalogError(AscensionError):
@@ -159,7 +160,7 @@ def build_catalog(
     gallery_root: str | Path,
     directory: str | Path,
     add: bool = False,
-    kind: str = "backbone",
+    feature_kind: str = "backbone",
     on_failed: Callable[[Failed], None] | None = None,
     **embed_options,
 ) -> tuple[Catalog, int]:
@@ -178,14 +179,15 @@ def build_catalog(
                 f"{catalog.checkpoint_sha256[:12]}…, this one {checkpoint_sha[:12]}…); "
                 "its vectors would not be comparable"
             )
-        if catalog.feature_kind != kind:
-            raise CatalogError(f"the catalogue holds {catalog.feature_kind} features, not {kind}")
+        if catalog.feature_kind != feature_kind:
+            raise CatalogError(f"the catalogue holds {catalog.feature_kind} features, not "
+                               f"{feature_kind}")
     elif (directory / CATALOG_JSON).exists():
         raise CatalogError(f"{directory} already holds a catalogue: pass --add to extend it, or "
                            "choose another --output")
     model, spec, _ = load_model(checkpoint)
     if not add:
-        catalog = Catalog(directory, spec, checkpoint_sha, kind, [],
+        catalog = Catalog(directory, spec, checkpoint_sha, feature_kind, [],
                           np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
 
     scan = scan_images(gallery_root)
@@ -197,7 +199,7 @@ def build_catalog(
                 catalog.class_names.append(name)
         remap = np.array([catalog.class_names.index(n) for n in scan.classes] + [-1], np.int64)
         paths = [scan.paths[i] for i in fresh]
-        vectors, _, indices = embed_images(model, spec, paths, None, kind=kind,
+        vectors, _, indices = embed_images(model, spec, paths, None, feature_kind=feature_kind,
                                            on_failed=on_failed, **embed_options)
         if len(indices):
             labels = remap[scan.labels[fresh][indices]]  # -1 indexes the flat-folder slot
@@ -241,11 +243,11 @@ def search_catalog(
         raise CatalogError(f"the catalogue in {catalog.directory} is empty")
     model = load_catalog_model(catalog)
     vectors, _, indices = embed_images(model, catalog.spec, query_paths, None,
-                                       kind=catalog.feature_kind, on_failed=on_failed,
+                                       feature_kind=catalog.feature_kind, on_failed=on_failed,
                                        **embed_options)
     if len(indices) == 0:
         return []
-    scores, ids = search(_load_index(catalog), vectors, k)
+    ids, scores = search(_load_index(catalog), vectors, k)
     results = []
     for row, query_index in enumerate(indices):
         matches = [

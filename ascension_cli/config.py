@@ -51,6 +51,16 @@ LR_REFERENCE_BATCH = 32
 # Warmup when --warmup-epochs is not given: this share of all optimizer steps.
 WARMUP_SHARE = 0.05
 
+# Options a resume may change (where and how fast it runs, not what it learns; channels_last and
+# compile change only the order of floating-point operations) carry this mark.
+RESUMABLE = {"resume_may_change": True}
+SHORT_O = {"flags": ["--output", "-o"]}
+WORKERS_HELP = ("Data-loading processes. (default: one per core up to 8 on a GPU; on the CPU one "
+                "per 8 cores, as the model's threads use them all)")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+CHANNELS_LAST_HELP = ("Run the model on NHWC weights and images: faster convolutions (up to 1.8x "
+                      "measured on the CPU), same results up to rounding.")
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -59,69 +69,105 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data_root: Folder
-    batch_size: int = Field(16, ge=1, description="Images per micro-batch (what fits in memory).")
+    data_root: Folder = Field(description="Folder of class folders: DATA_ROOT/<class>/<image>.",
+                              json_schema_extra=RESUMABLE)
+    batch_size: int = Field(16, ge=1, description="Images per micro-batch: what fits in memory.")
     target_batch: int = Field(
-        128, ge=2, description="Images per optimizer step: the contrastive batch SupCon sees."
+        128, ge=2, description="Images per optimizer step, and the batch SupCon contrasts (a "
+        "multiple of --batch-size)."
     )
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, description="Epochs.", json_schema_extra=RESUMABLE)
     warmup_epochs: float | None = Field(
-        None, ge=0, description="Linear LR warmup in epochs; none given: WARMUP_SHARE of the "
-        "optimizer steps."
+        None, ge=0, description="Linear LR warmup in epochs, then cosine decay. (default: "
+        f"{WARMUP_SHARE:.0%} of the run's optimizer steps)"
     )
     lr: float = Field(
         3e-4, gt=0, le=10,
-        description="Peak learning rate for LR_REFERENCE_BATCH images per step; --lr-scaling "
-        "adapts it to --target-batch.",
+        description=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; --lr-scaling "
+        f"turns it into the step's LR (linear: x --target-batch/{LR_REFERENCE_BATCH}).",
     )
-    lr_scaling: LrScaling = Field(
-        "linear", description="How --lr follows --target-batch: linear, sqrt, or none."
-    )
+    lr_scaling: LrScaling = Field("linear", description="How --lr follows --target-batch.")
     backbone_lr_scale: float = Field(
-        1.0, gt=0, le=1, description="The pretrained backbone's LR as a share of --lr."
+        1.0, gt=0, le=1,
+        description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
-    weight_decay: float = Field(0.05, ge=0)
-    temperature: float = Field(0.1, gt=0, le=10)
-    model: str = Field("tf_efficientnetv2_m", min_length=1)
-    image_size: int | None = Field(None, ge=16, le=4096)
-    embedding_dim: int = Field(128, ge=2, le=65536)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    temperature: float = Field(0.1, gt=0, le=10, description="SupCon temperature.")
+    model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
+    image_size: int | None = Field(
+        None, ge=16, le=4096,
+        description="Square input size. (default: the model's pretrained input size)",
+    )
+    embedding_dim: int = Field(
+        128, ge=2, le=65536, description="Projection head output size, with --head mlp or linear."
+    )
     head: Head = Field(
-        "none", description="Projection head trained by the loss: none (the pooled features "
-        "themselves, what retrieval uses), mlp or linear."
+        "none", description="What the loss trains: none (the pooled backbone features, which "
+        "retrieval uses), or an mlp or linear projection head on them."
     )
-    pretrained: bool = True
-    weights: WeightsFile | None = None
-    precision: Precision = "auto"
-    accumulation: Accumulation = "cache"
-    views: int = Field(2, ge=1, le=16)
-    samples_per_class: int = Field(4, ge=1)
-    augment: Augment = "color-agnostic"
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    val_root: Folder | None = None
-    workers: int | None = Field(
-        None, ge=0, le=256,
-        description="Data-loading processes; none given: by device (see runtime.resolve_workers).",
+    pretrained: bool = Field(
+        True, description="Start from timm's pretrained weights (downloaded or cached)."
     )
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
-    save_dir: OutputFolder = Path("checkpoints")
-    resume: str | None = None
-    max_steps: int | None = Field(None, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
-    sync_bn: bool = False
+    weights: WeightsFile | None = Field(
+        None, description="Local timm-format weights (.safetensors/.pth); works offline."
+    )
+    precision: Precision = Field(
+        "auto", description="auto: bf16 on Ampere+ GPUs and bf16-capable CPUs, fp16 with loss "
+        "scaling on older GPUs, else fp32."
+    )
+    accumulation: Accumulation = Field(
+        "cache", description="cache: gradient caching, the loss sees the whole --target-batch. "
+        "naive: plain accumulation, the loss sees each micro-batch alone."
+    )
+    views: int = Field(2, ge=1, le=16, description="Augmented views per image.")
+    samples_per_class: int = Field(4, ge=1, description="Images per class in each target batch.")
+    augment: Augment = Field(
+        "color-agnostic", description="color-agnostic: colour destroyed or randomised, so the "
+        "same item in another colour lands close. standard: SimCLR. none."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of each class held out for validation."
+    )
+    val_root: Folder | None = Field(
+        None, description="A separate validation tree with the same class folders."
+    )
+    workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP,
+                                json_schema_extra=RESUMABLE)
+    seed: int = Field(0, ge=0, description="Random seed.")
+    device: str = Field("auto", description=DEVICE_HELP, json_schema_extra=RESUMABLE)
+    save_dir: OutputFolder = Field(
+        Path("checkpoints"),
+        description="Where last.pt, best.pt, metrics.jsonl, training.png and config.yaml go.",
+        json_schema_extra=RESUMABLE,
+    )
+    resume: str | None = Field(
+        None, description="'auto' continues from SAVE_DIR/last.pt if it exists; or a PATH.",
+        json_schema_extra=RESUMABLE,
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.",
+                                  json_schema_extra=RESUMABLE)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    sync_bn: bool = Field(
+        False, description="Under DDP, BatchNorm statistics over all processes."
+    )
     max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Images larger than this are refused before decoding."
+        100_000_000, ge=1,
+        description="Refuse images with more pixels than this (decompression bombs).",
     )
     max_nonfinite: int = Field(
-        20, ge=1, description="Consecutive non-finite losses after which training aborts."
+        20, ge=1,
+        description="Stop after this many non-finite losses in a row (each skips its step).",
     )
-    channels_last: bool = Field(
-        True, description="NHWC weights and batches: faster convolutions on CPU and GPU."
-    )
+    channels_last: bool = Field(True, description=CHANNELS_LAST_HELP, json_schema_extra=RESUMABLE)
     cache_images: bool = Field(
-        False, description="Decode every image once, at twice the input size, and keep it in RAM."
+        False, description="Decode each image once, keep it in memory with its short side at "
+        "twice the input size, for datasets that fit in RAM (refused past 60% of free memory)."
     )
-    compile: bool = Field(False, description="torch.compile the model for training.")
+    compile: bool = Field(
+        False, description="torch.compile the model: the first steps compile it (minutes), "
+        "later ones may run faster on a GPU. Measured no gain on the CPU.",
+        json_schema_extra=RESUMABLE,
+    )
 
     @field_validator("device")
     @classmethod
@@ -175,22 +221,30 @@ Features = Literal["backbone", "head"]
 IndexKind = Literal["flat", "hnsw", "ivf"]
 
 
+def _features_field() -> Any:
+    return Field("backbone", description="backbone: the pooled trunk features, which training "
+                 "shapes and retrieval uses. head: the projection head's output.")
+
+
+def _image_size_field() -> Any:
+    return Field(None, ge=16, le=4096, description="Input size. (default: the checkpoint's)")
+
+
 class _RunOptions(BaseModel):
     """Options shared by the commands that run a model over images."""
 
     model_config = ConfigDict(extra="forbid")
 
-    features: Features = "backbone"
-    batch_size: int = Field(64, ge=1)
-    precision: Precision = "auto"
-    workers: int | None = Field(None, ge=0, le=256)
-    device: str = "auto"
-    channels_last: bool = True
+    batch_size: int = Field(64, ge=1, description="Images per batch.")
+    precision: Precision = Field("auto", description="Arithmetic of the forward pass.")
+    workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP)
+    device: str = Field("auto", description=DEVICE_HELP)
+    channels_last: bool = Field(True, description=CHANNELS_LAST_HELP)
 
     _check_device = field_validator("device")(TrainConfig._check_device.__func__)
 
     def run_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``embed.embed_images`` these options set."""
+        """The keyword arguments of ``embedding.embed_images`` these options set."""
         return {
             "batch_size": self.batch_size, "precision": self.precision, "workers": self.workers,
             "device": self.device, "channels_last": self.channels_last,
@@ -200,25 +254,49 @@ class _RunOptions(BaseModel):
 class EmbedConfig(_RunOptions):
     """Options of ``ascension embed``."""
 
-    checkpoint: CheckpointFile
-    image_root: Folder
-    output: OutputFile = Path("vectors.npz")
-    image_size: int | None = Field(None, ge=16, le=4096)
-    index: OutputFile | None = None
+    checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
+    image_root: Folder = Field(
+        description="Class folders (IMAGE_ROOT/<class>/<image>) or a flat image folder."
+    )
+    features: Features = _features_field()
+    output: OutputFile = Field(Path("vectors.npz"), description="Vectors file to write (.npz).",
+                               json_schema_extra=SHORT_O)
+    image_size: int | None = _image_size_field()
+    index: OutputFile | None = Field(
+        None, description="Also write a FAISS index of the vectors to this file."
+    )
 
 
 class EvalConfig(_RunOptions):
     """Options of ``ascension eval``."""
 
-    source: Path
-    image_root: Folder | None = None
-    gallery: VectorsFile | None = None
-    k: str = "1,5,10"
-    json_file: OutputFile | None = None
-    index: IndexKind = "flat"
-    recolor: bool = False
-    show: int | None = Field(None, ge=1, le=200)
-    output: OutputFile = Path("retrieval.png")
+    source: Path = Field(description="A vectors file from `ascension embed`, or a checkpoint "
+                         "(then give IMAGE_ROOT too, and it is embedded first).")
+    image_root: Folder | None = Field(
+        None, description="Images to embed, with a checkpoint as SOURCE."
+    )
+    features: Features = _features_field()
+    gallery: VectorsFile | None = Field(
+        None, description="A vectors file to search in; without it the queries are searched "
+        "among themselves, each query's own vector excluded."
+    )
+    k: str = Field("1,5,10", description="Recall@k cut-offs.")
+    json_file: OutputFile | None = Field(None, description="Write the metrics to this JSON file.",
+                                         json_schema_extra={"flags": ["--json"]})
+    index: IndexKind = Field(
+        "flat", description="flat: exact. hnsw, ivf: approximate, for galleries past about a "
+        "million vectors."
+    )
+    recolor: bool = Field(
+        False, description="With a checkpoint: also embed the queries hue-rotated (90, 180 "
+        "degrees) and in grayscale, search them where the clean queries were searched (the "
+        "--gallery, if given), and report Recall@k for each."
+    )
+    show: int | None = Field(
+        None, ge=1, le=200, description="Draw this many queries with their top-k results."
+    )
+    output: OutputFile = Field(Path("retrieval.png"), description="Picture for --show.",
+                               json_schema_extra=SHORT_O)
 
     @field_validator("k")
     @classmethod
@@ -252,10 +330,17 @@ class EvalConfig(_RunOptions):
 class IndexConfig(_RunOptions):
     """Options of ``ascension index``."""
 
-    checkpoint: CheckpointFile
-    gallery_root: Folder
-    output: OutputFolder
-    add: bool = False
+    checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
+    gallery_root: Folder = Field(
+        description="The known items: class folders, or a flat image folder."
+    )
+    features: Features = _features_field()
+    output: OutputFolder = Field(description="Catalogue folder to write.",
+                                 json_schema_extra=SHORT_O)
+    add: bool = Field(
+        False, description="Append the images the catalogue does not hold yet, without "
+        "re-embedding the others (same checkpoint required)."
+    )
 
     @model_validator(mode="after")
     def _check_catalog(self) -> IndexConfig:
@@ -267,11 +352,16 @@ class IndexConfig(_RunOptions):
 class SearchConfig(_RunOptions):
     """Options of ``ascension search``."""
 
-    catalog: CatalogFolder
-    images: list[FileOrFolder] = Field(min_length=1)
-    k: int = Field(5, ge=1, le=1000)
-    threshold: float | None = Field(None, ge=-1, le=1)
-    json_file: OutputFile | None = None
+    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    images: list[FileOrFolder] = Field(min_length=1,
+                                       description="Query images, or folders of them.")
+    k: int = Field(5, ge=1, le=1000, description="Matches per query.")
+    threshold: float | None = Field(
+        None, ge=-1, le=1, description="Cosine similarity the best match must reach; below it "
+        "the query is 'unknown'."
+    )
+    json_file: OutputFile | None = Field(None, description="Write the results to this JSON file.",
+                                         json_schema_extra={"flags": ["--json"]})
 
 
 class ExportConfig(BaseModel):
@@ -279,11 +369,23 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: CheckpointFile
-    format: Literal["onnx", "torchscript"] = "onnx"
-    output: OutputFile
-    features: Features = "backbone"
-    image_size: int | None = Field(None, ge=16, le=4096)
+    checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
+    format: Literal["onnx", "torchscript"] = Field("onnx", description="File format.")
+    output: OutputFile = Field(description="File to write.", json_schema_extra=SHORT_O)
+    features: Features = _features_field()
+    image_size: int | None = _image_size_field()
+
+
+class DemoConfig(BaseModel):
+    """Options of ``ascension demo``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workdir: OutputFolder | None = Field(
+        None, description="Where the demo dataset and checkpoints go. (default: a temp folder)"
+    )
+    epochs: int = Field(20, ge=1, description="Training epochs (about 3 s each on 2 cores).")
+    workers: int = Field(0, ge=0, le=256, description="Data-loading processes.")
 
 
 def _check_path(check: Callable[[Path], Path], path: Path, field: str) -> None:
@@ -292,6 +394,12 @@ def _check_path(check: Callable[[Path], Path], path: Path, field: str) -> None:
         check(path)
     except ValueError as exc:
         raise ValueError(f"invalid {option_name(field)}: {exc}") from None
+
+
+def resume_may_change() -> set[str]:
+    """Training options a resume may change: those marked RESUMABLE."""
+    return {name for name, field in TrainConfig.model_fields.items()
+            if (field.json_schema_extra or {}).get("resume_may_change")}
 
 
 def option_name(field: str) -> str:

@@ -19,10 +19,10 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 class EmbeddingExport(nn.Module):
     """(B, 3, H, W) normalised images -> (B, D) L2-normalised embeddings."""
 
-    def __init__(self, model: EmbeddingModel, kind: str = "backbone"):
+    def __init__(self, model: EmbeddingModel, feature_kind: str = "backbone"):
         super().__init__()
         self.model = model
-        self.use_head = kind == "head"
+        self.use_head = feature_kind == "head"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images) if self.use_head else self.model.features(images)
@@ -32,7 +32,7 @@ def export_model(
     checkpoint: str | Path,
     output: str | Path,
     export_format: str = "onnx",
-    kind: str = "backbone",
+    feature_kind: str = "backbone",
     image_size: int | None = None,
 ) -> dict:
     """Write the model as ONNX or TorchScript with a dynamic batch size; returns what it wrote.
@@ -43,7 +43,7 @@ def export_model(
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"unknown format {export_format!r}; choose one of {EXPORT_FORMATS}")
     model, spec, _ = load_model(checkpoint)
-    module = EmbeddingExport(model, kind).eval()
+    module = EmbeddingExport(model, feature_kind).eval()
     size = image_size or spec.image_size
     example = torch.randn(2, 3, size, size)
     buffer = io.BytesIO()
@@ -61,7 +61,7 @@ def export_model(
                 opset_version=17, dynamo=False,
             )
     atomic_write(output, lambda handle: handle.write(buffer.getvalue()))
-    dim = spec.embedding_dim if kind == "head" else spec.num_features
-    return {"path": str(output), "format": export_format, "features": kind, "image_size": size,
-            "mean": list(spec.mean), "std": list(spec.std), "embedding_dim": dim,
-            "model": spec.name}
+    dim = spec.embedding_dim if feature_kind == "head" else spec.num_features
+    return {"path": str(output), "format": export_format, "features": feature_kind,
+            "image_size": size, "mean": list(spec.mean), "std": list(spec.std),
+            "embedding_dim": dim, "model": spec.name}

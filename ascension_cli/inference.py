@@ -22,7 +22,7 @@ def extract_features(
     model: EmbeddingModel,
     loader: DataLoader,
     device: torch.device,
-    kind: str = "backbone",
+    feature_kind: str = "backbone",
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     on_failed: Callable[[Failed], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -30,12 +30,12 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, labels and dataset indices of every readable image, in loader order.
 
-    ``kind`` is ``backbone`` (pooled trunk features, the usual choice for retrieval) or ``head``
-    (the projection SupCon trained). Unreadable images are passed to ``on_failed`` and left out.
-    ``channels_last`` hands the model NHWC batches (see ``runtime.to_input``).
+    ``feature_kind`` is ``backbone`` (pooled trunk features, the usual choice for retrieval) or
+    ``head`` (the projection SupCon trained). Unreadable images are passed to ``on_failed`` and
+    left out. ``channels_last`` hands the model NHWC batches (see ``runtime.to_input``).
     """
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {kind!r}")
+    if feature_kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {feature_kind!r}")
     was_training = model.training
     model.eval()
     # Filled in place as batches stream by: memory is the vectors, allocated once.
@@ -53,7 +53,7 @@ def extract_features(
             if len(batch):
                 images = to_input(batch.images, device, channels_last)
                 with autocast():
-                    output = model.features(images) if kind == "backbone" else model(images)
+                    output = model.features(images) if feature_kind == "backbone" else model(images)
                 if features is None:
                     features = np.empty((total, output.shape[1]), np.float32)
                 stop = filled + len(batch)

@@ -3,7 +3,7 @@
 Every command's config model (``config.py``) runs these on its path options, so a folder given
 where a file is expected, a catalogue with a file missing, or a file another tool wrote ends the
 command with one line (exit 2) before a model is built or an image is read. The checks read
-headers and small metadata only; the loaders (``checkpoint.py``, ``embed.load_vectors``,
+headers and small metadata only; the loaders (``checkpoint.py``, ``vectors.load_vectors``,
 ``catalog.load_catalog``) still check everything they read, for library callers.
 
 Each check returns the path unchanged or raises ``ValueError`` with a message that names the path.

@@ -89,13 +89,13 @@ def link_tree(destination: Path, split: Split, which: str) -> Path:
 
 def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dict:
     """Queries (``on``: test or val) against the train photos as gallery, clean and recoloured."""
-    from ascension_cli.embed import embed_images
+    from ascension_cli.embedding import embed_images
     from ascension_cli.retrieval.evaluate import evaluate
 
     def vectors(which: str, recolor: str | None = None):
         paths, labels = split.part(which)
-        features, found, _ = embed_images(model, spec, paths, labels, kind=kind,
-                                          batch_size=batch_size, workers=0, recolor=recolor)
+        features, found, _ = embed_images(model, spec, paths, labels, feature_kind=kind,
+                                          batch_size=batch_size, workers=0, recolouring=recolor)
         return features, found
 
     gallery, gallery_labels = vectors("train")
@@ -172,9 +172,8 @@ def run_plain(split: Split, args, seed: int) -> dict:
 
 
 def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
+    from ascension_cli import train_supcon
     from ascension_cli.checkpoint import load_model
-    from ascension_cli.config import TrainConfig
-    from ascension_cli.train.loop import BEST, LAST, train
 
     options = dict(options)
     features = options.pop("features", "backbone")  # which vectors are evaluated
@@ -190,12 +189,10 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
             values["pretrained"] = False
         else:
             values["weights"] = args.weights
-        config = TrainConfig(**values)
         started = time.perf_counter()
-        result = train(config)
+        result = train_supcon(**values)
         seconds = time.perf_counter() - started
-        best = work / "run" / BEST
-        model, spec, _ = load_model(best if best.is_file() else work / "run" / LAST)
+        model, spec, _ = load_model(result.best_checkpoint or result.last_checkpoint)
         figures = score(model, spec, features, split, args.on, 64)
         validated = [r.val_recall_at_1 for r in result.history]
         return {"train_seconds": seconds, "val_recall_at_1_by_epoch": validated,

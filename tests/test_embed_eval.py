@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from ascension_cli.cli import app
 from ascension_cli.config import TrainConfig
-from ascension_cli.embed import Vectors, load_vectors, save_vectors, sha256_of
 from ascension_cli.train.loop import train
+from ascension_cli.vectors import Vectors, load_vectors, save_vectors, sha256_of
 from tests.conftest import make_dataset
 
 runner = CliRunner()

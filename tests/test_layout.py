@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ascension_cli.cli import _torchrun_arguments
+from ascension_cli.cli import torchrun_config
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.dataset import EvalDataset, MultiViewDataset, collate
 from ascension_cli.data.folder import scan_folder
-from ascension_cli.embed import embed_images
+from ascension_cli.embedding import embed_images
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model import build_model
 from ascension_cli.runtime import resolve_workers, to_input, use_channels_last
@@ -113,10 +113,19 @@ def test_workers_default_by_device(monkeypatch):
     assert resolve_workers(None, torch.device("cuda")) == 2
 
 
-@pytest.mark.parametrize(("value", "flag"), [(True, "--channels-last"),
-                                             (False, "--no-channels-last")])
-def test_torchrun_workers_get_the_layout_flag(value, flag, tmp_path):
+@pytest.mark.parametrize("value", [True, False])
+def test_torchrun_workers_get_the_layout_flag(value, tmp_path):
+    import yaml
+
+    from ascension_cli.config import TrainConfig, resolve
+
     given = {"data_root": tmp_path, "channels_last": value, "pretrained": False, "epochs": 2}
-    arguments = _torchrun_arguments(given, None)
-    assert arguments == [str(tmp_path), flag, "--no-pretrained", "--epochs", "2"]
+    settings = resolve(TrainConfig, given)
+    sent = torchrun_config(settings)
+    assert sent == {"data_root": str(tmp_path), "channels_last": value, "pretrained": False,
+                    "epochs": 2}
     assert "data_root" in given  # the caller's options are left as they were
+    # The workers resolve the very same options from the file, and defaults stay defaults.
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump(sent))
+    again = resolve(TrainConfig, {"data_root": tmp_path}, tmp_path / "options.yaml")
+    assert again == settings and again.model_fields_set == settings.model_fields_set

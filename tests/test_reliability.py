@@ -115,7 +115,7 @@ def test_non_utf8_file_names_scan_load_and_print(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    from ascension_cli.embed import load_vectors
+    from ascension_cli.vectors import load_vectors
 
     assert any("\udcff" in p for p in load_vectors(tmp_path / "v.npz").paths)
 
@@ -213,8 +213,8 @@ def test_resume_after_a_device_change_loads_on_the_cpu(dataset, tmp_path):
 
 
 def test_full_disk_keeps_the_previous_vectors_file(dataset, tmp_path, monkeypatch):
-    from ascension_cli import embed as embed_module
-    from ascension_cli.embed import load_vectors
+    from ascension_cli import vectors as vectors_module
+    from ascension_cli.vectors import load_vectors
 
     train(tiny(dataset, tmp_path / "run"))
     arguments = ["embed", str(tmp_path / "run" / "last.pt"), str(dataset), "-o",
@@ -225,7 +225,7 @@ def test_full_disk_keeps_the_previous_vectors_file(dataset, tmp_path, monkeypatc
     def no_space(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(embed_module, "atomic_write", no_space)
+    monkeypatch.setattr(vectors_module, "atomic_write", no_space)
     result = runner.invoke(app, arguments + ["--features", "head"])
     assert result.exit_code == 5 and "No space left on device" in result.output
     monkeypatch.undo()

@@ -33,7 +33,7 @@ def eval_transform(
 
 
 def train_transform(
-    kind: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+    augmentation: str, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> A.Compose:
     """The per-view training pipeline.
 
@@ -41,9 +41,9 @@ def train_transform(
     item in another colour lands close. ``standard``: SimCLR-style. ``none``: the eval transform.
     """
     size = (image_size, image_size)
-    if kind == "none":
+    if augmentation == "none":
         return eval_transform(image_size, mean, std)
-    if kind == "color-agnostic":
+    if augmentation == "color-agnostic":
         steps = [
             A.RandomResizedCrop(size=size, scale=(0.35, 1.0), area_for_downscale="image"),
             A.HorizontalFlip(p=0.5),
@@ -69,7 +69,7 @@ def train_transform(
                 p=0.3,
             ),
         ]
-    elif kind == "standard":
+    elif augmentation == "standard":
         steps = [
             A.RandomResizedCrop(size=size, scale=(0.2, 1.0), area_for_downscale="image"),
             A.HorizontalFlip(p=0.5),
@@ -78,7 +78,7 @@ def train_transform(
             A.GaussianBlur(blur_limit=(3, 7), p=0.5),
         ]
     else:
-        raise ValueError(f"unknown augmentation {kind!r}; choose one of {AUGMENTATIONS}")
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
     return A.Compose([*steps, *_normalise(mean, std)])
 
 
@@ -105,14 +105,14 @@ def reseed(transform: A.Compose, seed: int) -> None:
 RECOLORINGS = ("hue90", "hue180", "grayscale")
 
 
-def recolor(image: np.ndarray, kind: str) -> np.ndarray:
+def recolor(image: np.ndarray, recolouring: str) -> np.ndarray:
     """The same RGB image in other colours: hue rotated by 90 or 180 degrees, or grayscale."""
-    if kind == "grayscale":
+    if recolouring == "grayscale":
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
-    if kind in ("hue90", "hue180"):
+    if recolouring in ("hue90", "hue180"):
         hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-        shift = 45 if kind == "hue90" else 90  # OpenCV hue runs 0-179
+        shift = 45 if recolouring == "hue90" else 90  # OpenCV hue runs 0-179
         hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    raise ValueError(f"unknown recolouring {kind!r}; choose one of {RECOLORINGS}")
+    raise ValueError(f"unknown recolouring {recolouring!r}; choose one of {RECOLORINGS}")

@@ -91,7 +91,7 @@ class EvalDataset(_ImageSource, Dataset):
 
     def __init__(
         self, paths: Sequence[Path], labels: np.ndarray | None, transform,
-        recolor: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+        recolouring: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int | None = None, cache: DecodedImages | None = None,
     ):
         self.cache = cache
@@ -100,7 +100,7 @@ class EvalDataset(_ImageSource, Dataset):
         self.paths = list(paths)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.transform = transform
-        self.recolor = recolor
+        self.recolouring = recolouring
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,8 +110,8 @@ class EvalDataset(_ImageSource, Dataset):
             image = self._load(index)
         except ImageDecodeError as exc:
             return Failed(index, str(exc))
-        if self.recolor is not None:
-            image = recolor(image, self.recolor)
+        if self.recolouring is not None:
+            image = recolor(image, self.recolouring)
         label = -1 if self.labels is None else int(self.labels[index])
         return _to_tensor(self.transform(image=image)["image"]), label, index
 

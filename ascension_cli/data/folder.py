@@ -138,7 +138,8 @@ def scan_images(root: str | Path) -> FolderScan:
 def list_images(items: list[Path]) -> list[Path]:
     """Image files named directly, and every image under named folders (sorted, hidden skipped).
 
-    A missing path, or a folder without images, is a DataError.
+    A missing path, a folder without images, or an image named directly that cannot be decoded
+    is a DataError (one found in a folder is skipped later, when it is read).
     """
     paths: list[Path] = []
     for item in map(Path, items):
@@ -152,6 +153,10 @@ def list_images(items: list[Path]) -> list[Path]:
                 raise DataError(f"no images in folder {item}")
             paths.extend(found)
         elif item.is_file():
+            try:
+                load_image(item)
+            except ImageDecodeError as exc:
+                raise DataError(str(exc)) from None
             paths.append(item)
         else:
             raise DataError(f"query image not found: {item}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ascension_cli.errors import VectorsError
 from ascension_cli.retrieval.index import nearest_neighbours
 from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
+from ascension_cli.vectors import Vectors
 
 _MISSING = np.iinfo(np.int64).min  # label of a missing neighbour (id -1): matches no query
 
@@ -93,3 +95,73 @@ def evaluate_recoloured(
                         **options)
     return evaluate(recoloured_vectors, labels, gallery_vectors, gallery_labels,
                     exclude_self=False, **options)
+
+
+@dataclass
+class EvaluationRun:
+    """``eval``'s whole measurement: clean queries, and each recolouring of them."""
+
+    clean: Evaluation
+    recoloured: dict[str, Evaluation]
+    queries: Vectors  # labels indexed into the searched set's classes
+    searched: Vectors  # the gallery, or the queries themselves
+    gallery_was_queries: bool = False  # the gallery held the queries' images: searched as one
+
+
+def check_evaluable(queries: Vectors, gallery: Vectors | None) -> None:
+    """Metrics need labelled vectors of one dimension and a class the two sets share."""
+    if not queries.labelled:
+        raise VectorsError("the query vectors have no labels (a flat folder): metrics need "
+                           "class folders")
+    if gallery is None:
+        return
+    if not gallery.labelled:
+        raise VectorsError("the gallery vectors have no labels: metrics need class folders")
+    if gallery.vectors.shape[1] != queries.vectors.shape[1]:
+        raise VectorsError(
+            f"dimension mismatch: queries have {queries.vectors.shape[1]}, gallery "
+            f"{gallery.vectors.shape[1]}"
+        )
+    if not set(gallery.class_names) & set(queries.class_names):
+        raise VectorsError("queries and gallery share no class name: nothing can be relevant")
+
+
+def labels_by_name(queries: Vectors, gallery_classes: list[str]) -> np.ndarray:
+    """Query labels re-indexed into the gallery's classes (matched by folder name)."""
+    position = {name: index for index, name in enumerate(gallery_classes)}
+    # A class the gallery lacks gets a label no gallery item has: its queries are left out.
+    mapping = np.array([position.get(name, -2) for name in queries.class_names], dtype=np.int64)
+    return mapping[queries.labels]
+
+
+def evaluate_vectors(
+    queries: Vectors,
+    gallery: Vectors | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    index_kind: str = "flat",
+    recoloured: Mapping[str, Callable[[], np.ndarray]] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> EvaluationRun:
+    """Queries against a gallery (or among themselves), then each recolouring of the queries.
+
+    A gallery holding the very images of the queries is searched as one set, each query's own
+    vector excluded. ``recoloured`` maps a recolouring's name to a function returning the
+    queries' vectors recoloured that way (same rows), searched where the clean ones were.
+    """
+    same = (gallery is not None and gallery.paths == queries.paths
+            and gallery.image_root == queries.image_root)
+    if same:
+        gallery = None
+    check_evaluable(queries, gallery)
+    if gallery is not None:
+        queries = replace(queries, labels=labels_by_name(queries, gallery.class_names))
+    gallery_vectors = None if gallery is None else gallery.vectors
+    gallery_labels = None if gallery is None else gallery.labels
+    clean = evaluate(queries.vectors, queries.labels, gallery_vectors, gallery_labels, ks=ks,
+                     index_kind=index_kind, on_progress=on_progress)
+    shifted = {
+        name: evaluate_recoloured(embed(), queries.labels, queries.vectors, gallery_vectors,
+                                  gallery_labels, ks=ks, index_kind=index_kind)
+        for name, embed in (recoloured or {}).items()
+    }
+    return EvaluationRun(clean, shifted, queries, queries if gallery is None else gallery, same)

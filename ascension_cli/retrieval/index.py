@@ -16,7 +16,7 @@ def _use_all_cores() -> None:
 
 
 def build_index(
-    vectors: np.ndarray, kind: str = "flat", seed: int = 0, use_gpu: bool = True
+    vectors: np.ndarray, index_kind: str = "flat", seed: int = 0, use_gpu: bool = True
 ) -> faiss.Index:
     """An inner-product index over ``vectors`` (float32, L2-normalised rows).
 
@@ -27,13 +27,13 @@ def build_index(
     _use_all_cores()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    if kind == "flat":
+    if index_kind == "flat":
         index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
+    elif index_kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 128
         index.hnsw.efConstruction = 80
-    elif kind == "ivf":
+    elif index_kind == "ivf":
         lists = max(1, min(int(np.sqrt(n)), n // 39 or 1))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
@@ -41,8 +41,8 @@ def build_index(
         index.train(vectors)
         index.nprobe = max(1, min(lists, 16))
     else:
-        raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
-    if kind == "flat" and use_gpu:
+        raise ValueError(f"unknown index kind {index_kind!r}; choose one of {INDEX_KINDS}")
+    if index_kind == "flat" and use_gpu:
         index = _on_gpu_if_available(index)
     index.add(vectors)
     return index
@@ -65,7 +65,7 @@ def search(
     chunk: int = 8192,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores, ids) for each query, searched ``chunk`` queries at a time.
+    """Top-``k`` (ids, scores) for each query, searched ``chunk`` queries at a time.
 
     Memory is O(n * k), never an n x n matrix. Missing results (k > index size) have id -1.
     """
@@ -79,7 +79,7 @@ def search(
         scores[start:stop], ids[start:stop] = index.search(queries[start:stop], k)
         if on_progress is not None:
             on_progress(stop - start)
-    return scores, ids
+    return ids, scores
 
 
 def drop_self(
@@ -106,7 +106,7 @@ def nearest_neighbours(
     queries: np.ndarray,
     gallery: np.ndarray | None,
     k: int,
-    kind: str = "flat",
+    index_kind: str = "flat",
     chunk: int = 8192,
     on_progress: Callable[[int], None] | None = None,
     exclude_self: bool | None = None,
@@ -120,10 +120,8 @@ def nearest_neighbours(
     """
     if exclude_self is None:
         exclude_self = gallery is None
-    index = build_index(queries if gallery is None else gallery, kind)
+    index = build_index(queries if gallery is None else gallery, index_kind)
     if exclude_self:
-        scores, ids = search(index, queries, k + 1, chunk, on_progress)
-        ids, scores = drop_self(ids, scores, k, query_ids)
-        return ids, scores
-    scores, ids = search(index, queries, k, chunk, on_progress)
-    return ids, scores
+        ids, scores = search(index, queries, k + 1, chunk, on_progress)
+        return drop_self(ids, scores, k, query_ids)
+    return search(index, queries, k, chunk, on_progress)

@@ -44,6 +44,13 @@ def init_distributed(device: torch.device) -> DistributedContext:
                               int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's own randomness (dropout, drop-path masks) under DDP: distinct per
+    rank, and after a resume at ``step`` distinct from the masks drawn before it. The factors
+    are primes, so (rank, step) pairs cannot collide for any realistic rank or step count."""
+    return seed + 7919 * rank + 104729 * step
+
+
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``local`` (rank order); this rank's slice keeps its graph.
 

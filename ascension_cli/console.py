@@ -1,0 +1,202 @@
+"""What the command line draws: progress bars, the trainer's tables and epoch lines, and the
+result tables of eval and search. The commands in ``cli.py`` call these; nothing here computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from ascension_cli.retrieval.evaluate import EvaluationRun
+    from ascension_cli.train.loop import EpochRecord, TrainResult
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def progress_bar(out: Console, fields: str):
+    """A transient bar: description, bar, done/total, the given task fields, elapsed and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(fields),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=True,
+    )
+
+
+class RichReporter:
+    """Draws the trainer's progress: tables at start, a bar per epoch, a line per epoch."""
+
+    def __init__(self, out: Console):
+        self.console = out
+        self.progress = progress_bar(
+            out, "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"
+        )
+        self.task = None
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None:
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            f"epoch {epoch}/{epochs}", total=steps, loss="-", lr="-", speed=""
+        )
+
+    def step(self, loss: float, lr: float, images_per_second: float) -> None:
+        self.progress.update(
+            self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+            speed=f"{images_per_second:.1f} img/s",
+        )
+
+    def work_start(self, description: str, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, loss="-", lr="-", speed="")
+
+    def work_advance(self, count: int) -> None:
+        self.progress.update(self.task, advance=count)
+
+    def work_end(self) -> None:
+        self.progress.stop()
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def epoch_end(self, record: EpochRecord) -> None:
+        self.work_end()
+        recall = "-" if record.val_recall_at_1 is None else f"{record.val_recall_at_1:.4f}"
+        loss = "-" if record.loss is None else f"{record.loss:.4f}"
+        speed = "-" if record.images_per_second is None else f"{record.images_per_second:.1f}"
+        wait = (
+            "" if record.data_wait_fraction is None
+            else f"  data wait {record.data_wait_fraction:.0%}"
+        )
+        marks = [word for word, shown in (("best", record.best),
+                                          ("below the untrained model", record.below_untrained))
+                 if shown]
+        mark = f" ({', '.join(marks)})" if marks else ""
+        self.console.print(
+            f"epoch {record.epoch:>3}  step {record.step:>6}  loss {loss}  lr {record.lr:.2e}  "
+            f"val recall@1 {recall}{mark}  {speed} img/s  "
+            f"{record.seconds:.1f}s{wait}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+class ImageProgress:
+    """A progress bar with images/s for embedding runs."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.progress = progress_bar(console, "{task.fields[rate]}")
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=total, rate="")
+
+    def advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+        speed = self.progress.tasks[0].speed
+        if speed:
+            self.progress.update(self.task, rate=f"{speed:.1f} img/s")
+
+    def failed(self, failure) -> None:
+        self.progress.console.print(f"skipped unreadable image: {failure.reason}",
+                                    highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> ImageProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def print_evaluation(run: EvaluationRun) -> None:
+    """The metrics table (clean and recoloured columns), per-class Recall@1, and a note."""
+    evaluation, recolored = run.clean, run.recoloured
+    class_names = run.searched.class_names
+    report = evaluation.report
+    table = Table(title="retrieval", title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("clean", justify="right")
+    for name in recolored:
+        table.add_column(name, justify="right")
+    for k, value in sorted(report.recall_at_k.items()):
+        row = [f"Recall@{k}", f"{value:.4f}"]
+        row += [f"{result.report.recall_at_k[k]:.4f}" for result in recolored.values()]
+        table.add_row(*row)
+    for label, value in (("Precision@1", report.precision_at_1),
+                         ("R-Precision", report.r_precision), ("MAP@R", report.map_at_r)):
+        table.add_row(label, f"{value:.4f}", *["" for _ in recolored])
+    console.print(table)
+    per_class = Table(title="per-class Recall@1", title_justify="left")
+    per_class.add_column("class")
+    per_class.add_column("Recall@1", justify="right")
+    for label, value in sorted(report.per_class_recall_at_1.items(), key=lambda item: item[1]):
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        per_class.add_row(name, f"{value:.4f}")
+    console.print(per_class)
+    note = f"{report.queries} queries"
+    if report.excluded_queries:
+        note += f"; {report.excluded_queries} left out (no other item of their class)"
+    if evaluation.approximate_recall is not None:
+        note += (f"; {evaluation.index_kind} index finds {evaluation.approximate_recall:.1%} "
+                 "of the exact top-k (sampled)")
+    console.print(note, highlight=False)
+
+
+def print_search(catalog: Path, results: list) -> None:
+    table = Table(title=f"search in {catalog}", title_justify="left")
+    for column in ("query", "prediction", "score", "best matches (similarity)"):
+        table.add_column(column)
+    for result in results:
+        prediction = "unknown" if result.unknown else (result.predicted or "-")
+        best = ", ".join(f"{m.class_name or Path(m.path).name} ({m.similarity:.3f})"
+                         for m in result.matches[:3])
+        table.add_row(result.query, prediction, f"{result.score:.2f}", best)
+    console.print(table)
+
+
+def print_training_summary(result: TrainResult) -> None:
+    trained = [r for r in result.history if r.loss is not None]
+    if not trained:
+        return
+    best, untrained = result.best_recall_at_1, result.untrained_recall_at_1
+    best_text = "-" if best is None else f"{best:.4f}"
+    console.print(
+        f"done: {len(trained)} epoch(s) this run, best validation recall@1 {best_text}; "
+        f"checkpoints in {result.save_dir}", highlight=False,
+    )
+    if best is not None and untrained is not None and best <= untrained:
+        console.print(
+            f"note: training has not yet beaten the untrained model (validation recall@1 "
+            f"{untrained:.4f} before training); best.pt holds the best trained epoch. Train "
+            "longer, or lower --lr.", highlight=False,
+        )

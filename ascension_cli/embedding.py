@@ -1,0 +1,115 @@
+"""Run a checkpoint's model over image files and folders: L2-normalised vectors with labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ascension_cli.atomic import atomic_write
+from ascension_cli.checkpoint import load_model
+from ascension_cli.data.augment import eval_transform
+from ascension_cli.data.dataset import EvalDataset, Failed, collate
+from ascension_cli.data.folder import scan_images
+from ascension_cli.errors import DataError
+from ascension_cli.inference import extract_features
+from ascension_cli.model import EmbeddingModel, ModelSpec
+from ascension_cli.runtime import (
+    autocast_factory,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+    use_channels_last,
+)
+from ascension_cli.vectors import Vectors, sha256_of
+
+
+def write_index(path: str | Path, vectors: np.ndarray, index_kind: str = "flat") -> None:
+    """A FAISS index of the vectors, written atomically."""
+    import faiss
+
+    from ascension_cli.retrieval.index import build_index
+
+    index = build_index(vectors, index_kind, use_gpu=False)
+    atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+
+
+def embed_images(
+    model: EmbeddingModel,
+    spec: ModelSpec,
+    paths: list[Path],
+    labels: np.ndarray | None = None,
+    feature_kind: str = "backbone",
+    batch_size: int = 64,
+    precision: str = "auto",
+    workers: int | None = 0,
+    device: str = "auto",
+    image_size: int | None = None,
+    recolouring: str | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_failed: Callable[[Failed], None] | None = None,
+    channels_last: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, labels, indices into ``paths``) of the readable images, with the spec's eval
+    transform; ``recolouring`` (hue90, hue180, grayscale) recolours each image first.
+    ``channels_last`` runs the model on NHWC weights and batches (faster convolutions);
+    ``workers=None`` picks the loader processes by device (``runtime.resolve_workers``)."""
+    run_device = resolve_device(device)
+    run_precision = resolve_precision(precision, run_device)
+    size = image_size or spec.image_size
+    dataset = EvalDataset(
+        paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct), recolouring,
+        min_side=2 * size,
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+        num_workers=resolve_workers(workers, run_device),
+        pin_memory=run_device.type == "cuda",
+    )
+    if on_start is not None:
+        on_start(len(dataset))
+    return extract_features(
+        use_channels_last(model.to(run_device), channels_last), loader, run_device, feature_kind,
+        autocast_factory(run_precision, run_device), on_failed, on_batch, channels_last,
+    )
+
+
+def embed_folder(
+    checkpoint_path: str | Path,
+    image_root: str | Path,
+    on_failed: Callable[[Failed], None] | None = None,
+    **options,
+) -> Vectors:
+    """Embed every image under ``image_root`` with a checkpoint's eval transform.
+
+    ``options`` are those of ``embed_images`` (feature_kind, batch_size, precision, workers, device,
+    image_size, recolouring, on_start, on_batch, channels_last).
+    """
+    model, spec, _ = load_model(checkpoint_path)
+    scan = scan_images(image_root)
+    failed: list[str] = []
+
+    def record_failure(failure: Failed) -> None:
+        failed.append(scan.paths[failure.index].relative_to(scan.root).as_posix())
+        if on_failed is not None:
+            on_failed(failure)
+
+    features, labels, indices = embed_images(
+        model, spec, scan.paths, scan.labels, on_failed=record_failure, **options
+    )
+    if len(indices) == 0:
+        raise DataError(f"no readable images under {image_root}")
+    return Vectors(
+        vectors=features,
+        labels=labels,
+        paths=[scan.paths[i].relative_to(scan.root).as_posix() for i in indices],
+        class_names=scan.classes,
+        model_name=spec.name,
+        checkpoint_sha256=sha256_of(checkpoint_path),
+        feature_kind=options.get("feature_kind", "backbone"),
+        image_root=str(Path(image_root).resolve()),
+        failed=failed,
+    )

@@ -1,0 +1,100 @@
+"""What a training run leaves to read: the per-epoch records, metrics.jsonl, training.png and the
+dataset summary table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.data.folder import FolderScan
+
+METRICS = "metrics.jsonl"
+PLOT = "training.png"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    loss: float | None
+    lr: float
+    val_recall_at_1: float | None
+    images_per_second: float | None
+    seconds: float
+    data_wait_fraction: float | None = None
+    nonfinite_steps: int = 0
+    best: bool = False
+    below_untrained: bool = False  # validation recall@1 not above the untrained model's
+
+
+@dataclass
+class TrainResult:
+    save_dir: Path
+    history: list[EpochRecord] = field(default_factory=list)
+    best_recall_at_1: float | None = None
+    stopped_early: bool = False
+
+    @property
+    def untrained_recall_at_1(self) -> float | None:
+        """Validation recall@1 of the model before training (epoch 0), when measured."""
+        first = self.history[0] if self.history else None
+        return first.val_recall_at_1 if first is not None and first.epoch == 0 else None
+
+
+def below(recall: float | None, untrained: float | None) -> bool:
+    """Validation recall not above the untrained model's."""
+    return recall is not None and untrained is not None and recall <= untrained
+
+
+def data_rows(scan: FolderScan, train: int, val: int) -> list[tuple[str, str]]:
+    """The dataset table: classes, images, per-class range, split and what was skipped."""
+    counts = scan.class_counts()
+    rows = [
+        ("classes", str(len(scan.classes))),
+        ("images", str(len(scan))),
+        ("images per class", f"{counts.min()}-{counts.max()} (median {int(np.median(counts))})"),
+        ("train / val", f"{train} / {val}"),
+    ]
+    skipped = scan.skipped
+    if skipped:
+        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        rows.append(("skipped", f"{sum(skipped.values())} ({detail})"))
+    else:
+        rows.append(("skipped", "0"))
+    return rows
+
+
+def write_metrics(save_dir: Path, history: list[EpochRecord]) -> None:
+    # Rewritten whole (it is small) and atomically, so a resumed run never repeats a line.
+    lines = "".join(json.dumps(asdict(record)) + "\n" for record in history)
+    atomic_write_text(save_dir / METRICS, lines)
+
+
+def plot(save_dir: Path, history: list[EpochRecord]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in history if r.loss is not None]
+    validated = [r for r in history if r.val_recall_at_1 is not None]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r.epoch for r in trained], [r.loss for r in trained], marker="o")
+    axes[0].set(title="SupCon loss", xlabel="epoch")
+    axes[1].plot([r.epoch for r in trained], [r.lr for r in trained], marker="o", color="C1")
+    axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[2].plot(
+        [r.epoch for r in validated], [r.val_recall_at_1 for r in validated],
+        marker="o", color="C2",
+    )
+    axes[2].set(title="validation recall@1", xlabel="epoch", ylim=(0, 1.02))
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(save_dir / PLOT, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    plt.close(figure)

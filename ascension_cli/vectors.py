@@ -1,0 +1,108 @@
+"""The vectors file ``ascension embed`` writes and ``eval`` reads: L2-normalised float32 rows
+with their labels, paths and provenance, in one ``.npz``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.atomic import atomic_write
+from ascension_cli.errors import VectorsError
+from ascension_cli.paths import VECTORS_FORMAT, VECTORS_VERSION, not_ours, vectors_file
+
+# Arrays every vectors file holds (save_vectors writes them all).
+_VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",
+                 "feature_kind", "image_root", "failed")
+
+
+@dataclass
+class Vectors:
+    """An embedding export: one L2-normalised float32 row per image, with its provenance."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    class_names: list[str] = field(default_factory=list)
+    model_name: str = ""
+    checkpoint_sha256: str = ""
+    feature_kind: str = "backbone"
+    image_root: str = ""
+    failed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_vectors(path: str | Path, data: Vectors) -> None:
+    """Write an ``.npz`` atomically (temp file, fsync, rename): the old file or all the new."""
+    atomic_write(
+        path,
+        lambda handle: np.savez(
+            handle,
+            format=np.array(VECTORS_FORMAT),
+            version=np.array(VECTORS_VERSION),
+            vectors=np.ascontiguousarray(data.vectors, dtype=np.float32),
+            labels=np.asarray(data.labels, dtype=np.int64),
+            paths=np.array(data.paths, dtype=str),
+            class_names=np.array(data.class_names, dtype=str),
+            model_name=np.array(data.model_name),
+            checkpoint_sha256=np.array(data.checkpoint_sha256),
+            feature_kind=np.array(data.feature_kind),
+            image_root=np.array(data.image_root),
+            failed=np.array(data.failed, dtype=str),
+        ),
+    )
+
+
+def load_vectors(path: str | Path) -> Vectors:
+    """Read and check a vectors file; every problem is a one-line VectorsError."""
+    path = Path(path)
+    try:
+        vectors_file(path)
+    except ValueError as exc:
+        raise VectorsError(str(exc)) from None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            contents = {key: archive[key] for key in archive.files}
+        missing = [key for key in _VECTORS_KEYS if key not in contents]
+    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
+        missing = ["readable arrays"]
+    if missing:
+        raise VectorsError(str(not_ours(path, "an Ascension vectors file",
+                                        f"it lacks {', '.join(missing)}")))
+    vectors = contents["vectors"]
+
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise VectorsError(f"{path} holds no vectors")
+    if not np.isfinite(vectors).all():
+        bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+        raise VectorsError(f"{path}: {bad} vector(s) contain NaN or infinity")
+    labels = contents["labels"]
+    if len(labels) != len(vectors) or len(contents["paths"]) != len(vectors):
+        raise VectorsError(f"{path}: vectors, labels and paths differ in length")
+    return Vectors(
+        vectors=vectors.astype(np.float32, copy=False),
+        labels=labels.astype(np.int64, copy=False),
+        paths=contents["paths"].tolist(),
+        class_names=contents["class_names"].tolist(),
+        model_name=str(contents["model_name"]),
+        checkpoint_sha256=str(contents["checkpoint_sha256"]),
+        feature_kind=str(contents["feature_kind"]),
+        image_root=str(contents["image_root"]),
+        failed=contents["failed"].tolist(),
+    )
