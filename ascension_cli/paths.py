@@ -56,34 +56,31 @@ def kind_of(path: Path) -> str | None:
     return "not a regular file"
 
 
-def existing_folder(path: Path) -> Path:
+def _present(path: Path, missing: str) -> None:
+    """Raise unless ``path`` is a plain file or folder (a pipe or device is never opened)."""
     problem = kind_of(path)
     if problem == "missing":
-        raise ValueError(f"folder not found: {path}")
+        raise ValueError(f"{missing}: {path}")
     if problem is not None:
         raise ValueError(f"{path} is {problem}")
+
+
+def existing_folder(path: Path) -> Path:
+    _present(path, "folder not found")
     if not path.is_dir():
         raise ValueError(f"{path} is a file, not a folder")
     return path
 
 
 def existing_file(path: Path) -> Path:
-    problem = kind_of(path)
-    if problem == "missing":
-        raise ValueError(f"file not found: {path}")
-    if problem is not None:
-        raise ValueError(f"{path} is {problem}")
+    _present(path, "file not found")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a file")
     return path
 
 
 def existing_file_or_folder(path: Path) -> Path:
-    problem = kind_of(path)
-    if problem == "missing":
-        raise ValueError(f"not found: {path}")
-    if problem is not None:
-        raise ValueError(f"{path} is {problem}")
+    _present(path, "not found")
     return path
 
 

@@ -53,3 +53,19 @@ def test_the_architecture_notes_list_every_module():
     missing = [str(path.relative_to(PACKAGE)) for path in modules()
                if path.name not in notes and path.name != "__init__.py"]
     assert missing == []
+
+
+def test_every_option_of_every_model_is_on_its_command_line():
+    import typer.main
+
+    from ascension_cli import config
+    from ascension_cli.cli import app
+
+    command = typer.main.get_command(app)
+    models = {"train": config.TrainConfig, "embed": config.EmbedConfig, "eval": config.EvalConfig,
+              "index": config.IndexConfig, "search": config.SearchConfig,
+              "export": config.ExportConfig, "demo": config.DemoConfig}
+    for name, model in models.items():
+        params = {param.name for param in command.commands[name].params}
+        assert set(model.model_fields) <= params, name
+        assert params - set(model.model_fields) <= {"config", "nproc", "help"}, name
