@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ascension_cli import __version__
 from ascension_cli.cli_options import extra_option, given, options_of
@@ -22,6 +23,7 @@ from ascension_cli.config import (
     EvalConfig,
     ExportConfig,
     IndexConfig,
+    ReportConfig,
     SearchConfig,
     TrainConfig,
     resolve,
@@ -50,10 +52,11 @@ def _user_errors():
     try:
         yield
     except Interrupted as exc:
-        err_console.print(str(exc), soft_wrap=True, highlight=False)
+        err_console.print(escape(str(exc)), soft_wrap=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    except AscensionError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    except AscensionError as exc:  # escaped: "[mlflow]" or a file name is not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True,
+                          highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; files written before stay as they were", soft_wrap=True)
@@ -63,7 +66,7 @@ def _user_errors():
         # previous checkpoint or vectors file is intact.
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        where = f" {exc.filename}" if exc.filename else ""
+        where = f" {escape(str(exc.filename))}" if exc.filename else ""
         err_console.print(
             f"[bold red]error:[/] cannot write{where}: {exc.strerror or exc}; files written "
             "before are intact", soft_wrap=True, highlight=False,
@@ -229,30 +232,9 @@ def evaluate_command(**options: Any) -> None:
     """
     with _user_errors():
         settings = resolve(EvalConfig, given(options))
-        from ascension_cli.data.augment import RECOLORINGS
-        from ascension_cli.retrieval.evaluate import evaluate_vectors
         from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
-        from ascension_cli.vectors import load_vectors
 
-        embed_options = dict(feature_kind=settings.features, **settings.run_options())
-
-        def embedded(recolouring: str | None = None):
-            what = "embedding" if recolouring is None else f"embedding ({recolouring})"
-            return _embed(settings.source, settings.image_root, what, recolouring=recolouring,
-                          **embed_options)
-
-        queries = (load_vectors(settings.source) if settings.image_root is None
-                   else embedded())
-        gallery = load_vectors(settings.gallery) if settings.gallery else None
-        recoloured = {name: (lambda name=name: embedded(name).vectors) for name in RECOLORINGS
-                      } if settings.recolor else None
-        with ImageProgress("searching") as progress:
-            progress.start(len(queries))
-            run = evaluate_vectors(queries, gallery, settings.ks, settings.index, recoloured,
-                                   on_progress=progress.advance)
-        if run.gallery_was_queries:
-            console.print("the gallery holds the same images as the queries: searched as one "
-                          "set, each query's own vector excluded", highlight=False)
+        queries, run = _measure(settings)
         from ascension_cli.console import print_evaluation
 
         print_evaluation(run)
@@ -273,6 +255,53 @@ def evaluate_command(**options: Any) -> None:
                 k=min(5, max(settings.ks)),
             )
             console.print(f"retrieval picture written to {picture}", highlight=False)
+
+
+def _measure(settings: EvalConfig | ReportConfig):
+    """The queries, and their evaluation against the gallery (and each recolouring)."""
+    from ascension_cli.data.augment import RECOLORINGS
+    from ascension_cli.retrieval.evaluate import evaluate_vectors
+    from ascension_cli.vectors import load_vectors
+
+    embed_options = dict(feature_kind=settings.features, **settings.run_options())
+
+    def embedded(recolouring: str | None = None):
+        what = "embedding" if recolouring is None else f"embedding ({recolouring})"
+        return _embed(settings.checkpoint, settings.image_root, what, recolouring=recolouring,
+                      **embed_options)
+
+    queries = load_vectors(settings.source) if settings.image_root is None else embedded()
+    gallery = load_vectors(settings.gallery) if settings.gallery else None
+    recoloured = {name: (lambda name=name: embedded(name).vectors) for name in RECOLORINGS
+                  } if settings.recolor else None
+    with ImageProgress("searching") as progress:
+        progress.start(len(queries))
+        run = evaluate_vectors(queries, gallery, settings.ks, settings.index, recoloured,
+                               on_progress=progress.advance)
+    if run.gallery_was_queries:
+        console.print("the gallery holds the same images as the queries: searched as one "
+                      "set, each query's own vector excluded", highlight=False)
+    return queries, run
+
+
+@app.command(no_args_is_help=True)
+@options_of(ReportConfig)
+def report(**options: Any) -> None:
+    """Write one HTML page showing where retrieval fails: metrics, per-class Recall@1, the
+    most-confused class pairs and the worst queries with photos, a map of the embeddings, and
+    with a training run folder its curves and options. Self-contained: opens offline.
+    """
+    with _user_errors():
+        settings = resolve(ReportConfig, given(options))
+        from ascension_cli.retrieval.html_report import write_report
+
+        _, run = _measure(settings)
+        info = write_report(run, settings.output, f"Retrieval report: {settings.source.name}",
+                            run_dir=settings.run or settings.run_dir, k=min(5, max(settings.ks)))
+        sampled = (f"; the map shows {info.drawn_points} of {info.total_points} vectors"
+                   if info.drawn_points < info.total_points else "")
+        console.print(f"report written to {info.path} in {info.seconds:.1f} s{sampled}",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command(no_args_is_help=True)
@@ -355,5 +384,5 @@ def main() -> None:
     try:
         app()
     except AscensionError as exc:  # raised outside a command's guard (should not happen)
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)

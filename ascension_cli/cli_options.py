@@ -23,6 +23,7 @@ import typer
 import typer.core
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 from ascension_cli.config import POSITIONAL, option_name
 
@@ -54,9 +55,12 @@ def _cli_type(annotation: Any) -> Any:
 
 
 def _choices(annotation: Any) -> str | None:
-    """``a|b|c`` for a Literal field (or an optional one), shown where Typer shows the type."""
+    """``a|b|c`` for a Literal field (optional, or a list of them), shown where Typer shows the
+    type."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         return "|".join(str(choice) for choice in typing.get_args(annotation))
     return None
@@ -64,7 +68,8 @@ def _choices(annotation: Any) -> str | None:
 
 def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     parsed = _cli_type(field.annotation)
-    help_text = (field.description or "") + _default_text(field)
+    # Rich markup would take "[mlflow]" in a help text for a style tag and drop it.
+    help_text = escape((field.description or "") + _default_text(field))
     if name in POSITIONAL:
         info = typer.Argument(help=help_text, show_default=False, metavar=name.upper())
         default = ... if field.is_required() else None
@@ -82,7 +87,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
 
 def extra_option(name: str, parsed: Any, help_text: str) -> inspect.Parameter:
     """A command-line option that is not a field of the command's model (``--config``)."""
-    info = typer.Option(option_name(name), help=help_text, show_default=False)
+    info = typer.Option(option_name(name), help=escape(help_text), show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[parsed | None, info])
 

@@ -31,6 +31,7 @@ Accumulation = Literal["cache", "naive"]
 Augment = Literal["color-agnostic", "standard", "none"]
 Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
+Tracker = Literal["tensorboard", "mlflow", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 # Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
@@ -168,6 +169,16 @@ class TrainConfig(BaseModel):
         "later ones may run faster on a GPU. Measured no gain on the CPU.",
         json_schema_extra=RESUMABLE,
     )
+    tracker: list[Tracker] = Field(
+        default_factory=list, description="Log to an experiment tracker; repeat for several. "
+        'tensorboard: SAVE_DIR/tensorboard (pip install "ascension-cli[tensorboard]"). mlflow: '
+        'SAVE_DIR/mlruns or --tracking-uri (pip install "ascension-cli[mlflow]").',
+        json_schema_extra=RESUMABLE,
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store. (default: SAVE_DIR/mlruns)",
+        json_schema_extra=RESUMABLE,
+    )
 
     @field_validator("device")
     @classmethod
@@ -267,13 +278,15 @@ class EmbedConfig(_RunOptions):
     )
 
 
-class EvalConfig(_RunOptions):
-    """Options of ``ascension eval``."""
+class _MeasureOptions(_RunOptions):
+    """What ``eval`` and ``report`` measure: vectors, or a checkpoint (or a training run folder)
+    with images to embed first, against a gallery or among themselves."""
 
-    source: Path = Field(description="A vectors file from `ascension embed`, or a checkpoint "
-                         "(then give IMAGE_ROOT too, and it is embedded first).")
+    source: Path = Field(description="A vectors file from `ascension embed`; or a checkpoint, or "
+                         "a training run folder (its best.pt), then give IMAGE_ROOT too, and it "
+                         "is embedded first.")
     image_root: Folder | None = Field(
-        None, description="Images to embed, with a checkpoint as SOURCE."
+        None, description="Images to embed, with a checkpoint or run folder as SOURCE."
     )
     features: Features = _features_field()
     gallery: VectorsFile | None = Field(
@@ -281,8 +294,6 @@ class EvalConfig(_RunOptions):
         "among themselves, each query's own vector excluded."
     )
     k: str = Field("1,5,10", description="Recall@k cut-offs.")
-    json_file: OutputFile | None = Field(None, description="Write the metrics to this JSON file.",
-                                         json_schema_extra={"flags": ["--json"]})
     index: IndexKind = Field(
         "flat", description="flat: exact. hnsw, ivf: approximate, for galleries past about a "
         "million vectors."
@@ -292,11 +303,6 @@ class EvalConfig(_RunOptions):
         "degrees) and in grayscale, search them where the clean queries were searched (the "
         "--gallery, if given), and report Recall@k for each."
     )
-    show: int | None = Field(
-        None, ge=1, le=200, description="Draw this many queries with their top-k results."
-    )
-    output: OutputFile = Field(Path("retrieval.png"), description="Picture for --show.",
-                               json_schema_extra=SHORT_O)
 
     @field_validator("k")
     @classmethod
@@ -313,18 +319,54 @@ class EvalConfig(_RunOptions):
     def ks(self) -> tuple[int, ...]:
         return tuple(int(part) for part in self.k.split(","))
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The training run folder SOURCE names, if it names one."""
+        return self.source if self.source.is_dir() else None
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint to embed with: SOURCE, or a run folder's best.pt (else last.pt)."""
+        if self.run_dir is None:
+            return self.source
+        best = self.run_dir / "best.pt"
+        return best if best.is_file() else self.run_dir / "last.pt"
+
     @model_validator(mode="after")
-    def _check_sources(self) -> EvalConfig:
+    def _check_sources(self) -> _MeasureOptions:
         if self.recolor and self.image_root is None:
             raise ValueError("--recolor needs a checkpoint and IMAGE_ROOT (it re-embeds images)")
-        if self.image_root is None and self.source.suffix in (".pt", ".pth"):
-            raise ValueError(
-                "a checkpoint as SOURCE needs IMAGE_ROOT too: ascension eval CHECKPOINT IMAGE_ROOT"
-            )
+        if self.image_root is None and (self.source.suffix in (".pt", ".pth")
+                                        or self.source.is_dir()):
+            raise ValueError("a checkpoint or run folder as SOURCE needs IMAGE_ROOT too: "
+                             "ascension eval CHECKPOINT IMAGE_ROOT")
         # A checkpoint with IMAGE_ROOT (embedded first), else a vectors file.
         check = paths.vectors_file if self.image_root is None else paths.checkpoint_file
-        _check_path(check, self.source, "source")
+        _check_path(check, self.checkpoint, "source")
         return self
+
+
+class EvalConfig(_MeasureOptions):
+    """Options of ``ascension eval``."""
+
+    json_file: OutputFile | None = Field(None, description="Write the metrics to this JSON file.",
+                                         json_schema_extra={"flags": ["--json"]})
+    show: int | None = Field(
+        None, ge=1, le=200, description="Draw this many queries with their top-k results."
+    )
+    output: OutputFile = Field(Path("retrieval.png"), description="Picture for --show.",
+                               json_schema_extra=SHORT_O)
+
+
+class ReportConfig(_MeasureOptions):
+    """Options of ``ascension report``."""
+
+    output: OutputFile = Field(Path("report.html"), description="The HTML file to write.",
+                               json_schema_extra=SHORT_O)
+    run: Folder | None = Field(
+        None, description="A training run folder whose curves and options to show. (default: "
+        "SOURCE, when it is one)"
+    )
 
 
 class IndexConfig(_RunOptions):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,3 +82,12 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
         assert (figures["train_seconds"] > 0) == (system != "frozen")
     assert result["variants"] == {"linear": {"head": "linear", "lr": 0.001}}
     assert isinstance(result["defaults_win_everywhere"], bool)
+
+
+def test_bench_report_measures_the_report_against_the_evaluation(tmp_path):
+    result = run_benchmark("bench_report", "--quick", "--vectors", "3000",
+                           "--json", tmp_path / "report.json")
+    assert result["vectors"] == 3000 and result["map_points"] == 1500
+    assert result["report_seconds"] > 0 and result["evaluate_seconds"] > 0
+    assert result["report_to_evaluate"] == pytest.approx(
+        result["report_seconds"] / result["evaluate_seconds"])

@@ -38,7 +38,8 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
-def _tile(path: Path, size: int) -> np.ndarray:
+def thumbnail(path: Path, size: int) -> np.ndarray:
+    """The image letterboxed into a white square of ``size`` (grey if unreadable)."""
     try:
         image = load_image(path)
     except ImageDecodeError:
@@ -90,13 +91,13 @@ def retrieval_grid(
     chosen = np.sort(rng.choice(len(query_paths), min(queries, len(query_paths)), replace=False))
     rows = []
     for q in chosen:
-        cells = [_captioned(_tile(query_paths[q], tile), "Q: " + name(int(query_labels[q])),
+        cells = [_captioned(thumbnail(query_paths[q], tile), "Q: " + name(int(query_labels[q])),
                             (90, 90, 90))]
         for g in evaluation.neighbour_ids[q, :k]:
             if g < 0:
                 continue
             right = gallery_labels[g] == query_labels[q]
-            cells.append(_captioned(_tile(gallery_paths[g], tile), name(int(gallery_labels[g])),
+            cells.append(_captioned(thumbnail(gallery_paths[g], tile), name(int(gallery_labels[g])),
                                     (40, 170, 40) if right else (220, 30, 30)))
         width = (k + 1) * cells[0].shape[1]
         row = np.full((cells[0].shape[0], width, 3), 255, np.uint8)
