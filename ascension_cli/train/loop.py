@@ -53,6 +53,8 @@ from ascension_cli.train.distributed import (
 )
 from ascension_cli.train.gradcache import StepAbandoned, accumulated_backward, cached_backward
 from ascension_cli.train.logbook import (
+    METRICS,
+    PLOT,
     EpochRecord,
     TrainResult,
     below,
@@ -62,6 +64,7 @@ from ascension_cli.train.logbook import (
 )
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
 from ascension_cli.train.stopping import StopRequest, ignore_sigint, interrupted
+from ascension_cli.train.trackers import Tracker, Trackers, open_trackers, require
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -253,6 +256,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, reporter: Reporter, stop: StopRequest):
         self.stop = stop
+        require(config.tracker)  # a missing extra ends the run before any work
+        self.trackers: Tracker = Tracker()
         self.device = resolve_device(config.device)
         self.distributed = init_distributed(self.device)
         if self.distributed.enabled:
@@ -371,7 +376,7 @@ class Trainer:
     def _write_config(self) -> None:
         config = self.config
         self.step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
-        resolved = to_plain(config)
+        self.resolved = resolved = to_plain(config)
         resolved.update(image_size=self.spec.image_size, workers=self.workers,
                         resolved_device=str(self.device), resolved_precision=self.precision,
                         step_lr=self.step_lr)
@@ -498,7 +503,27 @@ class Trainer:
             self.reporter.message("the checkpoint has already finished this run; nothing to do")
             result.best_recall_at_1 = self.best
             return result
+        self.trackers = (open_trackers(config.tracker, self.save_dir, self.resolved,
+                                       config.tracking_uri, resume=self.checkpoint is not None)
+                         if self.distributed.is_main else Trackers([]))
+        if self.checkpoint is None:
+            self.trackers.epoch(result.history[0])  # the untrained model
         self.stop.deferring = True
+        finished = False
+        try:
+            self._epochs(stop_after_epoch)
+            finished = True
+        finally:
+            best = self.save_dir / BEST
+            self.trackers.close(finished, [self.save_dir / name for name in (
+                PLOT, METRICS, CONFIG)] + [best if best.is_file() else self.save_dir / LAST])
+        result.best_recall_at_1 = self.best
+        if self.distributed.enabled:
+            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
+        return result
+
+    def _epochs(self, stop_after_epoch: Callable[[int], bool] | None) -> None:
+        config, result = self.config, self.result
         for epoch in range(self.epoch + 1, config.epochs + 1):
             record = self.run_epoch(epoch)
             self.end_epoch(record)
@@ -513,10 +538,6 @@ class Trainer:
             if stop_after_epoch is not None and stop_after_epoch(epoch):
                 result.stopped_early = epoch < config.epochs
                 break
-        result.best_recall_at_1 = self.best
-        if self.distributed.enabled:
-            torch.distributed.barrier()  # the others wait while rank 0 validates and saves
-        return result
 
     def run_epoch(self, epoch: int) -> EpochRecord:
         """The inner loop: gather each target batch's micro-batches, step, report."""
@@ -555,9 +576,11 @@ class Trainer:
             if loss is not None:
                 progress.losses.append(loss)
             elapsed = time.perf_counter() - started
-            self.reporter.step(progress.losses[-1] if progress.losses else float("nan"),
-                               self.scheduler.get_last_lr()[0],
-                               progress.images / elapsed if elapsed > 0 else 0.0)
+            lr, speed = self.scheduler.get_last_lr()[0], (
+                progress.images / elapsed if elapsed > 0 else 0.0)
+            self.reporter.step(progress.losses[-1] if progress.losses else float("nan"), lr,
+                               speed)
+            self.trackers.step(self.step_count, loss, lr, speed)
             progress.batches_done += 1
             if self.stop_requested() and progress.batches_done < self.steps_per_epoch:
                 self.stop_mid_epoch(epoch, progress, started)
@@ -634,6 +657,7 @@ class Trainer:
         if self.distributed.is_main:
             write_metrics(self.save_dir, self.result.history)
             plot(self.save_dir, self.result.history)
+        self.trackers.epoch(record)
         self.reporter.epoch_end(record)
 
     def validate(self) -> float | None:
