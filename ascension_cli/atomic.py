@@ -22,6 +22,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The temp file is private (0600); the finished file gets the mode any program's would.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(handle)`` on a temp file beside ``path``, fsync it, rename it over ``path``.
 
@@ -35,6 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), _FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
     except BaseException:

@@ -35,3 +35,13 @@ def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, mon
         atomic_save({**payload, "x": 2}, tmp_path / "last.pt")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "last.pt")["x"] == 1
+
+
+def test_a_written_file_gets_the_usual_mode_not_the_temp_files(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    target = atomic_write(tmp_path / "report.html", lambda handle: handle.write(b"<html>"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask

@@ -151,6 +151,8 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
     # -- data folders
     ("data-missing", lambda z: ["train", z.root / "nowhere", *TINY], 2,
      "DATA_ROOT: folder not found"),
+    ("brackets-in-a-path-are-not-markup", lambda z: ["train", z.root / "no[where]", *TINY], 2,
+     "no[where]"),
     ("data-is-a-file", lambda z: ["train", z.file("f.png", b"x"), *TINY], 2,
      "is a file, not a folder"),
     ("data-is-a-pipe", lambda z: ["train", z.fifo("pipe-root"), *TINY], 2, "named pipe"),
@@ -239,6 +241,12 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "--gallery: "),
     ("eval-checkpoint-without-images", lambda z: ["eval", z.checkpoint], 2, "needs IMAGE_ROOT"),
     ("eval-k-zero", lambda z: ["eval", z.vectors, "--k", "0"], 2, "--k"),
+    ("report-of-another-tools-vectors", lambda z: ["report", np_file(z, "r.npz", x=np.eye(2))],
+     2, "another tool wrote it"),
+    ("report-run-folder-without-images", lambda z: ["report", z.checkpoint.parent], 2,
+     "needs IMAGE_ROOT"),
+    ("report-output-is-a-folder", lambda z: ["report", z.vectors, "-o", z.folder("rep")], 2,
+     "is a folder"),
     ("eval-json-is-a-folder", lambda z: ["eval", z.vectors, "--json", z.folder("js")], 2,
      "is a folder"),
     # -- catalogues and queries

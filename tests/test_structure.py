@@ -64,7 +64,8 @@ def test_every_option_of_every_model_is_on_its_command_line():
     command = typer.main.get_command(app)
     models = {"train": config.TrainConfig, "embed": config.EmbedConfig, "eval": config.EvalConfig,
               "index": config.IndexConfig, "search": config.SearchConfig,
-              "export": config.ExportConfig, "demo": config.DemoConfig}
+              "export": config.ExportConfig, "demo": config.DemoConfig,
+              "report": config.ReportConfig}
     for name, model in models.items():
         params = {param.name for param in command.commands[name].params}
         assert set(model.model_fields) <= params, name
