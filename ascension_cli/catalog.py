@@ -227,6 +227,49 @@ def vote(matches: list[Match]) -> tuple[str | None, float]:
     return best, weights[best] / total
 
 
+class CatalogSearcher:
+    """A catalogue with its model and index loaded once, for many searches (``serve``)."""
+
+    def __init__(self, catalog: Catalog):
+        if len(catalog) == 0:
+            raise CatalogError(f"the catalogue in {catalog.directory} is empty")
+        self.catalog = catalog
+        self.model = load_catalog_model(catalog)
+        self.index = _load_index(catalog)
+
+    def embed(self, query_paths: list[Path], on_failed: Callable[[Failed], None] | None = None,
+              **embed_options) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, indices into ``query_paths``) of the readable query images."""
+        vectors, _, indices = embed_images(
+            self.model, self.catalog.spec, query_paths, None,
+            feature_kind=self.catalog.feature_kind, on_failed=on_failed, **embed_options)
+        return vectors, indices
+
+    def match(self, vectors: np.ndarray, names: list[str], k: int = 5,
+              threshold: float | None = None) -> list[SearchResult]:
+        """Top-``k`` items and the voted class of each vector (``names[i]`` its query).
+
+        A query whose best match is less similar than ``threshold`` is marked unknown.
+        """
+        if len(vectors) == 0:
+            return []
+        catalog = self.catalog
+        ids, scores = search(self.index, vectors, k)
+        results = []
+        for row, name in enumerate(names):
+            matches = [
+                Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score))
+                for i, score in zip(ids[row], scores[row], strict=True) if i >= 0
+            ]
+            result = SearchResult(name, matches)
+            if threshold is not None and (not matches or matches[0].similarity < threshold):
+                result.unknown = True
+            else:
+                result.predicted, result.score = vote(matches)
+            results.append(result)
+        return results
+
+
 def search_catalog(
     catalog: Catalog,
     query_paths: list[Path],
@@ -235,29 +278,7 @@ def search_catalog(
     on_failed: Callable[[Failed], None] | None = None,
     **embed_options,
 ) -> list[SearchResult]:
-    """Top-``k`` catalogue items per readable query image, with a voted class.
-
-    A query whose best match is less similar than ``threshold`` is marked unknown.
-    """
-    if len(catalog) == 0:
-        raise CatalogError(f"the catalogue in {catalog.directory} is empty")
-    model = load_catalog_model(catalog)
-    vectors, _, indices = embed_images(model, catalog.spec, query_paths, None,
-                                       feature_kind=catalog.feature_kind, on_failed=on_failed,
-                                       **embed_options)
-    if len(indices) == 0:
-        return []
-    ids, scores = search(_load_index(catalog), vectors, k)
-    results = []
-    for row, query_index in enumerate(indices):
-        matches = [
-            Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score))
-            for i, score in zip(ids[row], scores[row], strict=True) if i >= 0
-        ]
-        result = SearchResult(str(query_paths[query_index]), matches)
-        if threshold is not None and (not matches or matches[0].similarity < threshold):
-            result.unknown = True
-        else:
-            result.predicted, result.score = vote(matches)
-        results.append(result)
-    return results
+    """Top-``k`` catalogue items per readable query image, with a voted class."""
+    searcher = CatalogSearcher(catalog)
+    vectors, indices = searcher.embed(query_paths, on_failed, **embed_options)
+    return searcher.match(vectors, [str(query_paths[i]) for i in indices], k, threshold)
