@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -66,6 +66,7 @@ class Match:
     path: str
     class_name: str | None
     similarity: float
+    id: int = -1  # the item's row in the catalogue
 
 
 @dataclass
@@ -83,13 +84,15 @@ class SearchResult:
             "score": self.score,
             "unknown": self.unknown,
             "matches": [
-                {"path": m.path, "class": m.class_name, "similarity": m.similarity}
+                {"id": m.id, "path": m.path, "class": m.class_name, "similarity": m.similarity}
                 for m in self.matches
             ],
         }
 
 
-def _write(catalog: Catalog, model: EmbeddingModel | None) -> None:
+def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> None:
+    """Write the catalogue's files, each atomically, catalog.json last (its count vouches for
+    the others); ``model`` None keeps the model file as it is."""
     directory = catalog.directory
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
@@ -209,7 +212,7 @@ def build_catalog(
             catalog.paths = catalog.paths + [paths[i].resolve().as_posix() for i in indices]
     if len(catalog) == 0:
         raise DataError(f"no readable images in {gallery_root}: the catalogue would be empty")
-    _write(catalog, model if not add else None)
+    write_catalog(catalog, model if not add else None)
     return catalog, len(catalog) - len(known)
 
 
@@ -245,6 +248,21 @@ class CatalogSearcher:
             feature_kind=self.catalog.feature_kind, on_failed=on_failed, **embed_options)
         return vectors, indices
 
+    def add(self, paths: list[Path], class_name: str, **embed_options) -> int:
+        """Embed the images at ``paths`` as items of ``class_name`` and write the catalogue;
+        how many were readable. Searches meanwhile use the catalogue as it was."""
+        vectors, indices = self.embed(paths, **embed_options)
+        catalog = self.catalog
+        if class_name not in catalog.class_names:
+            catalog = replace(catalog, class_names=[*catalog.class_names, class_name])
+        label = catalog.class_names.index(class_name)
+        catalog = replace(
+            catalog, vectors=np.concatenate([catalog.vectors, vectors]),
+            labels=np.concatenate([catalog.labels, np.full(len(indices), label, np.int64)]),
+            paths=catalog.paths + [paths[i].resolve().as_posix() for i in indices])
+        write_catalog(catalog, None)
+        return len(indices)
+
     def match(self, vectors: np.ndarray, names: list[str], k: int = 5,
               threshold: float | None = None) -> list[SearchResult]:
         """Top-``k`` items and the voted class of each vector (``names[i]`` its query).
@@ -258,7 +276,8 @@ class CatalogSearcher:
         results = []
         for row, name in enumerate(names):
             matches = [
-                Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score))
+                Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score),
+                      int(i))
                 for i, score in zip(ids[row], scores[row], strict=True) if i >= 0
             ]
             result = SearchResult(name, matches)

@@ -25,6 +25,7 @@ from ascension_cli.config import (
     IndexConfig,
     ReportConfig,
     SearchConfig,
+    ServeConfig,
     TrainConfig,
     resolve,
 )
@@ -373,6 +374,44 @@ def export(**options: Any) -> None:
             f"std {info['std']}; output (batch, {info['embedding_dim']}) L2-normalised",
             highlight=False, soft_wrap=True,
         )
+
+
+@app.command(no_args_is_help=True)
+@options_of(ServeConfig)
+def serve(**options: Any) -> None:
+    """Serve a catalogue over HTTP: a web page at / to drop or take a photo, and a JSON API
+    (POST /search, GET /items/ID/image, /info, /healthz). Binds to 127.0.0.1 unless --host says
+    otherwise.
+    """
+    import importlib.util
+
+    with _user_errors():
+        settings = resolve(ServeConfig, given(options))
+        missing = [m for m in ("fastapi", "uvicorn", "multipart")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            raise AscensionError(f"serve needs {', '.join(missing)}, which is not installed: "
+                                 'pip install "ascension-cli[serve]"')
+        import json
+        import os
+
+        import uvicorn
+
+        from ascension_cli.serve import SETTINGS_VARIABLE, create_app
+
+        console.print(f"serving {settings.catalog} on http://{settings.host}:{settings.port}/ "
+                      f"({settings.workers} process(es); writes "
+                      f"{'on' if settings.allow_writes else 'off'}; Ctrl-C stops)",
+                      highlight=False, soft_wrap=True)
+        if settings.workers == 1:
+            uvicorn.run(create_app(settings.catalog, **settings.app_options()),
+                        host=settings.host, port=settings.port, log_level="warning")
+            return
+        os.environ[SETTINGS_VARIABLE] = json.dumps(
+            {"catalog": str(settings.catalog), **settings.app_options()})
+        uvicorn.run("ascension_cli.serve:app_from_environment", factory=True,
+                    workers=settings.workers, host=settings.host, port=settings.port,
+                    log_level="warning")
 
 
 def main() -> None:

@@ -418,6 +418,54 @@ class ExportConfig(BaseModel):
     image_size: int | None = _image_size_field()
 
 
+class ServeConfig(BaseModel):
+    """Options of ``ascension serve``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on; 0.0.0.0 "
+                      "opens the service to the network (put it behind a reverse proxy).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
+    precision: Precision = Field("auto", description="Arithmetic of the forward pass.")
+    device: str = Field("auto", description=DEVICE_HELP)
+    channels_last: bool = Field(True, description=CHANNELS_LAST_HELP)
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long a request waits for others to share its "
+        "forward pass.")
+    max_upload_mb: float = Field(50.0, gt=0, description="Largest upload accepted, in MB.")
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Refuse images with more pixels than this.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes, each with the model "
+                         "loaded (on a GPU keep 1: batching already fills it).")
+    allow_writes: bool = Field(False, description="Accept POST /items, which adds photos to the "
+                               "catalogue; needs --token.")
+    token: str | None = Field(None, min_length=12, description="The secret POST /items must "
+                              "send as 'Authorization: Bearer TOKEN' (12 characters or more).")
+
+    _check_device = field_validator("device")(TrainConfig._check_device.__func__)
+
+    @model_validator(mode="after")
+    def _check_writes(self) -> ServeConfig:
+        if self.allow_writes != (self.token is not None):
+            raise ValueError("writes need both --allow-writes and --token (the one without the "
+                             "other does nothing)")
+        return self
+
+    def run_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``embedding.embed_images`` these options set."""
+        return {"batch_size": self.batch_size, "precision": self.precision, "workers": 0,
+                "device": self.device, "channels_last": self.channels_last}
+
+    def app_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``serve.create_app``."""
+        return {"run_options": self.run_options(), "max_pixels": self.max_image_pixels,
+                "max_upload_bytes": int(self.max_upload_mb * 1e6),
+                "batch_window": self.batch_window_ms / 1000,
+                "token": self.token if self.allow_writes else None}
+
+
 class DemoConfig(BaseModel):
     """Options of ``ascension demo``."""
 

@@ -277,6 +277,10 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "not an Ascension catalogue"),
     ("index-output-is-a-file", lambda z: ["index", z.checkpoint, z.data, "-o",
                                           z.file("cat.txt")], 2, "is a file, not a folder"),
+    ("serve-a-plain-folder", lambda z: ["serve", z.data], 2, "not an Ascension catalogue"),
+    ("serve-writes-without-a-token", lambda z: ["serve", z.catalog, "--allow-writes"], 2,
+     "writes need both --allow-writes and --token"),
+    ("serve-port-out-of-range", lambda z: ["serve", z.catalog, "--port", "70000"], 2, "--port"),
     ("export-output-is-a-folder", lambda z: ["export", z.checkpoint, "-o", z.folder("exp")], 2,
      "is a folder"),
 ]

@@ -65,7 +65,7 @@ def test_every_option_of_every_model_is_on_its_command_line():
     models = {"train": config.TrainConfig, "embed": config.EmbedConfig, "eval": config.EvalConfig,
               "index": config.IndexConfig, "search": config.SearchConfig,
               "export": config.ExportConfig, "demo": config.DemoConfig,
-              "report": config.ReportConfig}
+              "report": config.ReportConfig, "serve": config.ServeConfig}
     for name, model in models.items():
         params = {param.name for param in command.commands[name].params}
         assert set(model.model_fields) <= params, name
