@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile  # what form() gives (FastAPI's 
 from ascension_cli.atomic import atomic_write
 from ascension_cli.catalog import CatalogSearcher, load_catalog
 from ascension_cli.data.folder import ImageDecodeError, decode_image
-from ascension_cli.paths import CATALOG_JSON
+from ascension_cli.paths import CATALOG_JSON, CATALOG_VERSION
 from ascension_cli.retrieval.report import thumbnail
 
 
@@ -191,16 +191,42 @@ def app_from_environment() -> FastAPI:
     return create_app(Path(settings.pop("catalog")), **settings)
 
 
-def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
-               max_upload_bytes: int, batch_window: float = 0.005, max_batch: int = 32,
-               token: str | None = None):
-    """The FastAPI application serving one catalogue."""
-    lookup = Lookup(catalog, run_options, max_pixels)
-    batcher = Batcher(lookup, batch_window, max_batch)
-    app = FastAPI(title="Ascension lookup", docs_url="/docs", redoc_url=None)
+def _problem(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    def problem(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+
+async def _read_images(
+    request: Request, lookup: Lookup, max_upload_bytes: int,
+    check: Callable[[Any], str | None],
+) -> tuple[Any, list[tuple[str, bytes]] | Response]:
+    """The form and its checked images, or the 4xx response saying what is wrong (the form's
+    other fields are ``check``ed before the images are decoded)."""
+    size = int(request.headers.get("content-length") or 0)
+    if size > max_upload_bytes:
+        return None, _problem(413, f"upload of {size} bytes is over the limit of "
+                                   f"{max_upload_bytes} (--max-upload-mb)")
+    form = await request.form()
+    message = check(form)
+    if message is not None:
+        return form, _problem(400, message)
+    uploads = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
+    if not uploads:
+        return form, _problem(400, "no image: send one or more files in the multipart field "
+                                   "'image'")
+    images = []
+    for upload in uploads:
+        data = await upload.read()
+        name = upload.filename or "upload"
+        try:
+            lookup.check_image(name, data)
+        except ImageDecodeError as exc:
+            return form, _problem(400, str(exc))
+        images.append((name, data))
+    return form, images
+
+
+def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
+    """The page, the catalogue's facts and its thumbnails."""
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -211,7 +237,8 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
         found = lookup.current().catalog
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
                 "dimension": int(found.vectors.shape[1]), "items": len(found),
-                "classes": len(found.class_names), "catalog": str(found.directory)}
+                "classes": len(found.class_names), "catalog": str(found.directory),
+                "catalog_version": CATALOG_VERSION}
 
     @app.get("/items/{item}/image")
     def item_image(item: int) -> Response:
@@ -219,62 +246,10 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
 
         found = lookup.current().catalog
         if not 0 <= item < len(found):
-            return problem(404, f"no item {item}: the catalogue holds {len(found)}")
+            return _problem(404, f"no item {item}: the catalogue holds {len(found)}")
         ok, data = cv2.imencode(".jpg", cv2.cvtColor(thumbnail(Path(found.paths[item]), 256),
                                                      cv2.COLOR_RGB2BGR))
         return Response(data.tobytes(), media_type="image/jpeg")
-
-    async def read_images(
-        request: Request, check: Callable[[Any], str | None] = lambda form: None,
-    ) -> tuple[Any, list[tuple[str, bytes]] | Response]:
-        """The form and its checked images, or the 4xx response saying what is wrong (the
-        form's other fields are ``check``ed before the images are decoded)."""
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_upload_bytes:
-            return None, problem(413, f"upload of {size} bytes is over the limit of "
-                                      f"{max_upload_bytes} (--max-upload-mb)")
-        form = await request.form()
-        message = check(form)
-        if message is not None:
-            return form, problem(400, message)
-        uploads = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
-        if not uploads:
-            return form, problem(400, "no image: send one or more files in the multipart field "
-                                      "'image'")
-        images = []
-        for upload in uploads:
-            data = await upload.read()
-            name = upload.filename or "upload"
-            try:
-                lookup.check_image(name, data)
-            except ImageDecodeError as exc:
-                return form, problem(400, str(exc))
-            images.append((name, data))
-        return form, images
-
-    @app.post("/items")
-    async def add_items(request: Request) -> Response:
-        if token is None:
-            return problem(403, "writes are off: start the service with --allow-writes and "
-                                "--token")
-        if not secrets.compare_digest(request.headers.get("authorization", ""),
-                                      f"Bearer {token}"):
-            return problem(401, "a wrong or missing token (Authorization: Bearer TOKEN)")
-        form, images = await read_images(request, _label_problem)
-        if isinstance(images, Response):
-            return images
-        added = await asyncio.to_thread(lookup.add, images, str(form.get("label")))
-        return JSONResponse({"added": added, "items": len(lookup.current().catalog)})
-
-    @app.post("/search")
-    async def search(request: Request) -> Response:
-        form, images = await read_images(request, _search_problem)
-        if isinstance(images, Response):
-            return images
-        k, threshold = _search_options(form)
-        results, waited = await batcher.submit(_Pending(images, k, threshold))
-        return JSONResponse({"k": k, "threshold": threshold, "waited_ms": waited * 1000,
-                             "results": results})
 
     @app.get("/favicon.ico")
     def favicon() -> Response:
@@ -285,5 +260,39 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
         from ascension_cli.serve_page import PAGE
 
         return PAGE
+
+
+def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
+               max_upload_bytes: int, batch_window: float = 0.005, max_batch: int = 32,
+               token: str | None = None) -> FastAPI:
+    """The FastAPI application serving one catalogue; ``token`` None keeps writes off."""
+    lookup = Lookup(catalog, run_options, max_pixels)
+    batcher = Batcher(lookup, batch_window, max_batch)
+    app = FastAPI(title="Ascension lookup", docs_url="/docs", redoc_url=None)
+    _reading_routes(app, lookup)
+
+    @app.post("/search")
+    async def search(request: Request) -> Response:
+        form, images = await _read_images(request, lookup, max_upload_bytes, _search_problem)
+        if isinstance(images, Response):
+            return images
+        k, threshold = _search_options(form)
+        results, waited = await batcher.submit(_Pending(images, k, threshold))
+        return JSONResponse({"k": k, "threshold": threshold, "waited_ms": waited * 1000,
+                             "results": results})
+
+    @app.post("/items")
+    async def add_items(request: Request) -> Response:
+        if token is None:
+            return _problem(403, "writes are off: start the service with --allow-writes and "
+                                 "--token")
+        if not secrets.compare_digest(request.headers.get("authorization", ""),
+                                      f"Bearer {token}"):
+            return _problem(401, "a wrong or missing token (Authorization: Bearer TOKEN)")
+        form, images = await _read_images(request, lookup, max_upload_bytes, _label_problem)
+        if isinstance(images, Response):
+            return images
+        added = await asyncio.to_thread(lookup.add, images, str(form.get("label")))
+        return JSONResponse({"added": added, "items": len(lookup.current().catalog)})
 
     return app

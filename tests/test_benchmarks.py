@@ -91,3 +91,16 @@ def test_bench_report_measures_the_report_against_the_evaluation(tmp_path):
     assert result["report_seconds"] > 0 and result["evaluate_seconds"] > 0
     assert result["report_to_evaluate"] == pytest.approx(
         result["report_seconds"] / result["evaluate_seconds"])
+
+
+def test_bench_serve_compares_the_service_with_one_request_one_forward(tmp_path):
+    pytest.importorskip("fastapi")
+    result = run_benchmark("bench_serve", "--quick", "--seconds", "5",
+                           "--json", tmp_path / "serve.json", timeout=600)
+    assert set(result["results"]) == {"serve/1", "serve/8", "plain/1", "plain/8", "search/1"}
+    for figures in result["results"].values():
+        assert figures["requests"] > 0
+        assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+    assert result["throughput_ratio"] == pytest.approx(
+        result["results"]["serve/8"]["requests_per_second"]
+        / result["results"]["plain/8"]["requests_per_second"])

@@ -87,6 +87,7 @@ def test_health_info_and_the_answer_search_gives(served, tmp_path):
     assert requests.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(server.url + "/info", timeout=10).json()
     assert info["items"] == 32 and info["classes"] == 4 and info["feature_kind"] == "backbone"
+    assert info["catalog_version"] == 1 and info["dimension"] > 0
 
     query = data / "triangle" / "003.png"
     answer = post(server, query, k="3").json()
