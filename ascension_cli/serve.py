@@ -62,12 +62,15 @@ class Lookup:
         self.searcher = CatalogSearcher(load_catalog(self.directory))
         self.stamp = stamp
 
+    def _refresh(self) -> CatalogSearcher:
+        if self._stamp() != self.stamp:
+            self._load()
+        return self.searcher
+
     def current(self) -> CatalogSearcher:
         """The searcher, re-read first when catalog.json (written last by an add) changed."""
         with self.lock:
-            if self._stamp() != self.stamp:
-                self._load()
-            return self.searcher
+            return self._refresh()
 
     def add(self, images: list[tuple[str, bytes]], class_name: str) -> int:
         """Keep the images under CATALOG/uploads/CLASS and add them as items of that class.
@@ -80,7 +83,8 @@ class Lookup:
                 path = folder / f"{uuid.uuid4().hex}{Path(name).suffix.lower() or '.img'}"
                 atomic_write(path, lambda handle, data=data: handle.write(data))
                 paths.append(path)
-            added = self.searcher.add(paths, class_name, **self.run_options)
+            # Added to the catalogue as it is on disk now (another process may have grown it).
+            added = self._refresh().add(paths, class_name, **self.run_options)
             self._load()
         return added
 
