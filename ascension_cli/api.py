@@ -76,8 +76,7 @@ def train_supcon(
 
     given = dict(options, data_root=data_root, batch_size=batch_size, target_batch=target_batch,
                  epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, save_dir=save_dir)
-    settings = resolve(TrainConfig, {k: Path(v) if k.endswith(("_root", "_dir")) else v
-                                     for k, v in given.items() if v is not None})
+    settings = resolve(TrainConfig, {k: v for k, v in given.items() if v is not None})
     result = train(settings, reporter)
     best = result.save_dir / BEST
     return TrainSummary(
@@ -110,9 +109,9 @@ def embed(
     from ascension_cli.embedding import embed_folder
     from ascension_cli.vectors import save_vectors
 
-    given = dict(options, checkpoint=Path(checkpoint), image_root=Path(image_root))
+    given = dict(options, checkpoint=checkpoint, image_root=image_root)
     if output is not None:
-        given["output"] = Path(output)
+        given["output"] = output
     settings = resolve(EmbedConfig, given)
     vectors = embed_folder(settings.checkpoint, settings.image_root,
                            feature_kind=settings.features, image_size=settings.image_size,

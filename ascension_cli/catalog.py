@@ -33,6 +33,7 @@ from ascension_cli.paths import (
     ITEMS_FILE,
     MODEL_FILE,
     catalog_folder,
+    checked,
     not_ours,
 )
 from ascension_cli.retrieval.index import search
@@ -115,11 +116,7 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> None:
 
 def load_catalog(directory: str | Path) -> Catalog:
     """Read and check a catalogue folder."""
-    directory = Path(directory)
-    try:
-        catalog_folder(directory)
-    except ValueError as exc:
-        raise CatalogError(str(exc)) from None
+    directory = checked(catalog_folder, Path(directory), CatalogError)
     try:
         meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
         with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:

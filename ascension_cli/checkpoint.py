@@ -21,7 +21,7 @@ from ascension_cli.errors import CheckpointError
 from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
 from ascension_cli.paths import CHECKPOINT_FORMAT as FORMAT
 from ascension_cli.paths import CHECKPOINT_VERSION as FORMAT_VERSION
-from ascension_cli.paths import checkpoint_file, not_ours, why_unloadable
+from ascension_cli.paths import checked, checkpoint_file, not_ours, why_unloadable
 
 # What every reader needs: the model (spec and weights) and what it was trained on.
 REQUIRED_KEYS = ("model", "spec", "config", "classes")
@@ -63,11 +63,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Whatever torch raises, the error is one line naming the file and its size.
     """
-    path = Path(path)
-    try:
-        checkpoint_file(path)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    path = checked(checkpoint_file, Path(path), CheckpointError)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError... whatever torch raises

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 # File formats, as their writers stamp them.
@@ -24,6 +25,14 @@ CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
 CATALOG_FILES = (CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE)
 
 _ZIP_MAGIC = b"PK\x03\x04"
+
+
+def checked(check: Callable[[Path], Path], path: Path, error: type[Exception]) -> Path:
+    """``check(path)``, with its ValueError raised as ``error``: a loader's own error type."""
+    try:
+        return check(path)
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def size_text(path: Path) -> str:

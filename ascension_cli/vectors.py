@@ -11,7 +11,13 @@ import numpy as np
 
 from ascension_cli.atomic import atomic_write
 from ascension_cli.errors import VectorsError
-from ascension_cli.paths import VECTORS_FORMAT, VECTORS_VERSION, not_ours, vectors_file
+from ascension_cli.paths import (
+    VECTORS_FORMAT,
+    VECTORS_VERSION,
+    checked,
+    not_ours,
+    vectors_file,
+)
 
 # Arrays every vectors file holds (save_vectors writes them all).
 _VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",
@@ -71,11 +77,7 @@ def save_vectors(path: str | Path, data: Vectors) -> None:
 
 def load_vectors(path: str | Path) -> Vectors:
     """Read and check a vectors file; every problem is a one-line VectorsError."""
-    path = Path(path)
-    try:
-        vectors_file(path)
-    except ValueError as exc:
-        raise VectorsError(str(exc)) from None
+    path = checked(vectors_file, Path(path), VectorsError)
     try:
         with np.load(path, allow_pickle=False) as archive:
             contents = {key: archive[key] for key in archive.files}

@@ -666,8 +666,8 @@ class Trainer:
         if self.val_loader is None or not self.distributed.is_main:
             return None
 
-        def abandon_if_asked(_: int) -> None:  # a single process may stop mid-validation
-            if self.stop.deferring and self.stop.asked and not self.distributed.enabled:
+        def abandon_if_asked(_: int) -> None:  # as a step is (a single process only)
+            if self.stop.deferring and self.should_stop is not None and self.should_stop():
                 raise StepAbandoned
 
         features, labels, _ = extract_features(
