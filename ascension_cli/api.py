@@ -102,7 +102,7 @@ def embed(
 ) -> Vectors:
     """Embed the images under ``image_root`` with a checkpoint's model, as ``ascension embed``.
 
-    ``options``: features ("backbone" or "head"), batch_size, precision, workers, device,
+    ``image_root`` is a folder or a manifest. ``options``: split, features, batch_size, precision, workers, device,
     channels_last, image_size. With ``output`` the vectors file is written too. Returns the
     ``Vectors`` (rows, labels, paths, class names and provenance).
     """
@@ -113,7 +113,7 @@ def embed(
     if output is not None:
         given["output"] = output
     settings = resolve(EmbedConfig, given)
-    vectors = embed_folder(settings.checkpoint, settings.image_root,
+    vectors = embed_folder(settings.checkpoint, settings.image_root, split=settings.split,
                            feature_kind=settings.features, image_size=settings.image_size,
                            **settings.run_options())
     if output is not None:

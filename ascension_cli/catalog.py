@@ -21,7 +21,7 @@ import numpy as np
 from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.checkpoint import load_model, load_model_file, save_model_file
 from ascension_cli.data.dataset import Failed
-from ascension_cli.data.folder import scan_images
+from ascension_cli.data.manifest import scan_any
 from ascension_cli.embedding import embed_images, write_index
 from ascension_cli.errors import AscensionError, CheckpointError, DataError
 from ascension_cli.model import EmbeddingModel, ModelSpec
@@ -162,12 +162,13 @@ def build_catalog(
     add: bool = False,
     feature_kind: str = "backbone",
     on_failed: Callable[[Failed], None] | None = None,
+    split: str | None = None,
     **embed_options,
 ) -> tuple[Catalog, int]:
     """Create a catalogue, or with ``add`` append the images it does not hold yet.
 
-    Returns the catalogue and how many images were added. Labels come from class folders (a flat
-    folder gives -1); new class names are appended to the catalogue's list.
+    Returns the catalogue and how many images were added. Labels come from class folders or a
+    manifest (only ``split``'s rows when given; a flat folder gives -1); new class names are appended to the catalogue's list.
     """
     directory = Path(directory)
     checkpoint_sha = sha256_of(checkpoint)
@@ -190,7 +191,7 @@ def build_catalog(
         catalog = Catalog(directory, spec, checkpoint_sha, feature_kind, [],
                           np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
 
-    scan = scan_images(gallery_root)
+    scan = scan_any(gallery_root, split)
     known = set(catalog.paths)
     fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
     if fresh:

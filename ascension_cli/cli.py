@@ -23,6 +23,7 @@ from ascension_cli.config import (
     EvalConfig,
     ExportConfig,
     IndexConfig,
+    ManifestConfig,
     ReportConfig,
     SearchConfig,
     ServeConfig,
@@ -206,7 +207,7 @@ def embed(**options: Any) -> None:
         from ascension_cli.vectors import save_vectors
 
         vectors = _embed(
-            settings.checkpoint, settings.image_root, "embedding",
+            settings.checkpoint, settings.image_root, "embedding", split=settings.split,
             feature_kind=settings.features, image_size=settings.image_size,
             **settings.run_options(),
         )
@@ -269,7 +270,7 @@ def _measure(settings: EvalConfig | ReportConfig):
     def embedded(recolouring: str | None = None):
         what = "embedding" if recolouring is None else f"embedding ({recolouring})"
         return _embed(settings.checkpoint, settings.image_root, what, recolouring=recolouring,
-                      **embed_options)
+                      split=settings.split, evaluation=True, **embed_options)
 
     queries = load_vectors(settings.source) if settings.image_root is None else embedded()
     gallery = load_vectors(settings.gallery) if settings.gallery else None
@@ -319,6 +320,7 @@ def index(**options: Any) -> None:
         with ImageProgress("indexing") as progress:
             catalog, added = build_catalog(
                 settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
+                split=settings.split,
                 feature_kind=settings.features, **settings.run_options(),
                 on_start=progress.start, on_batch=progress.advance, on_failed=progress.failed,
             )
@@ -356,6 +358,30 @@ def search_command(**options: Any) -> None:
                                             "threshold": settings.threshold,
                                             "results": [r.to_dict() for r in results]})
             console.print(f"results written to {settings.json_file}", highlight=False)
+
+
+@app.command(no_args_is_help=True)
+@options_of(ManifestConfig)
+def manifest(**options: Any) -> None:
+    """Write a manifest (CSV or Parquet) of a class-folder tree: path, label, a seeded per-class
+    split (train / validation / test) and query/gallery flags on the test rows. Every command
+    that reads a folder reads it too.
+    """
+    with _user_errors():
+        settings = resolve(ManifestConfig, given(options))
+        from collections import Counter
+
+        from ascension_cli.data.manifest import manifest_rows, write_manifest
+
+        scan, rows = manifest_rows(settings.data_root, settings.output.parent, settings.val_fraction,
+                                   settings.test_fraction, settings.seed)
+        write_manifest(settings.output, rows)
+        splits = Counter(row["split"] for row in rows)
+        skipped = f"; {scan.skip_summary()}" if scan.skipped else ""
+        console.print(
+            f"wrote {len(rows)} rows ({len(scan.classes)} classes; "
+            + ", ".join(f"{splits[name]} {name}" for name in ("train", "validation", "test"))
+            + f") to {settings.output}{skipped}", highlight=False, soft_wrap=True)
 
 
 @app.command(no_args_is_help=True)

@@ -36,6 +36,7 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 # Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
 Folder = Annotated[Path, AfterValidator(paths.existing_folder)]
+ImageSource = Annotated[Path, AfterValidator(paths.image_source)]
 FileOrFolder = Annotated[Path, AfterValidator(paths.existing_file_or_folder)]
 OutputFile = Annotated[Path, AfterValidator(paths.output_file)]
 OutputFolder = Annotated[Path, AfterValidator(paths.output_folder)]
@@ -70,8 +71,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data_root: Folder = Field(description="Folder of class folders: DATA_ROOT/<class>/<image>.",
-                              json_schema_extra=RESUMABLE)
+    data_root: ImageSource = Field(
+        description="Folder of class folders (DATA_ROOT/<class>/<image>), or a manifest (.csv, "
+        ".parquet) of path, label and optional split: its train rows train, its validation "
+        "rows validate, its test rows are never read.", json_schema_extra=RESUMABLE)
     batch_size: int = Field(16, ge=1, description="Images per micro-batch: what fits in memory.")
     target_batch: int = Field(
         128, ge=2, description="Images per optimizer step, and the batch SupCon contrasts (a "
@@ -129,8 +132,8 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of each class held out for validation."
     )
-    val_root: Folder | None = Field(
-        None, description="A separate validation tree with the same class folders."
+    val_root: ImageSource | None = Field(
+        None, description="A separate validation tree (or manifest) with the training classes."
     )
     workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP,
                                 json_schema_extra=RESUMABLE)
@@ -229,6 +232,11 @@ class TrainConfig(BaseModel):
 
 
 Features = Literal["backbone", "head"]
+Split = Literal["train", "validation", "test"]
+
+
+def _split_field() -> Any:
+    return Field(None, description="With a manifest: only its rows of this split.")
 IndexKind = Literal["flat", "hnsw", "ivf"]
 
 
@@ -266,9 +274,11 @@ class EmbedConfig(_RunOptions):
     """Options of ``ascension embed``."""
 
     checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
-    image_root: Folder = Field(
-        description="Class folders (IMAGE_ROOT/<class>/<image>) or a flat image folder."
+    image_root: ImageSource = Field(
+        description="Class folders (IMAGE_ROOT/<class>/<image>), a flat image folder, or a "
+        "manifest (.csv, .parquet)."
     )
+    split: Split | None = _split_field()
     features: Features = _features_field()
     output: OutputFile = Field(Path("vectors.npz"), description="Vectors file to write (.npz).",
                                json_schema_extra=SHORT_O)
@@ -285,9 +295,12 @@ class _MeasureOptions(_RunOptions):
     source: Path = Field(description="A vectors file from `ascension embed`; or a checkpoint, or "
                          "a training run folder (its best.pt), then give IMAGE_ROOT too, and it "
                          "is embedded first.")
-    image_root: Folder | None = Field(
-        None, description="Images to embed, with a checkpoint or run folder as SOURCE."
+    image_root: ImageSource | None = Field(
+        None, description="Images to embed (a folder or a manifest), with a checkpoint or run "
+        "folder as SOURCE. A manifest with is_query / is_gallery columns is measured by its "
+        "query/gallery protocol: only flagged rows are embedded."
     )
+    split: Split | None = _split_field()
     features: Features = _features_field()
     gallery: VectorsFile | None = Field(
         None, description="A vectors file to search in; without it the queries are searched "
@@ -373,9 +386,10 @@ class IndexConfig(_RunOptions):
     """Options of ``ascension index``."""
 
     checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
-    gallery_root: Folder = Field(
-        description="The known items: class folders, or a flat image folder."
+    gallery_root: ImageSource = Field(
+        description="The known items: class folders, a flat image folder, or a manifest."
     )
+    split: Split | None = _split_field()
     features: Features = _features_field()
     output: OutputFolder = Field(description="Catalogue folder to write.",
                                  json_schema_extra=SHORT_O)
@@ -404,6 +418,36 @@ class SearchConfig(_RunOptions):
     )
     json_file: OutputFile | None = Field(None, description="Write the results to this JSON file.",
                                          json_schema_extra={"flags": ["--json"]})
+
+
+class ManifestConfig(BaseModel):
+    """Options of ``ascension manifest``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_root: Folder = Field(description="Folder of class folders: DATA_ROOT/<class>/<image>.")
+    output: OutputFile = Field(Path("manifest.csv"), description="Manifest to write: .csv, or "
+                               ".parquet (needs pyarrow).", json_schema_extra=SHORT_O)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each class marked "
+                                "split=validation.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each class marked "
+                                 "split=test, is_query=1, is_gallery=1 (the test images are "
+                                 "searched among themselves).")
+    seed: int = Field(0, ge=0, description="Seed of the per-class split.")
+
+    @field_validator("output")
+    @classmethod
+    def _check_suffix(cls, value: Path) -> Path:
+        if value.suffix.lower() not in paths.MANIFEST_SUFFIXES:
+            raise ValueError("must end in .csv or .parquet")
+        return value
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> ManifestConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("--val-fraction and --test-fraction together must leave some "
+                             "training images (their sum is 1 or more)")
+        return self
 
 
 class ExportConfig(BaseModel):

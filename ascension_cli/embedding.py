@@ -12,7 +12,8 @@ from ascension_cli.atomic import atomic_write
 from ascension_cli.checkpoint import load_model
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import EvalDataset, Failed, collate
-from ascension_cli.data.folder import scan_images
+from ascension_cli.data.folder import FolderScan
+from ascension_cli.data.manifest import for_evaluation, scan_any
 from ascension_cli.errors import DataError
 from ascension_cli.inference import extract_features
 from ascension_cli.model import EmbeddingModel, ModelSpec
@@ -81,19 +82,25 @@ def embed_folder(
     checkpoint_path: str | Path,
     image_root: str | Path,
     on_failed: Callable[[Failed], None] | None = None,
+    split: str | None = None,
+    evaluation: bool = False,
     **options,
 ) -> Vectors:
-    """Embed every image under ``image_root`` with a checkpoint's eval transform.
+    """Embed every image under ``image_root`` (a folder, or a manifest's rows: only ``split``'s
+    when given, only those flagged query or gallery when ``evaluation``) with a checkpoint's eval
+    transform.
 
     ``options`` are those of ``embed_images`` (feature_kind, batch_size, precision, workers, device,
     image_size, recolouring, on_start, on_batch, channels_last).
     """
     model, spec, _ = load_model(checkpoint_path)
-    scan = scan_images(image_root)
+    scan = scan_any(image_root, split)
+    if evaluation:
+        scan = for_evaluation(scan)
     failed: list[str] = []
 
     def record_failure(failure: Failed) -> None:
-        failed.append(scan.paths[failure.index].relative_to(scan.root).as_posix())
+        failed.append(scan.name(failure.index))
         if on_failed is not None:
             on_failed(failure)
 
@@ -101,15 +108,32 @@ def embed_folder(
         model, spec, scan.paths, scan.labels, on_failed=record_failure, **options
     )
     if len(indices) == 0:
-        raise DataError(f"no readable images under {image_root}")
+        raise DataError(f"no readable images in {image_root}")
+    return vectors_of(scan, indices, features, labels, spec.name, sha256_of(checkpoint_path),
+                      options.get("feature_kind", "backbone"), failed)
+
+
+def vectors_of(
+    scan: FolderScan, indices: np.ndarray, features: np.ndarray, labels: np.ndarray,
+    model_name: str, checkpoint_sha256: str, feature_kind: str, failed: list[str],
+) -> Vectors:
+    """The vectors file's contents for the embedded images ``indices`` of ``scan``, with a
+    manifest's query/gallery roles and item ids carried along."""
+
+    def pick(values):
+        return None if values is None else np.asarray(values)[indices]
+
     return Vectors(
         vectors=features,
         labels=labels,
-        paths=[scan.paths[i].relative_to(scan.root).as_posix() for i in indices],
+        paths=[scan.name(i) for i in indices],
         class_names=scan.classes,
-        model_name=spec.name,
-        checkpoint_sha256=sha256_of(checkpoint_path),
-        feature_kind=options.get("feature_kind", "backbone"),
-        image_root=str(Path(image_root).resolve()),
+        model_name=model_name,
+        checkpoint_sha256=checkpoint_sha256,
+        feature_kind=feature_kind,
+        image_root=str(scan.root.resolve()),
         failed=failed,
+        is_query=pick(scan.is_query),
+        is_gallery=pick(scan.is_gallery),
+        item_ids=None if scan.item_ids is None else [scan.item_ids[i] for i in indices],
     )

@@ -88,6 +88,20 @@ def existing_file(path: Path) -> Path:
     return path
 
 
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def image_source(path: Path) -> Path:
+    """A folder of images, or a manifest file (.csv, .parquet) listing them."""
+    manifest = path.suffix.lower() in MANIFEST_SUFFIXES
+    _present(path, "manifest not found" if manifest else "folder not found")
+    if path.is_dir():
+        return path
+    if not manifest:
+        raise ValueError(f"{path} is a file, not a folder or a manifest (.csv, .parquet)")
+    return path
+
+
 def existing_file_or_folder(path: Path) -> Path:
     _present(path, "not found")
     return path

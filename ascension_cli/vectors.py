@@ -37,6 +37,10 @@ class Vectors:
     feature_kind: str = "backbone"
     image_root: str = ""
     failed: list[str] = field(default_factory=list)
+    # From a manifest: which rows are queries and gallery items, and each row's item id.
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+    item_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -71,8 +75,17 @@ def save_vectors(path: str | Path, data: Vectors) -> None:
             feature_kind=np.array(data.feature_kind),
             image_root=np.array(data.image_root),
             failed=np.array(data.failed, dtype=str),
+            **_optional(data),
         ),
     )
+
+
+def _optional(data: Vectors) -> dict[str, np.ndarray]:
+    """The manifest arrays a vectors file holds only when it has them."""
+    arrays = {"is_query": data.is_query, "is_gallery": data.is_gallery,
+              "item_ids": data.item_ids}
+    return {key: np.asarray(value, dtype=bool if key != "item_ids" else str)
+            for key, value in arrays.items() if value is not None}
 
 
 def load_vectors(path: str | Path) -> Vectors:
@@ -95,7 +108,10 @@ def load_vectors(path: str | Path) -> Vectors:
         bad = int((~np.isfinite(vectors).all(axis=1)).sum())
         raise VectorsError(f"{path}: {bad} vector(s) contain NaN or infinity")
     labels = contents["labels"]
-    if len(labels) != len(vectors) or len(contents["paths"]) != len(vectors):
+    optional = {key: contents[key] for key in ("is_query", "is_gallery", "item_ids")
+                if key in contents}
+    if any(len(array) != len(vectors) for array in
+           [labels, contents["paths"], *optional.values()]):
         raise VectorsError(f"{path}: vectors, labels and paths differ in length")
     return Vectors(
         vectors=vectors.astype(np.float32, copy=False),
@@ -107,4 +123,7 @@ def load_vectors(path: str | Path) -> Vectors:
         feature_kind=str(contents["feature_kind"]),
         image_root=str(contents["image_root"]),
         failed=contents["failed"].tolist(),
+        is_query=optional["is_query"].astype(bool) if "is_query" in optional else None,
+        is_gallery=optional["is_gallery"].astype(bool) if "is_gallery" in optional else None,
+        item_ids=optional["item_ids"].tolist() if "item_ids" in optional else None,
     )

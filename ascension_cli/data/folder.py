@@ -28,19 +28,67 @@ class ImageDecodeError(Exception):
 
 @dataclass
 class FolderScan:
-    """What a scan found: the usable samples and what was skipped, with reasons."""
+    """What a scan of a folder tree or a manifest found: the usable samples and what was
+    skipped, with reasons. A manifest may also give each image a split, query/gallery roles
+    and an item id (None where it has no such column); ``skipped_lines`` names the manifest
+    lines of each reason."""
 
     root: Path
     classes: list[str]
     paths: list[Path]
     labels: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    splits: np.ndarray | None = None  # "train" | "validation" | "test" per image
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+    item_ids: list[str] | None = None
+    skipped_lines: dict[str, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.classes))
+
+    def name(self, index: int) -> str:
+        """Image ``index``'s path as files and reports name it: relative to the root when under
+        it (a folder tree always is), else absolute."""
+        path = self.paths[index]
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def subset(self, keep: np.ndarray) -> FolderScan:
+        """The images where the boolean mask ``keep`` is set (classes and skips unchanged)."""
+        rows = np.flatnonzero(keep)
+
+        def pick(values):
+            return None if values is None else values[rows]
+
+        return FolderScan(
+            self.root, self.classes, [self.paths[i] for i in rows], self.labels[rows],
+            self.skipped, pick(self.splits), pick(self.is_query), pick(self.is_gallery),
+            None if self.item_ids is None else [self.item_ids[i] for i in rows],
+            self.skipped_lines,
+        )
+
+    def skip_summary(self) -> str | None:
+        """One line naming what was skipped and, for a manifest, on which lines."""
+        if not self.skipped:
+            return None
+
+        def lines(reason: str) -> str:
+            numbers = self.skipped_lines.get(reason, [])
+            if not numbers:
+                return ""
+            shown = ", ".join(str(n) for n in numbers[:5])
+            more = f" and {len(numbers) - 5} more" if len(numbers) > 5 else ""
+            return f" (line{'s' if len(numbers) > 1 else ''} {shown}{more})"
+
+        parts = [f"{count} {reason}{lines(reason)}" for reason, count in sorted(
+            self.skipped.items())]
+        return f"skipped {sum(self.skipped.values())}: " + "; ".join(parts)
 
 
 def _is_hidden(name: str) -> bool:

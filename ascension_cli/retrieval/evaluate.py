@@ -41,23 +41,29 @@ def evaluate(
     approximate_sample: int = 1000,
     seed: int = 0,
     exclude_self: bool | None = None,
+    query_ids: np.ndarray | None = None,
 ) -> Evaluation:
     """Recall@k, Precision@1, R-Precision, MAP@R of queries against a gallery.
 
     Without a gallery, the queries are searched among themselves with each query's own vector
     excluded; ``exclude_self`` does the same for a gallery whose item i is query i's image (a
-    re-coloured query against the clean set). Neighbours are searched to depth
+    re-coloured query against the clean set). ``query_ids`` gives each query's own row in the
+    gallery, or -1 where it has none (a manifest's rows that are both query and gallery item):
+    those own rows are excluded. Neighbours are searched to depth
     max(max(ks), largest R), so R-Precision and MAP@R are exact. For ``hnsw``/``ivf`` the
     approximation's recall against exact search is measured on a sample of queries.
     """
     same_set = gallery_vectors is None if exclude_self is None else exclude_self
     if gallery_vectors is None:
         gallery_vectors, gallery_labels = query_vectors, query_labels
-    relevant = relevant_counts(query_labels, gallery_labels, same_set)
-    available = len(gallery_vectors) - (1 if same_set else 0)
+    own_ids = np.arange(len(query_vectors)) if same_set else query_ids
+    owned = np.zeros(len(query_vectors), bool) if own_ids is None else np.asarray(own_ids) >= 0
+    relevant = relevant_counts(query_labels, gallery_labels, False) - owned
+    available = len(gallery_vectors) - (1 if owned.any() else 0)
     depth = max(1, min(available, max(max(ks), int(relevant.max(initial=0)))))
+    exclude = bool(owned.any())
     ids, _ = nearest_neighbours(
-        query_vectors, gallery_vectors, depth, index_kind, chunk, on_progress, same_set
+        query_vectors, gallery_vectors, depth, index_kind, chunk, on_progress, exclude, own_ids
     )
     report = retrieval_metrics(_neighbour_labels(ids, gallery_labels), query_labels, relevant, ks)
     evaluation = Evaluation(report, index_kind, ids)
@@ -66,8 +72,9 @@ def evaluate(
         sample = rng.choice(len(query_vectors), min(approximate_sample, len(query_vectors)),
                             replace=False)
         k = min(max(ks), depth)
-        exact_ids, _ = nearest_neighbours(query_vectors[sample], gallery_vectors, k, "flat",
-                                          exclude_self=same_set, query_ids=sample)
+        exact_ids, _ = nearest_neighbours(
+            query_vectors[sample], gallery_vectors, k, "flat", exclude_self=exclude,
+            query_ids=None if own_ids is None else np.asarray(own_ids)[sample])
         approx_ids = ids[sample, :k]
         overlap = [len(set(a) & set(e)) / k for a, e in zip(approx_ids, exact_ids, strict=True)]
         evaluation.approximate_recall = float(np.mean(overlap))
@@ -152,6 +159,11 @@ def evaluate_vectors(
             and gallery.image_root == queries.image_root)
     if same:
         gallery = None
+    if gallery is None and has_roles(queries):
+        if recoloured:
+            raise VectorsError("--recolor measures queries searched among themselves or "
+                               "against --gallery, not a manifest's query/gallery flags")
+        return _evaluate_roles(queries, ks, index_kind, on_progress)
     check_evaluable(queries, gallery)
     if gallery is not None:
         queries = replace(queries, labels=labels_by_name(queries, gallery.class_names))
@@ -165,3 +177,45 @@ def evaluate_vectors(
         for name, embed in (recoloured or {}).items()
     }
     return EvaluationRun(clean, shifted, queries, queries if gallery is None else gallery, same)
+
+
+def has_roles(vectors: Vectors) -> bool:
+    """Vectors from a manifest with is_query / is_gallery columns."""
+    return vectors.is_query is not None or vectors.is_gallery is not None
+
+
+def split_roles(vectors: Vectors) -> tuple[Vectors, Vectors, np.ndarray]:
+    """(queries, gallery, each query's own row in the gallery or -1) of vectors whose rows a
+    manifest flagged as queries, gallery items or both (a missing column means all)."""
+    every = np.ones(len(vectors), dtype=bool)
+    query = every if vectors.is_query is None else vectors.is_query
+    gallery = every if vectors.is_gallery is None else vectors.is_gallery
+    if not query.any() or not gallery.any():
+        missing = "query" if not query.any() else "gallery"
+        raise VectorsError(f"no image is flagged as a {missing} (is_{missing} column): nothing "
+                           "to evaluate")
+    gallery_row = np.full(len(vectors), -1, dtype=np.int64)
+    gallery_row[gallery] = np.arange(int(gallery.sum()))
+
+    def rows(mask: np.ndarray) -> Vectors:
+        chosen = np.flatnonzero(mask)
+        return replace(vectors, vectors=vectors.vectors[chosen], labels=vectors.labels[chosen],
+                       paths=[vectors.paths[i] for i in chosen], is_query=None, is_gallery=None,
+                       item_ids=None if vectors.item_ids is None
+                       else [vectors.item_ids[i] for i in chosen])
+
+    return rows(query), rows(gallery), gallery_row[query]
+
+
+def _evaluate_roles(
+    vectors: Vectors, ks: tuple[int, ...], index_kind: str,
+    on_progress: Callable[[int], None] | None,
+) -> EvaluationRun:
+    """The standard query/gallery protocol of a manifest's flags: each query searched among the
+    gallery items, itself excluded where it is one of them."""
+    queries, gallery, own = split_roles(vectors)
+    check_evaluable(queries, gallery)
+    clean = evaluate(queries.vectors, queries.labels, gallery.vectors, gallery.labels, ks=ks,
+                     index_kind=index_kind, on_progress=on_progress, exclude_self=False,
+                     query_ids=own)
+    return EvaluationRun(clean, {}, queries, gallery, False)

@@ -59,6 +59,8 @@ def data_rows(scan: FolderScan, train: int, val: int) -> list[tuple[str, str]]:
         ("images per class", f"{counts.min()}-{counts.max()} (median {int(np.median(counts))})"),
         ("train / val", f"{train} / {val}"),
     ]
+    if scan.splits is not None:
+        rows.append(("test rows (not read)", str(int((scan.splits == "test").sum()))))
     skipped = scan.skipped
     if skipped:
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))

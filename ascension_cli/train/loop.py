@@ -29,7 +29,8 @@ from ascension_cli.config import TrainConfig, resume_may_change, to_plain
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.cache import DecodedImages, available_memory
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
-from ascension_cli.data.folder import FolderScan, scan_folder, stratified_split
+from ascension_cli.data.folder import FolderScan, stratified_split
+from ascension_cli.data.manifest import scan_source
 from ascension_cli.data.sampler import ClassBalancedBatchSampler, fit_batches
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, TrainingError, first_line
 from ascension_cli.inference import extract_features
@@ -113,16 +114,28 @@ class _Data:
 
 
 def _load_data(config: TrainConfig) -> _Data:
-    scan = scan_folder(config.data_root)
+    """The training images and the validation images: a manifest's split column decides where
+    it has one (its test rows are never read), else --val-root or a seeded --val-fraction."""
+    scan = scan_source(config.data_root)
+    train = np.ones(len(scan), dtype=bool) if scan.splits is None else scan.splits == "train"
+    if not train.any():
+        raise DataError(f"{config.data_root} has no rows of split 'train' to train on")
     if config.val_root is not None:
-        val_scan = scan_folder(config.val_root, classes=scan.classes)
-        train_index = np.arange(len(scan))
-        return _Data(scan, train_index, val_scan.paths, val_scan.labels,
+        val_scan = scan_source(config.val_root, classes=scan.classes)
+        return _Data(scan, np.flatnonzero(train), val_scan.paths, val_scan.labels,
                      sum(val_scan.skipped.values()))
-    train_index, val_index = stratified_split(scan.labels, config.val_fraction, config.seed)
-    return _Data(
-        scan, train_index, [scan.paths[i] for i in val_index], scan.labels[val_index], 0
-    )
+    named = np.zeros(len(scan), bool) if scan.splits is None else scan.splits == "validation"
+    if named.any():
+        if "val_fraction" in config.model_fields_set:
+            raise ConfigError(f"{config.data_root} names its validation rows (split column): "
+                              "drop --val-fraction")
+        val_index = np.flatnonzero(named)
+        return _Data(scan, np.flatnonzero(train), [scan.paths[i] for i in val_index],
+                     scan.labels[val_index], 0)
+    rows = np.flatnonzero(train)
+    train_index, val_index = stratified_split(scan.labels[rows], config.val_fraction, config.seed)
+    return _Data(scan, rows[train_index], [scan.paths[i] for i in rows[val_index]],
+                 scan.labels[rows[val_index]], 0)
 
 
 # Share of the free memory --cache-images may fill (the rest: model, loader processes, system),
@@ -342,6 +355,8 @@ class Trainer:
             )
         self.reporter.table("dataset " + str(config.data_root), data_rows(
             self.data.scan, len(self.data.train_index), len(self.data.val_paths)))
+        if self.data.scan.skipped_lines:
+            self.reporter.message(f"{config.data_root}: {self.data.scan.skip_summary()}")
         use_channels_last(self.model.to(self.device), config.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
