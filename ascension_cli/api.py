@@ -102,22 +102,30 @@ def embed(
 ) -> Vectors:
     """Embed the images under ``image_root`` with a checkpoint's model, as ``ascension embed``.
 
-    ``image_root`` is a folder or a manifest. ``options``: split, features, batch_size, precision, workers, device,
-    channels_last, image_size. With ``output`` the vectors file is written too. Returns the
-    ``Vectors`` (rows, labels, paths, class names and provenance).
+    ``image_root`` is a folder, a manifest or shards. ``options``: split, features, batch_size,
+    precision, workers, device, channels_last, image_size. With ``output`` the vectors file is
+    written too. Returns the ``Vectors`` (rows, labels, paths, class names and provenance).
     """
-    from ascension_cli.embedding import embed_folder
+    import tempfile
+
+    from ascension_cli.embed_chunks import embed_in_chunks, finish
     from ascension_cli.vectors import save_vectors
 
     given = dict(options, checkpoint=checkpoint, image_root=image_root)
     if output is not None:
         given["output"] = output
     settings = resolve(EmbedConfig, given)
-    vectors = embed_folder(settings.checkpoint, settings.image_root, split=settings.split,
-                           feature_kind=settings.features, image_size=settings.image_size,
-                           **settings.run_options())
+    with tempfile.TemporaryDirectory(prefix="ascension-embed-") as scratch:
+        # With an output file, finished chunks wait beside it (a rerun resumes); without one,
+        # in a scratch folder.
+        target = settings.output if output is not None else Path(scratch) / "vectors.npz"
+        vectors = embed_in_chunks(settings.checkpoint, settings.image_root, target,
+                                  split=settings.split, chunk_size=settings.chunk_size,
+                                  feature_kind=settings.features,
+                                  image_size=settings.image_size, **settings.run_options())
     if output is not None:
         save_vectors(settings.output, vectors)
+        finish(settings.output)
     return vectors
 
 

@@ -2,10 +2,15 @@
 
 A catalogue folder holds everything a search needs, and nothing from the training run:
 
-    catalog.json   format, model identity (spec, checkpoint sha256), feature kind, class names
+    catalog.json   format, model identity (spec, checkpoint sha256), feature kind, class names,
+                   the index's kind, shape and measured recall against exact search
     model.pt       the model's weights and spec (weights_only-loadable), to embed query photos
     items.npz      vectors, labels and absolute paths of the catalogued images
-    index.faiss    an exact inner-product FAISS index over the vectors
+    index.faiss    an inner-product FAISS index over the vectors: exact (flat), or hnsw, ivf or
+                   ivfpq for millions of items
+
+A search reads the index, labels and paths, not the vectors: an ivfpq catalogue of millions
+searches in a fraction of the memory its vectors would take.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.checkpoint import load_model, load_model_file, save_model_file
+from ascension_cli.data.cache import available_memory
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.manifest import scan_any
 from ascension_cli.embedding import embed_images, write_index
@@ -36,7 +42,7 @@ from ascension_cli.paths import (
     checked,
     not_ours,
 )
-from ascension_cli.retrieval.index import search
+from ascension_cli.retrieval.index import check_fits, plan_index, search
 from ascension_cli.vectors import sha256_of
 
 
@@ -51,12 +57,24 @@ class Catalog:
     checkpoint_sha256: str
     feature_kind: str
     class_names: list[str]
-    vectors: np.ndarray
+    vectors: np.ndarray | None  # None when loaded for searching only (see ``with_vectors``)
     labels: np.ndarray
     paths: list[str]
+    dim: int = 0
+    index: dict = field(default_factory=lambda: {"kind": "flat"})  # as catalog.json says
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def index_kind(self) -> str:
+        return self.index.get("kind", "flat")
+
+    def with_vectors(self) -> Catalog:
+        """This catalogue with its vectors read from items.npz if it was loaded without them."""
+        if self.vectors is not None:
+            return self
+        return replace(self, vectors=_read_items(self.directory, vectors=True)[0])
 
     def class_name(self, label: int) -> str | None:
         return self.class_names[label] if 0 <= label < len(self.class_names) else None
@@ -91,17 +109,22 @@ class SearchResult:
         }
 
 
-def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> None:
+def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
     """Write the catalogue's files, each atomically, catalog.json last (its count vouches for
-    the others); ``model`` None keeps the model file as it is."""
+    the others); ``model`` None keeps the model file as it is. An approximate index's recall
+    against exact search is measured on held-out items and recorded. Returns the catalogue as
+    written."""
     directory = catalog.directory
     directory.mkdir(parents=True, exist_ok=True)
+    catalog = catalog.with_vectors()
     if model is not None:
         save_model_file(directory / MODEL_FILE, model, catalog.spec)
     atomic_write(directory / ITEMS_FILE, lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
         paths=np.array(catalog.paths, dtype=str)))
-    write_index(directory / INDEX_FILE, catalog.vectors)
+    catalog = replace(catalog, dim=int(catalog.vectors.shape[1]),
+                      index=write_index(directory / INDEX_FILE, catalog.vectors,
+                                        catalog.index_kind))
     # Written last: its count vouches for the other files.
     atomic_write_text(directory / CATALOG_JSON, json.dumps({
         "format": CATALOG_FORMAT,
@@ -111,24 +134,42 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> None:
         "feature_kind": catalog.feature_kind,
         "class_names": catalog.class_names,
         "count": len(catalog),
+        "dimension": catalog.dim,
+        "index": catalog.index,
     }, indent=2) + "\n")
+    return catalog
 
 
-def load_catalog(directory: str | Path) -> Catalog:
-    """Read and check a catalogue folder."""
+def _read_items(directory: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list]:
+    """(vectors or None, labels, paths) from items.npz; npz members are read only when asked."""
+    try:
+        with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:
+            return (items["vectors"] if vectors else None, items["labels"],
+                    items["paths"].tolist())
+    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
+        raise _damaged(directory / ITEMS_FILE) from None
+
+
+def load_catalog(directory: str | Path, with_vectors: bool = True) -> Catalog:
+    """Read and check a catalogue folder; ``with_vectors=False`` leaves the vectors on disk
+    (a search needs the index, labels and paths only)."""
     directory = checked(catalog_folder, Path(directory), CatalogError)
     try:
         meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
-        with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:
-            vectors, labels = items["vectors"], items["labels"]
-            paths = items["paths"].tolist()
-    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
-        raise _damaged(directory / ITEMS_FILE) from None
-    if not (meta.get("count") == len(vectors) == len(labels) == len(paths)):
+    except Exception:
+        raise _damaged(directory / CATALOG_JSON) from None
+    # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
+    vectors, labels, paths = _read_items(directory, with_vectors or "dimension" not in meta)
+    counts = {meta.get("count"), len(labels), len(paths)}
+    if vectors is not None:
+        counts.add(len(vectors))
+    if len(counts) != 1:
         raise CatalogError(f"catalogue {directory} is inconsistent (an interrupted write?); "
                            "build it again with `ascension index`")
+    dim = meta["dimension"] if "dimension" in meta else vectors.shape[1]
     return Catalog(directory, ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
-                   meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths)
+                   meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths,
+                   int(dim), dict(meta.get("index") or {"kind": "flat"}))
 
 
 def _damaged(path: Path) -> CatalogError:
@@ -150,7 +191,7 @@ def _load_index(catalog: Catalog) -> faiss.Index:
         index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
     except Exception:
         raise _damaged(path) from None
-    if index.ntotal != len(catalog) or index.d != catalog.vectors.shape[1]:
+    if index.ntotal != len(catalog) or index.d != catalog.dim:
         raise CatalogError(f"catalogue {catalog.directory} is inconsistent: rebuild it")
     return index
 
@@ -163,37 +204,27 @@ def build_catalog(
     feature_kind: str = "backbone",
     on_failed: Callable[[Failed], None] | None = None,
     split: str | None = None,
+    index_kind: str | None = None,
     **embed_options,
 ) -> tuple[Catalog, int]:
     """Create a catalogue, or with ``add`` append the images it does not hold yet.
 
     Returns the catalogue and how many images were added. Labels come from class folders or a
-    manifest (only ``split``'s rows when given; a flat folder gives -1); new class names are appended to the catalogue's list.
+    manifest (only ``split``'s rows when given; a flat folder gives -1); new class names are
+    appended to the catalogue's list. ``index_kind`` (default: flat, or the catalogue's own with
+    ``add``) is checked against the memory available before anything is embedded.
     """
     directory = Path(directory)
-    checkpoint_sha = sha256_of(checkpoint)
-    if add:
-        catalog = load_catalog(directory)
-        if catalog.checkpoint_sha256 != checkpoint_sha:
-            raise CatalogError(
-                f"the catalogue in {directory} was built with another model (checkpoint sha256 "
-                f"{catalog.checkpoint_sha256[:12]}…, this one {checkpoint_sha[:12]}…); "
-                "its vectors would not be comparable"
-            )
-        if catalog.feature_kind != feature_kind:
-            raise CatalogError(f"the catalogue holds {catalog.feature_kind} features, not "
-                               f"{feature_kind}")
-    elif (directory / CATALOG_JSON).exists():
-        raise CatalogError(f"{directory} already holds a catalogue: pass --add to extend it, or "
-                           "choose another --output")
     model, spec, _ = load_model(checkpoint)
-    if not add:
-        catalog = Catalog(directory, spec, checkpoint_sha, feature_kind, [],
-                          np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
-
+    catalog = _open_for_build(directory, spec, sha256_of(checkpoint), feature_kind, add)
+    if index_kind is not None:
+        catalog = replace(catalog, index={"kind": index_kind})
     scan = scan_any(gallery_root, split)
     known = set(catalog.paths)
     fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
+    dim = spec.num_features if feature_kind == "backbone" or spec.head == "none" \
+        else spec.embedding_dim
+    _check_memory(len(catalog) + len(fresh), dim, catalog.index_kind)
     if fresh:
         for name in scan.classes:
             if name not in catalog.class_names:
@@ -210,8 +241,38 @@ def build_catalog(
             catalog.paths = catalog.paths + [paths[i].resolve().as_posix() for i in indices]
     if len(catalog) == 0:
         raise DataError(f"no readable images in {gallery_root}: the catalogue would be empty")
-    write_catalog(catalog, model if not add else None)
-    return catalog, len(catalog) - len(known)
+    return write_catalog(catalog, model if not add else None), len(catalog) - len(known)
+
+
+def _open_for_build(
+    directory: Path, spec: ModelSpec, checkpoint_sha: str, feature_kind: str, add: bool
+) -> Catalog:
+    """The catalogue to extend (same model and features required), or a new empty one."""
+    if not add:
+        if (directory / CATALOG_JSON).exists():
+            raise CatalogError(f"{directory} already holds a catalogue: pass --add to extend "
+                               "it, or choose another --output")
+        return Catalog(directory, spec, checkpoint_sha, feature_kind, [],
+                       np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
+    catalog = load_catalog(directory)
+    if catalog.checkpoint_sha256 != checkpoint_sha:
+        raise CatalogError(
+            f"the catalogue in {directory} was built with another model (checkpoint sha256 "
+            f"{catalog.checkpoint_sha256[:12]}…, this one {checkpoint_sha[:12]}…); "
+            "its vectors would not be comparable"
+        )
+    if catalog.feature_kind != feature_kind:
+        raise CatalogError(f"the catalogue holds {catalog.feature_kind} features, not "
+                           f"{feature_kind}")
+    return catalog
+
+
+def _check_memory(count: int, dim: int, index_kind: str) -> None:
+    """Refuse, before embedding, an index that would not fit the memory available."""
+    try:
+        check_fits(plan_index(count, dim, index_kind), available_memory())
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from None
 
 
 def vote(matches: list[Match]) -> tuple[str | None, float]:
@@ -250,7 +311,7 @@ class CatalogSearcher:
         """Embed the images at ``paths`` as items of ``class_name`` and write the catalogue;
         how many were readable. Searches meanwhile use the catalogue as it was."""
         vectors, indices = self.embed(paths, **embed_options)
-        catalog = self.catalog
+        catalog = self.catalog.with_vectors()
         if class_name not in catalog.class_names:
             catalog = replace(catalog, class_names=[*catalog.class_names, class_name])
         label = catalog.class_names.index(class_name)

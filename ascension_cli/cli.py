@@ -7,6 +7,7 @@ are checked, so ``--help`` and a mistyped option answer without loading torch.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -27,10 +28,17 @@ from ascension_cli.config import (
     ReportConfig,
     SearchConfig,
     ServeConfig,
+    ShardConfig,
     TrainConfig,
     resolve,
 )
-from ascension_cli.console import ImageProgress, RichReporter, console, err_console
+from ascension_cli.console import (
+    ImageProgress,
+    RichReporter,
+    console,
+    err_console,
+    print_index_info,
+)
 from ascension_cli.errors import AscensionError
 
 app = typer.Typer(
@@ -121,7 +129,7 @@ def train(**options: Any) -> None:
     with _user_errors():
         settings = resolve(TrainConfig, given(options), config)
         if nproc is not None and nproc > 1:
-            from ascension_cli.train.distributed import launched_by_torchrun
+            from ascension_cli.runtime import launched_by_torchrun
 
             if not launched_by_torchrun():
                 raise typer.Exit(_launch_torchrun(nproc, settings))
@@ -195,23 +203,42 @@ def _embed(checkpoint: Path, image_root: Path, description: str, **options):
 @app.command(no_args_is_help=True)
 @options_of(EmbedConfig)
 def embed(**options: Any) -> None:
-    """Write L2-normalised feature vectors, labels and paths for a folder of images.
+    """Write L2-normalised feature vectors, labels and paths for a folder or manifest of images.
 
     The .npz holds vectors (float32), labels (class index, -1 for a flat folder), paths relative
     to IMAGE_ROOT, class names, model name, checkpoint sha256 and feature kind, in a
-    deterministic order.
+    deterministic order. Finished chunks are kept in OUTPUT.parts/ until the file is written: an
+    interrupted run, started again, embeds only the rest. Under torchrun (torchrun
+    --nproc-per-node N -m ascension_cli embed ...) each process embeds its share of the chunks
+    and the file is the one a single process writes.
     """
     with _user_errors():
         settings = resolve(EmbedConfig, given(options))
+        from ascension_cli.embed_chunks import embed_across_processes, finish, parts_folder
         from ascension_cli.embedding import write_index
         from ascension_cli.vectors import save_vectors
 
-        vectors = _embed(
-            settings.checkpoint, settings.image_root, "embedding", split=settings.split,
-            feature_kind=settings.features, image_size=settings.image_size,
-            **settings.run_options(),
-        )
+        main_process = os.environ.get("RANK", "0") == "0"
+        try:
+            with ImageProgress("embedding") if main_process else nullcontext() as progress:
+                vectors = embed_across_processes(
+                    settings.checkpoint, settings.image_root, settings.output,
+                    split=settings.split, chunk_size=settings.chunk_size,
+                    feature_kind=settings.features, image_size=settings.image_size,
+                    on_note=lambda note: console.print(note, highlight=False, soft_wrap=True),
+                    **(dict(on_start=progress.start, on_batch=progress.advance,
+                            on_failed=progress.failed) if progress else {}),
+                    **settings.run_options(),
+                )
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted: the finished chunks are kept in "
+                              f"{escape(str(parts_folder(settings.output)))}; the same command "
+                              "embeds only the rest", soft_wrap=True, highlight=False)
+            raise typer.Exit(130) from None
+        if vectors is None:  # another torchrun rank: rank 0 writes the file
+            return
         save_vectors(settings.output, vectors)
+        finish(settings.output)
         if settings.index is not None:
             write_index(settings.index, vectors.vectors)
         labelled = "labelled" if vectors.labelled else "unlabelled"
@@ -320,7 +347,7 @@ def index(**options: Any) -> None:
         with ImageProgress("indexing") as progress:
             catalog, added = build_catalog(
                 settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
-                split=settings.split,
+                split=settings.split, index_kind=settings.kind,
                 feature_kind=settings.features, **settings.run_options(),
                 on_start=progress.start, on_batch=progress.advance, on_failed=progress.failed,
             )
@@ -329,6 +356,7 @@ def index(**options: Any) -> None:
             f"{len(catalog.class_names)} classes ({added} added)", highlight=False,
             soft_wrap=True,
         )
+        print_index_info(catalog.index)
 
 
 @app.command(name="search", no_args_is_help=True)
@@ -343,7 +371,7 @@ def search_command(**options: Any) -> None:
         from ascension_cli.errors import DataError
         from ascension_cli.retrieval.report import write_json
 
-        catalog = load_catalog(settings.catalog)
+        catalog = load_catalog(settings.catalog, with_vectors=False)
         with ImageProgress("searching") as progress:
             results = search_catalog(
                 catalog, list_images(settings.images), settings.k, settings.threshold,
@@ -369,19 +397,34 @@ def manifest(**options: Any) -> None:
     """
     with _user_errors():
         settings = resolve(ManifestConfig, given(options))
-        from collections import Counter
+        from ascension_cli.data.manifest import describe_rows, manifest_rows, write_manifest
 
-        from ascension_cli.data.manifest import manifest_rows, write_manifest
-
-        scan, rows = manifest_rows(settings.data_root, settings.output.parent, settings.val_fraction,
-                                   settings.test_fraction, settings.seed)
+        scan, rows = manifest_rows(settings.data_root, settings.output.parent,
+                                   settings.val_fraction, settings.test_fraction, settings.seed)
         write_manifest(settings.output, rows)
-        splits = Counter(row["split"] for row in rows)
-        skipped = f"; {scan.skip_summary()}" if scan.skipped else ""
-        console.print(
-            f"wrote {len(rows)} rows ({len(scan.classes)} classes; "
-            + ", ".join(f"{splits[name]} {name}" for name in ("train", "validation", "test"))
-            + f") to {settings.output}{skipped}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {describe_rows(scan, rows)} to {settings.output}", highlight=False,
+                      soft_wrap=True)
+
+
+@app.command(no_args_is_help=True)
+@options_of(ShardConfig)
+def shard(**options: Any) -> None:
+    """Write WebDataset tar shards of a folder tree or manifest: each image's bytes as they are,
+    its class index and label, in a seeded shuffled order; dataset.json lists the classes and
+    each shard's count. `train` and `embed` stream them (a folder, a pattern or a URL).
+    """
+    with _user_errors():
+        settings = resolve(ShardConfig, given(options))
+        from ascension_cli.data.manifest import scan_any
+        from ascension_cli.data.shards import describe_shards, parse_size, write_shards
+
+        scan = scan_any(settings.source, settings.split)
+        with ImageProgress("sharding") as progress:
+            progress.start(len(scan))
+            sidecar = write_shards(scan, settings.output, parse_size(settings.shard_size),
+                                   settings.seed, on_image=progress.advance)
+        console.print(f"wrote {describe_shards(sidecar, scan)} in {settings.output}",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command(no_args_is_help=True)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -37,6 +38,7 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 # Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
 Folder = Annotated[Path, AfterValidator(paths.existing_folder)]
 ImageSource = Annotated[Path, AfterValidator(paths.image_source)]
+StreamSource = Annotated[Path | str, BeforeValidator(paths.images_or_shards)]
 FileOrFolder = Annotated[Path, AfterValidator(paths.existing_file_or_folder)]
 OutputFile = Annotated[Path, AfterValidator(paths.output_file)]
 OutputFolder = Annotated[Path, AfterValidator(paths.output_folder)]
@@ -71,10 +73,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data_root: ImageSource = Field(
-        description="Folder of class folders (DATA_ROOT/<class>/<image>), or a manifest (.csv, "
+    data_root: StreamSource = Field(
+        description="Folder of class folders (DATA_ROOT/<class>/<image>); a manifest (.csv, "
         ".parquet) of path, label and optional split: its train rows train, its validation "
-        "rows validate, its test rows are never read.", json_schema_extra=RESUMABLE)
+        "rows validate, its test rows are never read; or shards from `ascension shard` (their "
+        "folder, a pattern like shards/shard-{000000..000127}.tar, or a URL), streamed.",
+        json_schema_extra=RESUMABLE)
     batch_size: int = Field(16, ge=1, description="Images per micro-batch: what fits in memory.")
     target_batch: int = Field(
         128, ge=2, description="Images per optimizer step, and the batch SupCon contrasts (a "
@@ -163,6 +167,9 @@ class TrainConfig(BaseModel):
         description="Stop after this many non-finite losses in a row (each skips its step).",
     )
     channels_last: bool = Field(True, description=CHANNELS_LAST_HELP, json_schema_extra=RESUMABLE)
+    shuffle_buffer: int = Field(
+        8192, ge=16, description="With shards: encoded images each loader process holds to draw "
+        "class-balanced batches from (more mixes better and costs memory).")
     cache_images: bool = Field(
         False, description="Decode each image once, keep it in memory with its short side at "
         "twice the input size, for datasets that fit in RAM (refused past 60% of free memory)."
@@ -237,7 +244,7 @@ Split = Literal["train", "validation", "test"]
 
 def _split_field() -> Any:
     return Field(None, description="With a manifest: only its rows of this split.")
-IndexKind = Literal["flat", "hnsw", "ivf"]
+IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
 
 
 def _features_field() -> Any:
@@ -274,9 +281,9 @@ class EmbedConfig(_RunOptions):
     """Options of ``ascension embed``."""
 
     checkpoint: CheckpointFile = Field(description="A checkpoint from `ascension train`.")
-    image_root: ImageSource = Field(
-        description="Class folders (IMAGE_ROOT/<class>/<image>), a flat image folder, or a "
-        "manifest (.csv, .parquet)."
+    image_root: StreamSource = Field(
+        description="Class folders (IMAGE_ROOT/<class>/<image>), a flat image folder, a "
+        "manifest (.csv, .parquet), or shards from `ascension shard` (folder, pattern or URL)."
     )
     split: Split | None = _split_field()
     features: Features = _features_field()
@@ -286,6 +293,10 @@ class EmbedConfig(_RunOptions):
     index: OutputFile | None = Field(
         None, description="Also write a FAISS index of the vectors to this file."
     )
+    chunk_size: int = Field(
+        4096, ge=1, description="Images per chunk: each is kept in OUTPUT.parts/ as it "
+        "finishes, so an interrupted run resumes from the last one; under torchrun the chunks "
+        "are shared among the processes.")
 
 
 class _MeasureOptions(_RunOptions):
@@ -308,8 +319,8 @@ class _MeasureOptions(_RunOptions):
     )
     k: str = Field("1,5,10", description="Recall@k cut-offs.")
     index: IndexKind = Field(
-        "flat", description="flat: exact. hnsw, ivf: approximate, for galleries past about a "
-        "million vectors."
+        "flat", description="flat: exact. hnsw, ivf, ivfpq: approximate, for galleries past "
+        "about a million vectors (ivfpq: 10,000 or more)."
     )
     recolor: bool = Field(
         False, description="With a checkpoint: also embed the queries hue-rotated (90, 180 "
@@ -397,6 +408,13 @@ class IndexConfig(_RunOptions):
         False, description="Append the images the catalogue does not hold yet, without "
         "re-embedding the others (same checkpoint required)."
     )
+    kind: IndexKind | None = Field(
+        None, description="The FAISS index. flat: exact, 4 x dimension bytes a vector. ivfpq: "
+        "inverted lists of compressed codes (a few dozen bytes a vector), for millions of items. "
+        "hnsw: a graph over the full vectors, fast and accurate, more memory. ivf: lists of full "
+        "vectors. Lists, probes and code size follow the catalogue's size; the recall against "
+        "exact search is measured on held-out items. (default: flat; with --add, the "
+        "catalogue's)")
 
     @model_validator(mode="after")
     def _check_catalog(self) -> IndexConfig:
@@ -447,6 +465,35 @@ class ManifestConfig(BaseModel):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("--val-fraction and --test-fraction together must leave some "
                              "training images (their sum is 1 or more)")
+        return self
+
+
+class ShardConfig(BaseModel):
+    """Options of ``ascension shard``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: ImageSource = Field(description="Class folders, or a manifest (.csv, .parquet).")
+    output: OutputFolder = Field(description="Folder to write the shards and dataset.json to.",
+                                 json_schema_extra=SHORT_O)
+    shard_size: str = Field("1GB", description="Largest shard, like 1GB, 500MB or 64MiB.")
+    split: Split | None = _split_field()
+    seed: int = Field(0, ge=0, description="Seed of the shuffled order the images are written in.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        from ascension_cli.data.shards import parse_size
+
+        if parse_size(value) < 1:
+            raise ValueError("must be at least 1 byte")
+        return value
+
+    @model_validator(mode="after")
+    def _check_output(self) -> ShardConfig:
+        if self.output.is_dir() and any(self.output.glob("*.tar")):
+            raise ValueError(f"{self.output} already holds shards: choose another --output or "
+                             "empty it first")
         return self
 
 

@@ -200,3 +200,20 @@ def print_training_summary(result: TrainResult) -> None:
             f"{untrained:.4f} before training); best.pt holds the best trained epoch. Train "
             "longer, or lower --lr.", highlight=False,
         )
+
+
+def print_index_info(info: dict) -> None:
+    """The index a catalogue was given: its shape, memory and measured recall."""
+    from ascension_cli.retrieval.index import IndexPlan
+
+    if "count" not in info:
+        return
+    fields = {key: info[key] for key in ("kind", "count", "dim", "lists", "probes",
+                                         "code_bytes", "train_size")}
+    line = f"index: {IndexPlan(**fields).describe()}"
+    if "recall_at_10_vs_exact" in info:
+        which = ("held-out items" if info.get("recall_sample_held_out")
+                 else "items, all in the training sample")
+        line += (f"; recall@10 against exact search {info['recall_at_10_vs_exact']:.3f} "
+                 f"(on {info['recall_sample']:,} {which})")
+    console.print(line, highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,22 @@ from ascension_cli.runtime import (
 from ascension_cli.vectors import Vectors, sha256_of
 
 
-def write_index(path: str | Path, vectors: np.ndarray, index_kind: str = "flat") -> None:
-    """A FAISS index of the vectors, written atomically."""
+def write_index(path: str | Path, vectors: np.ndarray, index_kind: str = "flat") -> dict:
+    """A FAISS index of the vectors, written atomically; returns its shape (``IndexPlan``) and,
+    for an approximate kind, its recall@10 against exact search on held-out vectors."""
     import faiss
 
-    from ascension_cli.retrieval.index import build_index
+    from ascension_cli.retrieval.index import build_index, plan_index, recall_against_exact
 
-    index = build_index(vectors, index_kind, use_gpu=False)
+    plan = plan_index(len(vectors), vectors.shape[1], index_kind)
+    index = build_index(vectors, index_kind, use_gpu=False, plan=plan)
+    info = {**asdict(plan), "memory_bytes": plan.memory_bytes}
+    if index_kind != "flat" and len(vectors) > 1:
+        recall, sample, held_out = recall_against_exact(index, vectors, plan)
+        info.update(recall_at_10_vs_exact=recall, recall_sample=sample,
+                    recall_sample_held_out=held_out)
     atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+    return info
 
 
 def embed_images(
@@ -42,31 +51,42 @@ def embed_images(
     spec: ModelSpec,
     paths: list[Path],
     labels: np.ndarray | None = None,
-    feature_kind: str = "backbone",
-    batch_size: int = 64,
-    precision: str = "auto",
-    workers: int | None = 0,
-    device: str = "auto",
     image_size: int | None = None,
     recolouring: str | None = None,
-    on_start: Callable[[int], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    on_failed: Callable[[Failed], None] | None = None,
-    channels_last: bool = True,
+    **options,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vectors, labels, indices into ``paths``) of the readable images, with the spec's eval
     transform; ``recolouring`` (hue90, hue180, grayscale) recolours each image first.
-    ``channels_last`` runs the model on NHWC weights and batches (faster convolutions);
-    ``workers=None`` picks the loader processes by device (``runtime.resolve_workers``)."""
-    run_device = resolve_device(device)
-    run_precision = resolve_precision(precision, run_device)
+    ``options`` are ``embed_dataset``'s."""
     size = image_size or spec.image_size
     dataset = EvalDataset(
         paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct), recolouring,
         min_side=2 * size,
     )
+    return embed_dataset(model, dataset, **options)
+
+
+def embed_dataset(
+    model: EmbeddingModel,
+    dataset,
+    feature_kind: str = "backbone",
+    batch_size: int = 64,
+    precision: str = "auto",
+    workers: int | None = 0,
+    device: str = "auto",
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_failed: Callable[[Failed], None] | None = None,
+    channels_last: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, labels, dataset indices) of the readable items of an eval dataset (items
+    ``(image, label, index)``, or ``Failed``). ``channels_last`` runs the model on NHWC weights
+    and batches (faster convolutions); ``workers=None`` picks the loader processes by device
+    (``runtime.resolve_workers``)."""
+    run_device = resolve_device(device)
+    run_precision = resolve_precision(precision, run_device)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+        dataset, batch_size=batch_size, collate_fn=collate,
         num_workers=resolve_workers(workers, run_device),
         pin_memory=run_device.type == "cuda",
     )

@@ -12,6 +12,7 @@ Each check returns the path unchanged or raises ``ValueError`` with a message th
 from __future__ import annotations
 
 import json
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,26 @@ def image_source(path: Path) -> Path:
     if not manifest:
         raise ValueError(f"{path} is a file, not a folder or a manifest (.csv, .parquet)")
     return path
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
+
+
+def images_or_shards(value: object) -> Path | str:
+    """An image source (see ``image_source``), or WebDataset shards: a URL or a local pattern
+    naming .tar files (``shards/shard-{000000..000127}.tar``). A URL stays a string (a Path
+    would fold its ``//``)."""
+    text = str(value)
+    if _URL.match(text):
+        if ".tar" not in text:
+            raise ValueError(f"{text}: a URL must name .tar shards")
+        return text
+    path = Path(text)
+    if ".tar" in path.name and not path.is_dir():
+        if "{" not in text:
+            _present(path, "shard not found")
+        return path
+    return image_source(path)
 
 
 def existing_file_or_folder(path: Path) -> Path:

@@ -1,10 +1,11 @@
-"""Device and precision choices shared by training and embedding."""
+"""Device, precision and process-group choices shared by training and embedding."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -124,3 +125,35 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) ->
     if images.dim() == 4:
         return images.contiguous(memory_format=torch.channels_last)
     return images.movedim(-3, -1).contiguous().movedim(-1, -3)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU)."""
+    import torch.distributed as dist
+
+    if not launched_by_torchrun():
+        return DistributedContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(),
+                              int(os.environ.get("LOCAL_RANK", "0")))

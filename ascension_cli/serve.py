@@ -59,7 +59,7 @@ class Lookup:
 
     def _load(self) -> None:
         stamp = self._stamp()
-        self.searcher = CatalogSearcher(load_catalog(self.directory))
+        self.searcher = CatalogSearcher(load_catalog(self.directory, with_vectors=False))
         self.stamp = stamp
 
     def _refresh(self) -> CatalogSearcher:
@@ -240,7 +240,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
     def info() -> dict:
         found = lookup.current().catalog
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
-                "dimension": int(found.vectors.shape[1]), "items": len(found),
+                "dimension": found.dim, "index": found.index_kind, "items": len(found),
                 "classes": len(found.class_names), "catalog": str(found.directory),
                 "catalog_version": CATALOG_VERSION}
 

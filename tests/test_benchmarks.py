@@ -104,3 +104,27 @@ def test_bench_serve_compares_the_service_with_one_request_one_forward(tmp_path)
     assert result["throughput_ratio"] == pytest.approx(
         result["results"]["serve/8"]["requests_per_second"]
         / result["results"]["plain/8"]["requests_per_second"])
+
+
+def test_bench_scale_measures_every_kind_against_flat_and_projects(tmp_path):
+    result = run_benchmark("bench_scale", "--sizes", "3000", "12000", "--dim", "32",
+                           "--queries", "20", "--recall-sample", "50",
+                           "--json", tmp_path / "scale.json")
+    rows = result["results"]
+    assert {(r["count"], r["kind"]) for r in rows} == {
+        (n, k) for n in (3000, 12000) for k in ("flat", "ivfpq", "ivf", "hnsw")}
+    for row in rows:
+        assert 0.7 * row["stored_bytes"] <= row["estimated_bytes"] <= 1.5 * row["stored_bytes"]
+        assert 0 < row["recall_at_10_vs_exact"] <= 1 and row["latency_ms_median"] > 0
+    assert set(result["projected"]) == {"flat", "ivfpq", "ivf", "hnsw"}
+    again = run_benchmark("bench_scale", "--rows-from", tmp_path / "scale.json",
+                          "--json", tmp_path / "again.json")
+    assert again["projected"] == result["projected"]
+
+
+def test_bench_shards_compares_shards_with_the_folder(dataset, tmp_path):
+    result = run_benchmark("bench_shards", "--quick", "--root", dataset, "--size", "32",
+                           "--workers", "0", "--json", tmp_path / "shards.json")
+    assert result["images"] == 32 and result["shards"] >= 1
+    assert result["shards_vs_folder"] == pytest.approx(
+        result["shard_images_per_second"] / result["folder_images_per_second"])

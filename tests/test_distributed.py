@@ -131,8 +131,8 @@ def test_nproc_option_launches_torchrun(tmp_path):
 def test_target_batch_must_split_over_processes(tmp_path, monkeypatch):
     from ascension_cli.config import TrainConfig
     from ascension_cli.errors import ConfigError
+    from ascension_cli.runtime import DistributedContext
     from ascension_cli.train import loop
-    from ascension_cli.train.distributed import DistributedContext
 
     monkeypatch.setattr(loop, "init_distributed", lambda device: DistributedContext(0, 3, 0))
     data = make_dataset(tmp_path / "data", classes=2, per_class=4)

@@ -57,14 +57,15 @@ def test_parquet_round_trip_equals_csv(tmp_path):
             for p in scan_folder(data).paths]
     write_manifest(tmp_path / "m.csv", rows)
     write_manifest(tmp_path / "m.parquet", rows)
-    csv_scan, parquet_scan = read_manifest(tmp_path / "m.csv"), read_manifest(tmp_path / "m.parquet")
+    csv_scan = read_manifest(tmp_path / "m.csv")
+    parquet_scan = read_manifest(tmp_path / "m.parquet")
     assert csv_scan.paths == parquet_scan.paths
     assert csv_scan.labels.tolist() == parquet_scan.labels.tolist()
     assert parquet_scan.is_query.all() and not parquet_scan.is_gallery.any()
 
 
 def test_bad_rows_are_skipped_with_their_line_numbers(tmp_path):
-    data = make_dataset(tmp_path / "data", classes=2, per_class=3)
+    make_dataset(tmp_path / "data", classes=2, per_class=3)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "empty.png").write_bytes(b"")
     manifest = write_csv(tmp_path / "m.csv", """
@@ -215,3 +216,13 @@ def test_train_embed_eval_and_index_on_a_manifest(tmp_path):
         assert first[key] == pytest.approx(second[key], abs=1e-6)
     built = invoke("index", checkpoint, manifest, "--split", "test", "-o", tmp_path / "cat")
     assert built.exit_code == 0 and "8 items in 4 classes" in built.output, built.output
+
+
+def test_a_manifest_as_val_root_gives_its_validation_rows(tmp_path):
+    data = make_dataset(tmp_path / "data", classes=3, per_class=10)
+    invoke("manifest", data, "-o", tmp_path / "m.csv")
+    scan = read_manifest(tmp_path / "m.csv")
+    loaded = _load_data(TrainConfig(data_root=data, val_root=tmp_path / "m.csv",
+                                    save_dir=tmp_path / "run"))
+    assert set(loaded.val_paths) == {scan.paths[i]
+                                     for i in np.flatnonzero(scan.splits == "validation")}

@@ -243,11 +243,20 @@ def manifest_rows(
         split[rest[val]] = "validation"
     base = Path(manifest_folder).resolve()
     rows = [
-        {"path": Path(os.path.relpath(scan.paths[i].resolve(), base)).as_posix(), "label": scan.classes[scan.labels[i]], "split": split[i],
+        {"path": Path(os.path.relpath(scan.paths[i].resolve(), base)).as_posix(),
+         "label": scan.classes[scan.labels[i]], "split": split[i],
          "is_query": str(int(split[i] == "test")), "is_gallery": str(int(split[i] == "test"))}
         for i in range(len(scan))
     ]
     return scan, rows
+
+
+def describe_rows(scan: FolderScan, rows: list[dict[str, str]]) -> str:
+    """``40 rows (4 classes; 24 train, 8 validation, 8 test)`` and what was skipped."""
+    splits = Counter(row["split"] for row in rows)
+    counts = ", ".join(f"{splits[name]} {name}" for name in SPLITS)
+    skipped = f"; {scan.skip_summary()}" if scan.skipped else ""
+    return f"{len(rows)} rows ({len(scan.classes)} classes; {counts}){skipped}"
 
 
 def write_manifest(path: str | Path, rows: Iterable[dict[str, str]]) -> None:

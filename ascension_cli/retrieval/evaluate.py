@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ascension_cli.errors import VectorsError
-from ascension_cli.retrieval.index import nearest_neighbours
+from ascension_cli.retrieval.index import MIN_IVFPQ, nearest_neighbours
 from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
 from ascension_cli.vectors import Vectors
 
@@ -56,6 +56,10 @@ def evaluate(
     same_set = gallery_vectors is None if exclude_self is None else exclude_self
     if gallery_vectors is None:
         gallery_vectors, gallery_labels = query_vectors, query_labels
+    if index_kind == "ivfpq" and len(gallery_vectors) < MIN_IVFPQ:
+        raise VectorsError(f"--index ivfpq needs a gallery of at least {MIN_IVFPQ:,} vectors "
+                           f"to train its codebooks (this one has {len(gallery_vectors):,}); "
+                           "use --index flat, exact")
     own_ids = np.arange(len(query_vectors)) if same_set else query_ids
     owned = np.zeros(len(query_vectors), bool) if own_ids is None else np.asarray(own_ids) >= 0
     relevant = relevant_counts(query_labels, gallery_labels, False) - owned

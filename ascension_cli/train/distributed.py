@@ -1,4 +1,6 @@
-"""torchrun / DistributedDataParallel set-up and a gradient-carrying all_gather.
+"""DistributedDataParallel helpers: rank seeds, a gradient-carrying all_gather, a shared stop.
+
+Joining torchrun's process group is ``runtime.init_distributed`` (embedding uses it too).
 
 SupCon contrasts every sample with every other, so plain DDP (each rank its own loss) would
 contrast only a rank's own share of the batch. Each rank instead gathers every rank's embeddings,
@@ -7,41 +9,8 @@ its own slice still attached to its graph, and computes the loss over the global
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init_distributed(device: torch.device) -> DistributedContext:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU)."""
-    if not launched_by_torchrun():
-        return DistributedContext()
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistributedContext(dist.get_rank(), dist.get_world_size(),
-                              int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

@@ -55,7 +55,7 @@ def data_rows(scan: FolderScan, train: int, val: int) -> list[tuple[str, str]]:
     counts = scan.class_counts()
     rows = [
         ("classes", str(len(scan.classes))),
-        ("images", str(len(scan))),
+        ("images", str(len(scan.labels))),  # shards: labels from their counts, no paths
         ("images per class", f"{counts.min()}-{counts.max()} (median {int(np.median(counts))})"),
         ("train / val", f"{train} / {val}"),
     ]

@@ -32,6 +32,8 @@ from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, co
 from ascension_cli.data.folder import FolderScan, stratified_split
 from ascension_cli.data.manifest import scan_source
 from ascension_cli.data.sampler import ClassBalancedBatchSampler, fit_batches
+from ascension_cli.data.shards import ShardSet, is_shards, open_shards
+from ascension_cli.data.stream import ShardTrainStream, stream_count
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, TrainingError, first_line
 from ascension_cli.inference import extract_features
 from ascension_cli.losses import supcon_loss
@@ -40,18 +42,14 @@ from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import (
     autocast_factory,
     compile_model,
+    init_distributed,
     resolve_device,
     resolve_precision,
     resolve_workers,
     to_input,
     use_channels_last,
 )
-from ascension_cli.train.distributed import (
-    any_rank,
-    gather_with_grad,
-    init_distributed,
-    rank_seed,
-)
+from ascension_cli.train.distributed import any_rank, gather_with_grad, rank_seed
 from ascension_cli.train.gradcache import StepAbandoned, accumulated_backward, cached_backward
 from ascension_cli.train.logbook import (
     METRICS,
@@ -111,17 +109,51 @@ class _Data:
     val_paths: list[Path]
     val_labels: np.ndarray
     val_skipped: int
+    shards: ShardSet | None = None  # training streams from these; scan holds classes and labels
+
+
+def _load_shards(config: TrainConfig) -> _Data:
+    """Shards to stream: their classes and per-class counts stand in for a scan (no paths);
+    validation comes from --val-root only (a stream cannot hold images out)."""
+    if config.cache_images:
+        raise ConfigError("--cache-images applies to folders and manifests, not shards (they "
+                          "are streamed)")
+    if "val_fraction" in config.model_fields_set:
+        raise ConfigError("shards are streamed, so no images can be held out of them: give "
+                          "--val-root (a folder or manifest) instead of --val-fraction")
+    shards = open_shards(config.data_root)
+    labels = np.repeat(np.arange(len(shards.classes)), shards.class_counts)
+    scan = FolderScan(Path(str(config.data_root)), shards.classes, [], labels)
+    data = _Data(scan, np.arange(len(labels)), [], np.zeros(0, np.int64), 0, shards)
+    if config.val_root is not None:
+        val_scan = _validation_scan(config.val_root, shards.classes)
+        data.val_paths, data.val_labels = val_scan.paths, val_scan.labels
+        data.val_skipped = sum(val_scan.skipped.values())
+    return data
+
+
+def _validation_scan(source, classes: list[str]) -> FolderScan:
+    """--val-root: a folder, or a manifest (its validation rows when it has a split column)."""
+    scan = scan_source(source, classes=classes)
+    if scan.splits is None:
+        return scan
+    chosen = scan.subset(scan.splits == "validation")
+    if not len(chosen):
+        raise DataError(f"--val-root {source} has a split column but no validation rows")
+    return chosen
 
 
 def _load_data(config: TrainConfig) -> _Data:
     """The training images and the validation images: a manifest's split column decides where
     it has one (its test rows are never read), else --val-root or a seeded --val-fraction."""
+    if is_shards(config.data_root):
+        return _load_shards(config)
     scan = scan_source(config.data_root)
     train = np.ones(len(scan), dtype=bool) if scan.splits is None else scan.splits == "train"
     if not train.any():
         raise DataError(f"{config.data_root} has no rows of split 'train' to train on")
     if config.val_root is not None:
-        val_scan = scan_source(config.val_root, classes=scan.classes)
+        val_scan = _validation_scan(config.val_root, scan.classes)
         return _Data(scan, np.flatnonzero(train), val_scan.paths, val_scan.labels,
                      sum(val_scan.skipped.values()))
     named = np.zeros(len(scan), bool) if scan.splits is None else scan.splits == "validation"
@@ -403,6 +435,9 @@ class Trainer:
         self.reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
 
     def _build_loaders(self) -> None:
+        if self.data.shards is not None:
+            self._build_stream_loaders()
+            return
         config, data, spec = self.config, self.data, self.spec
         train_paths = [data.scan.paths[i] for i in data.train_index]
         train_labels = data.scan.labels[data.train_index]
@@ -435,6 +470,45 @@ class Trainer:
         if self.workers > 0:
             options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_sigint)
         self.train_loader = DataLoader(train_set, batch_sampler=self.sampler, **options)
+        self._build_val_loader(options, val_cache)
+        # Under DDP every rank must draw the same batches, so a rank cannot exclude a file
+        # alone: unreadable files are skipped each time instead.
+        self.train_failures = _LoadFailures(
+            self.reporter, None if self.distributed.enabled else self.sampler)
+        self.val_failures = _LoadFailures(self.reporter, None)
+
+    def _build_stream_loaders(self) -> None:
+        """Training streamed from shards (see ``data/stream.py``); validation as for folders."""
+        config, data, spec = self.config, self.data, self.spec
+        world = self.distributed.world_size
+        try:
+            streams = stream_count(data.shards, world, self.workers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.workers > streams:
+            self.reporter.message(f"{len(data.shards.urls)} shards feed {streams} loader "
+                                  f"process(es) per training process, not {self.workers}")
+        self.sampler = ShardTrainStream(
+            data.shards, train_transform(config.augment, spec.image_size, spec.mean, spec.std),
+            config.views, config.batch_size, config.target_batch // (config.batch_size * world),
+            config.samples_per_class, max(1, data.shards.count // config.target_batch),
+            config.shuffle_buffer, config.seed, self.distributed.rank, world,
+            config.max_image_pixels, min_side=2 * spec.image_size,
+        )
+        workers = streams if self.workers > 0 else 0
+        # Not persistent: each epoch's iterator carries the epoch (and skip) to the workers.
+        options: dict[str, Any] = {"num_workers": workers,
+                                   "pin_memory": self.device.type == "cuda"}
+        if workers > 0:
+            options.update(prefetch_factor=4, worker_init_fn=ignore_sigint)
+        self.train_loader = DataLoader(self.sampler, batch_size=None, **options)
+        self._build_val_loader({**options, "collate_fn": collate}, None)
+        self.train_failures = _LoadFailures(self.reporter, None)
+        self.val_failures = _LoadFailures(self.reporter, None)
+
+    def _build_val_loader(self, options: dict[str, Any], val_cache) -> None:
+        config, data, spec = self.config, self.data, self.spec
+        keep_side = 2 * spec.image_size
         self.val_loader = None
         if data.val_paths:
             val_set = EvalDataset(
@@ -444,14 +518,12 @@ class Trainer:
             )
             self.val_loader = DataLoader(val_set, batch_size=config.batch_size * config.views,
                                          shuffle=False, **options)
+        elif data.shards is not None:
+            self.reporter.message("no validation images (shards hold none out; give --val-root):"
+                                  " best.pt will not be written")
         else:
             self.reporter.message("no validation split (--val-fraction 0): best.pt will not be "
                                   "written")
-        # Under DDP every rank must draw the same batches, so a rank cannot exclude a file
-        # alone: unreadable files are skipped each time instead.
-        self.train_failures = _LoadFailures(
-            self.reporter, None if self.distributed.enabled else self.sampler)
-        self.val_failures = _LoadFailures(self.reporter, None)
 
     def _build_optimisation(self) -> None:
         config = self.config

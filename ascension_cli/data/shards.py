@@ -1,0 +1,273 @@
+"""WebDataset tar shards: writing them from a folder tree or manifest, and reading them as a
+stream (local files, or any URL the ``webdataset`` package opens).
+
+A shard is a plain tar of samples, each a few members sharing one key: ``KEY.jpg`` (the image's
+bytes as they were, whatever the extension), ``KEY.cls`` (the class index as text) and
+``KEY.json`` (label, original path and split). ``dataset.json`` beside the shards names the
+classes and each shard's image count, so training knows the epoch length and the classes before
+reading a byte of image data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.data.folder import FolderScan
+from ascension_cli.errors import DataError
+
+SIDECAR = "dataset.json"
+SHARD_FORMAT = "ascension-shards"
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``1GB``, ``500MB``, ``64MiB`` or ``1e6``."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like 1GB, 500MB or 64MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def is_url(source: str | Path) -> bool:
+    return isinstance(source, str) and bool(_URL.match(source))
+
+
+def is_shards(source: str | Path) -> bool:
+    """A shard pattern or URL (``.tar`` in it), or a local folder holding ``dataset.json``."""
+    text = str(source)
+    if ".tar" in text and not os.path.isdir(text):
+        return True
+    return os.path.isfile(os.path.join(text, SIDECAR))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{000..002}.tar`` -> a000.tar, a001.tar, a002.tar (zero padding kept); also ``{x,y}``."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, tail, body = pattern[: match.start()], pattern[match.end():], match.group(1)
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        width = len(first) if first.startswith("0") else 0
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # no dates: same input, same bytes
+    archive.addfile(info, io.BytesIO(data))
+
+
+_BLOCK, _RECORD = 512, tarfile.RECORDSIZE  # a tar's block, and what its end is padded to
+
+
+def _plan(sizes: list[int], order: np.ndarray, shard_bytes: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` whose tar (headers, padding, end) fits ``shard_bytes``."""
+    groups: list[list[int]] = [[]]
+    budget = shard_bytes - _RECORD  # the end-of-archive blocks and the padding to a record
+    size = 0
+    for index in order:
+        # Three headers, the image padded to a block, the class (a block) and the JSON (at
+        # most two blocks: paths up to about 900 characters).
+        cost = 3 * _BLOCK + -(-sizes[index] // _BLOCK) * _BLOCK + 3 * _BLOCK
+        if groups[-1] and size + cost > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(int(index))
+        size += cost
+    return groups
+
+
+def _write_shard(path: Path, scan: FolderScan, indices: list[int],
+                 on_image: Callable[[int], None] | None) -> dict:
+    """One shard, written under a temporary name and renamed when complete."""
+    temporary = path.with_suffix(".tmp")
+    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for index in indices:
+            key = f"{index:09d}"
+            extension = scan.paths[index].suffix.lower().lstrip(".") or "img"
+            meta = {"label": scan.classes[scan.labels[index]], "path": scan.name(index)}
+            if scan.splits is not None:
+                meta["split"] = str(scan.splits[index])
+            _add(archive, f"{key}.{extension}", scan.paths[index].read_bytes())
+            _add(archive, f"{key}.cls", str(int(scan.labels[index])).encode())
+            _add(archive, f"{key}.json", json.dumps(meta).encode())
+            if on_image is not None:
+                on_image(1)
+    os.replace(temporary, path)
+    return {"name": path.name, "count": len(indices), "bytes": path.stat().st_size}
+
+
+def write_shards(
+    scan: FolderScan, folder: str | Path, shard_bytes: int, seed: int = 0,
+    on_image: Callable[[int], None] | None = None,
+) -> dict:
+    """Write ``scan``'s images into tar shards of at most ``shard_bytes`` each (one image more
+    when a single image is larger), in a seeded shuffled order so every shard mixes classes;
+    then ``dataset.json``, last. Returns the sidecar's contents."""
+    from ascension_cli.atomic import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(scan))
+    groups = _plan([path.stat().st_size for path in scan.paths], order, shard_bytes)
+    shards = [_write_shard(folder / f"shard-{number:06d}.tar", scan, group, on_image)
+              for number, group in enumerate(groups)]
+    sidecar = {"format": SHARD_FORMAT, "version": 1, "classes": scan.classes,
+               "class_counts": np.bincount(scan.labels, minlength=len(scan.classes)).tolist(),
+               "count": len(scan), "shards": shards, "seed": seed}
+    atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
+    return sidecar
+
+
+def describe_shards(sidecar: dict, scan: FolderScan) -> str:
+    """``40 images of 4 classes into 3 shard(s), 1.2 MiB`` and what the scan skipped."""
+    total = sum(shard["bytes"] for shard in sidecar["shards"])
+    skipped = f"; {scan.skip_summary()}" if scan.skipped else ""
+    return (f"{sidecar['count']} images of {len(sidecar['classes'])} classes into "
+            f"{len(sidecar['shards'])} shard(s), {total / 2**20:.1f} MiB{skipped}")
+
+
+# ---------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shards to read: their URLs (or paths), image counts, and the classes."""
+
+    source: str
+    urls: list[str]
+    counts: list[int]
+    classes: list[str]
+    class_counts: list[int]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def _open(url: str):
+    if is_url(url):
+        try:
+            from webdataset import gopen
+        except ImportError:
+            raise DataError(f"reading {url} needs the webdataset package: pip install "
+                            "'ascension-cli[shards]'") from None
+        try:
+            return gopen(url, "rb")
+        except Exception as exc:  # gopen raises whatever its transport raises
+            raise DataError(f"cannot open {url}: {str(exc)[:160]}") from None
+    try:
+        return open(url, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read shard {url}: {exc.strerror or exc}") from None
+
+
+def open_shards(source: str | Path) -> ShardSet:
+    """The shards a folder (all those its dataset.json lists) or a pattern names, checked
+    against dataset.json beside them."""
+    text = str(source)
+    if os.path.isdir(text):
+        base, urls = text, None
+    else:
+        urls = expand_braces(text)
+        base = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
+    sidecar_url = f"{base}/{SIDECAR}"
+    try:
+        with _open(sidecar_url) as handle:
+            sidecar = json.loads(handle.read().decode("utf-8"))
+    except (DataError, ValueError, UnicodeDecodeError):
+        raise DataError(f"no readable {SIDECAR} beside the shards ({sidecar_url}): write shards "
+                        "with `ascension shard`, which lists their classes and counts") from None
+    if sidecar.get("format") != SHARD_FORMAT:
+        raise DataError(f"{sidecar_url} does not describe Ascension shards")
+    counts = {shard["name"]: int(shard["count"]) for shard in sidecar["shards"]}
+    if urls is None:
+        urls = [f"{base}/{name}" for name in counts]
+    unknown = [url for url in urls if url.rsplit("/", 1)[-1] not in counts]
+    if unknown:
+        raise DataError(f"{unknown[0]} is not among the shards {sidecar_url} lists"
+                        + (f" ({len(unknown)} such)" if len(unknown) > 1 else ""))
+    if not is_url(text):
+        missing = [url for url in urls if not os.path.isfile(url)]
+        if missing:
+            raise DataError(f"shard not found: {missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return ShardSet(text, urls, [counts[url.rsplit("/", 1)[-1]] for url in urls],
+                    list(sidecar["classes"]), list(sidecar["class_counts"]))
+
+
+@dataclass
+class Sample:
+    key: str
+    data: bytes
+    label: int
+    meta: dict
+
+
+def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
+    """The samples of one shard, in their order, streamed (the tar is read once, front to back).
+    A sample without an image or a class is skipped; a damaged tar, or one holding other than
+    the ``expected`` number of samples (a tar cut at a block boundary reads as a shorter one),
+    ends in a DataError."""
+    found = 0
+    for sample in _read(url):
+        found += 1
+        yield sample
+    if expected is not None and found != expected:
+        raise DataError(f"{url}: a damaged shard (it holds {found} samples where {SIDECAR} "
+                        f"says {expected}); write it again")
+
+
+def _read(url: str) -> Iterator[Sample]:
+    current: dict[str, bytes] = {}
+    key = None
+    with _open(url) as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r|*") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    stem, _, extension = name.partition(".")
+                    if stem != key and key is not None:
+                        sample = _sample(key, current)
+                        if sample is not None:
+                            yield sample
+                        current = {}
+                    key = stem
+                    current[extension] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{url}: a damaged shard ({str(exc)[:120]})") from None
+    if key is not None:
+        sample = _sample(key, current)
+        if sample is not None:
+            yield sample
+
+
+def _sample(key: str, members: dict[str, bytes]) -> Sample | None:
+    image = next((data for extension, data in members.items()
+                  if extension not in ("cls", "json", "txt")), None)
+    if image is None or "cls" not in members:
+        return None
+    meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
+    return Sample(key, image, int(members["cls"].decode().strip()), meta)

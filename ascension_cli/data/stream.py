@@ -1,0 +1,175 @@
+"""Datasets over shard streams: class-balanced training micro-batches drawn from a shuffle
+buffer, and eval samples for embedding.
+
+Training. Every (rank, loader worker) pair reads its own shards, ``shard i`` going to stream
+``i % streams``: no image is read twice in a pass, and there must be at least as many shards as
+streams. Each stream fills a buffer of encoded images, then emits micro-batches of whole class
+groups (``samples_per_class`` images of one class, a class picked at random among those the
+buffer holds enough of), so a target batch gathered from several micro-batches is class-balanced
+as with a folder. A stream cycles over its shards (re-shuffled each pass) for exactly
+``batches_per_epoch`` steps, the same on every rank. Everything is seeded by (seed, epoch, rank,
+worker): epoch ``e`` draws the same batches whether or not the run was resumed, and a resume
+mid-epoch skips the micro-batches already trained on without decoding them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ascension_cli.data.augment import reseed
+from ascension_cli.data.dataset import Failed, _to_tensor, collate, stack_channels_last
+from ascension_cli.data.folder import ImageDecodeError, decode_image
+from ascension_cli.data.shards import Sample, ShardSet, read_samples
+from ascension_cli.errors import DataError
+
+
+def stream_count(shards: ShardSet, world_size: int, workers: int) -> int:
+    """Loader workers per rank that the shards allow (at least one shard per stream); raises
+    ValueError when there are fewer shards than ranks."""
+    if len(shards.urls) < world_size:
+        raise ValueError(f"{len(shards.urls)} shard(s) cannot be split among {world_size} "
+                         "processes without reading some twice: write at least one shard per "
+                         "process (a smaller --shard-size)")
+    return max(1, min(max(1, workers), len(shards.urls) // world_size))
+
+
+class ShardTrainStream(IterableDataset):
+    """Class-balanced micro-batches of ``views`` augmented views from a shard stream."""
+
+    def __init__(
+        self, shards: ShardSet, transform, views: int, micro_batch: int, micro_per_step: int,
+        samples_per_class: int, batches_per_epoch: int, buffer: int, seed: int,
+        rank: int = 0, world_size: int = 1, max_pixels: int = 100_000_000,
+        min_side: int | None = None,
+    ):
+        self.shards, self.transform, self.views = shards, transform, views
+        self.micro_batch, self.micro_batches_per_step = micro_batch, micro_per_step
+        self.samples_per_class = samples_per_class
+        self.batches_per_epoch, self.buffer = batches_per_epoch, buffer
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.max_pixels, self.min_side = max_pixels, min_side
+        self.epoch, self.skip = 0, 0
+
+    # A stream cannot leave an unreadable image out of later epochs: it skips it each time.
+    excluded: frozenset[int] = frozenset()
+
+    def exclude(self, indices) -> None:
+        """Nothing to do: see ``excluded``."""
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch to draw, less its first ``skip`` steps (already trained on)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _my_shards(self, worker: int, workers: int) -> list[str]:
+        stream, streams = self.rank * workers + worker, self.world_size * workers
+        return [url for i, url in enumerate(self.shards.urls) if i % streams == stream]
+
+    def _samples(self, urls: list[str], rng: np.random.Generator) -> Iterator[Sample]:
+        counts = dict(zip(self.shards.urls, self.shards.counts, strict=True))
+        while True:  # pass after pass, each in a new order
+            found = 0
+            for position in rng.permutation(len(urls)):
+                for sample in read_samples(urls[position], counts[urls[position]]):
+                    found += 1
+                    yield sample
+            if not found:
+                raise DataError(f"shards {', '.join(urls[:3])} hold no readable samples")
+
+    def _groups(self, samples: Iterator[Sample], rng: np.random.Generator, buffer: int
+                ) -> Iterator[list[Sample]]:
+        """Micro-batches of whole class groups, drawn from a shuffle buffer of ``buffer``."""
+        pool: dict[int, list[Sample]] = {}
+        held = 0
+        while True:
+            while held < buffer:
+                sample = next(samples)
+                pool.setdefault(sample.label, []).append(sample)
+                held += 1
+            batch: list[Sample] = []
+            while len(batch) < self.micro_batch:
+                largest = max(len(members) for members in pool.values())
+                need = min(self.samples_per_class, largest, self.micro_batch - len(batch))
+                ready = sorted(label for label, members in pool.items() if len(members) >= need)
+                label = ready[rng.integers(len(ready))]
+                members = pool[label]
+                for _ in range(need):
+                    batch.append(members.pop(rng.integers(len(members))))
+                if not members:
+                    del pool[label]
+                held -= need
+            yield batch
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        mine = self._my_shards(worker, workers)
+        # No larger than this stream's images: a buffer filled by a second pass would hold
+        # the same images twice (and read them twice before the first batch).
+        held = sum(count for url, count in zip(self.shards.urls, self.shards.counts,
+                                               strict=True) if url in set(mine))
+        buffer = max(2 * self.micro_batch, min(self.buffer, held))
+        groups = self._groups(self._samples(mine, rng), rng, buffer)
+        total = self.batches_per_epoch * self.micro_batches_per_step
+        # Micro-batch j of the epoch comes from worker j % workers (the loader's round robin).
+        for position in range(worker, total, workers):
+            batch = next(groups)
+            if position < self.skip * self.micro_batches_per_step:
+                continue  # trained on before the resume: read, not decoded
+            # Augmentation seeds depend on the position alone, so skipping changes none.
+            seeds = np.random.default_rng([self.seed, self.epoch, self.rank, position, 1])
+            yield collate([self._views(sample, int(seeds.integers(2**31))) for sample in batch])
+
+    def _views(self, sample: Sample, seed: int):
+        index = int(sample.key) if sample.key.isdigit() else -1
+        try:
+            image = decode_image(sample.data, sample.meta.get("path", sample.key),
+                                 self.max_pixels, self.min_side)
+        except ImageDecodeError as exc:
+            return Failed(index, str(exc))
+        reseed(self.transform, seed)
+        views = [_to_tensor(self.transform(image=image)["image"]) for _ in range(self.views)]
+        return stack_channels_last(views), sample.label, index
+
+
+class ShardEvalStream(IterableDataset):
+    """Each image of the given shards once, in order, with the eval transform: items are
+    (tensor, label, position) with ``position`` the image's place in the shards' order. Loader
+    workers share the decoding (image ``p`` goes to worker ``p % workers``), so results are put
+    back in order by position."""
+
+    def __init__(self, urls: list[str], transform, count: int,
+                 max_pixels: int = 100_000_000, min_side: int | None = None):
+        self.urls, self.transform, self.count = urls, transform, count
+        self.max_pixels, self.min_side = max_pixels, min_side
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        position = -1
+        for url in self.urls:
+            for sample in read_samples(url):
+                position += 1
+                if position % workers != worker:
+                    continue
+                try:
+                    image = decode_image(sample.data, sample.meta.get("path", sample.key),
+                                         self.max_pixels, self.min_side)
+                except ImageDecodeError as exc:
+                    yield Failed(position, str(exc))
+                    continue
+                yield _to_tensor(self.transform(image=image)["image"]), sample.label, position
+
+
+def shard_listing(url: str, expected: int) -> list[tuple[str, int]]:
+    """(path or key, label) of each image of a shard, in order (checked against its count)."""
+    return [(sample.meta.get("path", sample.key), sample.label)
+            for sample in read_samples(url, expected)]
+

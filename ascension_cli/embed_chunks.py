@@ -1,0 +1,261 @@
+"""Embedding a large image set: in chunks that survive an interruption, split across processes.
+
+``embed`` writes each chunk of ``chunk_size`` images to ``<output>.parts/`` as it finishes. A run
+that stops (Ctrl-C, a crash, a lost machine) leaves the finished chunks there; the same command
+again embeds only the missing ones. Under torchrun each rank embeds the chunks ``c`` with
+``c % world_size == rank`` and rank 0 joins them in chunk order. Every chunk is batched the same
+way however many processes there are, so the file is the one a single process writes, row for
+row. The parts folder is removed once the vectors file is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.checkpoint import load_model
+from ascension_cli.data.augment import eval_transform
+from ascension_cli.data.folder import FolderScan
+from ascension_cli.data.manifest import for_evaluation, scan_any
+from ascension_cli.data.shards import is_shards, open_shards
+from ascension_cli.data.stream import ShardEvalStream, shard_listing
+from ascension_cli.embedding import embed_dataset, embed_images, vectors_of
+from ascension_cli.errors import DataError
+from ascension_cli.runtime import DistributedContext
+from ascension_cli.vectors import Vectors, sha256_of
+
+DEFAULT_CHUNK = 4096
+IDENTITY = "identity.json"
+
+
+@dataclass
+class ChunkPlan:
+    """Which chunks exist, which are done, and which this process embeds."""
+
+    parts: Path
+    chunk_size: int
+    chunks: int
+    done: list[int]
+    mine: list[int]
+
+    def part(self, chunk: int) -> Path:
+        return self.parts / f"chunk-{chunk:06d}.npz"
+
+
+def parts_folder(output: str | Path) -> Path:
+    return Path(str(output) + ".parts")
+
+
+def _identity(scan: FolderScan, checkpoint_sha: str, chunk_size: int, options: dict) -> dict:
+    """What makes finished chunks reusable: the same images, model, chunking and options."""
+    listing = hashlib.sha256()
+    for index in range(len(scan)):
+        listing.update(f"{scan.name(index)}\t{scan.labels[index]}\n".encode("utf-8",
+                                                                          "surrogateescape"))
+    return {"checkpoint_sha256": checkpoint_sha, "images": len(scan),
+            "listing_sha256": listing.hexdigest(), "chunk_size": chunk_size,
+            **{key: options.get(key) for key in ("feature_kind", "image_size", "precision")}}
+
+
+def plan_chunks(
+    output: str | Path, chunks: int, identity: dict, context: DistributedContext,
+    barrier: Callable[[], None], on_note: Callable[[str], None],
+) -> ChunkPlan:
+    """Rank 0 keeps the parts of an interrupted run with the same identity (else clears them);
+    every rank then takes its share of the ``chunks`` not yet done."""
+    parts = parts_folder(output)
+    chunk_size = identity["chunk_size"]
+    if context.is_main:
+        _prepare(parts, identity, on_note)
+    barrier()
+    done = [c for c in range(chunks) if (parts / f"chunk-{c:06d}.npz").is_file()]
+    if done and context.is_main:
+        on_note(f"resuming: {len(done)} of {chunks} chunks were embedded by an earlier run "
+                f"({parts})")
+    mine = [c for c in range(chunks) if c % context.world_size == context.rank and c not in done]
+    return ChunkPlan(parts, chunk_size, chunks, done, mine)
+
+
+def _prepare(parts: Path, identity: dict, on_note: Callable[[str], None]) -> None:
+    saved = None
+    with contextlib.suppress(OSError, ValueError):  # no identity, or a half-written one
+        saved = json.loads((parts / IDENTITY).read_text(encoding="utf-8"))
+    if parts.exists() and saved != identity:
+        on_note(f"{parts} holds chunks of another run (other images, model or options): "
+                "starting over")
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(parts / IDENTITY, json.dumps(identity, indent=2) + "\n")
+
+
+def _save_part(path: Path, rows: np.ndarray, vectors: np.ndarray, labels: np.ndarray,
+               failed: list[str], names: list[str] | None = None) -> None:
+    atomic_write(path, lambda handle: np.savez(
+        handle, rows=rows, vectors=vectors, labels=labels, failed=np.array(failed, dtype=str),
+        names=np.array(names or [], dtype=str)))
+
+
+def _load_part(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as part:
+            return {key: part[key] for key in ("rows", "vectors", "labels", "failed", "names")}
+    except Exception:  # numpy and zipfile raise many kinds for a damaged archive
+        raise DataError(f"{path} is damaged: delete it and run the same command again (only "
+                        "that chunk is embedded again)") from None
+
+
+def embed_in_chunks(
+    checkpoint: str | Path,
+    image_root: str | Path,
+    output: str | Path,
+    split: str | None = None,
+    evaluation: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    context: DistributedContext | None = None,
+    barrier: Callable[[], None] = lambda: None,
+    on_note: Callable[[str], None] = lambda _: None,
+    **options,
+) -> Vectors | None:
+    """Embed ``image_root`` chunk by chunk (see the module notes); rank 0 returns the joined
+    ``Vectors``, other ranks None. ``options`` are ``embed_images``' (on_start counts this
+    process's remaining images)."""
+    context = context or DistributedContext()
+    if is_shards(image_root):
+        if split is not None or evaluation:
+            raise DataError("--split and a manifest's query/gallery flags apply to manifests, "
+                            "not shards")
+        return embed_shards(checkpoint, image_root, output, context, barrier, on_note,
+                            **options)
+    model, spec, _ = load_model(checkpoint)
+    scan = scan_any(image_root, split)
+    if evaluation:
+        scan = for_evaluation(scan)
+    checkpoint_sha = sha256_of(checkpoint)
+    plan = plan_chunks(output, -(-len(scan) // chunk_size),
+                       _identity(scan, checkpoint_sha, chunk_size, options),
+                       context, barrier, on_note)
+    on_start = options.pop("on_start", None)
+    on_failed = options.pop("on_failed", None)
+    if on_start is not None:
+        on_start(sum(len(range(c * chunk_size, min(len(scan), (c + 1) * chunk_size)))
+                     for c in plan.mine))
+    for chunk in plan.mine:
+        rows = np.arange(chunk * chunk_size, min(len(scan), (chunk + 1) * chunk_size))
+        failed: list[str] = []
+
+        def record(failure, rows=rows, failed=failed) -> None:
+            failed.append(scan.name(int(rows[failure.index])))
+            if on_failed is not None:
+                on_failed(failure)
+
+        vectors, labels, kept = embed_images(
+            model, spec, [scan.paths[i] for i in rows], scan.labels[rows], on_failed=record,
+            **options)
+        _save_part(plan.part(chunk), rows[kept], vectors, labels, failed)
+    barrier()
+    if not context.is_main:
+        return None
+    return _join(plan, scan, spec.name, checkpoint_sha, options.get("feature_kind", "backbone"),
+                 image_root)
+
+
+def _join(plan: ChunkPlan, scan: FolderScan, model_name: str, checkpoint_sha: str,
+          feature_kind: str, image_root: str | Path) -> Vectors:
+    """The chunks, in chunk order, as one Vectors (the order of a single process)."""
+    parts = [_load_part(plan.part(chunk)) for chunk in range(plan.chunks)]
+    rows = np.concatenate([part["rows"] for part in parts]).astype(np.int64)
+    if len(rows) == 0:
+        raise DataError(f"no readable images in {image_root}")
+    vectors = np.concatenate([part["vectors"] for part in parts if len(part["rows"])])
+    labels = np.concatenate([part["labels"] for part in parts]).astype(np.int64)
+    failed = [name for part in parts for name in part["failed"].tolist()]
+    return vectors_of(scan, rows, vectors, labels, model_name, checkpoint_sha, feature_kind,
+                      failed)
+
+
+def embed_shards(
+    checkpoint: str | Path, source: str | Path, output: str | Path,
+    context: DistributedContext, barrier: Callable[[], None], on_note: Callable[[str], None],
+    image_size: int | None = None, **options,
+) -> Vectors | None:
+    """``embed_in_chunks`` for shards: a chunk is a shard, each kept as it finishes."""
+    shards = open_shards(source)
+    model, spec, _ = load_model(checkpoint)
+    checkpoint_sha = sha256_of(checkpoint)
+    identity = {"checkpoint_sha256": checkpoint_sha, "shards": shards.urls,
+                "counts": shards.counts, "chunk_size": "shard", "image_size": image_size,
+                **{key: options.get(key) for key in ("feature_kind", "precision")}}
+    plan = plan_chunks(output, len(shards.urls), identity, context, barrier, on_note)
+    on_start = options.pop("on_start", None)
+    if on_start is not None:
+        on_start(sum(shards.counts[chunk] for chunk in plan.mine))
+    size = image_size or spec.image_size
+    transform = eval_transform(size, spec.mean, spec.std, spec.crop_pct)
+    for chunk in plan.mine:
+        url = shards.urls[chunk]
+        listing = shard_listing(url, shards.counts[chunk])
+        failed: list[str] = []
+        on_failed = options.get("on_failed")
+
+        def record(failure, listing=listing, failed=failed, on_failed=on_failed) -> None:
+            failed.append(listing[failure.index][0])
+            if on_failed is not None:
+                on_failed(failure)
+
+        dataset = ShardEvalStream([url], transform, len(listing), min_side=2 * size)
+        vectors, labels, kept = embed_dataset(model, dataset, **{**options, "on_failed": record})
+        order = np.argsort(kept, kind="stable")  # loader workers interleave: back in order
+        _save_part(plan.part(chunk), kept[order], vectors[order], labels[order], failed,
+                   [listing[i][0] for i in kept[order]])
+    barrier()
+    if not context.is_main:
+        return None
+    parts = [_load_part(plan.part(chunk)) for chunk in range(plan.chunks)]
+    kept = [part for part in parts if len(part["rows"])]
+    if not kept:
+        raise DataError(f"no readable images in {source}")
+    return Vectors(
+        vectors=np.concatenate([part["vectors"] for part in kept]),
+        labels=np.concatenate([part["labels"] for part in kept]).astype(np.int64),
+        paths=[name for part in kept for name in part["names"].tolist()],
+        class_names=shards.classes, model_name=spec.name, checkpoint_sha256=checkpoint_sha,
+        feature_kind=options.get("feature_kind", "backbone"), image_root=str(source),
+        failed=[name for part in parts for name in part["failed"].tolist()],
+    )
+
+
+def finish(output: str | Path) -> None:
+    """Remove the parts folder once the vectors file is safely written."""
+    shutil.rmtree(parts_folder(output), ignore_errors=True)
+
+
+def embed_across_processes(
+    checkpoint: str | Path, image_root: str | Path, output: str | Path, device: str = "auto",
+    **options,
+) -> Vectors | None:
+    """``embed_in_chunks`` in this process, or as one rank of torchrun's process group (each
+    rank on its own GPU); rank 0 returns the Vectors, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    from ascension_cli.runtime import init_distributed, launched_by_torchrun, resolve_device
+
+    if not launched_by_torchrun():
+        return embed_in_chunks(checkpoint, image_root, output, device=device, **options)
+    run_device = resolve_device(device)
+    context = init_distributed(run_device)
+    if run_device.type == "cuda":
+        run_device = torch.device("cuda", context.local_rank)
+    try:
+        return embed_in_chunks(checkpoint, image_root, output, device=str(run_device),
+                               context=context, barrier=dist.barrier, **options)
+    finally:
+        dist.destroy_process_group()

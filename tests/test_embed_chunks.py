@@ -1,0 +1,117 @@
+"""Embedding at scale: chunks kept across an interruption, and torchrun ranks sharing chunks
+without overlap into the file a single process writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import ascension_cli.embed_chunks as chunks
+from ascension_cli.cli import app
+from ascension_cli.embed_chunks import embed_in_chunks, parts_folder, plan_chunks
+from ascension_cli.embedding import embed_folder
+from ascension_cli.errors import DataError
+from ascension_cli.runtime import DistributedContext
+from ascension_cli.vectors import load_vectors
+from tests.test_catalog import train_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+OPTIONS = {"workers": 0, "device": "cpu", "batch_size": 4}
+
+
+class Crash(Exception):
+    """The machine going away mid-run."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("chunks"))
+
+
+def test_chunks_are_shared_among_ranks_without_overlap(tmp_path):
+    identity = {"chunk_size": 3}
+    taken = []
+    for rank in range(3):
+        plan = plan_chunks(tmp_path / "v.npz", 11, identity, DistributedContext(rank, 3),
+                           lambda: None, lambda _: None)
+        taken.append(plan.mine)
+    assert sorted(c for mine in taken for c in mine) == list(range(11))
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(taken) for b in taken[i + 1:])
+
+
+def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
+        tmp_path, trained, monkeypatch):
+    data, checkpoint = trained
+    calls = []
+    real = chunks.embed_images
+
+    def failing_third(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "embed_images", failing_third)
+    output = tmp_path / "v.npz"
+    with pytest.raises(Crash):
+        embed_in_chunks(checkpoint, data, output, chunk_size=8, **OPTIONS)
+    parts = parts_folder(output)
+    assert sorted(p.name for p in parts.glob("chunk-*.npz")) == [
+        "chunk-000000.npz", "chunk-000001.npz"]
+
+    calls.clear()
+    notes = []
+    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, on_note=notes.append,
+                              **OPTIONS)
+    assert calls == [8, 8]  # chunks 2 and 3 only
+    assert any("resuming: 2 of 4 chunks" in note for note in notes)
+    whole = embed_folder(checkpoint, data, **OPTIONS)
+    assert resumed.paths == whole.paths and resumed.labels.tolist() == whole.labels.tolist()
+    np.testing.assert_allclose(resumed.vectors, whole.vectors, atol=1e-6)
+
+    # Other options: the old chunks are not mixed in.
+    monkeypatch.setattr(chunks, "embed_images", real)
+    notes.clear()
+    embed_in_chunks(checkpoint, data, output, chunk_size=16, on_note=notes.append, **OPTIONS)
+    assert any("starting over" in note for note in notes)
+    (parts / "chunk-000000.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="chunk-000000.npz is damaged"):
+        embed_in_chunks(checkpoint, data, output, chunk_size=16, **OPTIONS)
+
+
+def test_the_command_removes_its_parts_and_reports_a_resume(tmp_path, trained):
+    data, checkpoint = trained
+    output = tmp_path / "v.npz"
+    parts = parts_folder(output)
+    result = runner.invoke(app, ["embed", str(checkpoint), str(data), "-o", str(output),
+                                 "--chunk-size", "10", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert not parts.exists() and len(load_vectors(output)) == 32
+
+
+def test_two_torchrun_processes_write_the_single_process_file(tmp_path, trained):
+    data, checkpoint = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [str(checkpoint), str(data), "--chunk-size", "5", "--workers", "0",
+              "--device", "cpu", "--batch-size", "4"]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "ascension_cli", "embed", *common, "-o", str(tmp_path / "two.npz")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("wrote 32 labelled vectors") == 1  # rank 0 writes and reports
+    one = subprocess.run(
+        [sys.executable, "-m", "ascension_cli", "embed", *common, "-o", str(tmp_path / "one.npz")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    a, b = load_vectors(tmp_path / "two.npz"), load_vectors(tmp_path / "one.npz")
+    assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
+    assert not parts_folder(tmp_path / "two.npz").exists()
