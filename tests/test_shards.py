@@ -106,9 +106,9 @@ def test_a_damaged_shard_is_one_error(sharded):
         list(read_samples(str(path), sidecar["shards"][0]["count"]))
 
 
-def stream(shards, rank=0, world=1, micro=4, per_step=2, spc=2, steps=3, seed=0):
+def stream(shards, rank=0, world=1, micro=4, per_step=2, spc=2, steps=3, seed=0, mix=True):
     return ShardTrainStream(shards, train_transform("none", 32, (0.5,) * 3, (0.5,) * 3), 2,
-                            micro, per_step, spc, steps, 16, seed, rank, world)
+                            micro, per_step, spc, steps, 16, seed, rank, world, mix=mix)
 
 
 def test_ranks_and_workers_read_disjoint_shards_covering_all(sharded):
@@ -129,10 +129,18 @@ def test_micro_batches_are_whole_class_groups_and_resume_skips_exactly(sharded):
     whole.set_epoch(1)
     batches = list(whole)
     assert len(batches) == 3 * 2  # steps x micro-batches per step
-    for batch in batches:
+    for first, second in zip(batches[::2], batches[1::2], strict=True):
+        assert first.images.shape[:2] == (4, 2)  # 4 images, 2 views
+        labels = first.labels.tolist() + second.labels.tolist()
+        assert all(labels.count(label) % 2 == 0 for label in set(labels))  # a step: groups of 2
+    mixed = sum(len(set(b.labels.tolist())) for b in batches)
+    unmixed = stream(shards, mix=False)
+    unmixed.set_epoch(1)
+    grouped = list(unmixed)
+    for batch in grouped:  # without mixing (plain accumulation) each micro-batch holds groups
         labels = batch.labels.tolist()
-        assert batch.images.shape[:2] == (4, 2)  # 4 images, 2 views
-        assert all(labels.count(label) % 2 == 0 for label in set(labels))  # groups of 2
+        assert all(labels.count(label) % 2 == 0 for label in set(labels))
+    assert mixed >= sum(len(set(b.labels.tolist())) for b in grouped)
     resumed = stream(shards)
     resumed.set_epoch(1, skip=2)  # two steps were trained before the interruption
     tail = list(resumed)

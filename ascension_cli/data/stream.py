@@ -43,7 +43,7 @@ class ShardTrainStream(IterableDataset):
         self, shards: ShardSet, transform, views: int, micro_batch: int, micro_per_step: int,
         samples_per_class: int, batches_per_epoch: int, buffer: int, seed: int,
         rank: int = 0, world_size: int = 1, max_pixels: int = 100_000_000,
-        min_side: int | None = None,
+        min_side: int | None = None, mix: bool = True,
     ):
         self.shards, self.transform, self.views = shards, transform, views
         self.micro_batch, self.micro_batches_per_step = micro_batch, micro_per_step
@@ -53,6 +53,7 @@ class ShardTrainStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_pixels, self.min_side = max_pixels, min_side
         self.epoch, self.skip = 0, 0
+        self.mix = mix  # spread each step's images over its micro-batches (gradient caching)
 
     # A stream cannot leave an unreadable image out of later epochs: it skips it each time.
     excluded: frozenset[int] = frozenset()
@@ -79,29 +80,29 @@ class ShardTrainStream(IterableDataset):
             if not found:
                 raise DataError(f"shards {', '.join(urls[:3])} hold no readable samples")
 
-    def _groups(self, samples: Iterator[Sample], rng: np.random.Generator, buffer: int
-                ) -> Iterator[list[Sample]]:
-        """Micro-batches of whole class groups, drawn from a shuffle buffer of ``buffer``."""
+    def _draws(self, samples: Iterator[Sample], rng: np.random.Generator, buffer: int):
+        """A generator sent a count (at most half of ``buffer``), answering that many images in
+        whole class groups drawn from a shuffle buffer of ``buffer`` encoded images."""
         pool: dict[int, list[Sample]] = {}
         held = 0
+        size = yield []
         while True:
             while held < buffer:
                 sample = next(samples)
                 pool.setdefault(sample.label, []).append(sample)
                 held += 1
-            batch: list[Sample] = []
-            while len(batch) < self.micro_batch:
+            drawn: list[Sample] = []
+            while len(drawn) < size:
                 largest = max(len(members) for members in pool.values())
-                need = min(self.samples_per_class, largest, self.micro_batch - len(batch))
+                need = min(self.samples_per_class, largest, size - len(drawn))
                 ready = sorted(label for label, members in pool.items() if len(members) >= need)
-                label = ready[rng.integers(len(ready))]
-                members = pool[label]
+                members = pool[ready[rng.integers(len(ready))]]
                 for _ in range(need):
-                    batch.append(members.pop(rng.integers(len(members))))
+                    drawn.append(members.pop(rng.integers(len(members))))
                 if not members:
-                    del pool[label]
+                    pool = {label: kept for label, kept in pool.items() if kept}
                 held -= need
-            yield batch
+            size = yield drawn
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
@@ -112,17 +113,31 @@ class ShardTrainStream(IterableDataset):
         # the same images twice (and read them twice before the first batch).
         held = sum(count for url, count in zip(self.shards.urls, self.shards.counts,
                                                strict=True) if url in set(mine))
-        buffer = max(2 * self.micro_batch, min(self.buffer, held))
-        groups = self._groups(self._samples(mine, rng), rng, buffer)
-        total = self.batches_per_epoch * self.micro_batches_per_step
-        # Micro-batch j of the epoch comes from worker j % workers (the loader's round robin).
-        for position in range(worker, total, workers):
-            batch = next(groups)
-            if position < self.skip * self.micro_batches_per_step:
+        per_step = self.micro_batches_per_step
+        draws = self._draws(self._samples(mine, rng), rng,
+                            max(2 * self.micro_batch * per_step, min(self.buffer, held)))
+        next(draws)
+        for step in range(self.batches_per_epoch):
+            # Micro-batch j of the epoch comes from worker j % workers (the loader's round
+            # robin); this worker draws all of its micro-batches of a step at once, so that
+            # the step holds whole class groups, then deals them out.
+            positions = [p for p in range(step * per_step, (step + 1) * per_step)
+                         if p % workers == worker]
+            if not positions:
+                continue
+            images = draws.send(len(positions) * self.micro_batch)
+            if self.mix and len(positions) > 1:
+                # Gradient caching: classes spread over the micro-batches, so BatchNorm
+                # normalises each alike (as the folder sampler does).
+                images = [images[i] for i in rng.permutation(len(images))]
+            if step < self.skip:
                 continue  # trained on before the resume: read, not decoded
-            # Augmentation seeds depend on the position alone, so skipping changes none.
-            seeds = np.random.default_rng([self.seed, self.epoch, self.rank, position, 1])
-            yield collate([self._views(sample, int(seeds.integers(2**31))) for sample in batch])
+            for number, position in enumerate(positions):
+                # Augmentation seeds depend on the position alone, so skipping changes none.
+                seeds = np.random.default_rng([self.seed, self.epoch, self.rank, position, 1])
+                batch = images[number * self.micro_batch:(number + 1) * self.micro_batch]
+                yield collate([self._views(sample, int(seeds.integers(2**31)))
+                               for sample in batch])
 
     def _views(self, sample: Sample, seed: int):
         index = int(sample.key) if sample.key.isdigit() else -1

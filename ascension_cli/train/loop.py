@@ -494,6 +494,7 @@ class Trainer:
             config.samples_per_class, max(1, data.shards.count // config.target_batch),
             config.shuffle_buffer, config.seed, self.distributed.rank, world,
             config.max_image_pixels, min_side=2 * spec.image_size,
+            mix=config.accumulation == "cache",
         )
         workers = streams if self.workers > 0 else 0
         # Not persistent: each epoch's iterator carries the epoch (and skip) to the workers.
