@@ -106,12 +106,17 @@ def image_source(path: Path) -> Path:
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
 
 
+def is_url(source: object) -> bool:
+    """A URL (``scheme://...``, or webdataset's ``pipe:command``), not a local path."""
+    return isinstance(source, str) and bool(_URL.match(source))
+
+
 def images_or_shards(value: object) -> Path | str:
     """An image source (see ``image_source``), or WebDataset shards: a URL or a local pattern
     naming .tar files (``shards/shard-{000000..000127}.tar``). A URL stays a string (a Path
     would fold its ``//``)."""
     text = str(value)
-    if _URL.match(text):
+    if is_url(text):
         if ".tar" not in text:
             raise ValueError(f"{text}: a URL must name .tar shards")
         return text

@@ -108,17 +108,25 @@ def _class_images(class_dir: Path, skipped: Counter) -> list[Path]:
             path = Path(dirpath) / name
             if _is_hidden(name):
                 skipped["hidden"] += 1
-            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped["not an image"] += 1
-            elif not path.exists():
-                skipped["broken link"] += 1
-            elif not path.is_file():  # a named pipe or device: reading it could block forever
-                skipped["not a regular file"] += 1
-            elif path.stat().st_size == 0:
-                skipped["empty file"] += 1
+            elif (problem := unusable(path, missing="broken link")) is not None:
+                skipped[problem] += 1
             else:
                 found.append(path)
     return found
+
+
+def unusable(path: Path, missing: str = "missing file") -> str | None:
+    """Why an image file cannot be used (``missing`` names a path that does not exist), or
+    None."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "not an image"
+    if not path.exists():
+        return missing
+    if not path.is_file():  # a named pipe or device: reading it could block forever
+        return "not a regular file"
+    if path.stat().st_size == 0:
+        return "empty file"
+    return None
 
 
 def scan_folder(root: str | Path, classes: list[str] | None = None) -> FolderScan:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ascension_cli.data.folder import (
-    IMAGE_EXTENSIONS,
     FolderScan,
     scan_folder,
     scan_images,
     stratified_split,
+    unusable,
 )
 from ascension_cli.errors import DataError
 
@@ -98,19 +98,6 @@ def _split(path: Path, line: int, value: str) -> str:
     return split
 
 
-def _unusable(file: Path) -> str | None:
-    """Why an image file a row names cannot be used, or None."""
-    if not file.exists():
-        return "missing file"
-    if not file.is_file():  # a folder, a named pipe or a device: reading could block forever
-        return "not a regular file"
-    if file.suffix.lower() not in IMAGE_EXTENSIONS:
-        return "not an image"
-    if file.stat().st_size == 0:
-        return "empty file"
-    return None
-
-
 def read_manifest(path: str | Path, classes: list[str] | None = None) -> FolderScan:
     """The images a manifest lists, with their labels and any split, roles and item ids.
 
@@ -153,7 +140,7 @@ def read_manifest(path: str | Path, classes: list[str] | None = None) -> FolderS
             skip("unknown class", line)
             continue
         file = Path(os.path.normpath(name if os.path.isabs(name) else root / name))
-        why = _unusable(file)
+        why = unusable(file)
         if why is not None:
             skip(why, line)
             continue

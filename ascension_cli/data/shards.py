@@ -23,6 +23,7 @@ import numpy as np
 
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.errors import DataError
+from ascension_cli.paths import is_url
 
 SIDECAR = "dataset.json"
 SHARD_FORMAT = "ascension-shards"
@@ -30,7 +31,6 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
 
 
 def parse_size(text: str) -> int:
@@ -40,10 +40,6 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size; write it like 1GB, 500MB or 64MiB")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def is_url(source: str | Path) -> bool:
-    return isinstance(source, str) and bool(_URL.match(source))
 
 
 def is_shards(source: str | Path) -> bool:

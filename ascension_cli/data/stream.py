@@ -26,6 +26,15 @@ from ascension_cli.data.shards import Sample, ShardSet, read_samples
 from ascension_cli.errors import DataError
 
 
+def _decoded(sample: Sample, index: int, max_pixels: int, min_side: int | None):
+    """The sample's image as 8-bit RGB, or the ``Failed`` record of why it cannot be read."""
+    try:
+        return decode_image(sample.data, sample.meta.get("path", sample.key), max_pixels,
+                            min_side)
+    except ImageDecodeError as exc:
+        return Failed(index, str(exc))
+
+
 def stream_count(shards: ShardSet, world_size: int, workers: int) -> int:
     """Loader workers per rank that the shards allow (at least one shard per stream); raises
     ValueError when there are fewer shards than ranks."""
@@ -141,11 +150,9 @@ class ShardTrainStream(IterableDataset):
 
     def _views(self, sample: Sample, seed: int):
         index = int(sample.key) if sample.key.isdigit() else -1
-        try:
-            image = decode_image(sample.data, sample.meta.get("path", sample.key),
-                                 self.max_pixels, self.min_side)
-        except ImageDecodeError as exc:
-            return Failed(index, str(exc))
+        image = _decoded(sample, index, self.max_pixels, self.min_side)
+        if isinstance(image, Failed):
+            return image
         reseed(self.transform, seed)
         views = [_to_tensor(self.transform(image=image)["image"]) for _ in range(self.views)]
         return stack_channels_last(views), sample.label, index
@@ -174,11 +181,9 @@ class ShardEvalStream(IterableDataset):
                 position += 1
                 if position % workers != worker:
                     continue
-                try:
-                    image = decode_image(sample.data, sample.meta.get("path", sample.key),
-                                         self.max_pixels, self.min_side)
-                except ImageDecodeError as exc:
-                    yield Failed(position, str(exc))
+                image = _decoded(sample, position, self.max_pixels, self.min_side)
+                if isinstance(image, Failed):
+                    yield image
                     continue
                 yield _to_tensor(self.transform(image=image)["image"]), sample.label, position
 
