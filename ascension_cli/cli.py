@@ -203,7 +203,7 @@ def _embed(checkpoint: Path, image_root: Path, description: str, **options):
 @app.command(no_args_is_help=True)
 @options_of(EmbedConfig)
 def embed(**options: Any) -> None:
-    """Write L2-normalised feature vectors, labels and paths for a folder or manifest of images.
+    """Write L2-normalised feature vectors, labels and paths for a folder, manifest or shards.
 
     The .npz holds vectors (float32), labels (class index, -1 for a flat folder), paths relative
     to IMAGE_ROOT, class names, model name, checkpoint sha256 and feature kind, in a

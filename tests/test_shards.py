@@ -84,6 +84,7 @@ def test_opening_by_folder_pattern_and_the_errors(sharded, tmp_path):
     some = open_shards(f"{folder}/shard-{{000000..000001}}.tar")
     assert some.urls == [f"{folder}/shard-000000.tar", f"{folder}/shard-000001.tar"]
     assert some.counts == [shard["count"] for shard in sidecar["shards"][:2]]
+    assert sum(some.class_counts) == sum(some.counts) < sum(whole.class_counts) == 48
     with pytest.raises(DataError, match="not among the shards"):
         open_shards(f"{folder}/other-{{0..1}}.tar")
     with pytest.raises(DataError, match="shard not found"):

@@ -111,7 +111,9 @@ def _write_shard(path: Path, scan: FolderScan, indices: list[int],
             if on_image is not None:
                 on_image(1)
     os.replace(temporary, path)
-    return {"name": path.name, "count": len(indices), "bytes": path.stat().st_size}
+    per_class = np.bincount(scan.labels[indices], minlength=len(scan.classes))
+    return {"name": path.name, "count": len(indices), "bytes": path.stat().st_size,
+            "class_counts": per_class.tolist()}
 
 
 def write_shards(
@@ -208,8 +210,14 @@ def open_shards(source: str | Path) -> ShardSet:
         if missing:
             raise DataError(f"shard not found: {missing[0]}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return ShardSet(text, urls, [counts[url.rsplit("/", 1)[-1]] for url in urls],
-                    list(sidecar["classes"]), list(sidecar["class_counts"]))
+    names = [url.rsplit("/", 1)[-1] for url in urls]
+    per_shard = {shard["name"]: shard.get("class_counts") for shard in sidecar["shards"]}
+    # The classes' counts in the shards chosen (a pattern may name a subset of them).
+    class_counts = (np.sum([per_shard[name] for name in names], axis=0).tolist()
+                    if all(per_shard[name] is not None for name in names)
+                    else list(sidecar["class_counts"]))
+    return ShardSet(text, urls, [counts[name] for name in names], list(sidecar["classes"]),
+                    [int(count) for count in class_counts])
 
 
 @dataclass
