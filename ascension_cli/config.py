@@ -137,7 +137,8 @@ class TrainConfig(BaseModel):
         0.1, ge=0, lt=1, description="Share of each class held out for validation."
     )
     val_root: ImageSource | None = Field(
-        None, description="A separate validation tree (or manifest) with the training classes."
+        None, description="A separate validation tree, or a manifest (its validation rows when "
+        "it has a split column), with the training classes."
     )
     workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP,
                                 json_schema_extra=RESUMABLE)
@@ -296,7 +297,7 @@ class EmbedConfig(_RunOptions):
     chunk_size: int = Field(
         4096, ge=1, description="Images per chunk: each is kept in OUTPUT.parts/ as it "
         "finishes, so an interrupted run resumes from the last one; under torchrun the chunks "
-        "are shared among the processes.")
+        "are shared among the processes. With shards, a chunk is a shard.")
 
 
 class _MeasureOptions(_RunOptions):
