@@ -25,8 +25,8 @@ from ascension_cli.checkpoint import load_model
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.data.manifest import for_evaluation, scan_any
-from ascension_cli.data.shards import is_shards, open_shards
-from ascension_cli.data.stream import ShardEvalStream, shard_listing
+from ascension_cli.data.shards import is_shards, open_shards, read_samples
+from ascension_cli.data.stream import SampleDataset
 from ascension_cli.embedding import embed_dataset, embed_images, vectors_of
 from ascension_cli.errors import DataError
 from ascension_cli.runtime import DistributedContext
@@ -38,12 +38,10 @@ IDENTITY = "identity.json"
 
 @dataclass
 class ChunkPlan:
-    """Which chunks exist, which are done, and which this process embeds."""
+    """How many chunks there are, where they are kept, and which this process embeds."""
 
     parts: Path
-    chunk_size: int
     chunks: int
-    done: list[int]
     mine: list[int]
 
     def part(self, chunk: int) -> Path:
@@ -71,17 +69,17 @@ def plan_chunks(
 ) -> ChunkPlan:
     """Rank 0 keeps the parts of an interrupted run with the same identity (else clears them);
     every rank then takes its share of the ``chunks`` not yet done."""
-    parts = parts_folder(output)
-    chunk_size = identity["chunk_size"]
+    plan = ChunkPlan(parts_folder(output), chunks, [])
     if context.is_main:
-        _prepare(parts, identity, on_note)
+        _prepare(plan.parts, identity, on_note)
     barrier()
-    done = [c for c in range(chunks) if (parts / f"chunk-{c:06d}.npz").is_file()]
+    done = [c for c in range(chunks) if plan.part(c).is_file()]
     if done and context.is_main:
         on_note(f"resuming: {len(done)} of {chunks} chunks were embedded by an earlier run "
-                f"({parts})")
-    mine = [c for c in range(chunks) if c % context.world_size == context.rank and c not in done]
-    return ChunkPlan(parts, chunk_size, chunks, done, mine)
+                f"({plan.parts})")
+    plan.mine = [c for c in range(chunks)
+                 if c % context.world_size == context.rank and c not in done]
+    return plan
 
 
 def _prepare(parts: Path, identity: dict, on_note: Callable[[str], None]) -> None:
@@ -167,18 +165,28 @@ def embed_in_chunks(
                  image_root)
 
 
+def _joined(plan: ChunkPlan, source: str | Path) -> dict[str, np.ndarray | list[str]]:
+    """The chunks' rows, vectors, labels, names and failures, in chunk order (the order of a
+    single process)."""
+    parts = [_load_part(plan.part(chunk)) for chunk in range(plan.chunks)]
+    kept = [part for part in parts if len(part["rows"])]
+    if not kept:
+        raise DataError(f"no readable images in {source}")
+    return {
+        "rows": np.concatenate([part["rows"] for part in kept]).astype(np.int64),
+        "vectors": np.concatenate([part["vectors"] for part in kept]),
+        "labels": np.concatenate([part["labels"] for part in kept]).astype(np.int64),
+        "names": [name for part in kept for name in part["names"].tolist()],
+        "failed": [name for part in parts for name in part["failed"].tolist()],
+    }
+
+
 def _join(plan: ChunkPlan, scan: FolderScan, model_name: str, checkpoint_sha: str,
           feature_kind: str, image_root: str | Path) -> Vectors:
-    """The chunks, in chunk order, as one Vectors (the order of a single process)."""
-    parts = [_load_part(plan.part(chunk)) for chunk in range(plan.chunks)]
-    rows = np.concatenate([part["rows"] for part in parts]).astype(np.int64)
-    if len(rows) == 0:
-        raise DataError(f"no readable images in {image_root}")
-    vectors = np.concatenate([part["vectors"] for part in parts if len(part["rows"])])
-    labels = np.concatenate([part["labels"] for part in parts]).astype(np.int64)
-    failed = [name for part in parts for name in part["failed"].tolist()]
-    return vectors_of(scan, rows, vectors, labels, model_name, checkpoint_sha, feature_kind,
-                      failed)
+    """The chunks of a folder or manifest as one Vectors, with its roles and item ids."""
+    joined = _joined(plan, image_root)
+    return vectors_of(scan, joined["rows"], joined["vectors"], joined["labels"], model_name,
+                      checkpoint_sha, feature_kind, joined["failed"])
 
 
 def embed_shards(
@@ -200,35 +208,30 @@ def embed_shards(
     size = image_size or spec.image_size
     transform = eval_transform(size, spec.mean, spec.std, spec.crop_pct)
     for chunk in plan.mine:
-        url = shards.urls[chunk]
-        listing = shard_listing(url, shards.counts[chunk])
+        # Read once (checked against its count), held in memory while loader workers decode.
+        samples = list(read_samples(shards.urls[chunk], shards.counts[chunk]))
         failed: list[str] = []
         on_failed = options.get("on_failed")
 
-        def record(failure, listing=listing, failed=failed, on_failed=on_failed) -> None:
-            failed.append(listing[failure.index][0])
+        def record(failure, samples=samples, failed=failed, on_failed=on_failed) -> None:
+            failed.append(samples[failure.index].name)
             if on_failed is not None:
                 on_failed(failure)
 
-        dataset = ShardEvalStream([url], transform, len(listing), min_side=2 * size)
-        vectors, labels, kept = embed_dataset(model, dataset, **{**options, "on_failed": record})
-        order = np.argsort(kept, kind="stable")  # loader workers interleave: back in order
-        _save_part(plan.part(chunk), kept[order], vectors[order], labels[order], failed,
-                   [listing[i][0] for i in kept[order]])
+        vectors, labels, kept = embed_dataset(
+            model, SampleDataset(samples, transform, min_side=2 * size),
+            **{**options, "on_failed": record})
+        _save_part(plan.part(chunk), kept, vectors, labels, failed,
+                   [samples[i].name for i in kept])
     barrier()
     if not context.is_main:
         return None
-    parts = [_load_part(plan.part(chunk)) for chunk in range(plan.chunks)]
-    kept = [part for part in parts if len(part["rows"])]
-    if not kept:
-        raise DataError(f"no readable images in {source}")
+    joined = _joined(plan, source)
     return Vectors(
-        vectors=np.concatenate([part["vectors"] for part in kept]),
-        labels=np.concatenate([part["labels"] for part in kept]).astype(np.int64),
-        paths=[name for part in kept for name in part["names"].tolist()],
+        vectors=joined["vectors"], labels=joined["labels"], paths=joined["names"],
         class_names=shards.classes, model_name=spec.name, checkpoint_sha256=checkpoint_sha,
         feature_kind=options.get("feature_kind", "backbone"), image_root=str(source),
-        failed=[name for part in parts for name in part["failed"].tolist()],
+        failed=joined["failed"],
     )
 
 

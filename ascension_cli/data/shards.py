@@ -227,6 +227,11 @@ class Sample:
     label: int
     meta: dict
 
+    @property
+    def name(self) -> str:
+        """The image's original path when the shard recorded it, else its key."""
+        return self.meta.get("path", self.key)
+
 
 def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
     """The samples of one shard, in their order, streamed (the tar is read once, front to back).

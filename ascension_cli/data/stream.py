@@ -1,5 +1,5 @@
-"""Datasets over shard streams: class-balanced training micro-batches drawn from a shuffle
-buffer, and eval samples for embedding.
+"""Datasets over shard samples: class-balanced training micro-batches streamed through a
+shuffle buffer, and one shard's samples for embedding.
 
 Training. Every (rank, loader worker) pair reads its own shards, ``shard i`` going to stream
 ``i % streams``: no image is read twice in a pass, and there must be at least as many shards as
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ascension_cli.data.augment import reseed
 from ascension_cli.data.dataset import Failed, _to_tensor, collate, stack_channels_last
@@ -29,8 +29,7 @@ from ascension_cli.errors import DataError
 def _decoded(sample: Sample, index: int, max_pixels: int, min_side: int | None):
     """The sample's image as 8-bit RGB, or the ``Failed`` record of why it cannot be read."""
     try:
-        return decode_image(sample.data, sample.meta.get("path", sample.key), max_pixels,
-                            min_side)
+        return decode_image(sample.data, sample.name, max_pixels, min_side)
     except ImageDecodeError as exc:
         return Failed(index, str(exc))
 
@@ -120,8 +119,8 @@ class ShardTrainStream(IterableDataset):
         mine = self._my_shards(worker, workers)
         # No larger than this stream's images: a buffer filled by a second pass would hold
         # the same images twice (and read them twice before the first batch).
-        held = sum(count for url, count in zip(self.shards.urls, self.shards.counts,
-                                               strict=True) if url in set(mine))
+        counts = dict(zip(self.shards.urls, self.shards.counts, strict=True))
+        held = sum(counts[url] for url in mine)
         per_step = self.micro_batches_per_step
         draws = self._draws(self._samples(mine, rng), rng,
                             max(2 * self.micro_batch * per_step, min(self.buffer, held)))
@@ -158,38 +157,21 @@ class ShardTrainStream(IterableDataset):
         return stack_channels_last(views), sample.label, index
 
 
-class ShardEvalStream(IterableDataset):
-    """Each image of the given shards once, in order, with the eval transform: items are
-    (tensor, label, position) with ``position`` the image's place in the shards' order. Loader
-    workers share the decoding (image ``p`` goes to worker ``p % workers``), so results are put
-    back in order by position."""
+class SampleDataset(Dataset):
+    """Samples read from a shard, each once with the eval transform: items are (tensor, label,
+    index) or ``Failed``. The shard is read once, by the caller; loader workers only decode."""
 
-    def __init__(self, urls: list[str], transform, count: int,
-                 max_pixels: int = 100_000_000, min_side: int | None = None):
-        self.urls, self.transform, self.count = urls, transform, count
+    def __init__(self, samples: list[Sample], transform, max_pixels: int = 100_000_000,
+                 min_side: int | None = None):
+        self.samples, self.transform = samples, transform
         self.max_pixels, self.min_side = max_pixels, min_side
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.samples)
 
-    def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        position = -1
-        for url in self.urls:
-            for sample in read_samples(url):
-                position += 1
-                if position % workers != worker:
-                    continue
-                image = _decoded(sample, position, self.max_pixels, self.min_side)
-                if isinstance(image, Failed):
-                    yield image
-                    continue
-                yield _to_tensor(self.transform(image=image)["image"]), sample.label, position
-
-
-def shard_listing(url: str, expected: int) -> list[tuple[str, int]]:
-    """(path or key, label) of each image of a shard, in order (checked against its count)."""
-    return [(sample.meta.get("path", sample.key), sample.label)
-            for sample in read_samples(url, expected)]
-
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = _decoded(sample, index, self.max_pixels, self.min_side)
+        if isinstance(image, Failed):
+            return image
+        return _to_tensor(self.transform(image=image)["image"]), sample.label, index
