@@ -169,6 +169,9 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "not a UTF-8 CSV file"),
     ("manifest-unknown-column", lambda z: ["train", z.file("u.csv", b"path,label,colour\n"),
                                            *TINY], 2, "unknown column(s) 'colour'"),
+    ("manifest-line-past-the-csv-field-limit",
+     lambda z: ["train", z.file("long.csv", b"path,label\n" + b"x" * 200_000 + b",c\n"), *TINY],
+     2, "line 2: not a readable CSV line"),
     ("manifest-bad-split", lambda z: ["train", z.file("s.csv", b"path,label,split\n"
                                                       b"a.png,x,holdout\n"), *TINY], 2,
      "line 2: split is 'holdout'"),

@@ -20,8 +20,8 @@ from ascension_cli.data.folder import (
     unusable,
 )
 from ascension_cli.errors import DataError
+from ascension_cli.paths import MANIFEST_SUFFIXES
 
-MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 REQUIRED = ("path", "label")
 OPTIONAL = ("split", "is_query", "is_gallery", "item_id")
 COLUMNS = REQUIRED + OPTIONAL
@@ -46,9 +46,12 @@ def _rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
         except UnicodeDecodeError:
             raise DataError(f"{path}: not a UTF-8 CSV file") from None
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = [name.strip() for name in reader.fieldnames or []]
+        try:
+            columns = [name.strip() for name in reader.fieldnames or []]
+        except csv.Error as exc:
+            raise DataError(f"{path} line 1: not a readable CSV header ({exc})") from None
         reader.fieldnames = columns
-        return columns, ((reader.line_num, row) for row in reader)
+        return columns, _csv_rows(path, reader)
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -65,6 +68,20 @@ def _rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
         for number in range(table.num_rows)
     )
     return list(table.column_names), rows
+
+
+def _csv_rows(path: Path, reader: csv.DictReader) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs; a line the csv module cannot parse (a field past its size
+    limit, say) stops with its line number."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path} line {reader.line_num + 1}: not a readable CSV line "
+                            f"({exc})") from None
+        yield reader.line_num, row
 
 
 def _check_columns(path: Path, columns: list[str]) -> None:
