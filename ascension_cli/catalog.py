@@ -222,9 +222,7 @@ def build_catalog(
     scan = scan_any(gallery_root, split)
     known = set(catalog.paths)
     fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
-    dim = spec.num_features if feature_kind == "backbone" or spec.head == "none" \
-        else spec.embedding_dim
-    _check_memory(len(catalog) + len(fresh), dim, catalog.index_kind)
+    _check_memory(len(catalog) + len(fresh), spec.feature_dim(feature_kind), catalog.index_kind)
     if fresh:
         for name in scan.classes:
             if name not in catalog.class_names:

@@ -61,7 +61,7 @@ def export_model(
                 opset_version=17, dynamo=False,
             )
     atomic_write(output, lambda handle: handle.write(buffer.getvalue()))
-    dim = spec.embedding_dim if feature_kind == "head" else spec.num_features
+    dim = spec.feature_dim(feature_kind)
     return {"path": str(output), "format": export_format, "features": feature_kind,
             "image_size": size, "mean": list(spec.mean), "std": list(spec.std),
             "embedding_dim": dim, "model": spec.name}

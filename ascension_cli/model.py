@@ -33,6 +33,11 @@ class ModelSpec:
     crop_pct: float
     num_features: int
 
+    def feature_dim(self, feature_kind: str) -> int:
+        """The length of a vector of ``feature_kind`` (``head``: the embedding; ``backbone``:
+        the pooled trunk features, which a ``none`` head passes on unchanged)."""
+        return self.embedding_dim if feature_kind == "head" else self.num_features
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
