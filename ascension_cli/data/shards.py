@@ -180,6 +180,31 @@ def _open(url: str):
         raise DataError(f"cannot read shard {url}: {exc.strerror or exc}") from None
 
 
+def _read_sidecar(url: str) -> dict:
+    """dataset.json, checked to describe Ascension shards. A local one must be a regular file
+    (a named pipe would block the read forever)."""
+    try:
+        if not is_url(url) and not os.path.isfile(url):
+            raise DataError(url)
+        with _open(url) as handle:
+            sidecar = json.loads(handle.read().decode("utf-8"))
+    except (DataError, ValueError, UnicodeDecodeError):
+        raise DataError(f"no readable {SIDECAR} beside the shards ({url}): write shards "
+                        "with `ascension shard`, which lists their classes and counts") from None
+    if not (isinstance(sidecar, dict) and sidecar.get("format") == SHARD_FORMAT
+            and _well_formed(sidecar)):
+        raise DataError(f"{url} does not describe Ascension shards")
+    return sidecar
+
+
+def _well_formed(sidecar: dict) -> bool:
+    shards = sidecar.get("shards")
+    return (isinstance(shards, list) and isinstance(sidecar.get("classes"), list)
+            and isinstance(sidecar.get("class_counts"), list)
+            and all(isinstance(shard, dict) and {"name", "count"} <= set(shard)
+                    for shard in shards))
+
+
 def open_shards(source: str | Path) -> ShardSet:
     """The shards a folder (all those its dataset.json lists) or a pattern names, checked
     against dataset.json beside them."""
@@ -190,14 +215,7 @@ def open_shards(source: str | Path) -> ShardSet:
         urls = expand_braces(text)
         base = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
     sidecar_url = f"{base}/{SIDECAR}"
-    try:
-        with _open(sidecar_url) as handle:
-            sidecar = json.loads(handle.read().decode("utf-8"))
-    except (DataError, ValueError, UnicodeDecodeError):
-        raise DataError(f"no readable {SIDECAR} beside the shards ({sidecar_url}): write shards "
-                        "with `ascension shard`, which lists their classes and counts") from None
-    if sidecar.get("format") != SHARD_FORMAT:
-        raise DataError(f"{sidecar_url} does not describe Ascension shards")
+    sidecar = _read_sidecar(sidecar_url)
     counts = {shard["name"]: int(shard["count"]) for shard in sidecar["shards"]}
     if urls is None:
         urls = [f"{base}/{name}" for name in counts]
