@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a checkout
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The command line, started by this interpreter: `ascension` is on PATH only in an activated
+# environment, and a benchmark must run from `.venv/bin/python benchmarks/x.py` as well.
+CLI = (sys.executable, "-m", "ascension_cli")
 
 
 def benchmark_parser(doc: str, script: str) -> argparse.ArgumentParser:

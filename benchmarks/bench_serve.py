@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, SHARED_DATA, benchmark_parser, print_table, write_json
+from _common import CLI, ROOT, SHARED_DATA, benchmark_parser, print_table, write_json
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 
@@ -141,7 +141,7 @@ def search_per_image(catalog: Path, images: list[Path], count: int) -> dict:
     started = time.perf_counter()
     for image in images[:count]:
         begun = time.perf_counter()
-        subprocess.run(["ascension", "search", str(catalog), str(image), "--workers", "0"],
+        subprocess.run([*CLI, "search", str(catalog), str(image), "--workers", "0"],
                        check=True, capture_output=True)
         latencies.append(time.perf_counter() - begun)
     return summary(latencies, time.perf_counter() - started)
@@ -161,7 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
         catalog, images = build_catalog(Path(folder), image_size)
         servers = {
-            "serve": ["ascension", "serve", str(catalog), "--port", "{port}"],
+            "serve": [*CLI, "serve", str(catalog), "--port", "{port}"],
             "plain": [sys.executable, __file__, "--plain-server", str(catalog), "{port}"],
         }
         for name, template in servers.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,6 +14,22 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
 SIGN_DIGITS = SHARED / "data" / "sign-language-digits"
+
+# The command line, started through the interpreter that runs the tests: a user who runs
+# `.venv/bin/python -m pytest` without activating the environment has no `ascension` on PATH.
+CLI = (sys.executable, "-m", "ascension_cli")
+
+
+def chromium() -> str | None:
+    """Headless Chromium for the browser tests: required under CI (which sets CI=true, and whose
+    .ci/run installs it) or with ASCENSION_REQUIRE_BROWSER=1, skipped elsewhere."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("ASCENSION_REQUIRE_BROWSER") or os.environ.get("CI") == "true":
+            pytest.fail("chromium is required here (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from ascension_cli import train_supcon
@@ -19,7 +16,7 @@ from ascension_cli.retrieval import html_report
 from ascension_cli.retrieval.analysis import confused_pairs, first_correct_rank, worst_queries
 from ascension_cli.retrieval.evaluate import evaluate_vectors
 from ascension_cli.vectors import Vectors
-from tests.conftest import make_dataset
+from tests.conftest import chromium, make_dataset
 
 runner = CliRunner()
 
@@ -88,13 +85,6 @@ def train_tiny(root: Path) -> tuple[Path, Path]:
     return data, root / "run"
 
 
-def chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and os.environ.get("ASCENSION_REQUIRE_BROWSER"):
-        pytest.fail("chromium is required here (.ci/run installs it)")
-    return found
-
-
 def test_report_command_writes_a_page_a_browser_shows(tmp_path):
     data, run_dir = train_tiny(tmp_path)
     result = runner.invoke(app, ["report", str(run_dir), str(data), "-o",
@@ -106,8 +96,6 @@ def test_report_command_writes_a_page_a_browser_shows(tmp_path):
     assert page.count("data:image/jpeg;base64,") >= 10
 
     browser = chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed")
     base = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
     url = (tmp_path / "report.html").as_uri()
