@@ -20,7 +20,7 @@ time to ``plain``. With several ``--seeds`` (training seeds; the split stays fix
 is a mean, with its spread in the JSON.
 
     python benchmarks/bench_quality.py --quick          # about 5 minutes on a 2-core CPU
-    python benchmarks/bench_quality.py --seeds 0 1 2    # the 5-epoch protocol of BENCHMARKS.md
+    python benchmarks/bench_quality.py --seeds 0 1 2    # the 5-epoch protocol of docs/benchmarks.md
 """
 
 from __future__ import annotations
