@@ -566,7 +566,7 @@ class DemoConfig(BaseModel):
     workdir: OutputFolder | None = Field(
         None, description="Where the demo dataset and checkpoints go. (default: a temp folder)"
     )
-    epochs: int = Field(20, ge=1, description="Training epochs (about 3 s each on 2 cores).")
+    epochs: int = Field(5, ge=1, description="Training epochs (about 2.5 s each on 2 cores).")
     workers: int = Field(0, ge=0, le=256, description="Data-loading processes.")
 
 

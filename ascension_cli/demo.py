@@ -56,14 +56,16 @@ def run_demo(
         target_batch=128,
         samples_per_class=8,
         epochs=epochs,
-        warmup_epochs=min(2, epochs),
-        # A tiny network from scratch collapses (every embedding equal) at tau 0.1; a softer
-        # temperature, a high LR (3e-3 per step: --lr is per 32 images) and, unlike the
-        # pretrained default, a projection head (without it the loss stalled from epoch 1)
-        # lift it out within a few epochs.
-        temperature=0.5,
-        lr=7.5e-4,
-        head="mlp",
+        warmup_epochs=min(1, epochs),
+        # Measured on the validation split (recall@1 per epoch, untrained 0.44): SupCon on the
+        # pooled features themselves (no head), tau 0.2 and a gentle LR (4e-4 per step) climb
+        # from the first epoch (0.62, 0.67, 0.69, 0.70, 0.70 over the default 5). With the
+        # projection head of SimCLR the random head first pulled the features apart (0.45,
+        # 0.33, 0.31, 0.39, then up after epoch 5); at higher LRs, or over more epochs at
+        # this one, the features climbed, then fell back a few points.
+        temperature=0.2,
+        lr=1e-4,
+        head="none",
         augment="color-agnostic",
         val_fraction=0.2,
         workers=workers,

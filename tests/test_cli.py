@@ -1,5 +1,6 @@
 """The command line: help, one-line errors with non-zero exits, and a real run."""
 
+import json
 import subprocess
 import sys
 
@@ -104,10 +105,16 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_demo_runs_briefly(tmp_path):
-    result = invoke("demo", "--workdir", tmp_path, "--epochs", "1")
+def test_the_demo_learns_from_its_first_epoch(tmp_path):
+    result = invoke("demo", "--workdir", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "validation recall@1: before training" in result.output
+    assert "validation recall@1: before training" in result.output and "demo took" in result.output
+    assert "below the untrained model" not in result.output
+    lines = (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+    recall = [json.loads(line)["val_recall_at_1"] for line in lines]
+    assert recall[1] > recall[0] + 0.05  # above the untrained model after epoch 1
+    assert all(later >= earlier - 0.01 for earlier, later in zip(recall[1:], recall[2:]))
+    assert recall[-1] > recall[1]
     assert len(list((tmp_path / "digits").iterdir())) == 10
 
 
