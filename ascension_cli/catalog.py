@@ -2,12 +2,19 @@
 
 A catalogue folder holds everything a search needs, and nothing from the training run:
 
-    catalog.json   format, model identity (spec, checkpoint sha256), feature kind, class names,
-                   the index's kind, shape and measured recall against exact search
-    model.pt       the model's weights and spec (weights_only-loadable), to embed query photos
-    items.npz      vectors, labels and absolute paths of the catalogued images
-    index.faiss    an inner-product FAISS index over the vectors: exact (flat), or hnsw, ivf or
-                   ivfpq for millions of items
+    catalog.json        format, model identity (spec, checkpoint sha256), feature kind, class
+                        names, the index's kind, shape and measured recall against exact search,
+                        and the live generation's file names
+    model.pt            the model's weights and spec (weights_only-loadable), to embed queries
+    items-NNNNNN.npz    vectors, labels and absolute paths of the catalogued images
+    index-NNNNNN.faiss  an inner-product FAISS index over the vectors: exact (flat), or hnsw,
+                        ivf or ivfpq for millions of items
+    uploads/            photos added through ``serve`` (``POST /items``)
+
+Every change writes a new generation of items and index files, then catalog.json, atomically,
+naming it: a kill -9 at any instant leaves the old catalogue or the new one, whole. The previous
+generation stays for readers that opened it a moment ago; older ones are removed. Writers take
+an exclusive lock on the folder (``CATALOG_LOCK``), across processes.
 
 A search reads the index, labels and paths, not the vectors: an ivfpq catalogue of millions
 searches in a fraction of the memory its vectors would take.
@@ -15,8 +22,10 @@ searches in a fraction of the memory its vectors would take.
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,12 +43,18 @@ from ascension_cli.model import EmbeddingModel, ModelSpec
 from ascension_cli.paths import (
     CATALOG_FORMAT,
     CATALOG_JSON,
+    CATALOG_LOCK,
     CATALOG_VERSION,
     INDEX_FILE,
     ITEMS_FILE,
     MODEL_FILE,
+    UPLOAD_NAME,
+    UPLOADS_FOLDER,
+    catalog_files,
     catalog_folder,
     checked,
+    generation_file,
+    generation_files,
     not_ours,
 )
 from ascension_cli.retrieval.index import check_fits, plan_index, search
@@ -62,6 +77,8 @@ class Catalog:
     paths: list[str]
     dim: int = 0
     index: dict = field(default_factory=lambda: {"kind": "flat"})  # as catalog.json says
+    generation: int = 0  # 0: none written yet
+    files: dict = field(default_factory=lambda: {"items": ITEMS_FILE, "index": INDEX_FILE})
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,7 +91,7 @@ class Catalog:
         """This catalogue with its vectors read from items.npz if it was loaded without them."""
         if self.vectors is not None:
             return self
-        return replace(self, vectors=_read_items(self.directory, vectors=True)[0])
+        return replace(self, vectors=_read_items(self.directory / self.files["items"], True)[0])
 
     def class_name(self, label: int) -> str | None:
         return self.class_names[label] if 0 <= label < len(self.class_names) else None
@@ -109,23 +126,86 @@ class SearchResult:
         }
 
 
+@contextmanager
+def catalog_lock(directory: Path) -> Iterator[None]:
+    """Exclusive right to change the catalogue in ``directory``, across threads and processes
+    (``serve --workers N``, ``index --add`` beside a running service). Leftovers of a writer
+    that died (temporary files, generations no catalog.json names) are removed on taking it.
+    A folder that does not exist yet holds nothing to protect: it is not made here."""
+    if not directory.is_dir():
+        yield
+        return
+    with open(directory / CATALOG_LOCK, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            _remove_leftovers(directory)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _live_meta(directory: Path) -> dict | None:
+    try:
+        meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove a dead writer's temporary files and the generations that neither catalog.json
+    nor its previous generation names (the previous one stays for readers that opened it a
+    moment ago). Only names a catalogue writer makes are touched."""
+    meta = _live_meta(directory)
+    if meta is None:
+        return
+    try:
+        live = set(catalog_files(meta).values()) | set(meta.get("previous_files", {}).values())
+    except (ValueError, AttributeError, TypeError):
+        return
+    for path in directory.iterdir():
+        if generation_file(path.name) and path.name not in live and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def remove_orphan_uploads(catalog: Catalog) -> int:
+    """Remove photos under uploads/ that the catalogue does not hold (an add interrupted
+    between writing them and committing); how many. Only files named as ``serve`` names an
+    added photo are touched, matched by name, so a moved catalogue keeps its photos."""
+    uploads = catalog.directory / UPLOADS_FOLDER
+    if not uploads.is_dir():
+        return 0
+    held = {Path(path).name for path in catalog.paths}
+    removed = 0
+    for path in uploads.rglob("*"):
+        orphan = UPLOAD_NAME.fullmatch(path.name) and path.name not in held
+        half_written = path.name.startswith(".") and path.name.endswith(".tmp")
+        if (orphan or half_written) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
-    """Write the catalogue's files, each atomically, catalog.json last (its count vouches for
-    the others); ``model`` None keeps the model file as it is. An approximate index's recall
-    against exact search is measured on held-out items and recorded. Returns the catalogue as
-    written."""
+    """Write the catalogue as a new generation, catalog.json last (atomically): a crash at any
+    instant leaves the previous catalogue whole. The caller holds ``catalog_lock``. ``model``
+    None keeps the model file as it is. An approximate index's recall against exact search is
+    measured on held-out items and recorded. Returns the catalogue as written."""
     directory = catalog.directory
     directory.mkdir(parents=True, exist_ok=True)
     catalog = catalog.with_vectors()
     if model is not None:
         save_model_file(directory / MODEL_FILE, model, catalog.spec)
-    atomic_write(directory / ITEMS_FILE, lambda handle: np.savez(
+    generation = catalog.generation + 1
+    files = generation_files(generation)
+    atomic_write(directory / files["items"], lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
         paths=np.array(catalog.paths, dtype=str)))
-    catalog = replace(catalog, dim=int(catalog.vectors.shape[1]),
-                      index=write_index(directory / INDEX_FILE, catalog.vectors,
+    catalog = replace(catalog, dim=int(catalog.vectors.shape[1]), generation=generation,
+                      index=write_index(directory / files["index"], catalog.vectors,
                                         catalog.index_kind))
-    # Written last: its count vouches for the other files.
+    previous = catalog.files if (directory / CATALOG_JSON).exists() else {}
+    # Written last: it names the generation, and its count vouches for the files.
     atomic_write_text(directory / CATALOG_JSON, json.dumps({
         "format": CATALOG_FORMAT,
         "version": CATALOG_VERSION,
@@ -136,40 +216,57 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
         "count": len(catalog),
         "dimension": catalog.dim,
         "index": catalog.index,
+        "generation": generation,
+        "files": files,
+        "previous_files": previous,
     }, indent=2) + "\n")
-    return catalog
+    _remove_leftovers(directory)
+    return replace(catalog, files=files)
 
 
-def _read_items(directory: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list]:
-    """(vectors or None, labels, paths) from items.npz; npz members are read only when asked."""
+def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list]:
+    """(vectors or None, labels, paths) from an items file; npz members are read only when
+    asked. FileNotFoundError passes (a writer may have just replaced the generation)."""
     try:
-        with np.load(directory / ITEMS_FILE, allow_pickle=False) as items:
+        with np.load(path, allow_pickle=False) as items:
             return (items["vectors"] if vectors else None, items["labels"],
                     items["paths"].tolist())
+    except FileNotFoundError:
+        raise
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
-        raise _damaged(directory / ITEMS_FILE) from None
+        raise _damaged(path) from None
 
 
 def load_catalog(directory: str | Path, with_vectors: bool = True) -> Catalog:
     """Read and check a catalogue folder; ``with_vectors=False`` leaves the vectors on disk
     (a search needs the index, labels and paths only)."""
-    directory = checked(catalog_folder, Path(directory), CatalogError)
+    try:
+        return _load_catalog(Path(directory), with_vectors)
+    except FileNotFoundError:  # a writer replaced the generation between two reads: read again
+        return _load_catalog(Path(directory), with_vectors)
+
+
+def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
+    directory = checked(catalog_folder, directory, CatalogError)
     try:
         meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
+        files = catalog_files(meta)
     except Exception:
         raise _damaged(directory / CATALOG_JSON) from None
     # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
-    vectors, labels, paths = _read_items(directory, with_vectors or "dimension" not in meta)
+    vectors, labels, paths = _read_items(directory / files["items"],
+                                         with_vectors or "dimension" not in meta)
     counts = {meta.get("count"), len(labels), len(paths)}
     if vectors is not None:
         counts.add(len(vectors))
     if len(counts) != 1:
-        raise CatalogError(f"catalogue {directory} is inconsistent (an interrupted write?); "
+        raise CatalogError(f"catalogue {directory} is inconsistent (its files do not agree); "
                            "build it again with `ascension index`")
     dim = meta["dimension"] if "dimension" in meta else vectors.shape[1]
     return Catalog(directory, ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
                    meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths,
-                   int(dim), dict(meta.get("index") or {"kind": "flat"}))
+                   int(dim), dict(meta.get("index") or {"kind": "flat"}),
+                   int(meta.get("generation", 0)), files)
 
 
 def _damaged(path: Path) -> CatalogError:
@@ -186,9 +283,11 @@ def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
 
 
 def _load_index(catalog: Catalog) -> faiss.Index:
-    path = catalog.directory / INDEX_FILE
+    path = catalog.directory / catalog.files["index"]
     try:
         index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+    except FileNotFoundError:
+        raise
     except Exception:
         raise _damaged(path) from None
     if index.ntotal != len(catalog) or index.d != catalog.dim:
@@ -216,7 +315,14 @@ def build_catalog(
     """
     directory = Path(directory)
     model, spec, _ = load_model(checkpoint)
-    catalog = _open_for_build(directory, spec, sha256_of(checkpoint), feature_kind, add)
+    with catalog_lock(directory):
+        return _build_locked(directory, model, spec, sha256_of(checkpoint), gallery_root, add,
+                             feature_kind, on_failed, split, index_kind, embed_options)
+
+
+def _build_locked(directory, model, spec, checkpoint_sha, gallery_root, add, feature_kind,
+                  on_failed, split, index_kind, embed_options) -> tuple[Catalog, int]:
+    catalog = _open_for_build(directory, spec, checkpoint_sha, feature_kind, add)
     if index_kind is not None:
         catalog = replace(catalog, index={"kind": index_kind})
     scan = scan_any(gallery_root, split)
@@ -307,7 +413,8 @@ class CatalogSearcher:
 
     def add(self, paths: list[Path], class_name: str, **embed_options) -> int:
         """Embed the images at ``paths`` as items of ``class_name`` and write the catalogue;
-        how many were readable. Searches meanwhile use the catalogue as it was."""
+        how many were readable. Searches meanwhile use the catalogue as it was. The caller
+        holds ``catalog_lock`` and has read the catalogue under it."""
         vectors, indices = self.embed(paths, **embed_options)
         catalog = self.catalog.with_vectors()
         if class_name not in catalog.class_names:

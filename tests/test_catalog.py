@@ -45,7 +45,9 @@ def test_index_then_search_finds_the_item_at_rank_1(trained, tmp_path):
     result = invoke("index", checkpoint, data, "-o", tmp_path / "cat", "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "32 items in 4 classes (32 added)" in result.output
-    for name in ("catalog.json", "model.pt", "items.npz", "index.faiss"):
+    meta = json.loads((tmp_path / "cat" / "catalog.json").read_text())
+    assert meta["files"] == {"items": "items-000001.npz", "index": "index-000001.faiss"}
+    for name in ("catalog.json", "model.pt", *meta["files"].values()):
         assert (tmp_path / "cat" / name).is_file()
 
     # The same item photographed again: a catalogued image, slightly noisier.

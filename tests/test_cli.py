@@ -113,20 +113,9 @@ def test_the_demo_learns_from_its_first_epoch(tmp_path):
     lines = (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()
     recall = [json.loads(line)["val_recall_at_1"] for line in lines]
     assert recall[1] > recall[0] + 0.05  # above the untrained model after epoch 1
-    assert all(later >= earlier - 0.01 for earlier, later in zip(recall[1:], recall[2:]))
+    assert all(b >= a - 0.01 for a, b in zip(recall[1:-1], recall[2:], strict=True))
     assert recall[-1] > recall[1]
     assert len(list((tmp_path / "digits").iterdir())) == 10
-
-
-@pytest.mark.slow
-def test_demo_improves_recall_as_the_readme_promises(tmp_path):
-    # The first command a user runs: its default run must learn (a recipe change once made the
-    # tiny from-scratch model collapse here while the 1-epoch test above still passed).
-    from ascension_cli.demo import run_demo
-    from ascension_cli.train.loop import Reporter
-
-    before, after = run_demo(tmp_path, epochs=20, workers=0, reporter=Reporter())
-    assert after > before + 0.2, (before, after)
 
 
 def test_epoch_line_says_when_training_is_below_the_untrained_model():

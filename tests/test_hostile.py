@@ -9,6 +9,7 @@ other tools' files) and what someone trying to make it fall over would type.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -68,6 +69,11 @@ class Zoo:
         shutil.copytree(self.catalog, copy)
         spoil(copy)
         return copy
+
+
+def live(catalog: Path, kind: str) -> Path:
+    """The catalogue's live items or index file, as its catalog.json names it."""
+    return catalog / json.loads((catalog / "catalog.json").read_text())["files"][kind]
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +288,7 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "is a folder"),
     # -- catalogues and queries
     ("catalog-without-index", lambda z: ["search", z.spoilt_catalog(
-        "no-index", lambda c: (c / "index.faiss").unlink()), z.data], 2, "lacks index.faiss"),
+        "no-index", lambda c: live(c, "index").unlink()), z.data], 2, "lacks index-000001.faiss"),
     ("catalog-without-model", lambda z: ["search", z.spoilt_catalog(
         "no-model", lambda c: (c / "model.pt").unlink()), z.data], 2, "lacks model.pt"),
     ("catalog-json-garbage", lambda z: ["search", z.spoilt_catalog(
@@ -290,14 +296,15 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "is damaged"),
     ("catalog-other-version", lambda z: ["search", z.spoilt_catalog(
         "v99", lambda c: (c / "catalog.json").write_text(
-            (c / "catalog.json").read_text().replace('"version": 1', '"version": 99'))),
+            (c / "catalog.json").read_text().replace('"version": 2', '"version": 99'))),
         z.data], 2, "version-99 catalogue"),
     ("catalog-items-damaged", lambda z: ["search", z.spoilt_catalog(
-        "items", lambda c: (c / "items.npz").write_bytes(b"PK\x03\x04 cut")), z.data], 2,
-     "items.npz (8 bytes) is not part of an Ascension catalogue"),
+        "items", lambda c: live(c, "items").write_bytes(b"PK\x03\x04 cut")), z.data], 2,
+     "items-000001.npz (8 bytes) is not part of an Ascension catalogue"),
     ("catalog-index-damaged", lambda z: ["search", z.spoilt_catalog(
-        "index", lambda c: (c / "index.faiss").write_bytes(noise(100))), z.data,
-        "--workers", "0"], 2, "index.faiss (100 bytes) is not part of an Ascension catalogue"),
+        "index", lambda c: live(c, "index").write_bytes(noise(100))), z.data,
+        "--workers", "0"], 2,
+     "index-000001.faiss (100 bytes) is not part of an Ascension catalogue"),
     ("catalog-is-a-plain-folder", lambda z: ["search", z.data, z.data], 2,
      "not an Ascension catalogue"),
     ("query-is-a-pipe", lambda z: ["search", z.catalog, z.fifo("q.jpg")], 2, "named pipe"),

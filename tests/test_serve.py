@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,8 @@ requests = pytest.importorskip("requests")
 from typer.testing import CliRunner  # noqa: E402
 
 from ascension_cli.cli import app  # noqa: E402
+from ascension_cli.paths import CATALOG_VERSION  # noqa: E402
+from tests.conftest import CLI, chromium  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 
 runner = CliRunner()
@@ -87,7 +88,7 @@ def test_health_info_and_the_answer_search_gives(served, tmp_path):
     assert requests.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(server.url + "/info", timeout=10).json()
     assert info["items"] == 32 and info["classes"] == 4 and info["feature_kind"] == "backbone"
-    assert info["catalog_version"] == 1 and info["dimension"] > 0
+    assert info["catalog_version"] == CATALOG_VERSION and info["dimension"] > 0
 
     query = data / "triangle" / "003.png"
     answer = post(server, query, k="3").json()
@@ -247,11 +248,7 @@ class Browser:
 
 
 def test_the_page_answers_a_photo_in_a_real_browser(served, tmp_path):
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        if os.environ.get("ASCENSION_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (.ci/run installs it)")
-        pytest.skip("chromium is not installed")
+    executable = chromium()
     _, data, _, server = served
     browser = Browser(executable, tmp_path)
     try:
@@ -318,7 +315,7 @@ def test_several_server_processes_answer(served):
     root, data, _, _ = served
     port = free_port()
     process = subprocess.Popen(
-        ["ascension", "serve", str(root / "cat"), "--port", str(port), "--workers", "2",
+        [*CLI, "serve", str(root / "cat"), "--port", str(port), "--workers", "2",
          "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ascension_cli.data.image_header import FORMATS, JPEG_MAGIC, PNG_MAGIC, image_size
 from ascension_cli.errors import DataError
 
 # We report unreadable files ourselves, once, in one line; OpenCV's own decoder chatter on stderr
@@ -246,10 +247,6 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-_JPEG_MAGIC = b"\xff\xd8"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
@@ -270,32 +267,27 @@ def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
     return (colour * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    position = 2
-    while position + 9 < len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            position += 2
-            continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        # Start-of-frame markers (not DHT C4, JPG C8, DAC CC) carry the dimensions.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            width = int.from_bytes(data[position + 7 : position + 9], "big")
-            return width, height
-        position += 2 + length
-    return None
-
-
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header, without decoding; None if unknown."""
-    if data.startswith(_PNG_MAGIC) and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data.startswith(_JPEG_MAGIC):
-        return _jpeg_size(data)
-    return None
+    """(width, height) from the image's header, without decoding; None if it cannot be read."""
+    found = image_size(data)
+    return None if found is None else found[1]
+
+
+def _checked_size(data: bytes, name: str, max_pixels: int) -> tuple[int, int]:
+    """The header's (width, height), refusing unknown formats, unreadable headers and bombs."""
+    found = image_size(data)
+    if found is None:
+        raise ImageDecodeError(f"{name}: not an image format Ascension reads "
+                               f"({', '.join(FORMATS)})")
+    kind, size = found
+    if size is None or size[0] * size[1] == 0:
+        raise ImageDecodeError(f"{name}: not a readable image (a damaged {kind} header)")
+    if size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
+            "(a decompression bomb?); raise --max-image-pixels to accept it"
+        )
+    return size
 
 
 _REDUCED_JPEG_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
@@ -309,22 +301,18 @@ def decode_image(
     """Decode image bytes to 8-bit RGB (H, W, 3).
 
     JPEG EXIF orientation is honoured; grayscale, RGBA (over white), 16-bit and float images
-    become 8-bit RGB. PNG and JPEG headers announcing more than ``max_pixels`` are refused before
-    decoding (OpenCV's own limit, a gigapixel, covers the other formats). ``min_side``: a JPEG
+    become 8-bit RGB. The header's dimensions are read first (``image_header``): more than
+    ``max_pixels``, a format without a size reader, or a header that does not parse is refused
+    before the decoder allocates anything. ``min_side``: a JPEG
     whose short side is a multiple of it is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
     (far cheaper than decoding in full and resizing), never below ``min_side``. Raises
     ImageDecodeError for anything that cannot be read.
     """
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
-    size = header_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageDecodeError(
-            f"{name}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
-            "(a decompression bomb?); raise --max-image-pixels to accept it"
-        )
+    size = _checked_size(data, name, max_pixels)
     flags = None
-    if min_side and size is not None and data.startswith(_JPEG_MAGIC):
+    if min_side and data.startswith(JPEG_MAGIC):
         short = min(size)
         flags = next((flag for factor, flag in _REDUCED_JPEG_FLAGS if short // factor >= min_side),
                      None)
@@ -337,12 +325,12 @@ def decode_image(
 
 def _decode(data: bytes, name: str, jpeg_flags: int | None = None) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
-    has_alpha_png = data.startswith(_PNG_MAGIC) and len(data) > 25 and data[25] in (4, 6)
-    if data.startswith(_JPEG_MAGIC):
+    has_alpha_png = data.startswith(PNG_MAGIC) and len(data) > 25 and data[25] in (4, 6)
+    if data.startswith(JPEG_MAGIC):
         # IMREAD_COLOR (and its reduced variants) apply the EXIF orientation and convert CMYK
         # and grayscale JPEGs.
         image = cv2.imdecode(buffer, jpeg_flags or cv2.IMREAD_COLOR)
-    elif data.startswith(_PNG_MAGIC) and not has_alpha_png:
+    elif data.startswith(PNG_MAGIC) and not has_alpha_png:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     else:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
