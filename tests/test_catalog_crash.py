@@ -1,0 +1,80 @@
+"""A catalogue survives kill -9 at any instant of an add: it loads, searches, and holds exactly
+the items of the last add that committed; photos of an interrupted add are removed at the next
+start."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from ascension_cli.catalog import CatalogSearcher, load_catalog  # noqa: E402
+from ascension_cli.cli import app  # noqa: E402
+from ascension_cli.paths import UPLOADS_FOLDER  # noqa: E402
+from tests.test_catalog import train_tiny  # noqa: E402
+
+RUN_OPTIONS = {"workers": 0, "device": "cpu", "precision": "auto", "channels_last": True,
+               "batch_size": 64}
+# Adds two photos at a time, for ever, through the service's own add path.
+WRITER = """
+import json, sys
+from pathlib import Path
+from ascension_cli.serve import Lookup
+catalog, photo = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+lookup = Lookup(catalog, json.loads(sys.argv[3]), 100_000_000)
+print("ready", flush=True)
+while True:
+    lookup.add([("a.png", photo), ("b.png", photo)], "added")
+"""
+
+
+def uploaded_files(catalog: Path) -> set[str]:
+    folder = catalog / UPLOADS_FOLDER
+    return {p.name for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
+
+
+def test_kill_9_at_random_moments_of_adds_never_loses_the_catalogue(tmp_path):
+    data, checkpoint = train_tiny(tmp_path)
+    catalog = tmp_path / "cat"
+    built = CliRunner().invoke(app, ["index", str(checkpoint), str(data), "-o", str(catalog),
+                                     "--workers", "0"])
+    assert built.exit_code == 0, built.output
+    base = len(load_catalog(catalog))
+    photo = data / "square" / "001.png"
+    rng = random.Random(0)
+    counts = [base]
+    for _ in range(20):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(catalog), str(photo),
+                                   json.dumps(RUN_OPTIONS)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.5))
+        writer.kill()
+        writer.wait(timeout=30)
+        writer.stdout.close()
+
+        found = load_catalog(catalog)  # loads: the old catalogue or the new one, whole
+        assert len(found) == len(found.vectors) == len(found.labels)
+        assert (len(found) - base) % 2 == 0 and len(found) >= counts[-1]  # whole adds, none lost
+        counts.append(len(found))
+        assert all(Path(path).is_file() for path in found.paths)
+        results = CatalogSearcher(found).match(found.vectors[:1], ["q"], 3)
+        assert results[0].matches[0].similarity > 0.999
+        generations = sorted(p.name for p in catalog.glob("items-*.npz"))
+        assert len(generations) <= 3, generations  # old generations are removed
+    assert counts[-1] > base, f"no add ever committed in 20 lives: {counts}"
+
+    from ascension_cli.serve import Lookup
+
+    Lookup(catalog, RUN_OPTIONS, 100_000_000)  # a start removes an interrupted add's photos
+    held = {Path(p).name for p in load_catalog(catalog).paths if f"/{UPLOADS_FOLDER}/" in p}
+    assert uploaded_files(catalog) == held
+    assert not list(catalog.glob(".*.tmp"))

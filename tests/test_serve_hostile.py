@@ -1,0 +1,183 @@
+"""The lookup service under hostile input: names, bytes, bombs of every format, streamed
+uploads past the limit, headers and labels; each a 4xx JSON error or a correct answer, and the
+event loop free throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+requests = pytest.importorskip("requests")
+
+from ascension_cli.cli import app  # noqa: E402, I001
+from ascension_cli.serve import Batcher, _Pending  # noqa: E402
+from tests.test_catalog import train_tiny  # noqa: E402
+from tests.test_image_header import tiff_claiming, webp_claiming  # noqa: E402
+from tests.test_serve import Server, runner  # noqa: E402
+
+TOKEN = "a-long-enough-token"
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shop")
+    data, checkpoint = train_tiny(root)
+    result = runner.invoke(app, ["index", str(checkpoint), str(data), "-o", str(root / "cat"),
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    server = Server(root / "cat", batch_window=0.02, token=TOKEN, max_upload_bytes=1_000_000)
+    yield root, data, server
+    server.stop()
+
+
+def search(server, files, timeout=60, **form):
+    return requests.post(server.url + "/search", files=files, data=form, timeout=timeout)
+
+
+def add(server, files, label, token=TOKEN, headers=None):
+    headers = headers or {"Authorization": f"Bearer {token}"}
+    return requests.post(server.url + "/items", files=files, data={"label": label},
+                         headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["q." + "x" * 300, "a\x00b.png", "../../../etc/passwd.png",
+                                  "é" * 400, "con", "", "q.png\r\nX-Injected: 1"],
+                         ids=["300-char-extension", "nul-byte", "traversal", "400-accents",
+                              "device-name", "empty", "crlf"])
+def test_any_upload_name_is_only_echoed_never_a_path(shop, name):
+    _, data, server = shop
+    answer = search(server, [("image", (name, (data / "square" / "001.png").read_bytes()))])
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["results"][0]
+    assert result["predicted"] == "square" and len(result["query"]) <= 255
+
+
+def test_one_failing_request_in_a_batch_fails_only_itself():
+    class Lookup:
+        def search(self, batch):
+            if any(p.images[0][0] == "poison" for p in batch):
+                raise RuntimeError("this request breaks the forward pass")
+            return [[{"query": p.images[0][0]}] for p in batch]
+
+    async def main():
+        batcher = Batcher(Lookup(), window=0.05, max_images=32)
+        names = ["a", "poison", "b", "c"]
+        return await asyncio.gather(*(batcher.submit(_Pending([(n, b"")], 5, None))
+                                      for n in names), return_exceptions=True)
+
+    answers = asyncio.run(main())
+    assert isinstance(answers[1], RuntimeError)
+    assert [a[0][0]["query"] for i, a in enumerate(answers) if i != 1] == ["a", "b", "c"]
+
+
+def health_latencies(server, stop: threading.Event) -> list[float]:
+    latencies = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    return latencies
+
+
+def test_bombs_of_every_format_are_400_and_health_answers_while_batches_run(shop):
+    _, _, server = shop
+    bombs = [("image", (f"b{i}.webp", webp_claiming(12000, 12000))) for i in range(10)]
+    large = cv2.imencode(".png", np.random.default_rng(0).integers(
+        0, 255, (400, 400, 3), dtype=np.uint8))[1].tobytes()
+    stop = threading.Event()
+    with ThreadPoolExecutor(9) as pool:
+        watcher = pool.submit(health_latencies, server, stop)
+        refused = [pool.submit(search, server, bombs),
+                   pool.submit(search, server, [("image", ("t.tif", tiff_claiming(11000, 11000)))])]
+        heavy = [pool.submit(search, server, [("image", (f"{i}.png", large))] * 2)
+                 for i in range(6)]
+        answers = [f.result() for f in refused + heavy]
+        stop.set()
+        latencies = watcher.result()
+    assert [a.status_code for a in answers[:2]] == [400, 400]
+    assert "over the limit" in answers[0].json()["error"]
+    assert all(a.status_code == 200 for a in answers[2:]), [a.text for a in answers[2:]]
+    assert len(latencies) >= 3 and max(latencies) < 0.1, latencies
+
+
+def raw_chunked_upload(port: int, total: int, chunk: int = 65536) -> tuple[bytes, int]:
+    """POST /search with Transfer-Encoding: chunked (no Content-Length); stop sending as soon as
+    the server answers. Returns (the answer's first bytes, how many body bytes were sent)."""
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                     + f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode())
+        body = head
+        sock.setblocking(False)
+        while sent < total:
+            piece = body + b"\0" * (chunk - len(body))
+            body = b""
+            try:
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+            try:
+                answer = sock.recv(4096)
+                if answer:
+                    return answer, sent
+            except BlockingIOError:
+                pass
+        sock.setblocking(True)
+        return sock.recv(4096), sent
+
+
+def test_a_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(shop):
+    _, _, server = shop
+    answer, sent = raw_chunked_upload(server.port, total=20_000_000)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"over the limit" in answer
+    assert sent < 5_000_000  # refused while reading, not after 20 MB
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_hostile_writes_are_4xx_and_leave_no_orphans(shop):
+    root, data, server = shop
+    photo = (data / "circle" / "001.png").read_bytes()
+    uploads = root / "cat" / "uploads"
+    for label in ["\U0001f600" * 64, "bad\x01label", " padded", "..", "a/b", "x" * 201]:
+        answer = add(server, [("image", ("p.png", photo))], label)
+        assert answer.status_code == 400 and "label" in answer.json()["error"], label
+    assert add(server, [("image", ("p.png", photo))], "ok",
+               headers={"Authorization": "Bearer \u00e9\u00e8".encode().decode("latin-1")}
+               ).status_code == 401
+    stored = add(server, [("image", ("p." + "y" * 300, photo))], "\U0001f600" * 20)
+    assert stored.status_code == 200 and stored.json()["added"] == 1, stored.text
+    names = [p.name for p in uploads.rglob("*") if p.is_file()]
+    assert len(names) == 1 and names[0].endswith(".png") and len(names[0]) == 36
+    as_file = search(server, [("image", ("q.png", photo)), ("k", ("k.txt", b"5"))])
+    assert as_file.status_code == 400 and "text field" in as_file.json()["error"]
+    broken = requests.post(server.url + "/search", data=b"--x\r\nnot a form",
+                           headers={"Content-Type": "multipart/form-data; boundary=x"},
+                           timeout=30)
+    assert broken.status_code == 400 and "error" in broken.json()
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_bomb_in_a_class_folder_is_skipped_by_embed(tmp_path):
+    data, checkpoint = train_tiny(tmp_path)
+    (data / "square" / "bomb.tif").write_bytes(tiff_claiming(11000, 11000))
+    (data / "square" / "bomb.webp").write_bytes(webp_claiming(12000, 12000))
+    result = runner.invoke(app, ["embed", str(checkpoint), str(data), "-o",
+                                 str(tmp_path / "v.npz"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "over the limit" in result.output or "2 unreadable" in result.output, result.output
+    assert Path(tmp_path / "v.npz").is_file()
