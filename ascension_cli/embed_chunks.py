@@ -2,10 +2,12 @@
 
 ``embed`` writes each chunk of ``chunk_size`` images to ``<output>.parts/`` as it finishes. A run
 that stops (Ctrl-C, a crash, a lost machine) leaves the finished chunks there; the same command
-again embeds only the missing ones. Under torchrun each rank embeds the chunks ``c`` with
-``c % world_size == rank`` and rank 0 joins them in chunk order. Every chunk is batched the same
-way however many processes there are, so the file is the one a single process writes, row for
-row. The parts folder is removed once the vectors file is written.
+again embeds only the missing ones. Each part records what it holds (its chunk, rows, dimension,
+and digests of its image names and vectors, under the run's identity); on resume a part that
+does not match is embedded again with a note, never joined. Under torchrun each rank embeds the
+chunks ``c`` with ``c % world_size == rank`` and rank 0 joins them in chunk order. Every chunk
+is batched the same way however many processes there are, so the file is the one a single
+process writes, row for row. The parts folder is removed once the vectors file is written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from ascension_cli.vectors import Vectors, sha256_of
 
 DEFAULT_CHUNK = 4096
 IDENTITY = "identity.json"
+PARTS_FORMAT = "ascension-embed-parts"  # stamped in identity.json: the folder is ours
+_PART_NAME = re.compile(r"chunk-\d{6,}\.npz|\.chunk-\d{6,}\.npz\..*\.tmp")
 
 
 @dataclass
@@ -58,7 +62,7 @@ def _identity(scan: FolderScan, checkpoint_sha: str, chunk_size: int, options: d
     for index in range(len(scan)):
         listing.update(f"{scan.name(index)}\t{scan.labels[index]}\n".encode("utf-8",
                                                                           "surrogateescape"))
-    return {"checkpoint_sha256": checkpoint_sha, "images": len(scan),
+    return {"format": PARTS_FORMAT, "checkpoint_sha256": checkpoint_sha, "images": len(scan),
             "listing_sha256": listing.hexdigest(), "chunk_size": chunk_size,
             **{key: options.get(key) for key in ("feature_kind", "image_size", "precision")}}
 
@@ -66,12 +70,20 @@ def _identity(scan: FolderScan, checkpoint_sha: str, chunk_size: int, options: d
 def plan_chunks(
     output: str | Path, chunks: int, identity: dict, context: DistributedContext,
     barrier: Callable[[], None], on_note: Callable[[str], None],
+    verify: Callable[[int, dict], str | None],
 ) -> ChunkPlan:
-    """Rank 0 keeps the parts of an interrupted run with the same identity (else clears them);
-    every rank then takes its share of the ``chunks`` not yet done."""
+    """Rank 0 keeps the parts of an interrupted run with the same identity (else clears them)
+    and drops each part that ``verify(chunk, part)`` finds a problem with; every rank then takes
+    its share of the ``chunks`` not yet done."""
     plan = ChunkPlan(parts_folder(output), chunks, [])
     if context.is_main:
         _prepare(plan.parts, identity, on_note)
+        for chunk in range(chunks):
+            problem = _check_part(plan.part(chunk), chunk, _digest([json.dumps(
+                identity, sort_keys=True)]), verify)
+            if problem is not None:
+                on_note(f"chunk {chunk} in {plan.parts} {problem}: embedding it again")
+                plan.part(chunk).unlink()
     barrier()
     done = [c for c in range(chunks) if plan.part(c).is_file()]
     if done and context.is_main:
@@ -82,32 +94,113 @@ def plan_chunks(
     return plan
 
 
+def _ours(parts: Path) -> bool:
+    """Whether an existing parts folder is one Ascension made: empty, or stamped."""
+    if not any(parts.iterdir()):
+        return True
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads((parts / IDENTITY).read_text(encoding="utf-8"))
+        return isinstance(saved, dict) and "checkpoint_sha256" in saved and "chunk_size" in saved
+    return False
+
+
 def _prepare(parts: Path, identity: dict, on_note: Callable[[str], None]) -> None:
+    if parts.exists() and not parts.is_dir():
+        raise DataError(f"{parts} is a file, not the folder of finished chunks that embedding "
+                        "keeps there: move it, or choose another -o")
+    if parts.is_dir() and not _ours(parts):
+        raise DataError(f"{parts} exists and holds files Ascension did not write: move it, or "
+                        "choose another -o (nothing in it was touched)")
     saved = None
     with contextlib.suppress(OSError, ValueError):  # no identity, or a half-written one
         saved = json.loads((parts / IDENTITY).read_text(encoding="utf-8"))
     if parts.exists() and saved != identity:
         on_note(f"{parts} holds chunks of another run (other images, model or options): "
                 "starting over")
-        shutil.rmtree(parts)
+        _remove_parts(parts)
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_text(parts / IDENTITY, json.dumps(identity, indent=2) + "\n")
 
 
+def _remove_parts(parts: Path) -> None:
+    """Remove the chunks and identity Ascension wrote there, and the folder if that empties it;
+    anything else stays."""
+    for path in parts.iterdir():
+        if (_PART_NAME.fullmatch(path.name) or path.name == IDENTITY) and path.is_file():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+
+
+def _digest(items) -> str:
+    hasher = hashlib.sha256()
+    for item in items:
+        hasher.update(item if isinstance(item, bytes)
+                      else str(item).encode("utf-8", "surrogateescape") + b"\n")
+    return hasher.hexdigest()
+
+
+def _record(chunk: int, identity_digest: str, rows: np.ndarray, vectors: np.ndarray,
+            names: list[str]) -> str:
+    """What a part says it holds, checked on resume."""
+    return json.dumps({"chunk": chunk, "identity": identity_digest, "rows": len(rows),
+                       "dimension": int(vectors.shape[1]) if vectors.ndim == 2 else -1,
+                       "names_sha256": _digest(names),
+                       "vectors_sha256": _digest([np.ascontiguousarray(vectors).tobytes()])})
+
+
+def _check_part(path: Path, chunk: int, identity_digest: str,
+                verify: Callable[[int, dict], str | None]) -> str | None:
+    """Why the part at ``path`` cannot be joined, or None (also when there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        part = _load_part(path)
+        record = json.loads(str(part["record"]))
+    except (DataError, KeyError, ValueError):
+        return "is damaged or was not written by this version"
+    vectors, rows = part["vectors"], part["rows"]
+    if record.get("chunk") != chunk or record.get("identity") != identity_digest:
+        return "belongs to another chunk or run"
+    if not (len(rows) == len(vectors) == len(part["labels"]) == record.get("rows")) or (
+            record.get("vectors_sha256") != _digest([np.ascontiguousarray(vectors).tobytes()])):
+        return "does not hold what it recorded"
+    return verify(chunk, {**part, "record": record})
+
+
 def _save_part(path: Path, rows: np.ndarray, vectors: np.ndarray, labels: np.ndarray,
-               failed: list[str], names: list[str] | None = None) -> None:
+               failed: list[str], names: list[str], record: str,
+               keep_names: bool = False) -> None:
     atomic_write(path, lambda handle: np.savez(
         handle, rows=rows, vectors=vectors, labels=labels, failed=np.array(failed, dtype=str),
-        names=np.array(names or [], dtype=str)))
+        names=np.array(names if keep_names else [], dtype=str), record=np.array(record)))
 
 
 def _load_part(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as part:
-            return {key: part[key] for key in ("rows", "vectors", "labels", "failed", "names")}
+            return {key: part[key] for key in ("rows", "vectors", "labels", "failed", "names",
+                                               "record") if key in part.files}
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
         raise DataError(f"{path} is damaged: delete it and run the same command again (only "
                         "that chunk is embedded again)") from None
+
+
+def _folder_check(scan: FolderScan, chunk_size: int, dim: int) -> Callable[[int, dict], str | None]:
+    """The check of a folder or manifest chunk: its rows in its range, its dimension, and the
+    digest of its images' names."""
+    def verify(chunk: int, part: dict) -> str | None:
+        rows = part["rows"].astype(np.int64)
+        start, stop = chunk * chunk_size, min(len(scan), (chunk + 1) * chunk_size)
+        if len(rows) and (rows.min() < start or rows.max() >= stop
+                          or (np.diff(rows) <= 0).any()):
+            return "holds rows of other images"
+        if len(rows) and part["record"]["dimension"] != dim:
+            return f"holds {part['record']['dimension']}-d vectors, not {dim}-d"
+        if part["record"]["names_sha256"] != _digest(scan.name(int(r)) for r in rows):
+            return "holds other images"
+        return None
+    return verify
 
 
 def embed_in_chunks(
@@ -137,9 +230,11 @@ def embed_in_chunks(
     if evaluation:
         scan = for_evaluation(scan)
     checkpoint_sha = sha256_of(checkpoint)
-    plan = plan_chunks(output, -(-len(scan) // chunk_size),
-                       _identity(scan, checkpoint_sha, chunk_size, options),
-                       context, barrier, on_note)
+    identity = _identity(scan, checkpoint_sha, chunk_size, options)
+    dim = spec.feature_dim(options.get("feature_kind", "backbone"))
+    plan = plan_chunks(output, -(-len(scan) // chunk_size), identity, context, barrier,
+                       on_note, _folder_check(scan, chunk_size, dim))
+    identity_digest = _digest([json.dumps(identity, sort_keys=True)])
     on_start = options.pop("on_start", None)
     on_failed = options.pop("on_failed", None)
     if on_start is not None:
@@ -157,7 +252,9 @@ def embed_in_chunks(
         vectors, labels, kept = embed_images(
             model, spec, [scan.paths[i] for i in rows], scan.labels[rows], on_failed=record,
             **options)
-        _save_part(plan.part(chunk), rows[kept], vectors, labels, failed)
+        names = [scan.name(int(r)) for r in rows[kept]]
+        _save_part(plan.part(chunk), rows[kept], vectors, labels, failed, names,
+                   _record(chunk, identity_digest, rows[kept], vectors, names))
     barrier()
     if not context.is_main:
         return None
@@ -198,10 +295,14 @@ def embed_shards(
     shards = open_shards(source)
     model, spec, _ = load_model(checkpoint)
     checkpoint_sha = sha256_of(checkpoint)
-    identity = {"checkpoint_sha256": checkpoint_sha, "shards": shards.urls,
+    identity = {"format": PARTS_FORMAT, "checkpoint_sha256": checkpoint_sha,
+                "shards": shards.urls,
                 "counts": shards.counts, "chunk_size": "shard", "image_size": image_size,
                 **{key: options.get(key) for key in ("feature_kind", "precision")}}
-    plan = plan_chunks(output, len(shards.urls), identity, context, barrier, on_note)
+    dim = spec.feature_dim(options.get("feature_kind", "backbone"))
+    plan = plan_chunks(output, len(shards.urls), identity, context, barrier, on_note,
+                       _shard_check(shards.counts, dim))
+    identity_digest = _digest([json.dumps(identity, sort_keys=True)])
     on_start = options.pop("on_start", None)
     if on_start is not None:
         on_start(sum(shards.counts[chunk] for chunk in plan.mine))
@@ -221,8 +322,9 @@ def embed_shards(
         vectors, labels, kept = embed_dataset(
             model, SampleDataset(samples, transform, min_side=2 * size),
             **{**options, "on_failed": record})
-        _save_part(plan.part(chunk), kept, vectors, labels, failed,
-                   [samples[i].name for i in kept])
+        names = [samples[i].name for i in kept]
+        _save_part(plan.part(chunk), kept, vectors, labels, failed, names,
+                   _record(chunk, identity_digest, kept, vectors, names), keep_names=True)
     barrier()
     if not context.is_main:
         return None
@@ -235,9 +337,27 @@ def embed_shards(
     )
 
 
+def _shard_check(counts: list[int], dim: int) -> Callable[[int, dict], str | None]:
+    """The check of a shard's part: its rows within the shard, its dimension, and its names
+    as recorded."""
+    def verify(chunk: int, part: dict) -> str | None:
+        rows = part["rows"].astype(np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= counts[chunk]):
+            return "holds rows the shard does not have"
+        if len(rows) and part["record"]["dimension"] != dim:
+            return f"holds {part['record']['dimension']}-d vectors, not {dim}-d"
+        names = part["names"].tolist()
+        if len(names) != len(rows) or part["record"]["names_sha256"] != _digest(names):
+            return "holds other images"
+        return None
+    return verify
+
+
 def finish(output: str | Path) -> None:
-    """Remove the parts folder once the vectors file is safely written."""
-    shutil.rmtree(parts_folder(output), ignore_errors=True)
+    """Remove the parts folder (what Ascension wrote there) once the vectors file is written."""
+    parts = parts_folder(output)
+    if parts.is_dir():
+        _remove_parts(parts)
 
 
 def embed_across_processes(

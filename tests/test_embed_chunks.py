@@ -16,7 +16,6 @@ import ascension_cli.embed_chunks as chunks
 from ascension_cli.cli import app
 from ascension_cli.embed_chunks import embed_in_chunks, parts_folder, plan_chunks
 from ascension_cli.embedding import embed_folder
-from ascension_cli.errors import DataError
 from ascension_cli.runtime import DistributedContext
 from ascension_cli.vectors import load_vectors
 from tests.test_catalog import train_tiny
@@ -40,7 +39,7 @@ def test_chunks_are_shared_among_ranks_without_overlap(tmp_path):
     taken = []
     for rank in range(3):
         plan = plan_chunks(tmp_path / "v.npz", 11, identity, DistributedContext(rank, 3),
-                           lambda: None, lambda _: None)
+                           lambda: None, lambda _: None, lambda chunk, part: None)
         taken.append(plan.mine)
     assert sorted(c for mine in taken for c in mine) == list(range(11))
     assert all(set(a).isdisjoint(b) for i, a in enumerate(taken) for b in taken[i + 1:])
@@ -82,8 +81,81 @@ def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
     embed_in_chunks(checkpoint, data, output, chunk_size=16, on_note=notes.append, **OPTIONS)
     assert any("starting over" in note for note in notes)
     (parts / "chunk-000000.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="chunk-000000.npz is damaged"):
-        embed_in_chunks(checkpoint, data, output, chunk_size=16, **OPTIONS)
+    notes.clear()
+    again = embed_in_chunks(checkpoint, data, output, chunk_size=16, on_note=notes.append,
+                            **OPTIONS)
+    assert any("chunk 0" in n and "damaged" in n and "embedding it again" in n for n in notes)
+    np.testing.assert_allclose(again.vectors, whole.vectors, atol=1e-6)
+
+
+def interrupted(tmp_path, checkpoint, data, monkeypatch, chunk_size=8):
+    """An embedding of four chunks that stopped after two, with parts 0 and 1 on disk."""
+    real = chunks.embed_images
+    calls = []
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "embed_images", failing_third)
+    output = tmp_path / "v.npz"
+    with pytest.raises(Crash):
+        embed_in_chunks(checkpoint, data, output, chunk_size=chunk_size, **OPTIONS)
+    monkeypatch.setattr(chunks, "embed_images", real)
+    return output, parts_folder(output)
+
+
+def rewrite_part(path: Path, **changes) -> None:
+    with np.load(path, allow_pickle=False) as part:
+        contents = {key: part[key] for key in part.files}
+    contents.update(changes)
+    np.savez(path, **contents)
+
+
+@pytest.mark.parametrize("spoil", ["neighbour-copy", "other-vectors", "other-dimension",
+                                   "no-record"])
+def test_a_resume_never_joins_a_part_it_cannot_verify(tmp_path, trained, monkeypatch, spoil):
+    data, checkpoint = trained
+    output, parts = interrupted(tmp_path, checkpoint, data, monkeypatch)
+    first, second = parts / "chunk-000000.npz", parts / "chunk-000001.npz"
+    if spoil == "neighbour-copy":
+        second.write_bytes(first.read_bytes())
+    else:
+        with np.load(second) as part:
+            vectors = part["vectors"]
+        if spoil == "other-vectors":
+            rewrite_part(second, vectors=vectors[::-1].copy())
+        elif spoil == "other-dimension":
+            rewrite_part(second, vectors=np.zeros((len(vectors), 7), np.float32))
+        else:
+            with np.load(second) as part:
+                np.savez(second, **{k: part[k] for k in part.files if k != "record"})
+    notes = []
+    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, on_note=notes.append,
+                              **OPTIONS)
+    assert any(n.startswith("chunk 1 ") and "embedding it again" in n for n in notes), notes
+    whole = embed_folder(checkpoint, data, **OPTIONS)
+    assert resumed.paths == whole.paths and len(set(resumed.paths)) == len(resumed.paths)
+    np.testing.assert_allclose(resumed.vectors, whole.vectors, atol=1e-6)
+
+
+def test_a_parts_path_ascension_did_not_make_is_refused_and_left_alone(tmp_path, trained):
+    data, checkpoint = trained
+    output = tmp_path / "v.npz"
+    parts_folder(output).write_text("my notes")
+    result = runner.invoke(app, ["embed", str(checkpoint), str(data), "-o", str(output),
+                                 "--workers", "0"])
+    assert result.exit_code == 2 and "is a file" in result.output, result.output
+    assert parts_folder(output).read_text() == "my notes"
+    parts_folder(output).unlink()
+    parts_folder(output).mkdir()
+    (parts_folder(output) / "thesis.tex").write_text("years of work")
+    result = runner.invoke(app, ["embed", str(checkpoint), str(data), "-o", str(output),
+                                 "--workers", "0"])
+    assert result.exit_code == 2 and "did not write" in result.output, result.output
+    assert (parts_folder(output) / "thesis.tex").read_text() == "years of work"
 
 
 def test_the_command_removes_its_parts_and_reports_a_resume(tmp_path, trained):
