@@ -310,7 +310,8 @@ def embed_shards(
     transform = eval_transform(size, spec.mean, spec.std, spec.crop_pct)
     for chunk in plan.mine:
         # Read once (checked against its count), held in memory while loader workers decode.
-        samples = list(read_samples(shards.urls[chunk], shards.counts[chunk]))
+        samples = list(read_samples(shards.urls[chunk], shards.counts[chunk],
+                                    len(shards.classes)))
         failed: list[str] = []
         on_failed = options.get("on_failed")
 

@@ -27,6 +27,11 @@ from ascension_cli.paths import is_url
 
 SIDECAR = "dataset.json"
 SHARD_FORMAT = "ascension-shards"
+# Shards are untrusted input: a member is refused from its tar header past these sizes, so a
+# small compressed shard cannot make a reader hold gigabytes.
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_SIDECAR_MEMBER_BYTES = 2**20  # a .cls or .json member
+MAX_DATASET_JSON_BYTES = 256 * 2**20
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -187,22 +192,63 @@ def _read_sidecar(url: str) -> dict:
         if not is_url(url) and not os.path.isfile(url):
             raise DataError(url)
         with _open(url) as handle:
-            sidecar = json.loads(handle.read().decode("utf-8"))
-    except (DataError, ValueError, UnicodeDecodeError):
+            text = handle.read(MAX_DATASET_JSON_BYTES + 1)
+        if len(text) > MAX_DATASET_JSON_BYTES:
+            raise ValueError("too large")
+        sidecar = json.loads(text.decode("utf-8"))
+    except (DataError, ValueError, UnicodeDecodeError, RecursionError):
         raise DataError(f"no readable {SIDECAR} beside the shards ({url}): write shards "
                         "with `ascension shard`, which lists their classes and counts") from None
-    if not (isinstance(sidecar, dict) and sidecar.get("format") == SHARD_FORMAT
-            and _well_formed(sidecar)):
+    if not (isinstance(sidecar, dict) and sidecar.get("format") == SHARD_FORMAT):
         raise DataError(f"{url} does not describe Ascension shards")
+    problem = _sidecar_problem(sidecar)
+    if problem is not None:
+        raise DataError(f"{url}: {problem}; write the shards again with `ascension shard`")
     return sidecar
 
 
-def _well_formed(sidecar: dict) -> bool:
-    shards = sidecar.get("shards")
-    return (isinstance(shards, list) and isinstance(sidecar.get("classes"), list)
-            and isinstance(sidecar.get("class_counts"), list)
-            and all(isinstance(shard, dict) and {"name", "count"} <= set(shard)
-                    for shard in shards))
+def _counts_problem(counts: object, classes: int, what: str) -> str | None:
+    if not (isinstance(counts, list) and len(counts) == classes
+            and all(_count(c) for c in counts)):
+        return f"{what} must be {classes} whole numbers (one per class), not {str(counts)[:60]}"
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _sidecar_problem(sidecar: dict) -> str | None:
+    """What is wrong with a dataset.json's fields, or None: every field a reader relies on."""
+    classes, shards = sidecar.get("classes"), sidecar.get("shards")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c
+                                                          for c in classes)
+            and len(set(classes)) == len(classes)):
+        return "classes must be a list of distinct, non-empty names"
+    problem = _counts_problem(sidecar.get("class_counts"), len(classes), "class_counts")
+    if problem is not None:
+        return problem
+    if not isinstance(shards, list) or not shards:
+        return "shards must be a non-empty list"
+    names = set()
+    for number, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shards[{number}] is not an object"
+        name = shard.get("name")
+        if (not isinstance(name, str) or not name or "/" in name or "\\" in name
+                or name.startswith(".") or name in names):
+            return f"shards[{number}].name must be a distinct plain file name"
+        names.add(name)
+        if not _count(shard.get("count")):
+            return f"shards[{number}].count must be a whole number"
+        if shard.get("class_counts") is not None:
+            problem = _counts_problem(shard["class_counts"], len(classes),
+                                      f"shards[{number}].class_counts")
+            if problem is None and sum(shard["class_counts"]) != shard["count"]:
+                problem = f"shards[{number}].class_counts do not add up to its count"
+            if problem is not None:
+                return problem
+    return None
 
 
 def open_shards(source: str | Path) -> ShardSet:
@@ -251,13 +297,15 @@ class Sample:
         return self.meta.get("path", self.key)
 
 
-def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
+def read_samples(url: str, expected: int | None = None,
+                 classes: int | None = None) -> Iterator[Sample]:
     """The samples of one shard, in their order, streamed (the tar is read once, front to back).
     A sample without an image or a class is skipped; a damaged tar, or one holding other than
     the ``expected`` number of samples (a tar cut at a block boundary reads as a shorter one),
-    ends in a DataError."""
+    a member past its size bound, or a class or JSON member that is not one (a class index
+    outside ``classes``), ends in a DataError naming the shard and member."""
     found = 0
-    for sample in _read(url):
+    for sample in _read(url, classes):
         found += 1
         yield sample
     if expected is not None and found != expected:
@@ -265,7 +313,17 @@ def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
                         f"says {expected}); write it again")
 
 
-def _read(url: str) -> Iterator[Sample]:
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo, extension: str,
+                  url: str) -> bytes:
+    """A member's bytes, refused from its header when larger than its kind may be."""
+    bound = MAX_SIDECAR_MEMBER_BYTES if extension in ("cls", "json", "txt") else MAX_IMAGE_BYTES
+    if member.size > bound:
+        raise DataError(f"{url}: member {member.name[:80]!r} is {member.size:,} bytes, over the "
+                        f"bound of {bound:,} for a .{extension[:10]} member")
+    return archive.extractfile(member).read()
+
+
+def _read(url: str, classes: int | None = None) -> Iterator[Sample]:
     current: dict[str, bytes] = {}
     key = None
     with _open(url) as handle:
@@ -277,24 +335,40 @@ def _read(url: str) -> Iterator[Sample]:
                     name = member.name.rsplit("/", 1)[-1]
                     stem, _, extension = name.partition(".")
                     if stem != key and key is not None:
-                        sample = _sample(key, current)
+                        sample = _sample(key, current, url, classes)
                         if sample is not None:
                             yield sample
                         current = {}
                     key = stem
-                    current[extension] = archive.extractfile(member).read()
+                    current[extension] = _member_bytes(archive, member, extension, url)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{url}: a damaged shard ({str(exc)[:120]})") from None
     if key is not None:
-        sample = _sample(key, current)
+        sample = _sample(key, current, url, classes)
         if sample is not None:
             yield sample
 
 
-def _sample(key: str, members: dict[str, bytes]) -> Sample | None:
+def _sample(key: str, members: dict[str, bytes], url: str = "shard",
+            classes: int | None = None) -> Sample | None:
+    """One sample from its members; None without an image or a class. A class or JSON member
+    that is not one ends in a DataError naming the shard and the member."""
     image = next((data for extension, data in members.items()
                   if extension not in ("cls", "json", "txt")), None)
     if image is None or "cls" not in members:
         return None
-    meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
-    return Sample(key, image, int(members["cls"].decode().strip()), meta)
+    where = f"{url}: member {key[:80]!r}"
+    try:
+        label = int(members["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}.cls is not a class index") from None
+    if label < 0 or (classes is not None and label >= classes):
+        raise DataError(f"{where}.cls is class {label}, outside the {classes} classes of "
+                        f"{SIDECAR}")
+    try:
+        meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise DataError(f"{where}.json is not JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("path", ""), str):
+        raise DataError(f"{where}.json is not an object with a text path")
+    return Sample(key, image, label, meta)

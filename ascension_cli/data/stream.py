@@ -82,7 +82,8 @@ class ShardTrainStream(IterableDataset):
         while True:  # pass after pass, each in a new order
             found = 0
             for position in rng.permutation(len(urls)):
-                for sample in read_samples(urls[position], counts[urls[position]]):
+                for sample in read_samples(urls[position], counts[urls[position]],
+                                           len(self.shards.classes)):
                     found += 1
                     yield sample
             if not found:
