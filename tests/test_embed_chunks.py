@@ -48,24 +48,14 @@ def test_chunks_are_shared_among_ranks_without_overlap(tmp_path):
 def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
         tmp_path, trained, monkeypatch):
     data, checkpoint = trained
-    calls = []
-    real = chunks.embed_images
-
-    def failing_third(*args, **kwargs):
-        calls.append(len(args[2]))
-        if len(calls) == 3:
-            raise Crash
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunks, "embed_images", failing_third)
-    output = tmp_path / "v.npz"
-    with pytest.raises(Crash):
-        embed_in_chunks(checkpoint, data, output, chunk_size=8, **OPTIONS)
-    parts = parts_folder(output)
+    output, parts = interrupted(tmp_path, checkpoint, data, monkeypatch)
     assert sorted(p.name for p in parts.glob("chunk-*.npz")) == [
         "chunk-000000.npz", "chunk-000001.npz"]
 
-    calls.clear()
+    real = chunks.embed_images
+    calls = []
+    monkeypatch.setattr(chunks, "embed_images",
+                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     notes = []
     resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, on_note=notes.append,
                               **OPTIONS)

@@ -66,14 +66,19 @@ class Server:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+def catalogue_server(root: Path, **options) -> tuple[Path, Path, Server]:
+    """A tiny trained model, its catalogue in root/cat, and a server over it."""
     data, checkpoint = train_tiny(root)
     result = runner.invoke(app, ["index", str(checkpoint), str(data), "-o", str(root / "cat"),
                                  "--workers", "0"])
     assert result.exit_code == 0, result.output
-    server = Server(root / "cat", batch_window=0.05)
+    return data, checkpoint, Server(root / "cat", **options)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data, checkpoint, server = catalogue_server(root, batch_window=0.05)
     yield root, data, checkpoint, server
     server.stop()
 

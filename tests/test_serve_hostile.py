@@ -22,7 +22,7 @@ from ascension_cli.cli import app  # noqa: E402, I001
 from ascension_cli.serve import Batcher, _Pending  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 from tests.test_image_header import tiff_claiming, webp_claiming  # noqa: E402
-from tests.test_serve import Server, runner  # noqa: E402
+from tests.test_serve import catalogue_server, runner  # noqa: E402
 
 TOKEN = "a-long-enough-token"
 
@@ -30,11 +30,8 @@ TOKEN = "a-long-enough-token"
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     root = tmp_path_factory.mktemp("shop")
-    data, checkpoint = train_tiny(root)
-    result = runner.invoke(app, ["index", str(checkpoint), str(data), "-o", str(root / "cat"),
-                                 "--workers", "0"])
-    assert result.exit_code == 0, result.output
-    server = Server(root / "cat", batch_window=0.02, token=TOKEN, max_upload_bytes=1_000_000)
+    data, _, server = catalogue_server(root, batch_window=0.02, token=TOKEN,
+                                       max_upload_bytes=1_000_000)
     yield root, data, server
     server.stop()
 
