@@ -178,3 +178,63 @@ def test_a_bomb_in_a_class_folder_is_skipped_by_embed(tmp_path):
     assert result.exit_code == 0, result.output
     assert "over the limit" in result.output or "2 unreadable" in result.output, result.output
     assert Path(tmp_path / "v.npz").is_file()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmRSS"))
+
+
+def test_a_bounded_load_of_valid_bad_and_write_requests(tmp_path):
+    """About 15 s of concurrent clients mixing valid searches, hostile requests and token adds
+    against a real server on 127.0.0.1: every valid answer right, every bad one a 4xx, memory
+    bounded, and the catalogue consistent afterwards."""
+    from ascension_cli.catalog import load_catalog
+
+    data, _, server = catalogue_server(tmp_path, batch_window=0.01, token=TOKEN,
+                                       max_upload_bytes=1_000_000)
+    photos = {name: (data / name / "003.png").read_bytes() for name in ("square", "circle")}
+    bad = [[("image", ("x.txt", b"not an image"))], [("image", ("b.webp", webp_claiming(12000,
+           12000)))], [("image", ("t.tif", tiff_claiming(11000, 11000)))],
+           [("image", ("big.png", bytes(1_200_000)))], [("image", ("q." + "z" * 300,
+           b"\x89PNG\r\n\x1a\n"))]]
+    deadline = time.monotonic() + 15
+    tally = {"valid": 0, "bad": 0, "added": 0, "wrong": []}
+    lock = threading.Lock()
+    before = rss_mib()
+
+    def client(number: int) -> None:
+        turn = 0
+        while time.monotonic() < deadline:
+            turn += 1
+            kind = (number + turn) % 4
+            if kind == 0:
+                answer = add(server, [("image", ("n.png", photos["circle"]))], "circle")
+                ok, key = answer.status_code == 200, "added"
+            elif kind == 1:
+                answer = search(server, bad[turn % len(bad)])
+                ok, key = 400 <= answer.status_code < 500 and "error" in answer.json(), "bad"
+            else:
+                name = "square" if kind == 2 else "circle"
+                answer = search(server, [("image", (f"{name}.png", photos[name]))], k="3")
+                ok = (answer.status_code == 200
+                      and answer.json()["results"][0]["predicted"] == name)
+                key = "valid"
+            with lock:
+                tally[key] += ok
+                if not ok:
+                    tally["wrong"].append((kind, answer.status_code, answer.text[:200]))
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(client, range(6)))
+        assert not tally["wrong"], tally["wrong"][:5]
+        assert tally["valid"] > 10 and tally["bad"] > 5 and tally["added"] > 2, tally
+        assert rss_mib() - before < 600, (before, rss_mib())
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        server.stop()
+    catalogue = load_catalog(tmp_path / "cat")
+    assert len(catalogue) == 32 + tally["added"]  # every add landed, once
+    uploaded = [p for p in (tmp_path / "cat" / "uploads").rglob("*") if p.is_file()]
+    assert len(uploaded) == tally["added"]
