@@ -55,9 +55,7 @@ app = typer.Typer(
 @contextmanager
 def _user_errors():
     """Turn a user-caused error into one line on stderr and a non-zero exit, never a traceback."""
-    import errno
-
-    from ascension_cli.errors import Interrupted
+    from ascension_cli.errors import WRITE_REFUSED_ERRNOS, Interrupted
 
     try:
         yield
@@ -74,7 +72,7 @@ def _user_errors():
     except OSError as exc:
         # The machine's limits, not a bug: say which file and why. Writes are atomic, so the
         # previous checkpoint or vectors file is intact.
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno not in WRITE_REFUSED_ERRNOS:
             raise
         where = f" {escape(str(exc.filename))}" if exc.filename else ""
         err_console.print(

@@ -4,12 +4,20 @@
 ``AscensionError`` to handle them all.
 """
 
+import errno
+
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first line of text (or its type's name), cut to ``limit`` characters:
     library errors often span many lines, and ours must stay one line."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+# A write the machine refused is its limits, not a bug: no room or read-only storage (the
+# service answers 507), or also a forbidden folder (the CLI exits 5 on any of them).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+WRITE_REFUSED_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
 
 
 class AscensionError(Exception):

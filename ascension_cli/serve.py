@@ -9,7 +9,6 @@ temporary folder, then ``CatalogSearcher.embed``), so a photo gets the same answ
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import secrets
@@ -37,6 +36,7 @@ from ascension_cli.catalog import (
 )
 from ascension_cli.data.folder import ImageDecodeError, decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
+from ascension_cli.errors import STORAGE_ERRNOS, first_line
 from ascension_cli.paths import CATALOG_JSON, CATALOG_VERSION, UPLOADS_FOLDER
 from ascension_cli.retrieval.report import thumbnail
 
@@ -102,10 +102,12 @@ class Lookup:
                 for path, (_, data) in zip(paths, images, strict=True):
                     atomic_write(path, lambda handle, data=data: handle.write(data))
                 added = searcher.add(paths, class_name, **self.run_options)
-            finally:
-                remove_orphan_uploads(load_catalog(self.directory, with_vectors=False))
+            except BaseException:
+                _discard(paths, load_catalog(self.directory, with_vectors=False).paths)
+                raise
             with self.lock:
                 self._load()
+            _discard(paths, self.searcher.catalog.paths)  # those the embedder could not read
         return added
 
     def check_images(self, images: list[tuple[str, bytes]]) -> None:
@@ -134,6 +136,14 @@ class Lookup:
             results = searcher.match(vectors[rows], names, pending.k, pending.threshold)
             answers[number] = [result.to_dict() for result in results]
         return answers
+
+
+def _discard(paths: list[Path], held: list[str]) -> None:
+    """Remove the photos of ``paths`` that the catalogue (its ``held`` paths) does not hold."""
+    kept = set(held)
+    for path in paths:
+        if path.resolve().as_posix() not in kept:
+            path.unlink(missing_ok=True)
 
 
 class Batcher:
@@ -271,9 +281,9 @@ def _failure(exc: Exception) -> JSONResponse:
         return _problem(400, str(exc))
     if isinstance(exc, CatalogError):
         return _problem(503, f"the catalogue cannot be read now: {exc}")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         return _problem(507, f"cannot write to the catalogue: {exc.strerror}")
-    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)
     return _problem(500, f"internal error ({type(exc).__name__}); the service logged it")
 
 
@@ -317,7 +327,7 @@ async def _read_form(request: Request, limit: int) -> Any:
         return _too_large(limit)
     except Exception as exc:  # noqa: BLE001 - a malformed body, whatever the parser raises
         status = getattr(exc, "status_code", 400)
-        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        detail = getattr(exc, "detail", None) or first_line(exc)
         return _problem(status if 400 <= status < 500 else 400,
                         f"not a multipart form: {str(detail)[:200]}")
 
