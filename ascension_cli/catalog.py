@@ -316,36 +316,40 @@ def build_catalog(
     directory = Path(directory)
     model, spec, _ = load_model(checkpoint)
     with catalog_lock(directory):
-        return _build_locked(directory, model, spec, sha256_of(checkpoint), gallery_root, add,
-                             feature_kind, on_failed, split, index_kind, embed_options)
+        catalog = _open_for_build(directory, spec, sha256_of(checkpoint), feature_kind, add)
+        if index_kind is not None:
+            catalog = replace(catalog, index={"kind": index_kind})
+        before = len(catalog)
+        _append_new(catalog, scan_any(gallery_root, split), model, spec, feature_kind,
+                    on_failed, embed_options)
+        if len(catalog) == 0:
+            raise DataError(f"no readable images in {gallery_root}: the catalogue would be "
+                            "empty")
+        return write_catalog(catalog, model if not add else None), len(catalog) - before
 
 
-def _build_locked(directory, model, spec, checkpoint_sha, gallery_root, add, feature_kind,
-                  on_failed, split, index_kind, embed_options) -> tuple[Catalog, int]:
-    catalog = _open_for_build(directory, spec, checkpoint_sha, feature_kind, add)
-    if index_kind is not None:
-        catalog = replace(catalog, index={"kind": index_kind})
-    scan = scan_any(gallery_root, split)
+def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
+                feature_kind: str, on_failed, embed_options: dict) -> None:
+    """Embed the images of ``scan`` that ``catalog`` does not hold yet and append them (and
+    their new classes), once the index they make is known to fit the memory available."""
     known = set(catalog.paths)
     fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
     _check_memory(len(catalog) + len(fresh), spec.feature_dim(feature_kind), catalog.index_kind)
-    if fresh:
-        for name in scan.classes:
-            if name not in catalog.class_names:
-                catalog.class_names.append(name)
-        remap = np.array([catalog.class_names.index(n) for n in scan.classes] + [-1], np.int64)
-        paths = [scan.paths[i] for i in fresh]
-        vectors, _, indices = embed_images(model, spec, paths, None, feature_kind=feature_kind,
-                                           on_failed=on_failed, **embed_options)
-        if len(indices):
-            labels = remap[scan.labels[fresh][indices]]  # -1 indexes the flat-folder slot
-            catalog.vectors = (vectors if len(catalog) == 0
-                               else np.concatenate([catalog.vectors, vectors]))
-            catalog.labels = np.concatenate([catalog.labels, labels])
-            catalog.paths = catalog.paths + [paths[i].resolve().as_posix() for i in indices]
-    if len(catalog) == 0:
-        raise DataError(f"no readable images in {gallery_root}: the catalogue would be empty")
-    return write_catalog(catalog, model if not add else None), len(catalog) - len(known)
+    if not fresh:
+        return
+    for name in scan.classes:
+        if name not in catalog.class_names:
+            catalog.class_names.append(name)
+    remap = np.array([catalog.class_names.index(n) for n in scan.classes] + [-1], np.int64)
+    paths = [scan.paths[i] for i in fresh]
+    vectors, _, indices = embed_images(model, spec, paths, None, feature_kind=feature_kind,
+                                       on_failed=on_failed, **embed_options)
+    if len(indices):
+        labels = remap[scan.labels[fresh][indices]]  # -1 indexes the flat-folder slot
+        catalog.vectors = (vectors if len(catalog) == 0
+                           else np.concatenate([catalog.vectors, vectors]))
+        catalog.labels = np.concatenate([catalog.labels, labels])
+        catalog.paths = catalog.paths + [paths[i].resolve().as_posix() for i in indices]
 
 
 def _open_for_build(
