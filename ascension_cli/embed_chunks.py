@@ -42,11 +42,13 @@ _PART_NAME = re.compile(r"chunk-\d{6,}\.npz|\.chunk-\d{6,}\.npz\..*\.tmp")
 
 @dataclass
 class ChunkPlan:
-    """How many chunks there are, where they are kept, and which this process embeds."""
+    """How many chunks there are, where they are kept, which this process embeds, and the
+    digest of the run's identity that each part records."""
 
     parts: Path
     chunks: int
     mine: list[int]
+    identity_digest: str = ""
 
     def part(self, chunk: int) -> Path:
         return self.parts / f"chunk-{chunk:06d}.npz"
@@ -70,17 +72,17 @@ def _identity(scan: FolderScan, checkpoint_sha: str, chunk_size: int, options: d
 def plan_chunks(
     output: str | Path, chunks: int, identity: dict, context: DistributedContext,
     barrier: Callable[[], None], on_note: Callable[[str], None],
-    verify: Callable[[int, dict], str | None],
+    check: PartCheck,
 ) -> ChunkPlan:
     """Rank 0 keeps the parts of an interrupted run with the same identity (else clears them)
-    and drops each part that ``verify(chunk, part)`` finds a problem with; every rank then takes
-    its share of the ``chunks`` not yet done."""
-    plan = ChunkPlan(parts_folder(output), chunks, [])
+    and drops each part that does not pass ``check``; every rank then takes its share of the
+    ``chunks`` not yet done."""
+    plan = ChunkPlan(parts_folder(output), chunks, [],
+                     _digest([json.dumps(identity, sort_keys=True)]))
     if context.is_main:
         _prepare(plan.parts, identity, on_note)
         for chunk in range(chunks):
-            problem = _check_part(plan.part(chunk), chunk, _digest([json.dumps(
-                identity, sort_keys=True)]), verify)
+            problem = _check_part(plan.part(chunk), chunk, plan.identity_digest, check)
             if problem is not None:
                 on_note(f"chunk {chunk} in {plan.parts} {problem}: embedding it again")
                 plan.part(chunk).unlink()
@@ -149,8 +151,17 @@ def _record(chunk: int, identity_digest: str, rows: np.ndarray, vectors: np.ndar
                        "vectors_sha256": _digest([np.ascontiguousarray(vectors).tobytes()])})
 
 
-def _check_part(path: Path, chunk: int, identity_digest: str,
-                verify: Callable[[int, dict], str | None]) -> str | None:
+@dataclass(frozen=True)
+class PartCheck:
+    """What a part of each chunk must hold: vectors of ``dim``, rows within ``span(chunk)``
+    (start, stop), and images whose names ``names(chunk, part)`` gives."""
+
+    dim: int
+    span: Callable[[int], tuple[int, int]]
+    names: Callable[[int, dict], list[str]]
+
+
+def _check_part(path: Path, chunk: int, identity_digest: str, check: PartCheck) -> str | None:
     """Why the part at ``path`` cannot be joined, or None (also when there is none)."""
     if not path.is_file():
         return None
@@ -165,7 +176,16 @@ def _check_part(path: Path, chunk: int, identity_digest: str,
     if not (len(rows) == len(vectors) == len(part["labels"]) == record.get("rows")) or (
             record.get("vectors_sha256") != _digest([np.ascontiguousarray(vectors).tobytes()])):
         return "does not hold what it recorded"
-    return verify(chunk, {**part, "record": record})
+    start, stop = check.span(chunk)
+    rows = rows.astype(np.int64)
+    if len(rows) and (rows.min() < start or rows.max() >= stop or (np.diff(rows) <= 0).any()):
+        return "holds rows of other images"
+    if len(rows) and (vectors.ndim != 2 or vectors.shape[1] != check.dim):
+        return f"holds {vectors.shape[-1]}-d vectors, not {check.dim}-d"
+    names = check.names(chunk, part)
+    if len(names) != len(rows) or record.get("names_sha256") != _digest(names):
+        return "holds other images"
+    return None
 
 
 def _save_part(path: Path, rows: np.ndarray, vectors: np.ndarray, labels: np.ndarray,
@@ -186,21 +206,11 @@ def _load_part(path: Path) -> dict[str, np.ndarray]:
                         "that chunk is embedded again)") from None
 
 
-def _folder_check(scan: FolderScan, chunk_size: int, dim: int) -> Callable[[int, dict], str | None]:
-    """The check of a folder or manifest chunk: its rows in its range, its dimension, and the
-    digest of its images' names."""
-    def verify(chunk: int, part: dict) -> str | None:
-        rows = part["rows"].astype(np.int64)
-        start, stop = chunk * chunk_size, min(len(scan), (chunk + 1) * chunk_size)
-        if len(rows) and (rows.min() < start or rows.max() >= stop
-                          or (np.diff(rows) <= 0).any()):
-            return "holds rows of other images"
-        if len(rows) and part["record"]["dimension"] != dim:
-            return f"holds {part['record']['dimension']}-d vectors, not {dim}-d"
-        if part["record"]["names_sha256"] != _digest(scan.name(int(r)) for r in rows):
-            return "holds other images"
-        return None
-    return verify
+def _folder_check(scan: FolderScan, chunk_size: int, dim: int) -> PartCheck:
+    """A folder or manifest chunk holds rows of its range; their names come from the scan."""
+    return PartCheck(
+        dim, lambda chunk: (chunk * chunk_size, min(len(scan), (chunk + 1) * chunk_size)),
+        lambda chunk, part: [scan.name(int(row)) for row in part["rows"]])
 
 
 def embed_in_chunks(
@@ -234,7 +244,6 @@ def embed_in_chunks(
     dim = spec.feature_dim(options.get("feature_kind", "backbone"))
     plan = plan_chunks(output, -(-len(scan) // chunk_size), identity, context, barrier,
                        on_note, _folder_check(scan, chunk_size, dim))
-    identity_digest = _digest([json.dumps(identity, sort_keys=True)])
     on_start = options.pop("on_start", None)
     on_failed = options.pop("on_failed", None)
     if on_start is not None:
@@ -254,7 +263,7 @@ def embed_in_chunks(
             **options)
         names = [scan.name(int(r)) for r in rows[kept]]
         _save_part(plan.part(chunk), rows[kept], vectors, labels, failed, names,
-                   _record(chunk, identity_digest, rows[kept], vectors, names))
+                   _record(chunk, plan.identity_digest, rows[kept], vectors, names))
     barrier()
     if not context.is_main:
         return None
@@ -302,7 +311,6 @@ def embed_shards(
     dim = spec.feature_dim(options.get("feature_kind", "backbone"))
     plan = plan_chunks(output, len(shards.urls), identity, context, barrier, on_note,
                        _shard_check(shards.counts, dim))
-    identity_digest = _digest([json.dumps(identity, sort_keys=True)])
     on_start = options.pop("on_start", None)
     if on_start is not None:
         on_start(sum(shards.counts[chunk] for chunk in plan.mine))
@@ -325,7 +333,8 @@ def embed_shards(
             **{**options, "on_failed": record})
         names = [samples[i].name for i in kept]
         _save_part(plan.part(chunk), kept, vectors, labels, failed, names,
-                   _record(chunk, identity_digest, kept, vectors, names), keep_names=True)
+                   _record(chunk, plan.identity_digest, kept, vectors, names),
+                   keep_names=True)
     barrier()
     if not context.is_main:
         return None
@@ -338,20 +347,10 @@ def embed_shards(
     )
 
 
-def _shard_check(counts: list[int], dim: int) -> Callable[[int, dict], str | None]:
-    """The check of a shard's part: its rows within the shard, its dimension, and its names
-    as recorded."""
-    def verify(chunk: int, part: dict) -> str | None:
-        rows = part["rows"].astype(np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= counts[chunk]):
-            return "holds rows the shard does not have"
-        if len(rows) and part["record"]["dimension"] != dim:
-            return f"holds {part['record']['dimension']}-d vectors, not {dim}-d"
-        names = part["names"].tolist()
-        if len(names) != len(rows) or part["record"]["names_sha256"] != _digest(names):
-            return "holds other images"
-        return None
-    return verify
+def _shard_check(counts: list[int], dim: int) -> PartCheck:
+    """A shard's part holds rows within the shard, and the names of its samples."""
+    return PartCheck(dim, lambda chunk: (0, counts[chunk]),
+                     lambda chunk, part: part["names"].tolist())
 
 
 def finish(output: str | Path) -> None:

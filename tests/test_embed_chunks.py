@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import ascension_cli.embed_chunks as chunks
 from ascension_cli.cli import app
-from ascension_cli.embed_chunks import embed_in_chunks, parts_folder, plan_chunks
+from ascension_cli.embed_chunks import PartCheck, embed_in_chunks, parts_folder, plan_chunks
 from ascension_cli.embedding import embed_folder
 from ascension_cli.runtime import DistributedContext
 from ascension_cli.vectors import load_vectors
@@ -39,7 +39,8 @@ def test_chunks_are_shared_among_ranks_without_overlap(tmp_path):
     taken = []
     for rank in range(3):
         plan = plan_chunks(tmp_path / "v.npz", 11, identity, DistributedContext(rank, 3),
-                           lambda: None, lambda _: None, lambda chunk, part: None)
+                           lambda: None, lambda _: None,
+                           PartCheck(8, lambda c: (0, 0), lambda c, p: []))
         taken.append(plan.mine)
     assert sorted(c for mine in taken for c in mine) == list(range(11))
     assert all(set(a).isdisjoint(b) for i, a in enumerate(taken) for b in taken[i + 1:])
