@@ -82,20 +82,14 @@ def _tiff(data: bytes) -> Size:
     return found[256], found[257]
 
 
-def _pnm_numbers(data: bytes, count: int) -> list[int]:
-    head = re.sub(rb"#[^\n]*", b" ", data[2:4096])  # comments may sit between the fields
-    fields = head.split()
-    return [int(f) for f in fields[:count]]
-
-
 def _pnm(data: bytes) -> Size:
     if data[:2] == b"P7":  # PAM: WIDTH and HEIGHT lines
         head = data[:4096]
         width = re.search(rb"\nWIDTH\s+(\d+)", head)
         height = re.search(rb"\nHEIGHT\s+(\d+)", head)
         return int(width.group(1)), int(height.group(1))
-    width, height = _pnm_numbers(data, 2)
-    return width, height
+    fields = re.sub(rb"#[^\n]*", b" ", data[2:4096]).split()  # comments may sit between fields
+    return int(fields[0]), int(fields[1])
 
 
 def _sun_raster(data: bytes) -> Size:
@@ -152,19 +146,24 @@ EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WebP
               "Radiance HDR": ".hdr", "AVIF": ".avif"}
 
 
+def _reader(data: bytes) -> tuple[str, Callable[[bytes], Size]] | None:
+    return next(((name, read) for name, matches, read in _READERS if matches(data)), None)
+
+
 def image_format(data: bytes) -> str | None:
     """The format the first bytes announce, or None for one Ascension does not read."""
-    return next((name for name, matches, _ in _READERS if matches(data)), None)
+    found = _reader(data)
+    return None if found is None else found[0]
 
 
 def image_size(data: bytes) -> tuple[str, Size | None] | None:
     """(format, (width, height)) from the header; (format, None) when the header of a known
     format does not parse (cut short, malformed); None for an unknown format."""
-    for name, matches, read in _READERS:
-        if matches(data):
-            try:
-                width, height = read(data)
-            except (ValueError, KeyError, AttributeError, IndexError):
-                return name, None
-            return name, (width, height)
-    return None
+    found = _reader(data)
+    if found is None:
+        return None
+    name, read = found
+    try:
+        return name, read(data)
+    except (ValueError, KeyError, AttributeError, IndexError):
+        return name, None
