@@ -61,8 +61,7 @@ def test_a_cli_starting_test_passes_with_no_ascension_on_path():
 
 def github_anchor(heading: str) -> str:
     """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
-    text = re.sub(r"[`*_]{2,}|`", "", heading.strip().lower())
-    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def anchors(page: Path) -> set[str]:
