@@ -60,13 +60,16 @@ class Lookup:
         self.run_options = run_options
         self.max_pixels = max_pixels
         self.lock = threading.Lock()  # guards the searcher's swap, never held while embedding
-        self._load()
-        if os.access(directory, os.W_OK):
-            with catalog_lock(directory):  # an add that a kill interrupted left these behind
-                removed = remove_orphan_uploads(load_catalog(directory, with_vectors=False))
-            if removed:
-                print(f"removed {removed} photo(s) of an interrupted add from "
-                      f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
+        if not os.access(directory, os.W_OK):
+            self._load()
+            return
+        with catalog_lock(directory):  # read under the lock: no add lands meanwhile
+            self._load()
+            # An add that a kill interrupted left these behind.
+            removed = remove_orphan_uploads(self.searcher.catalog)
+        if removed:
+            print(f"removed {removed} photo(s) of an interrupted add from "
+                  f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
 
     def _stamp(self) -> tuple[int, int]:
         stat = (self.directory / CATALOG_JSON).stat()
