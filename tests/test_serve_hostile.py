@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,6 +19,7 @@ requests = pytest.importorskip("requests")
 
 from ascension_cli.cli import app  # noqa: E402, I001
 from ascension_cli.serve import Batcher, _Pending  # noqa: E402
+from ascension_cli.vectors import load_vectors  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 from tests.test_image_header import tiff_claiming, webp_claiming  # noqa: E402
 from tests.test_serve import catalogue_server, runner  # noqa: E402
@@ -193,8 +193,10 @@ def test_a_bomb_in_a_class_folder_is_skipped_by_embed(tmp_path):
     result = runner.invoke(app, ["embed", str(checkpoint), str(data), "-o",
                                  str(tmp_path / "v.npz"), "--workers", "0"])
     assert result.exit_code == 0, result.output
-    assert "over the limit" in result.output or "2 unreadable" in result.output, result.output
-    assert Path(tmp_path / "v.npz").is_file()
+    assert result.output.count("pixels is over the limit") == 2, result.output
+    assert "2 unreadable image(s) skipped" in result.output
+    assert sorted(load_vectors(tmp_path / "v.npz").failed) == ["square/bomb.tif",
+                                                               "square/bomb.webp"]
 
 
 def rss_mib() -> float:
