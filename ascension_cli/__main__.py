@@ -1,4 +1,4 @@
-from ascension_cli.cli import main
+from ascension_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

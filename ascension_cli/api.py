@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from ascension_cli.config import WARMUP_SHARE, EmbedConfig, TrainConfig, resolve
 
 if TYPE_CHECKING:
+    from ascension_cli.embed.vectors import Vectors
     from ascension_cli.retrieval.evaluate import EvaluationRun
     from ascension_cli.train.loop import EpochRecord, Reporter
-    from ascension_cli.vectors import Vectors
 
 
 def _default(field: str) -> Any:
@@ -108,8 +108,8 @@ def embed(
     """
     import tempfile
 
-    from ascension_cli.embed_chunks import embed_in_chunks, finish
-    from ascension_cli.vectors import save_vectors
+    from ascension_cli.embed.chunks import embed_in_chunks, finish
+    from ascension_cli.embed.vectors import save_vectors
 
     given = dict(options, checkpoint=checkpoint, image_root=image_root)
     if output is not None:
@@ -140,8 +140,8 @@ def evaluate(
     ``queries`` and ``gallery`` are ``Vectors`` or vectors files; without a gallery the queries
     are searched among themselves. The metrics are in ``.clean.report``.
     """
+    from ascension_cli.embed.vectors import load_vectors
     from ascension_cli.retrieval.evaluate import evaluate_vectors
-    from ascension_cli.vectors import load_vectors
 
     def loaded(item):
         return item if item is None or hasattr(item, "vectors") else load_vectors(item)

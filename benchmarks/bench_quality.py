@@ -89,7 +89,7 @@ def link_tree(destination: Path, split: Split, which: str) -> Path:
 
 def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dict:
     """Queries (``on``: test or val) against the train photos as gallery, clean and recoloured."""
-    from ascension_cli.embedding import embed_images
+    from ascension_cli.embed.images import embed_images
     from ascension_cli.retrieval.evaluate import evaluate
 
     def vectors(which: str, recolor: str | None = None):
@@ -113,7 +113,7 @@ def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dic
 
 def backbone_model(args):
     """The pretrained trunk as an ``EmbeddingModel`` (its head unused: backbone features)."""
-    from ascension_cli.model import build_model
+    from ascension_cli.model.backbone import build_model
 
     return build_model(args.model, image_size=args.image_size, pretrained=args.weights is not None,
                        weights=args.weights)
@@ -173,7 +173,7 @@ def run_plain(split: Split, args, seed: int) -> dict:
 
 def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
     from ascension_cli import train_supcon
-    from ascension_cli.checkpoint import load_model
+    from ascension_cli.model.checkpoint import load_model
 
     options = dict(options)
     features = options.pop("features", "backbone")  # which vectors are evaluated

@@ -39,7 +39,7 @@ CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channel
 
 def run_config(name: str, args) -> dict:
     from ascension_cli.losses import supcon_loss
-    from ascension_cli.model import build_model
+    from ascension_cli.model.backbone import build_model
     from ascension_cli.runtime import (
         autocast_factory,
         compile_model,

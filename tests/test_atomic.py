@@ -1,7 +1,7 @@
 import pytest
 
 from ascension_cli.atomic import atomic_write, atomic_write_text
-from ascension_cli.checkpoint import atomic_save, load_checkpoint
+from ascension_cli.model.checkpoint import atomic_save, load_checkpoint
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -20,7 +20,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
 def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from ascension_cli import checkpoint
+    from ascension_cli.model import checkpoint
 
     payload = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "x": 1,
                **dict.fromkeys(checkpoint.REQUIRED_KEYS, {})}

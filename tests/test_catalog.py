@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ascension_cli.catalog import Match, load_catalog, vote
-from ascension_cli.checkpoint import load_model
-from ascension_cli.cli import app
+from ascension_cli.catalog.store import Match, load_catalog, vote
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
+from ascension_cli.model.checkpoint import load_model
 from ascension_cli.train.loop import train
 from tests.conftest import make_dataset
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_module_entry_point_and_console_script_help():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from ascension_cli import cli; print('torch' in sys.modules)"
+    code = "import sys; from ascension_cli.cli import app; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.stdout.strip() == "False"
@@ -123,7 +123,7 @@ def test_epoch_line_says_when_training_is_below_the_untrained_model():
 
     from rich.console import Console
 
-    from ascension_cli.cli import RichReporter
+    from ascension_cli.cli.app import RichReporter
     from ascension_cli.train.loop import EpochRecord
 
     out = StringIO()

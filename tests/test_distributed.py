@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ascension_cli.losses import supcon_loss
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.model.backbone import EmbeddingModel
 from ascension_cli.train.distributed import gather_with_grad
 from ascension_cli.train.gradcache import cached_backward
 from tests.conftest import make_dataset

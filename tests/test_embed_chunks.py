@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import ascension_cli.embed_chunks as chunks
-from ascension_cli.cli import app
-from ascension_cli.embed_chunks import PartCheck, embed_in_chunks, parts_folder, plan_chunks
-from ascension_cli.embedding import embed_folder
+import ascension_cli.embed.chunks as chunks
+from ascension_cli.cli.app import app
+from ascension_cli.embed.chunks import PartCheck, embed_in_chunks, parts_folder, plan_chunks
+from ascension_cli.embed.images import embed_folder
+from ascension_cli.embed.vectors import load_vectors
 from ascension_cli.runtime import DistributedContext
-from ascension_cli.vectors import load_vectors
 from tests.test_catalog import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

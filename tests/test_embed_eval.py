@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
+from ascension_cli.embed.vectors import Vectors, load_vectors, save_vectors, sha256_of
 from ascension_cli.train.loop import train
-from ascension_cli.vectors import Vectors, load_vectors, save_vectors, sha256_of
 from tests.conftest import make_dataset
 
 runner = CliRunner()
@@ -85,9 +85,9 @@ def test_embed_head_features_and_flat_folder(trained, tmp_path):
 
 
 def test_embed_matches_the_model_directly(trained, tmp_path):
-    from ascension_cli.checkpoint import load_model
     from ascension_cli.data.augment import eval_transform
     from ascension_cli.data.folder import load_image
+    from ascension_cli.model.checkpoint import load_model
 
     root, data, checkpoint = trained
     assert invoke("embed", checkpoint, data, "-o", tmp_path / "v.npz", "--workers", "0",

@@ -34,7 +34,7 @@ def test_ci_runs_the_readme_test_command_as_written():
 
 
 def test_no_test_or_benchmark_starts_a_bare_ascension_from_path():
-    from ascension_cli.cli import app
+    from ascension_cli.cli.app import app
 
     commands = "|".join(c.name or c.callback.__name__ for c in app.registered_commands)
     bare = re.compile(rf"""["']ascension["']\s*,\s*["']({commands})["']""")

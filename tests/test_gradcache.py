@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ascension_cli.losses import supcon_loss
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.model.backbone import EmbeddingModel
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 
 

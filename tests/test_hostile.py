@@ -26,7 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.train.loop import train
 from tests.conftest import make_dataset

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ascension_cli.catalog import load_catalog
-from ascension_cli.cli import app
+from ascension_cli.catalog.store import load_catalog
+from ascension_cli.cli.app import app
 from ascension_cli.retrieval.index import (
     INDEX_KINDS,
     MIN_IVFPQ,
@@ -110,7 +110,7 @@ def test_catalogue_index_kinds_and_the_memory_refusal(tmp_path, monkeypatch):
     # Too few items for ivfpq, and an index that does not fit: one line, nothing written.
     small = invoke("index", checkpoint, data, "-o", tmp_path / "pq", "--kind", "ivfpq")
     assert small.exit_code == 2 and "at least 10,000 items" in small.output
-    monkeypatch.setattr("ascension_cli.catalog.available_memory", lambda: 1000)
+    monkeypatch.setattr("ascension_cli.catalog.store.available_memory", lambda: 1000)
     refused = invoke("index", checkpoint, data, "-o", tmp_path / "big", "--workers", "0")
     assert refused.exit_code == 2 and "more than 80% of the" in refused.output, refused.output
     assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "big").exists()

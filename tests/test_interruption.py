@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascension_cli.checkpoint import load_checkpoint
 from ascension_cli.config import TrainConfig
 from ascension_cli.errors import Interrupted
+from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.train.loop import Reporter, train
 from tests.conftest import make_dataset
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.data.manifest import read_manifest, scan_any, write_manifest
+from ascension_cli.embed.vectors import Vectors, load_vectors, save_vectors
 from ascension_cli.errors import DataError
 from ascension_cli.retrieval.evaluate import evaluate_vectors
 from ascension_cli.train.loop import _load_data
-from ascension_cli.vectors import Vectors, load_vectors, save_vectors
 from tests.conftest import make_dataset
 
 runner = CliRunner()

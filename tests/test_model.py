@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ascension_cli.errors import ConfigError, WeightsError
-from ascension_cli.model import ModelSpec, build_model, model_from_spec
+from ascension_cli.model.backbone import ModelSpec, build_model, model_from_spec
 from tests.conftest import LITE0_WEIGHTS
 
 

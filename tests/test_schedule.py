@@ -7,7 +7,7 @@ import timm
 import torch
 
 from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.model.backbone import EmbeddingModel
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
 
 

@@ -23,7 +23,7 @@ requests = pytest.importorskip("requests")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from ascension_cli.cli import app  # noqa: E402
+from ascension_cli.cli.app import app  # noqa: E402
 from ascension_cli.paths import CATALOG_VERSION  # noqa: E402
 from tests.conftest import CLI, chromium  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
@@ -43,7 +43,7 @@ class Server:
     def __init__(self, catalog: Path, **options):
         import uvicorn
 
-        from ascension_cli.serve import create_app
+        from ascension_cli.serve.app import create_app
 
         settings = dict(run_options={"workers": 0, "precision": "auto", "device": "cpu",
                                      "channels_last": True, "batch_size": 64},

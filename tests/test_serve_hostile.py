@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
-from ascension_cli.cli import app  # noqa: E402, I001
-from ascension_cli.serve import Batcher, _Pending  # noqa: E402
-from ascension_cli.vectors import load_vectors  # noqa: E402
+from ascension_cli.cli.app import app  # noqa: E402, I001
+from ascension_cli.serve.app import Batcher, _Pending  # noqa: E402
+from ascension_cli.embed.vectors import load_vectors  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 from tests.test_image_header import tiff_claiming, webp_claiming  # noqa: E402
 from tests.test_serve import catalogue_server, runner  # noqa: E402
@@ -208,7 +208,7 @@ def test_a_bounded_load_of_valid_bad_and_write_requests(tmp_path):
     """About 15 s of concurrent clients mixing valid searches, hostile requests and token adds
     against a real server on 127.0.0.1: every valid answer right, every bad one a 4xx, memory
     bounded, and the catalogue consistent afterwards."""
-    from ascension_cli.catalog import load_catalog
+    from ascension_cli.catalog.store import load_catalog
 
     data, _, server = catalogue_server(tmp_path, batch_window=0.01, token=TOKEN,
                                        max_upload_bytes=1_000_000)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.data.augment import train_transform
 from ascension_cli.data.folder import scan_folder
@@ -28,9 +28,9 @@ from ascension_cli.data.shards import (
     write_shards,
 )
 from ascension_cli.data.stream import ShardTrainStream, stream_count
+from ascension_cli.embed.vectors import load_vectors
 from ascension_cli.errors import DataError, Interrupted
 from ascension_cli.train.loop import train
-from ascension_cli.vectors import load_vectors
 from tests.conftest import make_dataset
 from tests.test_interruption import SignalAtStep, options, same_weights
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.data.shards import MAX_IMAGE_BYTES, open_shards, read_samples, write_shards
 from ascension_cli.errors import DataError

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ascension_cli.cli import app
+from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.errors import ConfigError
 from ascension_cli.train.loop import train

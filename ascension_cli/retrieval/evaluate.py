@@ -7,10 +7,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ascension_cli.embed.vectors import Vectors
 from ascension_cli.errors import VectorsError
 from ascension_cli.retrieval.index import MIN_IVFPQ, nearest_neighbours
 from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
-from ascension_cli.vectors import Vectors
 
 _MISSING = np.iinfo(np.int64).min  # label of a missing neighbour (id -1): matches no query
 

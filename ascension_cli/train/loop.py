@@ -24,7 +24,6 @@ import yaml
 from torch.utils.data import DataLoader
 
 from ascension_cli.atomic import atomic_write_text
-from ascension_cli.checkpoint import atomic_save, load_checkpoint, training_state
 from ascension_cli.config import TrainConfig, resume_may_change, to_plain
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.cache import DecodedImages, available_memory
@@ -34,10 +33,11 @@ from ascension_cli.data.manifest import scan_source
 from ascension_cli.data.sampler import ClassBalancedBatchSampler, fit_batches
 from ascension_cli.data.shards import ShardSet, is_shards, open_shards
 from ascension_cli.data.stream import ShardTrainStream, stream_count
+from ascension_cli.embed.inference import extract_features
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, TrainingError, first_line
-from ascension_cli.inference import extract_features
 from ascension_cli.losses import supcon_loss
-from ascension_cli.model import ModelSpec, build_model, model_from_spec
+from ascension_cli.model.backbone import ModelSpec, build_model, model_from_spec
+from ascension_cli.model.checkpoint import atomic_save, load_checkpoint, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import (
     autocast_factory,

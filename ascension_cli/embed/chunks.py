@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from ascension_cli.atomic import atomic_write, atomic_write_text
-from ascension_cli.checkpoint import load_model
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.data.manifest import for_evaluation, scan_any
 from ascension_cli.data.shards import is_shards, open_shards, read_samples
 from ascension_cli.data.stream import SampleDataset
-from ascension_cli.embedding import embed_dataset, embed_images, vectors_of
+from ascension_cli.embed.images import embed_dataset, embed_images, vectors_of
+from ascension_cli.embed.vectors import Vectors, sha256_of
 from ascension_cli.errors import DataError
+from ascension_cli.model.checkpoint import load_model
 from ascension_cli.runtime import DistributedContext
-from ascension_cli.vectors import Vectors, sha256_of
 
 DEFAULT_CHUNK = 4096
 IDENTITY = "identity.json"

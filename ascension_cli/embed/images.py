@@ -10,14 +10,15 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.checkpoint import load_model
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import EvalDataset, Failed, collate
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.data.manifest import for_evaluation, scan_any
+from ascension_cli.embed.inference import extract_features
+from ascension_cli.embed.vectors import Vectors, sha256_of
 from ascension_cli.errors import DataError
-from ascension_cli.inference import extract_features
-from ascension_cli.model import EmbeddingModel, ModelSpec
+from ascension_cli.model.backbone import EmbeddingModel, ModelSpec
+from ascension_cli.model.checkpoint import load_model
 from ascension_cli.runtime import (
     autocast_factory,
     resolve_device,
@@ -25,7 +26,6 @@ from ascension_cli.runtime import (
     resolve_workers,
     use_channels_last,
 )
-from ascension_cli.vectors import Vectors, sha256_of
 
 
 def write_index(path: str | Path, vectors: np.ndarray, index_kind: str = "flat") -> dict:

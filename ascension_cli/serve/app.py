@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile  # what form() gives (FastAPI's subclasses it)
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.catalog import (
+from ascension_cli.catalog.store import (
     CatalogError,
     CatalogSearcher,
     catalog_lock,
@@ -393,7 +393,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        from ascension_cli.serve_page import PAGE
+        from ascension_cli.serve.page import PAGE
 
         return PAGE
 

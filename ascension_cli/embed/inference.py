@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ascension_cli.data.dataset import Batch, Failed
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.model.backbone import EmbeddingModel
 from ascension_cli.runtime import to_input
 
 FEATURE_KINDS = ("backbone", "head")

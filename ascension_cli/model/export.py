@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.checkpoint import load_model
-from ascension_cli.model import EmbeddingModel
+from ascension_cli.model.backbone import EmbeddingModel
+from ascension_cli.model.checkpoint import load_model
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 

@@ -33,13 +33,14 @@ import faiss
 import numpy as np
 
 from ascension_cli.atomic import atomic_write, atomic_write_text
-from ascension_cli.checkpoint import load_model, load_model_file, save_model_file
 from ascension_cli.data.cache import available_memory
 from ascension_cli.data.dataset import Failed
 from ascension_cli.data.manifest import scan_any
-from ascension_cli.embedding import embed_images, write_index
+from ascension_cli.embed.images import embed_images, write_index
+from ascension_cli.embed.vectors import sha256_of
 from ascension_cli.errors import AscensionError, CheckpointError, DataError
-from ascension_cli.model import EmbeddingModel, ModelSpec
+from ascension_cli.model.backbone import EmbeddingModel, ModelSpec
+from ascension_cli.model.checkpoint import load_model, load_model_file, save_model_file
 from ascension_cli.paths import (
     CATALOG_FORMAT,
     CATALOG_JSON,
@@ -58,7 +59,6 @@ from ascension_cli.paths import (
     not_ours,
 )
 from ascension_cli.retrieval.index import check_fits, plan_index, search
-from ascension_cli.vectors import sha256_of
 
 
 class CatalogError(AscensionError):

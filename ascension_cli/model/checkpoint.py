@@ -18,7 +18,7 @@ import torch
 from ascension_cli import __version__
 from ascension_cli.atomic import atomic_write
 from ascension_cli.errors import CheckpointError
-from ascension_cli.model import EmbeddingModel, ModelSpec, model_from_spec
+from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, model_from_spec
 from ascension_cli.paths import CHECKPOINT_FORMAT as FORMAT
 from ascension_cli.paths import CHECKPOINT_VERSION as FORMAT_VERSION
 from ascension_cli.paths import checked, checkpoint_file, not_ours, why_unloadable

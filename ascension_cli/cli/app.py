@@ -17,7 +17,14 @@ import typer
 from rich.markup import escape
 
 from ascension_cli import __version__
-from ascension_cli.cli_options import extra_option, given, options_of
+from ascension_cli.cli.console import (
+    ImageProgress,
+    RichReporter,
+    console,
+    err_console,
+    print_index_info,
+)
+from ascension_cli.cli.options import extra_option, given, options_of
 from ascension_cli.config import (
     DemoConfig,
     EmbedConfig,
@@ -31,13 +38,6 @@ from ascension_cli.config import (
     ShardConfig,
     TrainConfig,
     resolve,
-)
-from ascension_cli.console import (
-    ImageProgress,
-    RichReporter,
-    console,
-    err_console,
-    print_index_info,
 )
 from ascension_cli.errors import AscensionError
 
@@ -131,7 +131,7 @@ def train(**options: Any) -> None:
 
             if not launched_by_torchrun():
                 raise typer.Exit(_launch_torchrun(nproc, settings))
-        from ascension_cli.console import print_training_summary
+        from ascension_cli.cli.console import print_training_summary
         from ascension_cli.train.loop import train as run_training
 
         print_training_summary(run_training(settings, RichReporter(console)))
@@ -190,7 +190,7 @@ def demo(**options: Any) -> None:
 
 
 def _embed(checkpoint: Path, image_root: Path, description: str, **options):
-    from ascension_cli.embedding import embed_folder
+    from ascension_cli.embed.images import embed_folder
 
     with ImageProgress(description) as progress:
         return embed_folder(
@@ -213,9 +213,9 @@ def embed(**options: Any) -> None:
     """
     with _user_errors():
         settings = resolve(EmbedConfig, given(options))
-        from ascension_cli.embed_chunks import embed_across_processes, finish, parts_folder
-        from ascension_cli.embedding import write_index
-        from ascension_cli.vectors import save_vectors
+        from ascension_cli.embed.chunks import embed_across_processes, finish, parts_folder
+        from ascension_cli.embed.images import write_index
+        from ascension_cli.embed.vectors import save_vectors
 
         main_process = os.environ.get("RANK", "0") == "0"
         try:
@@ -263,7 +263,7 @@ def evaluate_command(**options: Any) -> None:
         from ascension_cli.retrieval.report import evaluation_json, retrieval_grid, write_json
 
         queries, run = _measure(settings)
-        from ascension_cli.console import print_evaluation
+        from ascension_cli.cli.console import print_evaluation
 
         print_evaluation(run)
         if settings.json_file is not None:
@@ -288,8 +288,8 @@ def evaluate_command(**options: Any) -> None:
 def _measure(settings: EvalConfig | ReportConfig):
     """The queries, and their evaluation against the gallery (and each recolouring)."""
     from ascension_cli.data.augment import RECOLORINGS
+    from ascension_cli.embed.vectors import load_vectors
     from ascension_cli.retrieval.evaluate import evaluate_vectors
-    from ascension_cli.vectors import load_vectors
 
     embed_options = dict(feature_kind=settings.features, **settings.run_options())
 
@@ -341,7 +341,7 @@ def index(**options: Any) -> None:
     """
     with _user_errors():
         settings = resolve(IndexConfig, given(options))
-        from ascension_cli.catalog import build_catalog
+        from ascension_cli.catalog.store import build_catalog
 
         with ImageProgress("indexing") as progress:
             catalog, added = build_catalog(
@@ -364,8 +364,8 @@ def search_command(**options: Any) -> None:
     """Which catalogue item is each photo? Top-k matches and a similarity-weighted vote."""
     with _user_errors():
         settings = resolve(SearchConfig, given(options))
-        from ascension_cli.catalog import load_catalog, search_catalog
-        from ascension_cli.console import print_search
+        from ascension_cli.catalog.store import load_catalog, search_catalog
+        from ascension_cli.cli.console import print_search
         from ascension_cli.data.folder import list_images
         from ascension_cli.errors import DataError
         from ascension_cli.retrieval.report import write_json
@@ -432,7 +432,7 @@ def export(**options: Any) -> None:
     """Export the model: normalised images in, L2-normalised embeddings out, any batch size."""
     with _user_errors():
         settings = resolve(ExportConfig, given(options))
-        from ascension_cli.export import export_model
+        from ascension_cli.model.export import export_model
 
         info = export_model(settings.checkpoint, settings.output, settings.format,
                             settings.features, settings.image_size)
@@ -465,7 +465,7 @@ def serve(**options: Any) -> None:
 
         import uvicorn
 
-        from ascension_cli.serve import SETTINGS_VARIABLE, create_app
+        from ascension_cli.serve.app import SETTINGS_VARIABLE, create_app
 
         console.print(f"serving {settings.catalog} on http://{settings.host}:{settings.port}/ "
                       f"({settings.workers} process(es); writes "
@@ -477,7 +477,7 @@ def serve(**options: Any) -> None:
             return
         os.environ[SETTINGS_VARIABLE] = json.dumps(
             {"catalog": str(settings.catalog), **settings.app_options()})
-        uvicorn.run("ascension_cli.serve:app_from_environment", factory=True,
+        uvicorn.run("ascension_cli.serve.app:app_from_environment", factory=True,
                     workers=settings.workers, host=settings.host, port=settings.port,
                     log_level="warning")
 

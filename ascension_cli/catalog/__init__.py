@@ -1,0 +1,1 @@
+"""Catalogues of known items: their layout on disk, building, changing and searching them."""

@@ -1,0 +1,1 @@
+"""The ``ascension`` command line: Typer commands (``app``), their options, the console."""

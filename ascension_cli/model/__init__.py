@@ -1,0 +1,1 @@
+"""The embedding model: a timm backbone and head, its checkpoint format, its export."""

@@ -1,0 +1,1 @@
+"""``ascension serve``: the HTTP service over a catalogue and the page it shows."""
