@@ -1,10 +1,16 @@
-"""Every error a user can cause, as a typed exception.
+"""Every error a user can cause, as a typed exception deriving from ``AscensionError``.
 
-``cli.py`` turns these into a one-line message and a non-zero exit code; library users can catch
-``AscensionError`` to handle them all.
+The command line (``cli/guard.py``) turns these into a one-line message and a non-zero exit
+code; library users can catch ``AscensionError`` to handle them all.
+
+An error about options names them by field (``{target_batch}`` in its message, the field in
+``options``): ``str(error)`` spells them as fields (``target_batch``), the Python API's words,
+and the command line spells them as flags (``--target-batch``) with ``error.render``. Library
+layers never write a flag.
 """
 
 import errno
+from collections.abc import Callable
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -20,10 +26,54 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WRITE_REFUSED_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
 
 
+def spell_options(template: str, options: tuple[str, ...], spell: Callable[[str], str]) -> str:
+    """``template`` with each ``{field}`` of ``options`` spelled by ``spell``."""
+    for field in options:
+        template = template.replace("{" + field + "}", spell(field))
+    return template
+
+
+def as_field(field: str) -> str:
+    """The library's spelling of an option: its field name."""
+    return field
+
+
+class Wording(str):
+    """A message (a progress note) that names options: as a ``str`` it spells them as fields,
+    ``render(spell)`` spells them the reader's way (the command line's: as flags)."""
+
+    template: str
+    options: tuple[str, ...]
+
+    def __new__(cls, template: str, options: tuple[str, ...] = ()):
+        text = super().__new__(cls, spell_options(template, tuple(options), as_field))
+        text.template, text.options = template, tuple(options)
+        return text
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        return spell_options(self.template, self.options, spell)
+
+
+def template_of(text: str) -> tuple[str, tuple[str, ...]]:
+    """The template and options of a ``Wording``; a plain string is its own template."""
+    return (text.template, text.options) if isinstance(text, Wording) else (text, ())
+
+
 class AscensionError(Exception):
     """Base class: a problem with the user's input, not a bug in Ascension."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.message, self.options = message, tuple(options)
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        """The message with each option field in ``options`` spelled by ``spell``."""
+        return spell_options(self.message, self.options, spell)
+
+    def __str__(self) -> str:
+        return self.render(as_field)
 
 
 class ConfigError(AscensionError):
@@ -52,9 +102,17 @@ class VectorsError(AscensionError):
     """A vectors file or index is unreadable, empty, or does not fit its counterpart."""
 
 
+class ImageDecodeError(AscensionError):
+    """An image file cannot be decoded (damaged, an unknown format, or too many pixels)."""
+
+
+class CatalogError(AscensionError):
+    """A catalogue folder is damaged, incomplete, or of a version this Ascension cannot read."""
+
+
 class Interrupted(AscensionError):
     """SIGINT/SIGTERM stopped training after a resumable checkpoint was written."""
 
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
+    def __init__(self, message: str, signal_number: int, options: tuple[str, ...] = ()):
+        super().__init__(message, options=options)
         self.exit_code = 128 + signal_number

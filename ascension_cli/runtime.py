@@ -24,15 +24,17 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+            raise ConfigError("{device} cuda: no CUDA device is available here; use {device} cpu",
+                              options=("device",))
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
+                f"{{device}} {name}: only {torch.cuda.device_count()} CUDA device(s) exist",
+                options=("device",))
     if device.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
-        raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu")
+        raise ConfigError("{device} mps: Apple MPS is not available here; use {device} cpu",
+                          options=("device",))
     return device
 
 
@@ -67,11 +69,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 here")
+        raise ConfigError("{precision} fp16 needs a CUDA device; use bf16 or fp32 here",
+                          options=("precision",))
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16: this GPU does not support bf16; use fp16 or fp32")
+        raise ConfigError("{precision} bf16: this GPU does not support bf16; use fp16 or fp32",
+                          options=("precision",))
     if precision == "bf16" and device.type == "mps":
-        raise ConfigError("--precision bf16 is not supported on MPS; use fp32")
+        raise ConfigError("{precision} bf16 is not supported on MPS; use fp32",
+                          options=("precision",))
     return precision
 
 

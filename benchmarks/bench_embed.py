@@ -20,7 +20,7 @@ import torch
 from _common import SHARED_DATA, benchmark_parser, best_of_rounds, print_table, write_json
 
 from ascension_cli.data.folder import scan_folder
-from ascension_cli.embed.images import embed_images
+from ascension_cli.embedding.pipeline import embed_images
 from ascension_cli.model.backbone import build_model
 from ascension_cli.runtime import (
     autocast_factory,

@@ -89,7 +89,7 @@ def link_tree(destination: Path, split: Split, which: str) -> Path:
 
 def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dict:
     """Queries (``on``: test or val) against the train photos as gallery, clean and recoloured."""
-    from ascension_cli.embed.images import embed_images
+    from ascension_cli.embedding.pipeline import embed_images
     from ascension_cli.retrieval.evaluate import evaluate
 
     def vectors(which: str, recolor: str | None = None):

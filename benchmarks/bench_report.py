@@ -32,7 +32,7 @@ def make_images(root: Path, count: int) -> list[str]:
 
 
 def make_vectors(root: Path, count: int, classes: int, dim: int, images: list[str]):
-    from ascension_cli.embed.vectors import Vectors
+    from ascension_cli.embedding.vectors import Vectors
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, classes, count)

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def build_catalog(work: Path, image_size: int) -> tuple[Path, list[Path]]:
     from ascension_cli import train_supcon
-    from ascension_cli.catalog.store import build_catalog as build
+    from ascension_cli.catalog.build import build_catalog as build
     from tests.conftest import make_dataset
 
     source = SHARED_DATA / "sign-language-digits"
@@ -114,7 +114,8 @@ def plain_server(catalog: str, port: str) -> None:
     import uvicorn
     from fastapi import FastAPI, UploadFile
 
-    from ascension_cli.catalog.store import CatalogSearcher, load_catalog
+    from ascension_cli.catalog.search import CatalogSearcher
+    from ascension_cli.catalog.store import load_catalog
 
     searcher = CatalogSearcher(load_catalog(catalog))
     app = FastAPI()

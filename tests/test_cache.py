@@ -52,7 +52,7 @@ def test_cache_returns_the_decoded_pixels_across_chunks(dataset, tmp_path, monke
 
 def test_cache_past_the_memory_limit_is_refused(dataset):
     scan = scan_folder(dataset)
-    with pytest.raises(ConfigError, match="--cache-images.*train without it"):
+    with pytest.raises(ConfigError, match="cache_images.*train without it"):
         DecodedImages.build(scan.paths, keep_side=64, memory_limit=10_000)
 
 

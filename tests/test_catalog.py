@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ascension_cli.catalog.store import Match, load_catalog, vote
+from ascension_cli.catalog.search import Match, vote
+from ascension_cli.catalog.store import load_catalog
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.model.checkpoint import load_model

@@ -17,9 +17,10 @@ pytest.importorskip("fastapi")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from ascension_cli.catalog.store import CatalogSearcher, load_catalog  # noqa: E402
+from ascension_cli.catalog.layout import UPLOADS_FOLDER  # noqa: E402
+from ascension_cli.catalog.search import CatalogSearcher  # noqa: E402
+from ascension_cli.catalog.store import load_catalog  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
-from ascension_cli.paths import UPLOADS_FOLDER  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 
 RUN_OPTIONS = {"workers": 0, "device": "cpu", "precision": "auto", "channels_last": True,
@@ -28,7 +29,7 @@ RUN_OPTIONS = {"workers": 0, "device": "cpu", "precision": "auto", "channels_las
 WRITER = """
 import json, sys
 from pathlib import Path
-from ascension_cli.serve.app import Lookup
+from ascension_cli.serve.lookup import Lookup
 catalog, photo = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
 lookup = Lookup(catalog, json.loads(sys.argv[3]), 100_000_000)
 print("ready", flush=True)
@@ -72,7 +73,7 @@ def test_kill_9_at_random_moments_of_adds_never_loses_the_catalogue(tmp_path):
         assert len(generations) <= 3, generations  # old generations are removed
     assert counts[-1] > base, f"no add ever committed in 20 lives: {counts}"
 
-    from ascension_cli.serve.app import Lookup
+    from ascension_cli.serve.lookup import Lookup
 
     Lookup(catalog, RUN_OPTIONS, 100_000_000)  # a start removes an interrupted add's photos
     held = {Path(p).name for p in load_catalog(catalog).paths if f"/{UPLOADS_FOLDER}/" in p}

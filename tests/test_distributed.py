@@ -132,9 +132,9 @@ def test_target_batch_must_split_over_processes(tmp_path, monkeypatch):
     from ascension_cli.config import TrainConfig
     from ascension_cli.errors import ConfigError
     from ascension_cli.runtime import DistributedContext
-    from ascension_cli.train import loop
+    from ascension_cli.train import build, loop
 
-    monkeypatch.setattr(loop, "init_distributed", lambda device: DistributedContext(0, 3, 0))
+    monkeypatch.setattr(build, "init_distributed", lambda device: DistributedContext(0, 3, 0))
     data = make_dataset(tmp_path / "data", classes=2, per_class=4)
     config = TrainConfig(data_root=data, save_dir=tmp_path / "run", model="test_convnext",
                          pretrained=False, image_size=32, batch_size=4, target_batch=8,

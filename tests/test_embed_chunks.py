@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import ascension_cli.embed.chunks as chunks
+import ascension_cli.embedding.pipeline as chunks
 from ascension_cli.cli.app import app
-from ascension_cli.embed.chunks import PartCheck, embed_in_chunks, parts_folder, plan_chunks
-from ascension_cli.embed.images import embed_folder
-from ascension_cli.embed.vectors import load_vectors
+from ascension_cli.embedding.parts import PartCheck, parts_folder, plan_chunks
+from ascension_cli.embedding.pipeline import EmbedOptions, embed_folder, embed_source
+from ascension_cli.embedding.vectors import load_vectors
+from ascension_cli.progress import Progress
 from ascension_cli.runtime import DistributedContext
 from tests.test_catalog import train_tiny
 
@@ -27,6 +28,21 @@ OPTIONS = {"workers": 0, "device": "cpu", "batch_size": 4}
 
 class Crash(Exception):
     """The machine going away mid-run."""
+
+
+class Notes(Progress):
+    def __init__(self, notes):
+        self.notes = notes
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def embed_in_chunks(checkpoint, data, output, chunk_size, notes=None, **options):
+    """The pipeline with parts kept beside ``output``, its notes appended to ``notes``."""
+    return embed_source(checkpoint, data, output, EmbedOptions.of(**options),
+                        Notes([] if notes is None else notes),
+                        chunk_size=chunk_size)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +69,12 @@ def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
     assert sorted(p.name for p in parts.glob("chunk-*.npz")) == [
         "chunk-000000.npz", "chunk-000001.npz"]
 
-    real = chunks.embed_images
+    real = chunks.embed_dataset
     calls = []
-    monkeypatch.setattr(chunks, "embed_images",
-                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(chunks, "embed_dataset",
+                        lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     notes = []
-    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, on_note=notes.append,
+    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, notes=notes,
                               **OPTIONS)
     assert calls == [8, 8]  # chunks 2 and 3 only
     assert any("resuming: 2 of 4 chunks" in note for note in notes)
@@ -67,13 +83,13 @@ def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
     np.testing.assert_allclose(resumed.vectors, whole.vectors, atol=1e-6)
 
     # Other options: the old chunks are not mixed in.
-    monkeypatch.setattr(chunks, "embed_images", real)
+    monkeypatch.setattr(chunks, "embed_dataset", real)
     notes.clear()
-    embed_in_chunks(checkpoint, data, output, chunk_size=16, on_note=notes.append, **OPTIONS)
+    embed_in_chunks(checkpoint, data, output, chunk_size=16, notes=notes, **OPTIONS)
     assert any("starting over" in note for note in notes)
     (parts / "chunk-000000.npz").write_bytes(b"not a zip")
     notes.clear()
-    again = embed_in_chunks(checkpoint, data, output, chunk_size=16, on_note=notes.append,
+    again = embed_in_chunks(checkpoint, data, output, chunk_size=16, notes=notes,
                             **OPTIONS)
     assert any("chunk 0" in n and "damaged" in n and "embedding it again" in n for n in notes)
     np.testing.assert_allclose(again.vectors, whole.vectors, atol=1e-6)
@@ -81,7 +97,7 @@ def test_an_interrupted_embedding_resumes_with_only_the_missing_chunks(
 
 def interrupted(tmp_path, checkpoint, data, monkeypatch, chunk_size=8):
     """An embedding of four chunks that stopped after two, with parts 0 and 1 on disk."""
-    real = chunks.embed_images
+    real = chunks.embed_dataset
     calls = []
 
     def failing_third(*args, **kwargs):
@@ -90,11 +106,11 @@ def interrupted(tmp_path, checkpoint, data, monkeypatch, chunk_size=8):
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chunks, "embed_images", failing_third)
+    monkeypatch.setattr(chunks, "embed_dataset", failing_third)
     output = tmp_path / "v.npz"
     with pytest.raises(Crash):
         embed_in_chunks(checkpoint, data, output, chunk_size=chunk_size, **OPTIONS)
-    monkeypatch.setattr(chunks, "embed_images", real)
+    monkeypatch.setattr(chunks, "embed_dataset", real)
     return output, parts_folder(output)
 
 
@@ -124,7 +140,7 @@ def test_a_resume_never_joins_a_part_it_cannot_verify(tmp_path, trained, monkeyp
             with np.load(second) as part:
                 np.savez(second, **{k: part[k] for k in part.files if k != "record"})
     notes = []
-    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, on_note=notes.append,
+    resumed = embed_in_chunks(checkpoint, data, output, chunk_size=8, notes=notes,
                               **OPTIONS)
     assert any(n.startswith("chunk 1 ") and "embedding it again" in n for n in notes), notes
     whole = embed_folder(checkpoint, data, **OPTIONS)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
-from ascension_cli.embed.vectors import Vectors, load_vectors, save_vectors, sha256_of
+from ascension_cli.embedding.vectors import Vectors, load_vectors, save_vectors, sha256_of
 from ascension_cli.train.loop import train
 from tests.conftest import make_dataset
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from ascension_cli.catalog.store import load_catalog
 from ascension_cli.cli.app import app
+from ascension_cli.errors import ConfigError
 from ascension_cli.retrieval.index import (
     INDEX_KINDS,
     MIN_IVFPQ,
@@ -76,9 +77,9 @@ def test_memory_estimate_matches_faiss_and_recall_is_measured(kind):
 
 
 def test_refusals_name_the_estimate_and_what_fits():
-    with pytest.raises(ValueError, match=f"at least {MIN_IVFPQ:,} items"):
+    with pytest.raises(ConfigError, match=f"at least {MIN_IVFPQ:,} items"):
         check_fits(plan_index(500, 64, "ivfpq"), None)
-    with pytest.raises(ValueError, match=r"flat index needs about 4\.8 GiB.*ivfpq would need "
+    with pytest.raises(ConfigError, match=r"flat index needs about 4\.8 GiB.*ivfpq would need "
                        r"about 3\d\d\.\d MiB"):
         check_fits(plan_index(5_000_000, 256, "flat"), 2 * 2**30)
     check_fits(plan_index(5_000_000, 256, "ivfpq"), 64 * 2**30)  # fits: no error
@@ -110,7 +111,7 @@ def test_catalogue_index_kinds_and_the_memory_refusal(tmp_path, monkeypatch):
     # Too few items for ivfpq, and an index that does not fit: one line, nothing written.
     small = invoke("index", checkpoint, data, "-o", tmp_path / "pq", "--kind", "ivfpq")
     assert small.exit_code == 2 and "at least 10,000 items" in small.output
-    monkeypatch.setattr("ascension_cli.catalog.store.available_memory", lambda: 1000)
+    monkeypatch.setattr("ascension_cli.catalog.build.available_memory", lambda: 1000)
     refused = invoke("index", checkpoint, data, "-o", tmp_path / "big", "--workers", "0")
     assert refused.exit_code == 2 and "more than 80% of the" in refused.output, refused.output
     assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "big").exists()

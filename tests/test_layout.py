@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ascension_cli.cli.app import torchrun_config
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.dataset import EvalDataset, MultiViewDataset, collate
 from ascension_cli.data.folder import scan_folder
-from ascension_cli.embed.images import embed_images
+from ascension_cli.embedding.pipeline import embed_images
+from ascension_cli.launch import torchrun_config
 from ascension_cli.losses import supcon_loss
 from ascension_cli.model.backbone import build_model
 from ascension_cli.runtime import resolve_workers, to_input, use_channels_last

@@ -8,13 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from ascension_cli.cli.app import app
-from ascension_cli.config import TrainConfig
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.data.manifest import read_manifest, scan_any, write_manifest
-from ascension_cli.embed.vectors import Vectors, load_vectors, save_vectors
+from ascension_cli.data.splits import training_data
+from ascension_cli.embedding.vectors import Vectors, load_vectors, save_vectors
 from ascension_cli.errors import DataError
 from ascension_cli.retrieval.evaluate import evaluate_vectors
-from ascension_cli.train.loop import _load_data
 from tests.conftest import make_dataset
 
 runner = CliRunner()
@@ -130,17 +129,15 @@ def test_training_reads_train_and_validation_rows_never_test(tmp_path):
     data = make_dataset(tmp_path / "data", classes=3, per_class=10)
     invoke("manifest", data, "-o", tmp_path / "m.csv")
     scan = read_manifest(tmp_path / "m.csv")
-    loaded = _load_data(TrainConfig(data_root=tmp_path / "m.csv", save_dir=tmp_path / "run"))
+    loaded = training_data(tmp_path / "m.csv")
     assert sorted(loaded.train_index.tolist()) == np.flatnonzero(scan.splits == "train").tolist()
     validation = {scan.paths[i] for i in np.flatnonzero(scan.splits == "validation")}
     assert set(loaded.val_paths) == validation
-    with pytest.raises(Exception, match="drop --val-fraction"):
-        _load_data(TrainConfig(data_root=tmp_path / "m.csv", save_dir=tmp_path / "run",
-                               val_fraction=0.2))
+    with pytest.raises(Exception, match="drop val_fraction"):
+        training_data(tmp_path / "m.csv", val_fraction=0.2, fraction_given=True)
     write_csv(tmp_path / "no_split.csv", "path,label\n" + "\n".join(
         f"data/{p.parent.name}/{p.name},{p.parent.name}" for p in scan_folder(data).paths))
-    plain = _load_data(TrainConfig(data_root=tmp_path / "no_split.csv",
-                                   save_dir=tmp_path / "run", val_fraction=0.2))
+    plain = training_data(tmp_path / "no_split.csv", val_fraction=0.2, fraction_given=True)
     assert len(plain.train_index) == 24 and len(plain.val_paths) == 6
 
 
@@ -222,7 +219,6 @@ def test_a_manifest_as_val_root_gives_its_validation_rows(tmp_path):
     data = make_dataset(tmp_path / "data", classes=3, per_class=10)
     invoke("manifest", data, "-o", tmp_path / "m.csv")
     scan = read_manifest(tmp_path / "m.csv")
-    loaded = _load_data(TrainConfig(data_root=data, val_root=tmp_path / "m.csv",
-                                    save_dir=tmp_path / "run"))
+    loaded = training_data(data, val_root=tmp_path / "m.csv")
     assert set(loaded.val_paths) == {scan.paths[i]
                                      for i in np.flatnonzero(scan.splits == "validation")}

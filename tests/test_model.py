@@ -3,6 +3,7 @@ import time
 import pytest
 import torch
 
+from ascension_cli.config import option_name
 from ascension_cli.errors import ConfigError, WeightsError
 from ascension_cli.model.backbone import ModelSpec, build_model, model_from_spec
 from tests.conftest import LITE0_WEIGHTS
@@ -45,7 +46,9 @@ def test_pretrained_without_network_fails_fast_naming_the_ways_out(monkeypatch):
     with pytest.raises(WeightsError) as caught:
         build_model("test_convnext", pretrained=True)
     assert time.perf_counter() - started < 15
-    assert "--weights" in str(caught.value) and "--no-pretrained" in str(caught.value)
+    assert "weights" in str(caught.value) and "no_pretrained" in str(caught.value)
+    spelled = caught.value.render(option_name)  # as the command line says it
+    assert "--weights" in spelled and "--no-pretrained" in spelled
 
 
 def test_pretrained_with_hub_offline_fails_at_once():

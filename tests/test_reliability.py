@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from ascension_cli.model import checkpoint as checkpoint_module
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig, resolve
 from ascension_cli.data.folder import ImageDecodeError, decode_image, load_image, scan_folder
 from ascension_cli.errors import CheckpointError, ConfigError
+from ascension_cli.model import checkpoint as checkpoint_module
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.train.loop import Reporter, train
 from tests.conftest import make_dataset
@@ -48,7 +48,7 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageDecodeError, match="60000x60000 pixels is over the limit"):
         decode_image(bomb)
     ok, small = cv2.imencode(".jpg", np.zeros((20, 20, 3), np.uint8))
-    with pytest.raises(ImageDecodeError, match="--max-image-pixels"):
+    with pytest.raises(ImageDecodeError, match="max_image_pixels"):
         decode_image(small.tobytes(), max_pixels=100)
     assert decode_image(small.tobytes(), max_pixels=400).shape == (20, 20, 3)
 
@@ -115,7 +115,7 @@ def test_non_utf8_file_names_scan_load_and_print(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    from ascension_cli.embed.vectors import load_vectors
+    from ascension_cli.embedding.vectors import load_vectors
 
     assert any("\udcff" in p for p in load_vectors(tmp_path / "v.npz").paths)
 
@@ -213,8 +213,8 @@ def test_resume_after_a_device_change_loads_on_the_cpu(dataset, tmp_path):
 
 
 def test_full_disk_keeps_the_previous_vectors_file(dataset, tmp_path, monkeypatch):
-    from ascension_cli.embed import vectors as vectors_module
-    from ascension_cli.embed.vectors import load_vectors
+    from ascension_cli.embedding import vectors as vectors_module
+    from ascension_cli.embedding.vectors import load_vectors
 
     train(tiny(dataset, tmp_path / "run"))
     arguments = ["embed", str(tmp_path / "run" / "last.pt"), str(dataset), "-o",

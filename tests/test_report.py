@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ascension_cli import train_supcon
 from ascension_cli.cli.app import app
-from ascension_cli.embed.vectors import Vectors
+from ascension_cli.embedding.vectors import Vectors
 from ascension_cli.retrieval import html_report
 from ascension_cli.retrieval.analysis import confused_pairs, first_correct_rank, worst_queries
 from ascension_cli.retrieval.evaluate import evaluate_vectors

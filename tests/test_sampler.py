@@ -3,7 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from ascension_cli.config import option_name
 from ascension_cli.data.sampler import ClassBalancedBatchSampler
+from ascension_cli.errors import ConfigError
 
 
 def labels_of(counts: list[int]) -> np.ndarray:
@@ -164,10 +166,13 @@ def test_fit_batches_reduces_defaults_and_refuses_what_the_user_chose():
     sizes = np.array([10, 10, 10, 6])  # 36 training images
     fitted = fit_batches(sizes, 128, 16, 4)
     assert (fitted.target_batch, fitted.micro_batch, fitted.samples_per_class) == (32, 16, 4)
-    assert "holds 36 images" in fitted.notes[0] and "--target-batch 32" in fitted.notes[0]
-    with pytest.raises(ValueError, match="give --target-batch 32"):
+    # The library names options by field; the command line spells the same note as flags.
+    assert "holds 36 images" in fitted.notes[0] and "using target_batch 32" in fitted.notes[0]
+    assert "using --target-batch 32" in fitted.notes[0].render(option_name)
+    with pytest.raises(ConfigError, match="give target_batch 32") as refused:
         fit_batches(sizes, 1024, 16, 4, given=frozenset({"target_batch"}))
-    with pytest.raises(ValueError, match="give --batch-size 36 --target-batch 36"):
+    assert "give --target-batch 32" in refused.value.render(option_name)
+    with pytest.raises(ConfigError, match="give batch_size 36 target_batch 36"):
         fit_batches(sizes, 10**9, 10**9, 4, given=frozenset({"target_batch", "batch_size"}))
     # Under DDP the micro-batch of every process counts.
     assert fit_batches(sizes, 128, 8, 4, world_size=2).target_batch == 32
@@ -181,8 +186,9 @@ def test_fit_batches_lowers_samples_per_class_that_would_make_mostly_repeats():
 
     sizes = np.full(40, 3)  # many small classes: m = 32 would draw 3 images 32 times over
     fitted = fit_batches(sizes, 64, 16, 32)
-    assert fitted.samples_per_class == 5 and "--samples-per-class 5" in fitted.notes[0]
-    with pytest.raises(ValueError, match="give --samples-per-class 5 or less"):
+    assert fitted.samples_per_class == 5 and "samples_per_class 5" in fitted.notes[0]
+    assert "--samples-per-class 5" in fitted.notes[0].render(option_name)
+    with pytest.raises(ConfigError, match="give samples_per_class 5 or less"):
         fit_batches(sizes, 64, 16, 32, given=frozenset({"samples_per_class"}))
     # One-image classes repeat by design; a lower m that cannot help is not asked for.
     assert fit_batches(np.array([50, 1, 1, 1]), 16, 4, 4).notes == ()

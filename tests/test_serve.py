@@ -23,8 +23,8 @@ requests = pytest.importorskip("requests")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from ascension_cli.catalog.layout import CATALOG_VERSION  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
-from ascension_cli.paths import CATALOG_VERSION  # noqa: E402
 from tests.conftest import CLI, chromium  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 
@@ -35,6 +35,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    """Wait until the server at ``url`` answers /healthz (``process`` serving it must live)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
 
 
 class Server:
@@ -324,15 +337,7 @@ def test_several_server_processes_answer(served):
          "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline and process.poll() is None, process.stderr.read()
-            time.sleep(0.3)
+        wait_healthy(url, process)
         answers = [requests.post(url + "/search", files=[("image", ("q.png", (
             data / "square" / "002.png").read_bytes()))], data={"k": "1"}, timeout=60).json()
             for _ in range(4)]

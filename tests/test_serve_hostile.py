@@ -18,8 +18,8 @@ pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
 from ascension_cli.cli.app import app  # noqa: E402, I001
-from ascension_cli.serve.app import Batcher, _Pending  # noqa: E402
-from ascension_cli.embed.vectors import load_vectors  # noqa: E402
+from ascension_cli.serve.batching import Batcher, Pending  # noqa: E402
+from ascension_cli.embedding.vectors import load_vectors  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 from tests.test_image_header import tiff_claiming, webp_claiming  # noqa: E402
 from tests.test_serve import catalogue_server, runner  # noqa: E402
@@ -68,7 +68,7 @@ def test_one_failing_request_in_a_batch_fails_only_itself():
     async def main():
         batcher = Batcher(Lookup(), window=0.05, max_images=32)
         names = ["a", "poison", "b", "c"]
-        return await asyncio.gather(*(batcher.submit(_Pending([(n, b"")], 5, None))
+        return await asyncio.gather(*(batcher.submit(Pending([(n, b"")], 5, None))
                                       for n in names), return_exceptions=True)
 
     answers = asyncio.run(main())

@@ -28,8 +28,8 @@ from ascension_cli.data.shards import (
     write_shards,
 )
 from ascension_cli.data.stream import ShardTrainStream, stream_count
-from ascension_cli.embed.vectors import load_vectors
-from ascension_cli.errors import DataError, Interrupted
+from ascension_cli.embedding.vectors import load_vectors
+from ascension_cli.errors import ConfigError, DataError, Interrupted
 from ascension_cli.train.loop import train
 from tests.conftest import make_dataset
 from tests.test_interruption import SignalAtStep, options, same_weights
@@ -116,7 +116,7 @@ def test_ranks_and_workers_read_disjoint_shards_covering_all(sharded):
     _, folder, _ = sharded
     shards = open_shards(folder)
     assert stream_count(shards, 2, 8) == len(shards.urls) // 2
-    with pytest.raises(ValueError, match="cannot be split among"):
+    with pytest.raises(ConfigError, match="cannot be split among"):
         stream_count(shards, len(shards.urls) + 1, 1)
     read = [url for rank in range(2) for worker in range(2)
             for url in stream(shards, rank, 2)._my_shards(worker, 2)]

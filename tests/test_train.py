@@ -7,9 +7,10 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from ascension_cli.config import TrainConfig
+from ascension_cli.config import TrainConfig, option_name
 from ascension_cli.errors import CheckpointError, TrainingError
-from ascension_cli.train import loop
+from ascension_cli.runtime import resolve_workers
+from ascension_cli.train import build
 from ascension_cli.train.loop import Reporter, train
 
 
@@ -111,8 +112,10 @@ def test_corrupt_image_is_reported_and_skipped(dataset, tmp_path):
 
 def test_refuses_to_overwrite_an_existing_run(dataset, tmp_path):
     train(config(dataset, tmp_path / "run", epochs=1))
-    with pytest.raises(CheckpointError, match="--resume auto"):
+    with pytest.raises(CheckpointError, match="pass resume auto") as refused:
         train(config(dataset, tmp_path / "run", epochs=1))
+    # The library names the option by field; the command line spells it as its flag.
+    assert "pass --resume auto" in refused.value.render(option_name)
 
 
 def test_resume_with_other_model_options_is_refused(dataset, tmp_path):
@@ -126,7 +129,7 @@ def test_resume_may_switch_the_memory_layout_and_workers_resolve_by_device(datas
     train(config(dataset, tmp_path / "run", epochs=1, channels_last=False, workers=None))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["channels_last"] is False
-    assert saved["workers"] == loop.resolve_workers(None, torch.device("cpu"))
+    assert saved["workers"] == resolve_workers(None, torch.device("cpu"))
     reporter = Collect()
     train(config(dataset, tmp_path / "run", epochs=2, resume="auto"), reporter)
     assert any("resumed from epoch 1" in m for m in reporter.messages) and reporter.steps == 3
@@ -148,14 +151,14 @@ def test_resume_from_missing_path_is_an_error(dataset, tmp_path):
 
 def test_non_finite_losses_skip_steps_then_abort(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        loop, "supcon_loss", lambda embeddings, labels, temperature: embeddings.sum() * float("nan")
+        build, "supcon_loss", lambda e, labels, temperature: e.sum() * float("nan")
     )
     with pytest.raises(TrainingError, match="not finite for 2 steps in a row"):
         train(config(dataset, tmp_path / "run", max_nonfinite=2))
 
 
 def test_isolated_non_finite_loss_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
-    real = loop.supcon_loss
+    real = build.supcon_loss
     calls = {"n": 0}
 
     def sometimes_nan(embeddings, labels, temperature):
@@ -163,7 +166,7 @@ def test_isolated_non_finite_loss_is_skipped_and_counted(dataset, tmp_path, monk
         loss = real(embeddings, labels, temperature)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop, "supcon_loss", sometimes_nan)
+    monkeypatch.setattr(build, "supcon_loss", sometimes_nan)
     result = train(config(dataset, tmp_path / "run", epochs=1))
     assert result.history[-1].nonfinite_steps == 1
     assert all(torch.isfinite(t).all() for t in
@@ -214,7 +217,7 @@ def test_cached_training_ends_with_the_weights_of_an_uncached_run(dataset, tmp_p
     reporter = Collect()
     train(config(dataset, tmp_path / "cached", epochs=2, cache_images=True, workers=workers),
           reporter)
-    assert any(m.startswith("--cache-images: 32 images decoded once") for m in reporter.messages)
+    assert any(m.startswith("cache_images: 32 images decoded once") for m in reporter.messages)
     plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
     cached = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)
     for name, tensor in plain["model"].items():
@@ -246,7 +249,7 @@ def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
     train(config(dataset, tmp_path / "eager", **options))
     reporter = Collect()
     train(config(dataset, tmp_path / "compiled", compile=True, **options), reporter)
-    assert any(m.startswith("--compile:") for m in reporter.messages)
+    assert any(m.startswith("compile:") for m in reporter.messages)
     eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)
     compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
     assert compiled["model"].keys() == eager["model"].keys()  # the plain module is saved
@@ -265,9 +268,9 @@ def test_a_failing_compiler_ends_in_one_line(dataset, tmp_path, monkeypatch):
         def forward(self, images):
             raise TorchDynamoException("no working C++ compiler\nlong details")
 
-    monkeypatch.setattr(loop, "compile_model", Broken)
-    with pytest.raises(TrainingError, match=r"^--compile failed: no working C\+\+ compiler; "
-                                            r"train without --compile$"):
+    monkeypatch.setattr(build, "compile_model", Broken)
+    with pytest.raises(TrainingError, match=r"^compile failed: no working C\+\+ compiler; "
+                                            r"train without compile$"):
         train(config(dataset, tmp_path / "run", epochs=1, compile=True))
 
 
@@ -281,7 +284,7 @@ def test_ctrl_c_while_caching_stops_before_training(dataset, tmp_path):
         def work_advance(self, count):
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(Interrupted, match="while decoding images for --cache-images") as caught:
+    with pytest.raises(Interrupted, match="while decoding images for cache_images") as caught:
         train(config(dataset, tmp_path / "run", cache_images=True), CtrlC())
     assert caught.value.exit_code == 128 + signal.SIGINT
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -293,8 +296,8 @@ def test_a_default_target_batch_past_the_data_is_reduced_with_the_reason(dataset
                    val_fraction=0.25)  # --target-batch left at its default, 128
     reporter = Collect()
     train(TrainConfig(**options), reporter)
-    assert any("holds 24 images, fewer than --target-batch 128" in message
-               and "using --target-batch 24" in message for message in reporter.messages)
+    assert any("holds 24 images, fewer than target_batch 128" in message
+               and "using target_batch 24" in message for message in reporter.messages)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["target_batch"] == 24 and saved["batch_size"] == 4
     # The same options resume: the fitted batch is the checkpoint's.

@@ -1,5 +1,6 @@
 """What the command line draws: progress bars, the trainer's tables and epoch lines, and the
-result tables of eval and search. The commands in ``cli.py`` call these; nothing here computes."""
+result tables of eval and search. The commands in ``cli/app.py`` call these; nothing here
+computes. Notes that name options (``errors.Wording``) are spelled with their flags here."""
 
 from __future__ import annotations
 
@@ -9,12 +10,28 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from ascension_cli.config.fields import option_name
+from ascension_cli.errors import Wording
+from ascension_cli.progress import Progress
+
 if TYPE_CHECKING:
+    from ascension_cli.api.embedding import EmbedResult
+    from ascension_cli.api.training import TrainSummary
     from ascension_cli.retrieval.evaluate import EvaluationRun
-    from ascension_cli.train.loop import EpochRecord, TrainResult
+    from ascension_cli.train.logbook import EpochRecord
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One plain line on stdout (no markup, no highlighting, long lines unwrapped)."""
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def spelled(text: str) -> str:
+    """A note as the command line says it: the options it names spelled as flags."""
+    return text.render(option_name) if isinstance(text, Wording) else text
 
 
 def progress_bar(out: Console, fields: str):
@@ -52,7 +69,7 @@ class RichReporter:
         self.task = None
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(spelled(text), highlight=False, soft_wrap=True)
 
     def table(self, title: str, rows: list[tuple[str, str]]) -> None:
         table = Table(title=title, show_header=False, title_justify="left")
@@ -109,13 +126,18 @@ class RichReporter:
         )
 
 
-class ImageProgress:
-    """A progress bar with images/s for embedding runs."""
+class ImageProgress(Progress):
+    """Progress bars with images/s (``ascension_cli.progress.Progress``): one per stage, all in
+    one live display that the outermost one (a context manager) stops."""
 
-    def __init__(self, description: str):
+    def __init__(self, description: str, bar=None):
         self.description = description
-        self.progress = progress_bar(console, "{task.fields[rate]}")
+        self.owner = bar is None
+        self.progress = bar or progress_bar(console, "{task.fields[rate]}")
         self.task = None
+
+    def stage(self, description: str) -> ImageProgress:
+        return ImageProgress(description, self.progress)
 
     def start(self, total: int) -> None:
         self.progress.start()
@@ -123,7 +145,7 @@ class ImageProgress:
 
     def advance(self, count: int) -> None:
         self.progress.advance(self.task, count)
-        speed = self.progress.tasks[0].speed
+        speed = next(task for task in self.progress.tasks if task.id == self.task).speed
         if speed:
             self.progress.update(self.task, rate=f"{speed:.1f} img/s")
 
@@ -131,11 +153,15 @@ class ImageProgress:
         self.progress.console.print(f"skipped unreadable image: {failure.reason}",
                                     highlight=False, soft_wrap=True)
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(spelled(text), highlight=False, soft_wrap=True)
+
     def __enter__(self) -> ImageProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.owner:
+            self.progress.stop()
 
 
 def print_evaluation(run: EvaluationRun) -> None:
@@ -184,7 +210,19 @@ def print_search(catalog: Path, results: list) -> None:
     console.print(table)
 
 
-def print_training_summary(result: TrainResult) -> None:
+def print_embedded(result: EmbedResult) -> None:
+    """What ``embed`` wrote (nothing on a torchrun rank other than 0)."""
+    vectors = result.vectors
+    if vectors is None or result.output is None:
+        return
+    labelled = "labelled" if vectors.labelled else "unlabelled"
+    say(f"wrote {len(vectors)} {labelled} vectors of dimension {vectors.vectors.shape[1]} "
+        f"({vectors.feature_kind}) to {result.output}"
+        + (f", index to {result.index}" if result.index else "")
+        + (f"; {len(vectors.failed)} unreadable image(s) skipped" if vectors.failed else ""))
+
+
+def print_training_summary(result: TrainSummary) -> None:
     trained = [r for r in result.history if r.loss is not None]
     if not trained:
         return
@@ -200,20 +238,3 @@ def print_training_summary(result: TrainResult) -> None:
             f"{untrained:.4f} before training); best.pt holds the best trained epoch. Train "
             "longer, or lower --lr.", highlight=False,
         )
-
-
-def print_index_info(info: dict) -> None:
-    """The index a catalogue was given: its shape, memory and measured recall."""
-    from ascension_cli.retrieval.index import IndexPlan
-
-    if "count" not in info:
-        return
-    fields = {key: info[key] for key in ("kind", "count", "dim", "lists", "probes",
-                                         "code_bytes", "train_size")}
-    line = f"index: {IndexPlan(**fields).describe()}"
-    if "recall_at_10_vs_exact" in info:
-        which = ("held-out items" if info.get("recall_sample_held_out")
-                 else "items, all in the training sample")
-        line += (f"; recall@10 against exact search {info['recall_at_10_vs_exact']:.3f} "
-                 f"(on {info['recall_sample']:,} {which})")
-    console.print(line, highlight=False, soft_wrap=True)

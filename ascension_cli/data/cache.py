@@ -34,6 +34,17 @@ def shrink(image: np.ndarray, keep_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+# Share of the free memory the image cache may fill (the rest: model, loader processes, system),
+# split between the training processes of one machine.
+CACHE_MEMORY_SHARE = 0.6
+
+
+def memory_share(processes_here: int = 1) -> int | None:
+    """Bytes one of ``processes_here`` training processes may cache; None if unknown."""
+    available = available_memory()
+    return None if available is None else int(available * CACHE_MEMORY_SHARE / processes_here)
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux ``MemAvailable``), None if unknown."""
     try:
@@ -105,18 +116,7 @@ class DecodedImages:
             except ImageDecodeError as exc:
                 return str(exc)
 
-        chunks: list[np.ndarray] = []
-        where: list[tuple[int, int, tuple[int, ...]]] = []
-        errors: dict[int, str] = {}
-        pending: list[np.ndarray] = []
-        pending_bytes = total = 0
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if pending:
-                chunks.append(np.concatenate([image.reshape(-1) for image in pending]))
-            pending, pending_bytes = [], 0
-
+        packer = _Packer(memory_limit, len(paths))
         # Files go to the threads a window at a time, so a stop or an error waits for one
         # window, and decoded images never run far ahead of the packing.
         window = 4 * threads
@@ -126,23 +126,43 @@ class DecodedImages:
                     return None
                 results = pool.map(decode, paths[start : start + window])
                 for index, result in enumerate(results, start=start):
-                    if isinstance(result, str):
-                        errors[index] = result
-                        where.append((0, 0, ()))
-                        continue
-                    where.append((len(chunks), pending_bytes, result.shape))
-                    pending.append(result)
-                    pending_bytes += result.nbytes
-                    total += result.nbytes
-                    if memory_limit is not None and total > memory_limit:
-                        raise ConfigError(
-                            f"--cache-images: the decoded images pass "
-                            f"{memory_limit / 2**30:.1f} GiB after {index + 1} of {len(paths)} "
-                            "files, more than this machine has free; train without it"
-                        )
-                    if pending_bytes >= CHUNK_BYTES:
-                        flush()
+                    packer.add(index, result)
                 if on_progress is not None:
                     on_progress(min(window, len(paths) - start))
-        flush()
-        return cls(chunks, where, errors)
+        packer.flush()
+        return cls(packer.chunks, packer.where, packer.errors)
+
+
+class _Packer:
+    """Packs decoded images into large chunks (few allocations), noting where each one is, or
+    why it failed; refuses to grow past ``memory_limit`` bytes."""
+
+    def __init__(self, memory_limit: int | None, count: int):
+        self.memory_limit, self.count = memory_limit, count
+        self.chunks: list[np.ndarray] = []
+        self.where: list[tuple[int, int, tuple[int, ...]]] = []
+        self.errors: dict[int, str] = {}
+        self.pending: list[np.ndarray] = []
+        self.pending_bytes = self.total = 0
+
+    def add(self, index: int, result: np.ndarray | str) -> None:
+        if isinstance(result, str):
+            self.errors[index] = result
+            self.where.append((0, 0, ()))
+            return
+        self.where.append((len(self.chunks), self.pending_bytes, result.shape))
+        self.pending.append(result)
+        self.pending_bytes += result.nbytes
+        self.total += result.nbytes
+        if self.memory_limit is not None and self.total > self.memory_limit:
+            raise ConfigError(
+                f"{{cache_images}}: the decoded images pass {self.memory_limit / 2**30:.1f} "
+                f"GiB after {index + 1} of {self.count} files, more than this machine has "
+                "free; train without it", options=("cache_images",))
+        if self.pending_bytes >= CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.chunks.append(np.concatenate([image.reshape(-1) for image in self.pending]))
+        self.pending, self.pending_bytes = [], 0

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from ascension_cli.data.image_header import FORMATS, JPEG_MAGIC, PNG_MAGIC, image_size
-from ascension_cli.errors import DataError
+from ascension_cli.errors import DataError, ImageDecodeError
 
 # We report unreadable files ourselves, once, in one line; OpenCV's own decoder chatter on stderr
 # would only repeat it less clearly.
@@ -21,10 +21,6 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 DEFAULT_MAX_PIXELS = 100_000_000
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-
-
-class ImageDecodeError(Exception):
-    """One file could not be turned into an RGB image (corrupt, truncated, unsupported)."""
 
 
 @dataclass
@@ -285,8 +281,8 @@ def _checked_size(data: bytes, name: str, max_pixels: int) -> tuple[int, int]:
     if size[0] * size[1] > max_pixels:
         raise ImageDecodeError(
             f"{name}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
-            "(a decompression bomb?); raise --max-image-pixels to accept it"
-        )
+            "(a decompression bomb?); raise {max_image_pixels} to accept it",
+            options=("max_image_pixels",))
     return size
 
 

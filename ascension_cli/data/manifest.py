@@ -140,32 +140,14 @@ def read_manifest(path: str | Path, classes: list[str] | None = None) -> FolderS
     seen: set[Path] = set()
     kept: list[tuple[Path, str, str, bool, bool, str]] = []
     for line, row in rows:
-        if None in row:  # more cells than columns
-            raise DataError(f"{path} line {line}: more cells than the {len(columns)} columns")
-        name, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-        split = _split(path, line, row["split"]) if "split" in row else ""
-        query = _flag(path, line, "is_query", row["is_query"] or "") if "is_query" in row else False
-        gallery = (_flag(path, line, "is_gallery", row["is_gallery"] or "")
-                   if "is_gallery" in row else False)
-        if not name:
-            skip("empty path", line)
-            continue
-        if not label:
-            skip("empty label", line)
-            continue
-        if classes is not None and label not in classes:
-            skip("unknown class", line)
-            continue
-        file = Path(os.path.normpath(name if os.path.isabs(name) else root / name))
-        why = unusable(file)
-        if why is not None:
-            skip(why, line)
-            continue
-        if file in seen:
+        entry = _entry(path, root, line, row, len(columns), classes)
+        if isinstance(entry, str):
+            skip(entry, line)
+        elif entry[0] in seen:
             skip("path listed again", line)
-            continue
-        seen.add(file)
-        kept.append((file, label, split, query, gallery, (row.get("item_id") or "").strip()))
+        else:
+            seen.add(entry[0])
+            kept.append(entry)
     if not kept:
         raise DataError(f"{path}: no usable rows"
                         + (f" ({_describe(skipped)})" if skipped else " (the table is empty)"))
@@ -182,6 +164,30 @@ def read_manifest(path: str | Path, classes: list[str] | None = None) -> FolderS
     )
 
 
+def _entry(path: Path, root: Path, line: int, row: dict, columns: int,
+           classes: list[str] | None) -> tuple[Path, str, str, bool, bool, str] | str:
+    """One row as (file, label, split, is_query, is_gallery, item id), or why it is skipped;
+    a row the table cannot hold (more cells, a bad split or flag) stops with its line."""
+    if None in row:  # more cells than columns
+        raise DataError(f"{path} line {line}: more cells than the {columns} columns")
+    name, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+    split = _split(path, line, row["split"]) if "split" in row else ""
+    query = _flag(path, line, "is_query", row["is_query"] or "") if "is_query" in row else False
+    gallery = (_flag(path, line, "is_gallery", row["is_gallery"] or "")
+               if "is_gallery" in row else False)
+    if not name:
+        return "empty path"
+    if not label:
+        return "empty label"
+    if classes is not None and label not in classes:
+        return "unknown class"
+    file = Path(os.path.normpath(name if os.path.isabs(name) else root / name))
+    why = unusable(file)
+    if why is not None:
+        return why
+    return file, label, split, query, gallery, (row.get("item_id") or "").strip()
+
+
 def _describe(skipped: Counter) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
 
@@ -196,13 +202,14 @@ def scan_any(path: str | Path, split: str | None = None) -> FolderScan:
     or a flat folder of unlabelled images."""
     if not is_manifest(path):
         if split is not None:
-            raise DataError("--split applies to a manifest (CSV or Parquet), not a folder")
+            raise DataError("{split} applies to a manifest (CSV or Parquet), not a folder",
+                            options=("split",))
         return scan_images(path)
     scan = read_manifest(path)
     if split is None:
         return scan
     if scan.splits is None:
-        raise DataError(f"--split {split}: {path} has no split column")
+        raise DataError(f"{{split}} {split}: {path} has no split column", options=("split",))
     chosen = scan.subset(scan.splits == split)
     if not len(chosen):
         raise DataError(f"{path} has no usable rows of split {split!r}")

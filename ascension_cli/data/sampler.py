@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ascension_cli.errors import ConfigError, Wording
+
 
 class ClassBalancedBatchSampler:
     """Yields micro-batches of ``(index, seed)`` keys; consecutive groups form target batches.
@@ -190,7 +192,7 @@ def fit_batches(
 
     A target batch larger than the training set, or a ``samples_per_class`` so large for the
     classes that most of a batch would be repeats, is no contrastive batch. A value the user
-    chose (named in ``given``) is refused with ``ValueError`` naming what would work; a default
+    chose (named in ``given``) is refused with ``ConfigError`` naming what would work; a default
     is reduced, with a note saying why.
     """
     sizes = np.asarray(class_sizes, dtype=np.int64)
@@ -203,14 +205,15 @@ def fit_batches(
         changed = [name for name, old, new in (("batch_size", micro_batch, fitted_micro),
                                                ("target_batch", target_batch, fitted))
                    if old != new]
-        advice = " ".join(f"{_flag(name)} {value}" for name, value in (
+        advice = " ".join(f"{{{name}}} {value}" for name, value in (
             ("batch_size", fitted_micro), ("target_batch", fitted)) if name in changed)
-        why = (f"the training set holds {total} images, fewer than --target-batch "
+        why = (f"the training set holds {total} images, fewer than {{target_batch}} "
                f"{target_batch}: a step would show each image about {target_batch / total:.0f} "
                "times")
+        options = ("batch_size", "target_batch")
         if given & set(changed):
-            raise ValueError(f"{why}; give {advice}")
-        notes.append(f"{why}; using {advice}")
+            raise ConfigError(f"{why}; give {advice}", options=options)
+        notes.append(Wording(f"{why}; using {advice}", options))
         target_batch, micro_batch = fitted, fitted_micro
     samples_per_class = min(samples_per_class, target_batch)
     if distinct_share(sizes, target_batch, samples_per_class) < MIN_DISTINCT_SHARE:
@@ -218,15 +221,13 @@ def fit_batches(
                  if distinct_share(sizes, target_batch, m) >= MIN_DISTINCT_SHARE]
         if fewer:  # repeats the option causes (small classes alone repeat by design)
             share = distinct_share(sizes, target_batch, samples_per_class)
-            why = (f"with --samples-per-class {samples_per_class}, only about {share:.0%} of "
+            why = (f"with {{samples_per_class}} {samples_per_class}, only about {share:.0%} of "
                    f"each target batch would be different images (classes hold a median of "
                    f"{int(np.median(sizes))} training images)")
+            options = ("samples_per_class",)
             if "samples_per_class" in given:
-                raise ValueError(f"{why}; give --samples-per-class {fewer[0]} or less")
-            notes.append(f"{why}; using --samples-per-class {fewer[0]}")
+                raise ConfigError(f"{why}; give {{samples_per_class}} {fewer[0]} or less",
+                                  options=options)
+            notes.append(Wording(f"{why}; using {{samples_per_class}} {fewer[0]}", options))
             samples_per_class = fewer[0]
     return BatchPlan(target_batch, micro_batch, samples_per_class, tuple(notes))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")

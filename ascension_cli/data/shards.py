@@ -23,10 +23,10 @@ import numpy as np
 
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.errors import DataError
+from ascension_cli.formats import SHARD_FORMAT
 from ascension_cli.paths import is_url
 
 SIDECAR = "dataset.json"
-SHARD_FORMAT = "ascension-shards"
 # Shards are untrusted input: a member is refused from its tar header past these sizes, so a
 # small compressed shard cannot make a reader hold gigabytes.
 MAX_IMAGE_BYTES = 64 * 2**20

@@ -23,7 +23,7 @@ from ascension_cli.data.augment import reseed
 from ascension_cli.data.dataset import Failed, _to_tensor, collate, stack_channels_last
 from ascension_cli.data.folder import ImageDecodeError, decode_image
 from ascension_cli.data.shards import Sample, ShardSet, read_samples
-from ascension_cli.errors import DataError
+from ascension_cli.errors import ConfigError, DataError
 
 
 def _decoded(sample: Sample, index: int, max_pixels: int, min_side: int | None):
@@ -36,11 +36,11 @@ def _decoded(sample: Sample, index: int, max_pixels: int, min_side: int | None):
 
 def stream_count(shards: ShardSet, world_size: int, workers: int) -> int:
     """Loader workers per rank that the shards allow (at least one shard per stream); raises
-    ValueError when there are fewer shards than ranks."""
+    ConfigError when there are fewer shards than ranks."""
     if len(shards.urls) < world_size:
-        raise ValueError(f"{len(shards.urls)} shard(s) cannot be split among {world_size} "
-                         "processes without reading some twice: write at least one shard per "
-                         "process (a smaller --shard-size)")
+        raise ConfigError(f"{len(shards.urls)} shard(s) cannot be split among {world_size} "
+                          "processes without reading some twice: write at least one shard per "
+                          "process (a smaller {shard_size})", options=("shard_size",))
     return max(1, min(max(1, workers), len(shards.urls) // world_size))
 
 

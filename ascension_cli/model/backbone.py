@@ -17,6 +17,8 @@ from torch import nn
 from ascension_cli.errors import ConfigError, WeightsError
 from ascension_cli.paths import not_ours, why_unloadable
 
+WEIGHTS_OPTIONS = ("weights", "no_pretrained")  # what a user can do about missing weights
+
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
 
@@ -111,11 +113,12 @@ def _ensure_downloadable(name: str) -> None:
     """Fail in seconds, not after a minute of retries, when pretrained weights cannot be had."""
     cfg = timm.models.get_pretrained_cfg(name)
     advice = (
-        f"pass --weights FILE (a local timm-format .safetensors/.pth for {name}) "
-        "or --no-pretrained to train from scratch"
+        f"pass {{weights}} FILE (a local timm-format .safetensors/.pth for {name}) "
+        "or {no_pretrained} to train from scratch"
     )
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise WeightsError(f"timm has no pretrained weights for '{name}': {advice}")
+        raise WeightsError(f"timm has no pretrained weights for '{name}': {advice}",
+                           options=WEIGHTS_OPTIONS)
     if cfg.file and Path(cfg.file).is_file():
         return
     if cfg.hf_hub_id:
@@ -128,8 +131,8 @@ def _ensure_downloadable(name: str) -> None:
     if offline or not host or not _reachable(host):
         why = "HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached"
         raise WeightsError(
-            f"pretrained weights for '{name}' are not cached and {why}: {advice}"
-        )
+            f"pretrained weights for '{name}' are not cached and {why}: {advice}",
+            options=WEIGHTS_OPTIONS)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +211,7 @@ def create_backbone(
         except OSError as exc:
             raise WeightsError(
                 f"downloading pretrained weights for '{name}' failed ({exc}); "
-                "pass --weights FILE or --no-pretrained"
+                "pass {weights} FILE or {no_pretrained}", options=WEIGHTS_OPTIONS,
             ) from None
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 

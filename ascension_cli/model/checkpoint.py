@@ -2,7 +2,7 @@
 and a catalogue's model file. Writes are atomic; loads never execute pickled code
 (``weights_only=True``) and never suggest turning that off.
 
-A training checkpoint is a dict: ``format``/``format_version`` (see ``paths.py``), the model
+A training checkpoint is a dict: ``format``/``format_version`` (see ``formats.py``), the model
 ``spec`` and weights (``model``), ``config`` and ``classes`` (what it was trained on), and the
 resumable state (optimizer, scheduler, scaler, RNG, epoch, step, history, mid-epoch progress).
 Adding a field is a change to ``training_state`` and to whoever reads it.
@@ -18,14 +18,14 @@ import torch
 from ascension_cli import __version__
 from ascension_cli.atomic import atomic_write
 from ascension_cli.errors import CheckpointError
+from ascension_cli.formats import CHECKPOINT_FORMAT as FORMAT
+from ascension_cli.formats import CHECKPOINT_VERSION as FORMAT_VERSION
+from ascension_cli.formats import MODEL_FILE_FORMAT
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, model_from_spec
-from ascension_cli.paths import CHECKPOINT_FORMAT as FORMAT
-from ascension_cli.paths import CHECKPOINT_VERSION as FORMAT_VERSION
 from ascension_cli.paths import checked, checkpoint_file, not_ours, why_unloadable
 
 # What every reader needs: the model (spec and weights) and what it was trained on.
 REQUIRED_KEYS = ("model", "spec", "config", "classes")
-MODEL_FILE_FORMAT = "ascension-catalog-model"
 
 
 def atomic_save(payload: dict[str, Any], path: str | Path) -> None:

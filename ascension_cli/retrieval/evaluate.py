@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ascension_cli.embed.vectors import Vectors
+from ascension_cli.embedding.vectors import Vectors
 from ascension_cli.errors import VectorsError
 from ascension_cli.retrieval.index import MIN_IVFPQ, nearest_neighbours
 from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
@@ -57,9 +57,9 @@ def evaluate(
     if gallery_vectors is None:
         gallery_vectors, gallery_labels = query_vectors, query_labels
     if index_kind == "ivfpq" and len(gallery_vectors) < MIN_IVFPQ:
-        raise VectorsError(f"--index ivfpq needs a gallery of at least {MIN_IVFPQ:,} vectors "
+        raise VectorsError(f"{{index}} ivfpq needs a gallery of at least {MIN_IVFPQ:,} vectors "
                            f"to train its codebooks (this one has {len(gallery_vectors):,}); "
-                           "use --index flat, exact")
+                           "use {index} flat, exact", options=("index",))
     own_ids = np.arange(len(query_vectors)) if same_set else query_ids
     owned = np.zeros(len(query_vectors), bool) if own_ids is None else np.asarray(own_ids) >= 0
     relevant = relevant_counts(query_labels, gallery_labels, False) - owned
@@ -165,8 +165,9 @@ def evaluate_vectors(
         gallery = None
     if gallery is None and has_roles(queries):
         if recoloured:
-            raise VectorsError("--recolor measures queries searched among themselves or "
-                               "against --gallery, not a manifest's query/gallery flags")
+            raise VectorsError("{recolor} measures queries searched among themselves or "
+                               "against {gallery}, not a manifest's query/gallery flags",
+                               options=("recolor", "gallery"))
         return _evaluate_roles(queries, ks, index_kind, on_progress)
     check_evaluable(queries, gallery)
     if gallery is not None:

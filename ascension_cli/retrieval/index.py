@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
+
+from ascension_cli.atomic import atomic_write
+from ascension_cli.errors import ConfigError
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 HNSW_LINKS = 32  # graph neighbours per vector (M): recall ~0.95+ at efSearch 128
@@ -101,28 +105,28 @@ MIN_IVFPQ = 10_000  # fewer vectors cannot train 256-centroid PQ codebooks well 
 
 
 def check_fits(plan: IndexPlan, available: int | None) -> None:
-    """Raise ValueError, naming the estimate and what would fit, when building ``plan`` needs
+    """Raise ConfigError, naming the estimate and what would fit, when building ``plan`` needs
     more than its share of ``available`` bytes (the vectors themselves, plus the index), or when
     ivfpq has too few vectors to train on."""
     if plan.kind == "ivfpq" and plan.count < MIN_IVFPQ:
-        raise ValueError(
-            f"--kind ivfpq needs at least {MIN_IVFPQ:,} items to train its codebooks, and this "
-            f"catalogue would hold {plan.count:,}: use --kind flat (exact, about "
-            f"{memory_text(plan_index(plan.count, plan.dim).memory_bytes)})")
+        raise ConfigError(
+            f"{{kind}} ivfpq needs at least {MIN_IVFPQ:,} items to train its codebooks, and "
+            f"this catalogue would hold {plan.count:,}: use {{kind}} flat (exact, about "
+            f"{memory_text(plan_index(plan.count, plan.dim).memory_bytes)})", options=("kind",))
     if available is None:
         return
     needed = 4 * plan.count * plan.dim + (plan.memory_bytes if plan.kind != "flat" else 0)
     if needed <= MEMORY_SHARE * available:
         return
     smaller = plan_index(plan.count, plan.dim, "ivfpq")
-    advice = (f"; --kind ivfpq would need about {memory_text(smaller.memory_bytes)} to search"
+    advice = (f"; {{kind}} ivfpq would need about {memory_text(smaller.memory_bytes)} to search"
               if plan.kind != "ivfpq" else "")
-    raise ValueError(
+    raise ConfigError(
         f"{plan.count:,} vectors of dimension {plan.dim}: building a {plan.kind} index needs "
         f"about {memory_text(needed)} (the vectors, {memory_text(4 * plan.count * plan.dim)}, "
         f"plus the index), more than {MEMORY_SHARE:.0%} of the {memory_text(available)} "
-        f"available{advice}; use a machine with more memory, or embed --features head "
-        "(a smaller dimension)")
+        f"available{advice}; use a machine with more memory, or embed {{features}} head "
+        "(a smaller dimension)", options=("kind", "features"))
 
 
 def build_index(
@@ -288,3 +292,17 @@ def nearest_neighbours(
         ids, scores = search(index, queries, k + 1, chunk, on_progress)
         return drop_self(ids, scores, k, query_ids)
     return search(index, queries, k, chunk, on_progress)
+
+
+def write_index(path: str | Path, vectors: np.ndarray, index_kind: str = "flat") -> dict:
+    """A FAISS index of the vectors, written atomically; returns its shape (``IndexPlan``) and,
+    for an approximate kind, its recall@10 against exact search on held-out vectors."""
+    plan = plan_index(len(vectors), vectors.shape[1], index_kind)
+    index = build_index(vectors, index_kind, use_gpu=False, plan=plan)
+    info = {**asdict(plan), "memory_bytes": plan.memory_bytes}
+    if index_kind != "flat" and len(vectors) > 1:
+        recall, sample, held_out = recall_against_exact(index, vectors, plan)
+        info.update(recall_at_10_vs_exact=recall, recall_sample=sample,
+                    recall_sample_held_out=held_out)
+    atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+    return info

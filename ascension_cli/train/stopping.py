@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ascension_cli.errors import Interrupted
+from ascension_cli.errors import Interrupted, Wording, template_of
 
 
 class StopRequest:
@@ -43,7 +43,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_number = number
         if not self.deferring:
-            stopped(number, f"{self.before}; files written before stay as they were")
+            before, options = template_of(self.before)
+            stopped(number, Wording(f"{before}; files written before stay as they were", options))
 
 
 def ignore_sigint(worker_id: int) -> None:
@@ -55,13 +56,14 @@ def ignore_sigint(worker_id: int) -> None:
 def stopped(signal_number: int | None, what: str) -> None:
     """Raise ``Interrupted``: "stopped by SIGNAL <what>" (SIGTERM when the signal is unknown)."""
     number = signal_number or signal.SIGTERM
-    raise Interrupted(f"stopped by {signal.Signals(number).name} {what}", number)
+    template, options = template_of(what)
+    raise Interrupted(f"stopped by {signal.Signals(number).name} {template}", number, options)
 
 
 def interrupted(
     signal_number: int | None, checkpoint: Path, epoch: int, step: int, abandoned: str = ""
 ) -> None:
     """Raise ``Interrupted`` saying where the run stopped and how to continue it."""
-    stopped(signal_number, f"in epoch {epoch} at step {step}; {abandoned}a resumable "
-            f"checkpoint is in {checkpoint}: run the same command with --resume auto to "
-            "continue")
+    stopped(signal_number, Wording(
+        f"in epoch {epoch} at step {step}; {abandoned}a resumable checkpoint is in "
+        f"{checkpoint}: run the same command with {{resume}} auto to continue", ("resume",)))

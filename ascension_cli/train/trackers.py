@@ -32,8 +32,8 @@ def require(names: Iterable[str]) -> None:
             continue
         module, extra = EXTRAS[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"--tracker {name} needs {module}, which is not installed: "
-                              f'pip install "ascension-cli[{extra}]"')
+            raise ConfigError(f"{{tracker}} {name} needs {module}, which is not installed: "
+                              f'pip install "ascension-cli[{extra}]"', options=("tracker",))
 
 
 class Tracker:

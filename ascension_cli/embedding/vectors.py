@@ -11,13 +11,8 @@ import numpy as np
 
 from ascension_cli.atomic import atomic_write
 from ascension_cli.errors import VectorsError
-from ascension_cli.paths import (
-    VECTORS_FORMAT,
-    VECTORS_VERSION,
-    checked,
-    not_ours,
-    vectors_file,
-)
+from ascension_cli.formats import VECTORS_FORMAT, VECTORS_VERSION
+from ascension_cli.paths import checked, not_ours, vectors_file
 
 # Arrays every vectors file holds (save_vectors writes them all).
 _VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",

@@ -1,0 +1,136 @@
+"""Catalogues from Python, as ``ascension index``, ``search`` and ``serve`` do them (the
+command line calls ``run_index``, ``run_search`` and ``run_serve``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ascension_cli.config import IndexConfig, SearchConfig, ServeConfig, resolve
+from ascension_cli.errors import AscensionError, DataError
+
+if TYPE_CHECKING:
+    from ascension_cli.catalog.search import SearchResult
+    from ascension_cli.catalog.store import Catalog
+    from ascension_cli.progress import Progress
+
+
+@dataclass
+class IndexResult:
+    catalog: Catalog
+    added: int  # images added by this call
+
+    def index_description(self) -> str | None:
+        """The index the catalogue was given: its shape, memory and measured recall."""
+        from ascension_cli.retrieval.index import IndexPlan
+
+        info = self.catalog.index
+        if "count" not in info:
+            return None
+        fields = {key: info[key] for key in ("kind", "count", "dim", "lists", "probes",
+                                             "code_bytes", "train_size")}
+        line = f"index: {IndexPlan(**fields).describe()}"
+        if "recall_at_10_vs_exact" in info:
+            which = ("held-out items" if info.get("recall_sample_held_out")
+                     else "items, all in the training sample")
+            line += (f"; recall@10 against exact search {info['recall_at_10_vs_exact']:.3f} "
+                     f"(on {info['recall_sample']:,} {which})")
+        return line
+
+
+def run_index(settings: IndexConfig, progress: Progress | None = None) -> IndexResult:
+    """Build the catalogue (or add to it, with ``settings.add``)."""
+    from ascension_cli.catalog.build import build_catalog
+
+    catalog, added = build_catalog(
+        settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
+        feature_kind=settings.features, progress=progress, split=settings.split,
+        index_kind=settings.kind, **settings.run_options())
+    return IndexResult(catalog, added)
+
+
+def index(checkpoint: str | Path, gallery_root: str | Path, output: str | Path,
+          progress: Progress | None = None, **options: Any) -> IndexResult:
+    """Build a catalogue of ``gallery_root``'s images, as ``ascension index``; ``options``:
+    add, kind, split, features, batch_size, precision, workers, device, channels_last."""
+    return run_index(resolve(IndexConfig, dict(
+        options, checkpoint=checkpoint, gallery_root=gallery_root, output=output)), progress)
+
+
+def run_search(settings: SearchConfig, progress: Progress | None = None) -> list[SearchResult]:
+    """Top-k matches and a voted class for each readable photo of ``settings.images``; with
+    ``json_file`` the results are written there too."""
+    from ascension_cli.catalog.search import search_catalog
+    from ascension_cli.catalog.store import load_catalog
+    from ascension_cli.data.folder import list_images
+    from ascension_cli.retrieval.report import write_json
+
+    catalog = load_catalog(settings.catalog, with_vectors=False)
+    results = search_catalog(catalog, list_images(settings.images), settings.k,
+                             settings.threshold, progress, **settings.run_options())
+    if not results:
+        raise DataError("no readable query image")
+    if settings.json_file is not None:
+        write_json(settings.json_file, {"catalog": str(settings.catalog), "k": settings.k,
+                                        "threshold": settings.threshold,
+                                        "results": [r.to_dict() for r in results]})
+    return results
+
+
+def search(catalog: str | Path, images: str | Path | list, progress: Progress | None = None,
+           **options: Any) -> list[SearchResult]:
+    """Which catalogue item is each photo (files or folders), as ``ascension search``;
+    ``options``: k, threshold, json_file, batch_size, precision, workers, device,
+    channels_last."""
+    images = list(images) if isinstance(images, list | tuple) else [images]
+    return run_search(resolve(SearchConfig, dict(options, catalog=catalog, images=images)),
+                      progress)
+
+
+def _require_serve_extra() -> None:
+    missing = [m for m in ("fastapi", "uvicorn", "multipart")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AscensionError(f"serve needs {', '.join(missing)}, which is not installed: "
+                             'pip install "ascension-cli[serve]"')
+
+
+def serve_app(settings: ServeConfig):
+    """The FastAPI application ``ascension serve`` runs, for one process."""
+    _require_serve_extra()
+    from ascension_cli.serve.app import create_app
+
+    return create_app(settings.catalog, **settings.app_options())
+
+
+def run_serve(settings: ServeConfig, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until stopped: one process, or ``settings.workers`` uvicorn processes that each
+    build the app from the settings in the environment. ``on_ready`` is called once the serve
+    extra is known to be installed, before the server starts."""
+    _require_serve_extra()
+    import uvicorn
+
+    if on_ready is not None:
+        on_ready()
+    from ascension_cli.serve.app import SETTINGS_VARIABLE
+
+    if settings.workers == 1:
+        uvicorn.run(serve_app(settings), host=settings.host, port=settings.port,
+                    log_level="warning")
+        return
+    os.environ[SETTINGS_VARIABLE] = json.dumps(
+        {"catalog": str(settings.catalog), **settings.app_options()})
+    uvicorn.run("ascension_cli.serve.app:app_from_environment", factory=True,
+                workers=settings.workers, host=settings.host, port=settings.port,
+                log_level="warning")
+
+
+def serve(catalog: str | Path, **options: Any) -> None:
+    """Serve a catalogue over HTTP until stopped, as ``ascension serve``; ``options``: host,
+    port, workers, allow_writes, token, batch_size, ... (``serve_app`` gives the app alone)."""
+    run_serve(resolve(ServeConfig, dict(options, catalog=catalog)))

@@ -1,0 +1,84 @@
+"""A catalogue folder's layout, in one place: its file names, format stamp and versions, and the
+names of its generations. Imports nothing of Ascension, so the path checks can use it too.
+
+    catalog.json        format, model identity (spec, checkpoint sha256), feature kind, class
+                        names, the index's kind, shape and measured recall against exact search,
+                        and the live generation's file names
+    model.pt            the model's weights and spec (weights_only-loadable), to embed queries
+    items-NNNNNN.npz    vectors, labels and absolute paths of the catalogued images
+    index-NNNNNN.faiss  an inner-product FAISS index over the vectors: exact (flat), or hnsw,
+                        ivf or ivfpq for millions of items
+    uploads/            photos added through ``serve`` (``POST /items``)
+    .write.lock         held by whoever changes the catalogue, across processes
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ascension_cli.paths import existing_file, existing_folder, kind_of
+
+# Version 2: items and index are written as a new generation of files at each change, and
+# catalog.json (written last, atomically) names the live one; version 1 had fixed names.
+CATALOG_FORMAT, CATALOG_VERSION, CATALOG_READABLE = "ascension-catalog", 2, (1, 2)
+CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
+    "catalog.json", "model.pt", "items.npz", "index.faiss")
+CATALOG_LOCK = ".write.lock"  # held by whoever changes the catalogue, across processes
+UPLOADS_FOLDER = "uploads"  # photos added through `serve`, one folder per class
+_GENERATION_NAME = re.compile(r"(items|index)-\d{6,}\.(npz|faiss)")
+_WRITER_TEMP = re.compile(r"\.(items-\d+\.npz|index-\d+\.faiss|catalog\.json|model\.pt)\..*\.tmp")
+UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.[a-z0-9]{2,4}")  # what `serve` names an added photo
+
+
+def generation_file(name: str) -> bool:
+    """Whether ``name`` is one of the items or index files a catalogue writer makes (a live,
+    an old or a half-written generation), and nothing else a folder may hold."""
+    return bool(_GENERATION_NAME.fullmatch(name) or _WRITER_TEMP.fullmatch(name)
+                or name in (ITEMS_FILE, INDEX_FILE))
+
+
+def generation_files(generation: int) -> dict[str, str]:
+    """The names of one generation's items and index files."""
+    return {"items": f"items-{generation:06d}.npz", "index": f"index-{generation:06d}.faiss"}
+
+
+def catalog_files(meta: dict) -> dict[str, str]:
+    """The live files a catalog.json names: its generation's, or version 1's fixed names.
+    A name that is not one Ascension writes (a path, say) is refused."""
+    files = meta.get("files") or {"items": ITEMS_FILE, "index": INDEX_FILE}
+    if not isinstance(files, dict) or not all(
+            isinstance(files.get(key), str) and (files[key] in (ITEMS_FILE, INDEX_FILE)
+                                                 or _GENERATION_NAME.fullmatch(files[key]))
+            for key in ("items", "index")):
+        raise ValueError(f"{CATALOG_JSON} names files that are not a catalogue's")
+    return {"items": files["items"], "index": files["index"]}
+
+
+def catalog_folder(path: Path) -> Path:
+    """A catalogue from ``ascension index``: all its files present, of a version we read."""
+    existing_folder(path)
+    meta_path = path / CATALOG_JSON
+    if not meta_path.exists():
+        raise ValueError(f"{path} is not an Ascension catalogue (no {CATALOG_JSON}); build one "
+                         "with `ascension index`")
+    try:
+        meta = json.loads(existing_file(meta_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{meta_path} is damaged; build the catalogue again with "
+                         "`ascension index`") from None
+    if not isinstance(meta, dict) or meta.get("format") != CATALOG_FORMAT:
+        raise ValueError(f"{path} is not an Ascension catalogue ({CATALOG_JSON} is another "
+                         "tool's)")
+    if meta.get("version") not in CATALOG_READABLE:
+        raise ValueError(f"{path} is a version-{meta.get('version')} catalogue; this Ascension "
+                         f"reads versions {', '.join(map(str, CATALOG_READABLE))}: build it again "
+                         "with `ascension index`")
+    names = [CATALOG_JSON, MODEL_FILE, *catalog_files(meta).values()]
+    missing = [name for name in names if kind_of(path / name) is not None
+               or not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"catalogue {path} lacks {', '.join(missing)} (copied in part?); "
+                         "build it again with `ascension index`")
+    return path

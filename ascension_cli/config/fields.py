@@ -1,0 +1,92 @@
+"""The shared vocabulary of the option models: choices, path types, help texts, how a field
+is spelled on the command line. Imports nothing of the models, so every one of them can use it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+
+from ascension_cli import paths
+from ascension_cli.catalog.layout import catalog_folder
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Accumulation = Literal["cache", "naive"]
+Augment = Literal["color-agnostic", "standard", "none"]
+Head = Literal["none", "mlp", "linear"]
+LrScaling = Literal["linear", "sqrt", "none"]
+Tracker = Literal["tensorboard", "mlflow", "none"]
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
+Folder = Annotated[Path, AfterValidator(paths.existing_folder)]
+ImageSource = Annotated[Path, AfterValidator(paths.image_source)]
+StreamSource = Annotated[Path | str, BeforeValidator(paths.images_or_shards)]
+FileOrFolder = Annotated[Path, AfterValidator(paths.existing_file_or_folder)]
+OutputFile = Annotated[Path, AfterValidator(paths.output_file)]
+OutputFolder = Annotated[Path, AfterValidator(paths.output_folder)]
+WeightsFile = Annotated[Path, AfterValidator(paths.existing_file)]
+CheckpointFile = Annotated[Path, AfterValidator(paths.checkpoint_file)]
+VectorsFile = Annotated[Path, AfterValidator(paths.vectors_file)]
+CatalogFolder = Annotated[Path, AfterValidator(catalog_folder)]
+# Fields given as positional arguments: messages spell them as the help does (DATA_ROOT).
+POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root", "catalog",
+              "images"}
+
+# --lr is the learning rate of a step over this many images (a plain loop's batch size).
+LR_REFERENCE_BATCH = 32
+# Warmup when --warmup-epochs is not given: this share of all optimizer steps.
+WARMUP_SHARE = 0.05
+
+# Options a resume may change (where and how fast it runs, not what it learns; channels_last and
+# compile change only the order of floating-point operations) carry this mark.
+RESUMABLE = {"resume_may_change": True}
+SHORT_O = {"flags": ["--output", "-o"]}
+WORKERS_HELP = ("Data-loading processes. (default: one per core up to 8 on a GPU; on the CPU one "
+                "per 8 cores, as the model's threads use them all)")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+CHANNELS_LAST_HELP = ("Run the model on NHWC weights and images: faster convolutions (up to 1.8x "
+                      "measured on the CPU), same results up to rounding.")
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+Features = Literal["backbone", "head"]
+Split = Literal["train", "validation", "test"]
+
+
+def split_field() -> Any:
+    return Field(None, description="With a manifest: only its rows of this split.")
+IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
+
+
+def features_field() -> Any:
+    return Field("backbone", description="backbone: the pooled trunk features, which training "
+                 "shapes and retrieval uses. head: the projection head's output.")
+
+
+def image_size_field() -> Any:
+    return Field(None, ge=16, le=4096, description="Input size. (default: the checkpoint's)")
+
+
+
+def check_device(value: str) -> str:
+    """A --device value: auto, cpu, cuda, cuda:N or mps."""
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def option_name(field: str) -> str:
+    """The command-line spelling of a config field: DATA_ROOT for an argument, else --option."""
+    return field.upper() if field in POSITIONAL else "--" + field.replace("_", "-")
+
+
+
+def check_path(check: Callable[[Path], Path], path: Path, field: str) -> None:
+    """A path check that depends on other options, with its message naming the option."""
+    try:
+        check(path)
+    except ValueError as exc:
+        raise ValueError(f"invalid {option_name(field)}: {exc}") from None

@@ -1,0 +1,196 @@
+"""The options of ``ascension train``: every field with its range, default and help, and the
+checks across fields (target batch a multiple of the micro-batch, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ascension_cli import paths
+from ascension_cli.config.fields import (
+    CHANNELS_LAST_HELP,
+    DEVICE_HELP,
+    LR_REFERENCE_BATCH,
+    RESUMABLE,
+    WARMUP_SHARE,
+    WORKERS_HELP,
+    Accumulation,
+    Augment,
+    Head,
+    ImageSource,
+    LrScaling,
+    OutputFolder,
+    Precision,
+    StreamSource,
+    Tracker,
+    WeightsFile,
+    check_device,
+    option_name,
+)
+
+
+class TrainConfig(BaseModel):
+    """Options of ``ascension train``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data_root: StreamSource = Field(
+        description="Folder of class folders (DATA_ROOT/<class>/<image>); a manifest (.csv, "
+        ".parquet) of path, label and optional split: its train rows train, its validation "
+        "rows validate, its test rows are never read; or shards from `ascension shard` (their "
+        "folder, a pattern like shards/shard-{000000..000127}.tar, or a URL), streamed.",
+        json_schema_extra=RESUMABLE)
+    batch_size: int = Field(16, ge=1, description="Images per micro-batch: what fits in memory.")
+    target_batch: int = Field(
+        128, ge=2, description="Images per optimizer step, and the batch SupCon contrasts (a "
+        "multiple of --batch-size)."
+    )
+    epochs: int = Field(50, ge=1, description="Epochs.", json_schema_extra=RESUMABLE)
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="Linear LR warmup in epochs, then cosine decay. (default: "
+        f"{WARMUP_SHARE:.0%} of the run's optimizer steps)"
+    )
+    lr: float = Field(
+        3e-4, gt=0, le=10,
+        description=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; --lr-scaling "
+        f"turns it into the step's LR (linear: x --target-batch/{LR_REFERENCE_BATCH}).",
+    )
+    lr_scaling: LrScaling = Field("linear", description="How --lr follows --target-batch.")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="The backbone's LR as a share of the head's, with --head mlp or linear.",
+    )
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    temperature: float = Field(0.1, gt=0, le=10, description="SupCon temperature.")
+    model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
+    image_size: int | None = Field(
+        None, ge=16, le=4096,
+        description="Square input size. (default: the model's pretrained input size)",
+    )
+    embedding_dim: int = Field(
+        128, ge=2, le=65536, description="Projection head output size, with --head mlp or linear."
+    )
+    head: Head = Field(
+        "none", description="What the loss trains: none (the pooled backbone features, which "
+        "retrieval uses), or an mlp or linear projection head on them."
+    )
+    pretrained: bool = Field(
+        True, description="Start from timm's pretrained weights (downloaded or cached)."
+    )
+    weights: WeightsFile | None = Field(
+        None, description="Local timm-format weights (.safetensors/.pth); works offline."
+    )
+    precision: Precision = Field(
+        "auto", description="auto: bf16 on Ampere+ GPUs and bf16-capable CPUs, fp16 with loss "
+        "scaling on older GPUs, else fp32."
+    )
+    accumulation: Accumulation = Field(
+        "cache", description="cache: gradient caching, the loss sees the whole --target-batch. "
+        "naive: plain accumulation, the loss sees each micro-batch alone."
+    )
+    views: int = Field(2, ge=1, le=16, description="Augmented views per image.")
+    samples_per_class: int = Field(4, ge=1, description="Images per class in each target batch.")
+    augment: Augment = Field(
+        "color-agnostic", description="color-agnostic: colour destroyed or randomised, so the "
+        "same item in another colour lands close. standard: SimCLR. none."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of each class held out for validation."
+    )
+    val_root: ImageSource | None = Field(
+        None, description="A separate validation tree, or a manifest (its validation rows when "
+        "it has a split column), with the training classes."
+    )
+    workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP,
+                                json_schema_extra=RESUMABLE)
+    seed: int = Field(0, ge=0, description="Random seed.")
+    device: str = Field("auto", description=DEVICE_HELP, json_schema_extra=RESUMABLE)
+    save_dir: OutputFolder = Field(
+        Path("checkpoints"),
+        description="Where last.pt, best.pt, metrics.jsonl, training.png and config.yaml go.",
+        json_schema_extra=RESUMABLE,
+    )
+    resume: str | None = Field(
+        None, description="'auto' continues from SAVE_DIR/last.pt if it exists; or a PATH.",
+        json_schema_extra=RESUMABLE,
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.",
+                                  json_schema_extra=RESUMABLE)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    sync_bn: bool = Field(
+        False, description="Under DDP, BatchNorm statistics over all processes."
+    )
+    max_image_pixels: int = Field(
+        100_000_000, ge=1,
+        description="Refuse images with more pixels than this (decompression bombs).",
+    )
+    max_nonfinite: int = Field(
+        20, ge=1,
+        description="Stop after this many non-finite losses in a row (each skips its step).",
+    )
+    channels_last: bool = Field(True, description=CHANNELS_LAST_HELP, json_schema_extra=RESUMABLE)
+    shuffle_buffer: int = Field(
+        8192, ge=16, description="With shards: encoded images each loader process holds to draw "
+        "class-balanced batches from (more mixes better and costs memory).")
+    cache_images: bool = Field(
+        False, description="Decode each image once, keep it in memory with its short side at "
+        "twice the input size, for datasets that fit in RAM (refused past 60% of free memory)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: the first steps compile it (minutes), "
+        "later ones may run faster on a GPU. Measured no gain on the CPU.",
+        json_schema_extra=RESUMABLE,
+    )
+    tracker: list[Tracker] = Field(
+        default_factory=list, description="Log to an experiment tracker; repeat for several. "
+        'tensorboard: SAVE_DIR/tensorboard (pip install "ascension-cli[tensorboard]"). mlflow: '
+        'SAVE_DIR/mlruns or --tracking-uri (pip install "ascension-cli[mlflow]").',
+        json_schema_extra=RESUMABLE,
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store. (default: SAVE_DIR/mlruns)",
+        json_schema_extra=RESUMABLE,
+    )
+
+    _check_device = field_validator("device")(check_device)
+
+    @field_validator("resume")
+    @classmethod
+    def _check_resume(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            paths.checkpoint_file(Path(value))
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.target_batch % self.batch_size:
+            raise ValueError(
+                f"--target-batch ({self.target_batch}) must be a multiple of "
+                f"--batch-size ({self.batch_size})"
+            )
+        if self.samples_per_class > self.target_batch:
+            raise ValueError(
+                f"--samples-per-class ({self.samples_per_class}) cannot exceed "
+                f"--target-batch ({self.target_batch})"
+            )
+        if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"--warmup-epochs ({self.warmup_epochs}) cannot exceed --epochs ({self.epochs})"
+            )
+        if self.views == 1 and self.samples_per_class == 1:
+            raise ValueError(
+                "with --views 1, --samples-per-class must be at least 2, "
+                "or no anchor has a positive"
+            )
+        if self.head == "none":
+            for field in ("embedding_dim", "backbone_lr_scale"):
+                if field in self.model_fields_set:
+                    raise ValueError(
+                        f"{option_name(field)} applies to a projection head; with --head none "
+                        "the loss trains the backbone's pooled features themselves: give "
+                        f"--head mlp or linear, or drop {option_name(field)}"
+                    )
+        if self.val_root is not None and "val_fraction" in self.model_fields_set:
+            raise ValueError("give either --val-root or --val-fraction, not both")
+        return self

@@ -1,0 +1,170 @@
+"""What a request may send, read safely: the upload limit counted on the bytes received, form
+fields that must be text, the search options, a label fit to be a folder name, the write
+token; and what a failed request is told (a 4xx or 5xx JSON line)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile  # what form() gives (FastAPI's subclasses it)
+
+from ascension_cli.errors import STORAGE_ERRNOS, CatalogError, ImageDecodeError, first_line
+
+if TYPE_CHECKING:
+    from ascension_cli.serve.lookup import Lookup
+
+MAX_LABEL_BYTES = 200  # a folder name: file systems allow 255 bytes
+
+
+MAX_NAME_CHARS = 255  # of a client's file name, echoed back in the results
+
+
+def text_field(form: Any, name: str) -> str | None:
+    """A form field that must be text (a file sent under its name is refused)."""
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a text field, not a file")
+    return value
+
+
+def search_options(form: Any) -> tuple[int, float | None]:
+    """``k`` and ``threshold`` of a search form; ValueError says what is wrong with them."""
+    k_text, threshold_text = text_field(form, "k"), text_field(form, "threshold")
+    try:
+        k = int(k_text or 5)
+        threshold = None if threshold_text in (None, "") else float(threshold_text)
+    except ValueError:
+        raise ValueError("k must be a whole number and threshold a number") from None
+    if not 1 <= k <= 1000:
+        raise ValueError(f"k must be from 1 to 1000 (got {k})")
+    if threshold is not None and not -1 <= threshold <= 1:  # also refuses nan
+        raise ValueError(f"threshold must be from -1 to 1 (got {threshold})")
+    return k, threshold
+
+
+def search_problem(form: Any) -> str | None:
+    try:
+        search_options(form)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def label_problem(form: Any) -> str | None:
+    """A label becomes a folder name under uploads/: limits in bytes, as the file system
+    counts them, and nothing a path could be made of."""
+    try:
+        label = text_field(form, "label") or ""
+    except ValueError as exc:
+        return str(exc)
+    try:
+        size = len(label.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "label must be valid UTF-8 text"
+    if (not label or label.startswith(".") or label != label.strip()
+            or any(c in label for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in label)
+            or size > MAX_LABEL_BYTES):
+        return (f"label must be a class name: no slashes or control characters, not hidden, "
+                f"at most {MAX_LABEL_BYTES} bytes in UTF-8")
+    return None
+
+
+def token_matches(header: str, token: str) -> bool:
+    """Compare as bytes: a header may hold any byte (Starlette decodes it as latin-1), which
+    ``secrets.compare_digest`` on text refuses with an exception."""
+    return secrets.compare_digest(header.encode("latin-1", "replace"),
+                                  f"Bearer {token}".encode("latin-1", "replace"))
+
+
+def problem(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def failure(exc: Exception) -> JSONResponse:
+    """What a request that failed past its checks is told: 400 for its own image, 503 while the
+    catalogue cannot be read, 507 for a full disk, else 500; always one JSON line."""
+    if isinstance(exc, ImageDecodeError):
+        return problem(400, str(exc))
+    if isinstance(exc, CatalogError):
+        return problem(503, f"the catalogue cannot be read now: {exc}")
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return problem(507, f"cannot write to the catalogue: {exc.strerror}")
+    print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)
+    return problem(500, f"internal error ({type(exc).__name__}); the service logged it")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The request with its body counted as it arrives: past ``limit`` bytes, reading stops
+    (with or without a Content-Length, chunked uploads included)."""
+    received = 0
+
+    async def receive() -> dict:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _TooLarge
+        return message
+
+    return Request(request.scope, receive)
+
+
+def _too_large(limit: int, size: int | None = None) -> JSONResponse:
+    what = f"upload of {size} bytes" if size is not None else "upload"
+    return problem(413, f"{what} is over the limit of {limit} bytes (--max-upload-mb)")
+
+
+async def read_form(request: Request, limit: int) -> Any:
+    """The multipart form, or the 4xx response saying why it cannot be read."""
+    try:
+        size = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        return problem(400, "Content-Length is not a number")
+    if size > limit:
+        return _too_large(limit, size)
+    try:
+        return await _limited(request, limit).form()
+    except _TooLarge:
+        return _too_large(limit)
+    except Exception as exc:  # noqa: BLE001 - a malformed body, whatever the parser raises
+        status = getattr(exc, "status_code", 400)
+        detail = getattr(exc, "detail", None) or first_line(exc)
+        return problem(status if 400 <= status < 500 else 400,
+                        f"not a multipart form: {str(detail)[:200]}")
+
+
+async def read_images(
+    request: Request, lookup: Lookup, max_upload_bytes: int,
+    check: Callable[[Any], str | None],
+) -> tuple[Any, list[tuple[str, bytes]] | Response]:
+    """The form and its checked images, or the 4xx response saying what is wrong (the form's
+    other fields are ``check``ed before the images are decoded). Decoding runs in a worker
+    thread, so a bomb or a large batch never holds up the event loop."""
+    form = await read_form(request, max_upload_bytes)
+    if isinstance(form, Response):
+        return None, form
+    message = check(form)
+    if message is not None:
+        return form, problem(400, message)
+    uploads = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
+    if not uploads:
+        return form, problem(400, "no image: send one or more files in the multipart field "
+                                   "'image'")
+    images = [((upload.filename or "upload")[:MAX_NAME_CHARS], await upload.read())
+              for upload in uploads]
+    try:
+        await asyncio.to_thread(lookup.check_images, images)
+    except ImageDecodeError as exc:
+        return form, problem(400, str(exc))
+    return form, images

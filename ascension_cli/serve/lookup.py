@@ -1,0 +1,124 @@
+"""The catalogue a service answers from: loaded once, re-read when catalog.json changes, searched
+a batch at a time, and added to under the catalogue's write lock. Uploaded images go through
+the very pipeline of ``ascension search`` (written to a private temporary folder, then
+``CatalogSearcher.embed``), so a photo gets the same answer either way."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ascension_cli.atomic import atomic_write
+from ascension_cli.catalog.layout import CATALOG_JSON, UPLOADS_FOLDER
+from ascension_cli.catalog.search import CatalogSearcher
+from ascension_cli.catalog.store import catalog_lock, load_catalog, remove_orphan_uploads
+from ascension_cli.data.folder import decode_image
+from ascension_cli.data.image_header import EXTENSIONS, image_format
+from ascension_cli.serve.batching import Pending
+
+
+class Lookup:
+    """The catalogue, its model and index, loaded once and re-read when the folder changes."""
+
+    def __init__(self, directory: Path, run_options: dict[str, Any], max_pixels: int):
+        self.directory = directory
+        self.run_options = run_options
+        self.max_pixels = max_pixels
+        self.lock = threading.Lock()  # guards the searcher's swap, never held while embedding
+        if not os.access(directory, os.W_OK):
+            self._load()
+            return
+        with catalog_lock(directory):  # read under the lock: no add lands meanwhile
+            self._load()
+            # An add that a kill interrupted left these behind.
+            removed = remove_orphan_uploads(self.searcher.catalog)
+        if removed:
+            print(f"removed {removed} photo(s) of an interrupted add from "
+                  f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
+
+    def _stamp(self) -> tuple[int, int]:
+        stat = (self.directory / CATALOG_JSON).stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def _load(self) -> None:
+        stamp = self._stamp()
+        try:
+            searcher = CatalogSearcher(load_catalog(self.directory, with_vectors=False))
+        except FileNotFoundError:  # a writer replaced the generation meanwhile: read again
+            stamp = self._stamp()
+            searcher = CatalogSearcher(load_catalog(self.directory, with_vectors=False))
+        self.searcher, self.stamp = searcher, stamp
+
+    def current(self) -> CatalogSearcher:
+        """The searcher, re-read first when catalog.json (written last by a change) changed."""
+        with self.lock:
+            if self._stamp() != self.stamp:
+                self._load()
+            return self.searcher
+
+    def add(self, images: list[tuple[str, bytes]], class_name: str) -> int:
+        """Keep the images under CATALOG/uploads/CLASS and add them as items of that class,
+        under the catalogue's write lock (one writer at a time, across processes). Searches see
+        the old catalogue until the new one is committed; if the add fails, its photos go."""
+        with catalog_lock(self.directory):
+            searcher = self.current()  # the catalogue as it is on disk now, under the lock
+            folder = self.directory / UPLOADS_FOLDER / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = [folder / f"{uuid.uuid4().hex}{EXTENSIONS[image_format(data)]}"
+                     for _, data in images]
+            try:
+                for path, (_, data) in zip(paths, images, strict=True):
+                    atomic_write(path, lambda handle, data=data: handle.write(data))
+                added = searcher.add(paths, class_name, **self.run_options)
+            except BaseException:
+                _discard(paths, load_catalog(self.directory, with_vectors=False).paths)
+                raise
+            with self.lock:
+                self._load()
+            _discard(paths, self.searcher.catalog.paths)  # those the embedder could not read
+        return added
+
+    def check_images(self, images: list[tuple[str, bytes]]) -> None:
+        """Refuse what is not an image, or is a bomb, before it is queued."""
+        for name, data in images:
+            decode_image(data, printable(name), self.max_pixels)
+
+    def search(self, batch: list[Pending]) -> list[list[dict]]:
+        """Embed every image of the batch at once, then match each request on its own terms.
+        The client's file names are only echoed back: the temporary files are named by
+        position, so no name a client sends reaches a path."""
+        searcher = self.current()
+        with tempfile.TemporaryDirectory(prefix="ascension-serve-") as folder:
+            paths, owners = [], []
+            for number, pending in enumerate(batch):
+                for position, (name, data) in enumerate(pending.images):
+                    path = Path(folder) / f"{number}-{position}.img"
+                    path.write_bytes(data)
+                    paths.append(path)
+                    owners.append((number, name))
+            vectors, indices = searcher.embed(paths, **self.run_options)
+        answers: list[list[dict]] = [[] for _ in batch]
+        for number, pending in enumerate(batch):
+            rows = [row for row, i in enumerate(indices) if owners[i][0] == number]
+            names = [owners[indices[row]][1] for row in rows]
+            results = searcher.match(vectors[rows], names, pending.k, pending.threshold)
+            answers[number] = [result.to_dict() for result in results]
+        return answers
+
+
+def _discard(paths: list[Path], held: list[str]) -> None:
+    """Remove the photos of ``paths`` that the catalogue (its ``held`` paths) does not hold."""
+    kept = set(held)
+    for path in paths:
+        if path.resolve().as_posix() not in kept:
+            path.unlink(missing_ok=True)
+
+
+def printable(name: str) -> str:
+    """A client's file name fit for an error message: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)[:120]

@@ -1,0 +1,277 @@
+"""Build everything a training run needs, in the order it is needed, into one frozen ``Run``.
+
+``build_run`` reads top to bottom like nanoGPT's set-up: the machine (device, processes,
+precision), the checkpoint to resume, the data and its split, the options fitted to the data, the
+model and its DDP / compiled wrappers, the configuration written, the loaders and the sampler,
+then the optimizer, schedule, scaler, loss and the step. Each part is built by one function from
+the parts before it, never from attributes set elsewhere; the trainer (``loop.py``) only runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from ascension_cli.atomic import atomic_write_text
+from ascension_cli.config import TrainConfig, check_resumable, to_plain
+from ascension_cli.data.sampler import fit_batches
+from ascension_cli.data.splits import TrainData, training_data
+from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording
+from ascension_cli.losses import supcon_loss
+from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
+from ascension_cli.model.checkpoint import load_checkpoint
+from ascension_cli.runtime import (
+    DistributedContext,
+    autocast_factory,
+    compile_model,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+    use_channels_last,
+)
+from ascension_cli.train.distributed import gather_with_grad, rank_seed
+from ascension_cli.train.gradcache import accumulated_backward, cached_backward
+from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
+from ascension_cli.train.logbook import data_rows
+from ascension_cli.train.reporter import Reporter
+from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
+from ascension_cli.train.stopping import StopRequest
+
+LAST = "last.pt"
+BEST = "best.pt"
+CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the run computes: device, process group, precision, loader processes."""
+
+    device: torch.device
+    distributed: DistributedContext
+    precision: str
+    workers: int
+    autocast: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The model (saved and validated) and what the steps run (DDP / compiled wrappers)."""
+
+    model: EmbeddingModel
+    spec: ModelSpec
+    trained: torch.nn.Module
+    no_sync: Callable | None  # DDP's: skip the all-reduce of a step's first backward passes
+    compile_errors: tuple[type[Exception], ...]
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable
+    backward: Callable  # cached_backward or accumulated_backward
+    step_options: dict[str, Any]  # no_sync, should_stop, gather
+    should_stop: Callable[[], bool] | None  # abandon a step part-way (a single process only)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything built for one training run; ``checkpoint`` is the payload to resume from."""
+
+    config: TrainConfig
+    resolved: dict[str, Any]  # the options as run, written to config.yaml
+    save_dir: Path
+    machine: Machine
+    checkpoint: dict[str, Any] | None
+    data: TrainData
+    nets: Networks
+    loaders: Loaders
+    opt: Optimisation
+    reporter: Reporter
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loaders.sampler.batches_per_epoch
+
+    def stateful(self) -> dict[str, Any]:
+        """The parts whose ``state_dict`` a checkpoint keeps, by checkpoint key."""
+        return {"optimizer": self.opt.optimizer, "scheduler": self.opt.scheduler,
+                "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
+
+
+def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run:
+    """Everything the run needs, built in this order (see the module notes)."""
+    machine = _machine(config)
+    if not machine.distributed.is_main:
+        reporter = Reporter()  # one voice: rank 0 reports, writes and saves
+    # Same initial weights everywhere (DDP also broadcasts them); each rank its own dropout.
+    torch.manual_seed(config.seed)
+    save_dir = Path(config.save_dir)
+    checkpoint = _checkpoint_to_resume(config, save_dir, reporter)
+    data = training_data(config.data_root, config.val_root, config.val_fraction, config.seed,
+                         "val_fraction" in config.model_fields_set, config.cache_images)
+    config = _fitted(config, data, machine.distributed.world_size, reporter)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, data.scan.classes)
+    nets = _networks(config, checkpoint, machine, data, reporter)
+    resolved = _write_config(config, save_dir, machine, nets.spec, reporter)
+    loaders = build_loaders(config, data, nets.spec, machine, reporter, stop)
+    opt = _optimisation(config, nets, loaders.sampler, machine, stop)
+    return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
+               reporter)
+
+
+# ---- the machine, the checkpoint, the options fitted to the data
+def _machine(config: TrainConfig) -> Machine:
+    device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    if distributed.enabled:
+        world = distributed.world_size
+        if device.type == "cuda":
+            device = torch.device("cuda", distributed.local_rank)
+            torch.cuda.set_device(device)
+        if config.target_batch % (config.batch_size * world):
+            raise ConfigError(f"{{target_batch}} ({config.target_batch}) must be a multiple of "
+                              f"{{batch_size}} ({config.batch_size}) x {world} processes",
+                              options=("target_batch", "batch_size"))
+        if config.sync_bn and device.type != "cuda":
+            raise ConfigError("{sync_bn} needs CUDA devices (SyncBatchNorm does not run on CPU)",
+                              options=("sync_bn",))
+    precision = resolve_precision(config.precision, device)
+    return Machine(device, distributed, precision, resolve_workers(config.workers, device),
+                   autocast_factory(precision, device))
+
+
+def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
+                          reporter: Reporter) -> dict[str, Any] | None:
+    last = save_dir / LAST
+    if config.resume is None:
+        if last.exists():
+            raise CheckpointError(f"{save_dir} already holds a run ({LAST}); pass {{resume}} "
+                                  "auto to continue it or choose another {save_dir}",
+                                  options=("resume", "save_dir"))
+        return None
+    path = last if config.resume == "auto" else Path(config.resume)
+    if path.is_file():
+        return load_checkpoint(path)
+    if config.resume != "auto":
+        raise CheckpointError(f"{{resume}}: checkpoint not found: {path}", options=("resume",))
+    reporter.message(f"no {LAST} in {save_dir} yet: starting a new run")
+    return None
+
+
+def _fitted(config: TrainConfig, data: TrainData, world_size: int,
+            reporter: Reporter) -> TrainConfig:
+    """The batch options fitted to the training set before anything is allocated: options the
+    user gave that cannot fit are refused, defaults are reduced (see ``fit_batches``)."""
+    labels = data.train_labels
+    classes = len(np.unique(labels))
+    if classes < 2:
+        raise DataError(f"training needs at least two classes (found {classes} in "
+                        f"{config.data_root}): SupCon learns by contrasting classes")
+    if config.views == 1 and np.bincount(labels).max() < 2:
+        raise DataError("with {views} 1 some class needs two training images; use {views} 2",
+                        options=("views",))
+    plan = fit_batches(
+        np.unique(labels, return_counts=True)[1], config.target_batch, config.batch_size,
+        config.samples_per_class, world_size,
+        min_samples_per_class=2 if config.views == 1 else 1,
+        given=frozenset(config.model_fields_set),
+    )
+    for note in plan.notes:
+        reporter.message(note)
+    return config.model_copy(update={
+        "target_batch": plan.target_batch, "batch_size": plan.micro_batch,
+        "samples_per_class": plan.samples_per_class,
+    })
+
+
+# ---- the model and its wrappers; the configuration as run
+def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: Machine,
+              data: TrainData, reporter: Reporter) -> Networks:
+    if checkpoint is not None:
+        spec = ModelSpec.from_dict(checkpoint["spec"])
+        model = model_from_spec(spec)
+        model.load_state_dict(checkpoint["model"])
+    else:
+        model, spec = build_model(
+            config.model, embedding_dim=config.embedding_dim, head=config.head,
+            image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
+        )
+    reporter.table("dataset " + str(config.data_root), data_rows(
+        data.scan, len(data.train_index), len(data.val_paths)))
+    if data.scan.skipped_lines:
+        reporter.message(f"{config.data_root}: {data.scan.skip_summary()}")
+    device, distributed = machine.device, machine.distributed
+    use_channels_last(model.to(device), config.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    trained: torch.nn.Module = model
+    no_sync = None
+    if distributed.enabled:
+        if config.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = trained.no_sync
+        torch.manual_seed(rank_seed(config.seed, distributed.rank))
+    compile_errors: tuple[type[Exception], ...] = ()
+    if config.compile:
+        from torch._dynamo.exc import TorchDynamoException
+
+        compile_errors = (TorchDynamoException,)
+        # Training passes only; validation and saving use the plain module.
+        trained = compile_model(trained)
+        reporter.message(Wording("{compile}: the first steps compile the model, which takes "
+                                 "minutes", ("compile",)))
+    return Networks(model, spec, trained, no_sync, compile_errors)
+
+
+def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: ModelSpec,
+                  reporter: Reporter) -> dict[str, Any]:
+    """config.yaml: the options as run, with what was resolved from the machine and model."""
+    resolved = to_plain(config)
+    resolved.update(image_size=spec.image_size, workers=machine.workers,
+                    resolved_device=str(machine.device), resolved_precision=machine.precision,
+                    step_lr=scaled_lr(config.lr, config.target_batch, config.lr_scaling))
+    if machine.distributed.enabled:
+        resolved.update(processes=machine.distributed.world_size)
+    if machine.distributed.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
+    reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
+    return resolved
+
+
+# ---- the optimisation and the step
+def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine,
+                  stop: StopRequest) -> Optimisation:
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
+    optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
+    warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
+    # A single process abandons a step when asked to stop (under DDP every rank would have to
+    # agree at each micro-batch, so there the step finishes first).
+    distributed = machine.distributed.enabled
+    should_stop = None if distributed else (lambda: stop.asked)
+    step_options: dict[str, Any] = {"no_sync": nets.no_sync, "should_stop": should_stop}
+    if distributed and config.accumulation == "cache":
+        step_options["gather"] = gather_with_grad
+    return Optimisation(
+        optimizer, scheduler, scaler, partial(supcon_loss, temperature=config.temperature),
+        cached_backward if config.accumulation == "cache" else accumulated_backward,
+        step_options, should_stop)
