@@ -26,15 +26,23 @@ from functools import partial
 import torch
 from _common import benchmark_parser, measure, print_table, write_json
 
-CONFIGS = {  # name: (accumulation, micro-batch, micro-batches per step, channels-last, compile)
-    "cache 16x8": ("cache", 16, 8, True, False),
-    "naive 16x8": ("naive", 16, 8, True, False),
-    "true batch 128": ("cache", 128, 1, True, False),
-    "plain 16": ("cache", 16, 1, True, False),  # one micro-batch: the plain step
-    "plain 16, two passes": ("two-pass", 16, 1, True, False),  # the cache's passes anyway
-    "cache 16x8, NCHW": ("cache", 16, 8, False, False),
-    "cache 16x8, compiled": ("cache", 16, 8, True, True),
-}
+
+def configs(micro: int = 16, count: int = 8) -> dict[str, tuple]:
+    """name: (accumulation, micro-batch, micro-batches per step, channels-last, compile), for a
+    target batch of ``micro x count`` images."""
+    target = micro * count
+    return {
+        f"cache {micro}x{count}": ("cache", micro, count, True, False),
+        f"naive {micro}x{count}": ("naive", micro, count, True, False),
+        f"true batch {target}": ("cache", target, 1, True, False),
+        f"plain {micro}": ("cache", micro, 1, True, False),  # one micro-batch: the plain step
+        f"plain {micro}, two passes": ("two-pass", micro, 1, True, False),  # the cache's passes
+        f"cache {micro}x{count}, NCHW": ("cache", micro, count, False, False),
+        f"cache {micro}x{count}, compiled": ("cache", micro, count, True, True),
+    }
+
+
+CONFIGS = configs()
 
 
 def run_config(name: str, args) -> dict:
@@ -54,7 +62,7 @@ def run_config(name: str, args) -> dict:
         cached_backward,
     )
 
-    mode, micro, count, channels_last, compiled = CONFIGS[name]
+    mode, micro, count, channels_last, compiled = configs(args.micro, args.steps_of)[name]
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
@@ -96,7 +104,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", action="store_true",
                         help="also time (a) under torch.compile (default in full mode)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--micro", type=int, default=16, help="images per micro-batch")
+    parser.add_argument("--steps-of", type=int, default=8,
+                        help="micro-batches per optimizer step (target batch = micro x this)")
+    parser.add_argument("--only", help="comma-separated rows to run, by their first word: "
+                        "cache, naive, true, plain (default: all; the cache and plain rows are "
+                        "always run)")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("test_efficientnet" if args.quick else "resnet50")
     args.image_size = args.image_size or (64 if args.quick else 224)
@@ -105,40 +119,59 @@ def main() -> None:
         print(json.dumps(run_config(args.config, args)))
         return
     results = {}
-    names = [n for n in CONFIGS if not CONFIGS[n][4] or args.compile or not args.quick]
+    table = configs(args.micro, args.steps_of)
+    kinds = None if not args.only else {"cache", "plain", *args.only.split(",")}
+    names = [n for n in table if (not table[n][4] or args.compile or not args.quick)
+             and (kinds is None or n.split()[0] in kinds)]
     for name in names:
         command = [sys.executable, __file__, "--config", name, "--model", args.model,
                    "--image-size", str(args.image_size), "--views", str(args.views),
                    "--precision", args.precision, "--device", args.device,
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats), "--micro", str(args.micro),
+                   "--steps-of", str(args.steps_of)]
         # A fixed mmap threshold makes glibc return every large tensor to the system when it is
         # freed, so the kernel's peak-RSS counter sees each step's own activation peak.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         output = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         results[name] = json.loads(output.stdout.strip().splitlines()[-1])
-    cache, naive, plain = results["cache 16x8"], results["naive 16x8"], results["plain 16"]
+    m, c = args.micro, args.steps_of
+    cache, plain = results[f"cache {m}x{c}"], results[f"plain {m}"]
+
+    def ratio(name: str, of: str = "seconds") -> float | None:
+        return results[name][of] / cache[of] if name in results else None
+
     memory_ratio = cache["peak_mib"] / plain["peak_mib"] if plain["peak_mib"] else None
-    time_ratio = cache["seconds"] / naive["seconds"]
+    naive = ratio(f"naive {m}x{c}")
+    time_ratio = None if naive is None else 1 / naive
     rows = [[name, f"{r['seconds']:.3f}", f"{r['images_per_second']:.1f}", f"{r['peak_mib']:.0f}"]
             for name, r in results.items()]
-    print_table(f"{args.model} at {args.image_size} px, {args.views} views, target batch 128, "
+    print_table(f"{args.model} at {args.image_size} px, {args.views} views, target batch {m * c}, "
                 f"{plain['precision']}", ["configuration", "s/step", "img/s", "peak MiB"], rows)
     memory_text = "-" if memory_ratio is None else f"{memory_ratio:.2f}x"
-    print(f"cache peak memory vs plain 16-image step: {memory_text} (goal <= 1.3x)")
-    print(f"cache time vs naive accumulation: {time_ratio:.2f}x (goal <= 1.4x)")
-    one_micro_speedup = results["plain 16, two passes"]["seconds"] / plain["seconds"]
-    print(f"target batch of one micro-batch, plain step vs the cache's two passes: "
-          f"{one_micro_speedup:.2f}x faster")
-    layout_speedup = results["cache 16x8, NCHW"]["seconds"] / cache["seconds"]
-    print(f"channels-last vs NCHW, gradient cache: {layout_speedup:.2f}x faster")
+    print(f"cache peak memory vs plain {m}-image step: {memory_text} (goal <= 1.3x)")
+    if time_ratio is not None:
+        print(f"cache time vs naive accumulation: {time_ratio:.2f}x (goal <= 1.4x)")
+    print(f"plain {m}-image step vs cache, images/s: "
+          f"{plain['images_per_second'] / cache['images_per_second']:.2f}x (goal <= 1.3x)")
+    two_pass = results.get(f"plain {m}, two passes")
+    one_micro_speedup = None if two_pass is None else two_pass["seconds"] / plain["seconds"]
+    if one_micro_speedup is not None:
+        print(f"target batch of one micro-batch, plain step vs the cache's two passes: "
+              f"{one_micro_speedup:.2f}x faster")
+    layout_speedup = ratio(f"cache {m}x{c}, NCHW")
+    if layout_speedup is not None:
+        print(f"channels-last vs NCHW, gradient cache: {layout_speedup:.2f}x faster")
     compile_speedup = None
-    if "cache 16x8, compiled" in results:
-        compiled = results["cache 16x8, compiled"]
+    if f"cache {m}x{c}, compiled" in results:
+        compiled = results[f"cache {m}x{c}, compiled"]
         compile_speedup = cache["seconds"] / compiled["seconds"]
         print(f"torch.compile vs eager, gradient cache: {compile_speedup:.2f}x faster per step, "
               f"after {compiled['first_call_seconds']:.0f} s compiling")
     write_json("bench_step", {"quick": args.quick, "model": args.model,
                               "image_size": args.image_size, "views": args.views,
+                              "micro_batch": m, "target_batch": m * c,
+                              "cache_speed_vs_plain": cache["images_per_second"]
+                              / plain["images_per_second"],
                               "results": results, "cache_memory_vs_plain16": memory_ratio,
                               "cache_time_vs_naive": time_ratio,
                               "channels_last_speedup": layout_speedup,
