@@ -144,6 +144,71 @@ def test_bad_input_ends_in_one_line(trained, tmp_path):
         assert sum(line.startswith("error:") for line in lines) == 1
 
 
+def test_a_manifest_s_item_ids_name_matches_and_group_by_item_counts_each_item_once(
+        trained, tmp_path):
+    from ascension_cli import api
+
+    root, data, checkpoint = trained
+    photos = sorted(data.rglob("*.png"))
+    # Two photos per item (a product photographed twice), four classes.
+    rows = [f"{p.relative_to(data.parent).as_posix()},{p.parent.name},"
+            f"sku-{p.parent.name}-{int(p.stem) // 2}" for p in photos]
+    (tmp_path / "m.csv").write_text("path,label,item_id\n" + "\n".join(rows) + "\n")
+    shutil.copytree(data, tmp_path / data.name)
+    catalog = api.index(checkpoint, tmp_path / "m.csv", tmp_path / "cat", workers=0).catalog
+    assert catalog.items()[0].startswith("sku-") and len(set(catalog.items())) == 16
+    assert load_catalog(tmp_path / "cat").items() == catalog.items()  # kept on disk
+
+    query = data / "square" / "002.png"
+    by_photo = api.search(tmp_path / "cat", query, k=6, workers=0)[0]
+    by_item = api.search(tmp_path / "cat", query, k=6, workers=0, group_by="item")[0]
+    assert all(m.item and m.item.startswith("sku-") for m in by_photo.matches)
+    items = [m.item for m in by_item.matches]
+    assert len(items) == len(set(items)) == 6  # each item once, by its best photo
+    # The best photo of each item, in order: the photo ranking with repeats removed.
+    deep = api.search(tmp_path / "cat", query, k=32, workers=0)[0].matches
+    firsts = [m for i, m in enumerate(deep) if m.item not in {d.item for d in deep[:i]}]
+    assert [(m.item, m.id) for m in by_item.matches] == [(m.item, m.id) for m in firsts[:6]]
+    assert by_item.item == by_item.matches[0].item == by_photo.item
+    assert by_item.to_dict()["matches"][0]["item"] == by_item.item
+
+    result = invoke("search", tmp_path / "cat", query, "--group-by", "item", "--k", "3",
+                    "--workers", "0", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "sku-" in result.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["group_by"] == "item" and saved["results"][0]["item"] == by_item.item
+
+
+def test_a_folder_catalogue_s_items_are_its_classes(trained, tmp_path):
+    from ascension_cli import api
+
+    _, data, checkpoint = trained
+    catalog = api.index(checkpoint, data, tmp_path / "cat", workers=0).catalog
+    assert catalog.item_ids is None  # nothing stored: the default
+    assert catalog.items() == [catalog.class_names[label] for label in catalog.labels]
+    result = api.search(tmp_path / "cat", data / "circle" / "001.png", k=3, workers=0,
+                        group_by="item")[0]
+    assert len({m.item for m in result.matches}) == 3 <= len(catalog.class_names)
+    assert all(m.item == m.class_name for m in result.matches)
+
+
+def test_an_add_warns_of_new_items_confusable_with_another_class(trained, tmp_path):
+    from ascension_cli import api
+
+    root, data, checkpoint = trained
+    api.index(checkpoint, data, tmp_path / "cat", workers=0)
+    # Copies of the circles filed as a new class: each the twin of a circle.
+    shutil.copytree(data / "circle", tmp_path / "extra" / "disc")
+    result = invoke("index", checkpoint, tmp_path / "extra", "-o", tmp_path / "cat", "--add",
+                    "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 new item(s) as similar to an item of another class" in result.output
+    assert "disc [disc] ~ circle [circle]: 1.000" in result.output
+    added = api.index(checkpoint, data / "square", tmp_path / "cat", add=True, workers=0)
+    assert added.added == 0 and added.onboarding == []  # nothing new, nothing to warn of
+
+
 def test_vote_weighs_by_similarity():
     matches = [Match("a", "x", 0.9), Match("b", "y", 0.5), Match("c", "y", 0.5),
                Match("d", None, 0.99)]

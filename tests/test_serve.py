@@ -324,9 +324,27 @@ def test_writes_need_the_token_and_land_atomically(tmp_path):
         found = post(server, photo, k="1").json()["results"][0]
         assert found["predicted"] == "cross" and found["matches"][0]["similarity"] > 0.999
         assert len(list((tmp_path / "cat" / "uploads" / "cross").iterdir())) == 1
+        # The same photo filed again under another label: confusable with "cross", said so.
+        again = add("plus").json()
+        assert again["confusable"] and again["confusable"][0]["nearest_item"] == "cross"
+        assert again["nearest"][0]["similarity"] > 0.999 and again["nearest"][0]["item"] == "plus"
         assert not list((tmp_path / "cat").glob(".*.tmp"))  # no temp file left behind
     finally:
         server.stop()
+
+
+def test_search_names_the_item_and_groups_by_item(served):
+    _, data, _, server = served
+    query = data / "circle" / "001.png"
+    by_photo = post(server, query, k="5").json()
+    assert by_photo["group_by"] == "photo"
+    first = by_photo["results"][0]
+    assert first["item"] == first["matches"][0]["item"] == first["matches"][0]["class"]
+    by_item = post(server, query, k="3", group_by="item").json()
+    items = [m["item"] for m in by_item["results"][0]["matches"]]
+    assert by_item["group_by"] == "item" and len(items) == len(set(items)) == 3
+    wrong = post(server, query, group_by="sku")
+    assert wrong.status_code == 400 and "group_by" in wrong.json()["error"]
 
 
 def test_several_server_processes_answer(served):

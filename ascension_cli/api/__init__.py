@@ -16,7 +16,9 @@ imported.
 
 from ascension_cli.api.catalogue import (
     IndexResult,
+    calibrate,
     index,
+    run_calibrate,
     run_index,
     run_search,
     run_serve,
@@ -47,7 +49,8 @@ from ascension_cli.api.evaluation import (
 from ascension_cli.api.training import TrainSummary, run_training, train_supcon
 
 __all__ = [
-    "EmbedResult", "IndexResult", "Measurement", "TrainSummary", "Written", "demo", "embed",
+    "EmbedResult", "IndexResult", "Measurement", "TrainSummary", "Written", "calibrate",
+    "demo", "embed", "run_calibrate",
     "evaluate", "export", "index", "manifest", "measure", "report", "run_demo", "run_embed",
     "run_eval", "run_export", "run_index", "run_manifest", "run_report", "run_search",
     "run_serve", "run_shard", "run_training", "search", "serve", "serve_app", "shard",

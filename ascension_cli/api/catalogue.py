@@ -7,11 +7,11 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ascension_cli.config import IndexConfig, SearchConfig, ServeConfig, resolve
+from ascension_cli.config import CalibrateConfig, IndexConfig, SearchConfig, ServeConfig, resolve
 from ascension_cli.errors import AscensionError, DataError
 
 if TYPE_CHECKING:
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 class IndexResult:
     catalog: Catalog
     added: int  # images added by this call
+    # With add: each new item's nearest item of another class, and whether they are confusable
+    # (``catalog.check.nearest_other_class``).
+    onboarding: list[dict] = field(default_factory=list)
+
+    @property
+    def confusable(self) -> list[dict]:
+        return [entry for entry in self.onboarding if entry["confusable"]]
 
     def index_description(self) -> str | None:
         """The index the catalogue was given: its shape, memory and measured recall."""
@@ -46,12 +53,15 @@ class IndexResult:
 def run_index(settings: IndexConfig, progress: Progress | None = None) -> IndexResult:
     """Build the catalogue (or add to it, with ``settings.add``)."""
     from ascension_cli.catalog.build import build_catalog
+    from ascension_cli.catalog.check import nearest_other_class
 
     catalog, added = build_catalog(
         settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
         feature_kind=settings.features, progress=progress, split=settings.split,
         index_kind=settings.kind, **settings.run_options())
-    return IndexResult(catalog, added)
+    onboarding = (nearest_other_class(catalog, len(catalog) - added, catalog.threshold)
+                  if settings.add else [])
+    return IndexResult(catalog, added, onboarding)
 
 
 def index(checkpoint: str | Path, gallery_root: str | Path, output: str | Path,
@@ -71,22 +81,55 @@ def run_search(settings: SearchConfig, progress: Progress | None = None) -> list
     from ascension_cli.retrieval.report import write_json
 
     catalog = load_catalog(settings.catalog, with_vectors=False)
+    threshold = threshold_of(settings, catalog)
     results = search_catalog(catalog, list_images(settings.images), settings.k,
-                             settings.threshold, progress, **settings.run_options())
+                             threshold, progress, settings.group_by,
+                             **settings.run_options())
     if not results:
         raise DataError("no readable query image")
     if settings.json_file is not None:
         write_json(settings.json_file, {"catalog": str(settings.catalog), "k": settings.k,
-                                        "threshold": settings.threshold,
+                                        "threshold": threshold,
+                                        "group_by": settings.group_by,
                                         "results": [r.to_dict() for r in results]})
     return results
+
+
+def threshold_of(settings: SearchConfig, catalog: Catalog) -> float | None:
+    """The threshold a search uses: the one given, else the catalogue's calibrated one."""
+    return settings.threshold if settings.threshold is not None else catalog.threshold
+
+
+def catalogue_note(directory: str | Path) -> str | None:
+    """What a user of the catalogue should know now (it grew since its calibration)."""
+    from ascension_cli.catalog.store import load_catalog
+
+    return load_catalog(directory, with_vectors=False).calibration_note()
+
+
+def run_calibrate(settings: CalibrateConfig, progress: Progress | None = None) -> Catalog:
+    """Choose the catalogue's threshold for ``settings.target_fmr`` and record it."""
+    from ascension_cli.catalog.calibrate import calibrate_catalog
+
+    return calibrate_catalog(settings.catalog, settings.images, settings.target_fmr,
+                             settings.unknown_classes, settings.seed, settings.split, progress,
+                             **settings.run_options())
+
+
+def calibrate(catalog: str | Path, images: str | Path, progress: Progress | None = None,
+              **options: Any) -> Catalog:
+    """Calibrate a catalogue's "not in the catalogue" threshold, as ``ascension calibrate``;
+    ``options``: target_fmr, unknown_classes, seed, split, batch_size, precision, workers,
+    device, channels_last. ``.calibration`` of the result holds what was measured."""
+    return run_calibrate(resolve(CalibrateConfig, dict(options, catalog=catalog,
+                                                        images=images)), progress)
 
 
 def search(catalog: str | Path, images: str | Path | list, progress: Progress | None = None,
            **options: Any) -> list[SearchResult]:
     """Which catalogue item is each photo (files or folders), as ``ascension search``;
-    ``options``: k, threshold, json_file, batch_size, precision, workers, device,
-    channels_last."""
+    ``options``: k, threshold, group_by ("photo" or "item"), json_file, batch_size, precision,
+    workers, device, channels_last."""
     images = list(images) if isinstance(images, list | tuple) else [images]
     return run_search(resolve(SearchConfig, dict(options, catalog=catalog, images=images)),
                       progress)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ascension_cli.progress import Progress
     from ascension_cli.retrieval.evaluate import EvaluationRun
     from ascension_cli.retrieval.html_report import ReportInfo
+    from ascension_cli.retrieval.openset import OpenSetReport
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Measurement:
     queries: Vectors
     run: EvaluationRun
     written: dict[str, Path] = field(default_factory=dict)  # what was written: json, picture
+    open_set: OpenSetReport | None = None  # with unknown_classes
 
 
 def measure(settings: EvalConfig | ReportConfig, progress: Progress | None = None) -> Measurement:
@@ -63,12 +65,16 @@ def run_eval(settings: EvalConfig, progress: Progress | None = None) -> Measurem
 
     measured = measure(settings, progress)
     queries, run = measured.queries, measured.run
+    if settings.unknown_classes is not None:
+        measured.open_set = open_set_of(run, settings.unknown_classes, settings.target_fmr,
+                                        settings.seed)
     if settings.json_file is not None:
         write_json(settings.json_file, evaluation_json(
             run.clean, run.searched.class_names, run.recoloured,
             {"queries_file": str(settings.source),
              "gallery_file": str(settings.gallery) if settings.gallery else None,
-             "model_name": queries.model_name, "feature_kind": queries.feature_kind},
+             "model_name": queries.model_name, "feature_kind": queries.feature_kind,
+             **({} if measured.open_set is None else {"open_set": measured.open_set.to_dict()})},
         ))
         measured.written["json"] = settings.json_file
     if settings.show:
@@ -80,6 +86,24 @@ def run_eval(settings: EvalConfig, progress: Progress | None = None) -> Measurem
             k=min(5, max(settings.ks)),
         )
     return measured
+
+
+def open_set_of(run: EvaluationRun, share: float, target_fmr: float,
+                seed: int = 0) -> OpenSetReport:
+    """The open-set evaluation of a run's queries: a seeded ``share`` of their classes held out
+    of what they are searched in."""
+    from ascension_cli.errors import VectorsError
+    from ascension_cli.retrieval.openset import evaluate_open_set, held_out_classes
+
+    queries, searched = run.queries, run.searched
+    try:
+        unknown = held_out_classes(queries.labels, share, seed)
+    except ValueError as exc:
+        raise VectorsError(f"{{unknown_classes}}: {exc}", options=("unknown_classes",)) from None
+    same = searched is queries
+    return evaluate_open_set(queries.vectors, queries.labels, None if same else searched.vectors,
+                             None if same else searched.labels, unknown, searched.class_names,
+                             target_fmr)
 
 
 def run_report(settings: ReportConfig, progress: Progress | None = None) -> ReportInfo:

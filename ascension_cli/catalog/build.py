@@ -77,9 +77,11 @@ def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
     vectors, _, indices = embed_images(model, spec, paths, None, progress,
                                        feature_kind=feature_kind, **embed_options)
     labels = scan.labels[fresh][indices]
+    items = (None if scan.item_ids is None
+             else [scan.item_ids[fresh[i]] for i in indices])  # a manifest's item_id column
     return append_items(catalog, vectors, [scan.classes[label] if label >= 0 else None
                                            for label in labels],
-                        [paths[i] for i in indices], classes=scan.classes)
+                        [paths[i] for i in indices], classes=scan.classes, item_ids=items)
 
 
 def _open_for_build(

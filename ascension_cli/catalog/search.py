@@ -26,7 +26,8 @@ class Match:
     path: str
     class_name: str | None
     similarity: float
-    id: int = -1  # the item's row in the catalogue
+    id: int = -1  # the photo's row in the catalogue
+    item: str | None = None  # the item (product, SKU) the photo shows
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SearchResult:
     predicted: str | None = None  # None: unknown (nothing close enough) or no labelled match
     score: float = 0.0  # the predicted class's share of the similarity-weighted vote
     unknown: bool = False
+    item: str | None = None  # the best match's item, unless unknown
 
     def to_dict(self) -> dict:
         return {
@@ -43,8 +45,10 @@ class SearchResult:
             "predicted": self.predicted,
             "score": self.score,
             "unknown": self.unknown,
+            "item": self.item,
             "matches": [
-                {"id": m.id, "path": m.path, "class": m.class_name, "similarity": m.similarity}
+                {"id": m.id, "item": m.item, "path": m.path, "class": m.class_name,
+                 "similarity": m.similarity}
                 for m in self.matches
             ],
         }
@@ -73,6 +77,7 @@ class CatalogSearcher:
         self.catalog = catalog
         self.model = load_catalog_model(catalog)
         self.index = load_index(catalog)
+        self.items = catalog.items()
 
     def embed(self, query_paths: list[Path], progress: Progress | None = None,
               **embed_options) -> tuple[np.ndarray, np.ndarray]:
@@ -92,29 +97,53 @@ class CatalogSearcher:
         return len(indices)
 
     def match(self, vectors: np.ndarray, names: list[str], k: int = 5,
-              threshold: float | None = None) -> list[SearchResult]:
-        """Top-``k`` items and the voted class of each vector (``names[i]`` its query).
+              threshold: float | None = None, group_by: str = "photo") -> list[SearchResult]:
+        """Top-``k`` photos (``group_by="item"``: distinct items, each by its best photo) and
+        the voted class of each vector (``names[i]`` its query).
 
         A query whose best match is less similar than ``threshold`` is marked unknown.
         """
         if len(vectors) == 0:
             return []
-        catalog = self.catalog
-        ids, scores = search(self.index, vectors, k)
+        rows = self._nearest(vectors, k, group_by)
         results = []
         for row, name in enumerate(names):
-            matches = [
-                Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])), float(score),
-                      int(i))
-                for i, score in zip(ids[row], scores[row], strict=True) if i >= 0
-            ]
-            result = SearchResult(name, matches)
+            matches = rows[row]
+            result = SearchResult(name, matches, item=matches[0].item if matches else None)
             if threshold is not None and (not matches or matches[0].similarity < threshold):
-                result.unknown = True
+                result.unknown, result.item = True, None
             else:
                 result.predicted, result.score = vote(matches)
             results.append(result)
         return results
+
+    def _nearest(self, vectors: np.ndarray, k: int, group_by: str) -> list[list[Match]]:
+        """Each query's top ``k`` photos, or with ``group_by="item"`` its top ``k`` distinct
+        items (searching deeper until ``k`` are found or the catalogue is exhausted)."""
+        catalog, items = self.catalog, self.items
+        depth = k if group_by == "photo" else min(len(catalog), 8 * k)
+        while True:
+            ids, scores = search(self.index, vectors, depth)
+            found = [_matches(catalog, items, ids[row], scores[row], k, group_by)
+                     for row in range(len(vectors))]
+            if depth >= len(catalog) or all(len(m) >= k for m in found):
+                return found
+            depth = min(len(catalog), depth * 4)
+
+
+def _matches(catalog: Catalog, items: list[str], ids: np.ndarray, scores: np.ndarray, k: int,
+             group_by: str) -> list[Match]:
+    """Matches from one query's neighbours (best first): all of them, or each item's first."""
+    matches, seen = [], set()
+    for i, score in zip(ids, scores, strict=True):
+        if i < 0 or (group_by == "item" and items[i] in seen):
+            continue
+        seen.add(items[i])
+        matches.append(Match(catalog.paths[i], catalog.class_name(int(catalog.labels[i])),
+                             float(score), int(i), items[i]))
+        if len(matches) == k:
+            break
+    return matches
 
 
 def search_catalog(
@@ -123,9 +152,12 @@ def search_catalog(
     k: int = 5,
     threshold: float | None = None,
     progress: Progress | None = None,
+    group_by: str = "photo",
     **embed_options,
 ) -> list[SearchResult]:
-    """Top-``k`` catalogue items per readable query image, with a voted class."""
+    """Top-``k`` catalogue photos (or distinct items) per readable query image, with a voted
+    class."""
     searcher = CatalogSearcher(catalog)
     vectors, indices = searcher.embed(query_paths, progress, **embed_options)
-    return searcher.match(vectors, [str(query_paths[i]) for i in indices], k, threshold)
+    return searcher.match(vectors, [str(query_paths[i]) for i in indices], k, threshold,
+                          group_by)

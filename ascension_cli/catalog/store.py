@@ -61,6 +61,11 @@ class Catalog:
     index: dict = field(default_factory=lambda: {"kind": "flat"})  # as catalog.json says
     generation: int = 0  # 0: none written yet
     files: dict = field(default_factory=lambda: {"items": ITEMS_FILE, "index": INDEX_FILE})
+    # Each photo's item (a product, a SKU): a manifest's item_id; None means the default, the
+    # photo's class (or, unlabelled, its file name), which is what folder trees give.
+    item_ids: list[str] | None = None
+    # The threshold ``ascension calibrate`` chose, with what it measured (catalog.json keeps it).
+    calibration: dict | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,6 +82,27 @@ class Catalog:
 
     def class_name(self, label: int) -> str | None:
         return self.class_names[label] if 0 <= label < len(self.class_names) else None
+
+    def item(self, row: int) -> str:
+        """The item the photo at ``row`` shows."""
+        if self.item_ids is not None:
+            return self.item_ids[row]
+        return self.class_name(int(self.labels[row])) or Path(self.paths[row]).name
+
+    def items(self) -> list[str]:
+        return [self.item(row) for row in range(len(self))]
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated threshold, if the catalogue has one."""
+        return None if self.calibration is None else float(self.calibration["threshold"])
+
+    def calibration_note(self) -> str | None:
+        """What a user should know of the calibration: that the catalogue grew since."""
+        if self.calibration is None or self.calibration.get("items") == len(self):
+            return None
+        return (f"the catalogue holds {len(self)} photos, {self.calibration.get('items')} when "
+                "it was calibrated: run `ascension calibrate` again")
 
 
 @contextmanager
@@ -153,7 +179,9 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
     files = generation_files(generation)
     atomic_write(directory / files["items"], lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
-        paths=np.array(catalog.paths, dtype=str)))
+        paths=np.array(catalog.paths, dtype=str),
+        **({} if catalog.item_ids is None else {"item_ids": np.array(catalog.item_ids,
+                                                                     dtype=str)})))
     catalog = replace(catalog, dim=int(catalog.vectors.shape[1]), generation=generation,
                       index=write_index(directory / files["index"], catalog.vectors,
                                         catalog.index_kind))
@@ -172,18 +200,22 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
         "generation": generation,
         "files": files,
         "previous_files": previous,
+        **({} if catalog.calibration is None else {"calibration": catalog.calibration}),
     }, indent=2) + "\n")
     _remove_leftovers(directory)
     return replace(catalog, files=files)
 
 
-def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list]:
-    """(vectors or None, labels, paths) from an items file; npz members are read only when
-    asked. FileNotFoundError passes (a writer may have just replaced the generation)."""
+def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list,
+                                                   list | None]:
+    """(vectors or None, labels, paths, item ids or None) from an items file; npz members are
+    read only when asked. FileNotFoundError passes (a writer may have just replaced the
+    generation)."""
     try:
         with np.load(path, allow_pickle=False) as items:
             return (items["vectors"] if vectors else None, items["labels"],
-                    items["paths"].tolist())
+                    items["paths"].tolist(),
+                    items["item_ids"].tolist() if "item_ids" in items.files else None)
     except FileNotFoundError:
         raise
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
@@ -207,9 +239,11 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
     except Exception:
         raise _damaged(directory / CATALOG_JSON) from None
     # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
-    vectors, labels, paths = _read_items(directory / files["items"],
-                                         with_vectors or "dimension" not in meta)
+    vectors, labels, paths, item_ids = _read_items(directory / files["items"],
+                                                   with_vectors or "dimension" not in meta)
     counts = {meta.get("count"), len(labels), len(paths)}
+    if item_ids is not None:
+        counts.add(len(item_ids))
     if vectors is not None:
         counts.add(len(vectors))
     if len(counts) != 1:
@@ -219,7 +253,27 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
     return Catalog(directory, ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
                    meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths,
                    int(dim), dict(meta.get("index") or {"kind": "flat"}),
-                   int(meta.get("generation", 0)), files)
+                   int(meta.get("generation", 0)), files, item_ids, _calibration(meta))
+
+
+def _calibration(meta: dict) -> dict | None:
+    """catalog.json's calibration, if it holds a usable one (a threshold from -1 to 1)."""
+    found = meta.get("calibration")
+    threshold = found.get("threshold") if isinstance(found, dict) else None
+    if isinstance(threshold, int | float) and -1 <= threshold <= 1:
+        return found
+    return None
+
+
+def write_calibration(catalog: Catalog, calibration: dict) -> Catalog:
+    """Record a calibration in catalog.json, rewritten atomically (the files it names stay):
+    a crash leaves the catalogue as it was or calibrated. The caller holds ``catalog_lock``
+    and has read ``catalog`` under it."""
+    path = catalog.directory / CATALOG_JSON
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["calibration"] = calibration
+    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+    return replace(catalog, calibration=calibration)
 
 
 def _damaged(path: Path) -> CatalogError:
@@ -249,9 +303,11 @@ def load_index(catalog: Catalog) -> faiss.Index:
 
 
 def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | None],
-                 paths: list[Path], classes: list[str] = ()) -> Catalog:
-    """``catalog`` with items appended: their vectors, class names (None: unlabelled) and photo
-    paths. Class names it lacks (``classes`` first, in their order) are added at the end."""
+                 paths: list[Path], classes: list[str] = (),
+                 item_ids: list[str] | None = None) -> Catalog:
+    """``catalog`` with photos appended: their vectors, class names (None: unlabelled), paths
+    and items (None: each photo's default, its class). Class names it lacks (``classes``
+    first, in their order) are added at the end."""
     names = list(catalog.class_names)
     for name in [*classes, *class_names]:
         if name is not None and name not in names:
@@ -264,4 +320,7 @@ def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | 
         catalog, class_names=names,
         vectors=vectors if len(catalog) == 0 else np.concatenate([held, vectors]),
         labels=np.concatenate([catalog.labels, labels]),
-        paths=catalog.paths + [Path(path).resolve().as_posix() for path in paths])
+        paths=catalog.paths + [Path(path).resolve().as_posix() for path in paths],
+        item_ids=None if catalog.item_ids is None and item_ids is None else catalog.items() + (
+            item_ids or [name or Path(path).name for name, path in zip(class_names, paths,
+                                                                        strict=True)]))

@@ -23,6 +23,7 @@ from ascension_cli.cli.console import ImageProgress, RichReporter, console, err_
 from ascension_cli.cli.guard import say_error, user_errors
 from ascension_cli.cli.options import extra_option, given, options_of
 from ascension_cli.config import (
+    CalibrateConfig,
     DemoConfig,
     EmbedConfig,
     EvalConfig,
@@ -151,10 +152,10 @@ def evaluate_command(**options: Any) -> None:
         with ImageProgress("evaluating") as progress:
             measured = run_eval(settings, progress)
         out.print_evaluation(measured.run)
-        if "json" in measured.written:
-            out.say(f"metrics written to {measured.written['json']}")
-        if "picture" in measured.written:
-            out.say(f"retrieval picture written to {measured.written['picture']}")
+        if measured.open_set is not None:
+            out.print_open_set(measured.open_set)
+        for what, path in measured.written.items():
+            out.say(f"{'metrics' if what == 'json' else 'retrieval picture'} written to {path}")
 
 
 @app.command(no_args_is_help=True)
@@ -188,11 +189,21 @@ def index(**options: Any) -> None:
 
         with ImageProgress("indexing") as progress:
             result = run_index(settings, progress)
-        catalog = result.catalog
-        out.say(f"catalogue {settings.output}: {len(catalog)} items in "
-                f"{len(catalog.class_names)} classes ({result.added} added)")
-        if result.index_description() is not None:
-            out.say(result.index_description())
+        out.print_indexed(settings.output, result)
+
+
+@app.command(no_args_is_help=True)
+@options_of(CalibrateConfig)
+def calibrate(**options: Any) -> None:
+    """Choose the "not in the catalogue" threshold on labelled photos it was not built from
+    (at most --target-fmr of those of items it lacks pass); `search` and `serve` then use it."""
+    with user_errors():
+        settings = resolve(CalibrateConfig, given(options))
+        from ascension_cli.api import run_calibrate
+
+        with ImageProgress("calibrating") as progress:
+            catalog = run_calibrate(settings, progress)
+        out.print_calibration(catalog.calibration)
 
 
 @app.command(name="search", no_args_is_help=True)
@@ -206,6 +217,7 @@ def search_command(**options: Any) -> None:
         with ImageProgress("searching") as progress:
             results = run_search(settings, progress)
         out.print_search(settings.catalog, results)
+        out.print_catalog_note(settings.catalog)
         if settings.json_file is not None:
             out.say(f"results written to {settings.json_file}")
 

@@ -25,8 +25,9 @@ err_console = Console(stderr=True)
 
 
 def say(text: str) -> None:
-    """One plain line on stdout (no markup, no highlighting, long lines unwrapped)."""
-    console.print(text, highlight=False, soft_wrap=True)
+    """One plain line on stdout (no markup, no highlighting, long lines unwrapped): a file
+    name in brackets is printed as it is."""
+    console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def spelled(text: str) -> str:
@@ -198,14 +199,71 @@ def print_evaluation(run: EvaluationRun) -> None:
     console.print(note, highlight=False)
 
 
+def _match_name(match) -> str:
+    """A match as the table shows it: its item, and its class when the item is not the class."""
+    name = match.class_name or Path(match.path).name
+    return name if match.item in (None, name) else f"{match.item} [{name}]"
+
+
+def print_open_set(report) -> None:
+    """The open-set figures: what the threshold for the target FMR lets through."""
+    say(f"open set: {len(report.unknown_classes)} class(es) held out "
+        f"({', '.join(report.unknown_classes)}), {report.unknown_queries} unknown and "
+        f"{report.known_queries} known queries; ROC AUC {report.curve.auc:.3f}")
+    say(f"at threshold {report.threshold:.4f} (for FMR {report.target_fmr:.1%}): unknowns "
+        f"accepted {report.fmr:.1%}, known refused {report.fnmr:.1%}, Recall@1 of the accepted "
+        f"{report.recall_at_1_accepted:.4f}")
+
+
+def print_indexed(output: Path, result) -> None:
+    catalog = result.catalog
+    say(f"catalogue {output}: {len(catalog)} items in {len(catalog.class_names)} classes "
+        f"({result.added} added)")
+    if result.index_description() is not None:
+        say(result.index_description())
+    print_onboarding(result.onboarding, result.catalog.threshold)
+
+
+def print_onboarding(onboarding: list[dict], threshold: float | None, shown: int = 10) -> None:
+    """The new items a search may take for another class's, most similar first."""
+    confusable = [entry for entry in onboarding if entry["confusable"]]
+    if not confusable:
+        return
+    limit = "the calibrated threshold" if threshold is not None else "0.9 (uncalibrated)"
+    say(f"warning: {len(confusable)} new item(s) as similar to an item of another class as "
+        f"{limit}:")
+    for entry in confusable[:shown]:
+        say(f"  {entry['item']} [{entry['class']}] ~ {entry['nearest_item']} "
+            f"[{entry['nearest_class']}]: {entry['similarity']:.3f}")
+    if len(confusable) > shown:
+        say(f"  ... and {len(confusable) - shown} more")
+
+
+def print_calibration(calibration: dict) -> None:
+    say(f"threshold {calibration['threshold']:.4f} for FMR {calibration['target_fmr']:.1%}: "
+        f"unknowns accepted {calibration['fmr']:.1%} ({calibration['unknown_queries']} photos "
+        f"of {len(calibration['unknown_classes'])} class(es) the catalogue lacks), known refused "
+        f"{calibration['fnmr']:.1%}, Recall@1 of the accepted "
+        f"{calibration['recall_at_1_accepted']:.4f}, ROC AUC {calibration['auc']:.3f}; "
+        "written into the catalogue")
+
+
+def print_catalog_note(directory: Path) -> None:
+    """A calibrated catalogue that grew since says so."""
+    from ascension_cli.api.catalogue import catalogue_note
+
+    note = catalogue_note(directory)
+    if note:
+        say(f"note: {note}")
+
+
 def print_search(catalog: Path, results: list) -> None:
     table = Table(title=f"search in {catalog}", title_justify="left")
     for column in ("query", "prediction", "score", "best matches (similarity)"):
         table.add_column(column)
     for result in results:
         prediction = "unknown" if result.unknown else (result.predicted or "-")
-        best = ", ".join(f"{m.class_name or Path(m.path).name} ({m.similarity:.3f})"
-                         for m in result.matches[:3])
+        best = ", ".join(f"{_match_name(m)} ({m.similarity:.3f})" for m in result.matches[:3])
         table.add_row(result.query, prediction, f"{result.score:.2f}", best)
     console.print(table)
 

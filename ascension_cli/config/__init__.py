@@ -8,6 +8,7 @@ before any work. ``fields`` holds the shared vocabulary, ``train`` and ``command
 """
 
 from ascension_cli.config.commands import (
+    CalibrateConfig,
     DemoConfig,
     EmbedConfig,
     EvalConfig,
@@ -31,7 +32,8 @@ from ascension_cli.config.resume import check_resumable, resume_may_change
 from ascension_cli.config.train import TrainConfig
 
 __all__ = [
-    "LR_REFERENCE_BATCH", "POSITIONAL", "RESUMABLE", "WARMUP_SHARE", "DemoConfig", "EmbedConfig",
+    "LR_REFERENCE_BATCH", "POSITIONAL", "RESUMABLE", "WARMUP_SHARE", "CalibrateConfig",
+    "DemoConfig", "EmbedConfig",
     "EvalConfig", "ExportConfig", "IndexConfig", "ManifestConfig", "ReportConfig", "SearchConfig",
     "ServeConfig", "ShardConfig", "TrainConfig", "check_resumable", "option_name",
     "read_config_file", "resolve", "resume_may_change", "to_plain",

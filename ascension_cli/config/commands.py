@@ -20,6 +20,7 @@ from ascension_cli.config.fields import (
     Features,
     FileOrFolder,
     Folder,
+    GroupBy,
     ImageSource,
     IndexKind,
     OutputFile,
@@ -160,6 +161,14 @@ class EvalConfig(_MeasureOptions):
     )
     output: OutputFile = Field(Path("retrieval.png"), description="Picture for --show.",
                                json_schema_extra=SHORT_O)
+    unknown_classes: float | None = Field(
+        None, gt=0, lt=1, description="Also measure the open set: hold out this share of the "
+        "classes (seeded), their photos out of the gallery and their queries unknown, and report "
+        "over thresholds the unknowns accepted (FMR), the known refused (FNMR), Recall@1 of the "
+        "accepted, the ROC AUC and the threshold for --target-fmr.")
+    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of unknown queries a "
+                              "threshold may accept (with --unknown-classes).")
+    seed: int = Field(0, description="Which classes --unknown-classes holds out.")
 
 
 class ReportConfig(_MeasureOptions):
@@ -212,10 +221,30 @@ class SearchConfig(_RunOptions):
     k: int = Field(5, ge=1, le=1000, description="Matches per query.")
     threshold: float | None = Field(
         None, ge=-1, le=1, description="Cosine similarity the best match must reach; below it "
-        "the query is 'unknown'."
+        "the query is 'unknown'. (default: the catalogue's, if `ascension calibrate` set one)"
     )
     json_file: OutputFile | None = Field(None, description="Write the results to this JSON file.",
                                          json_schema_extra={"flags": ["--json"]})
+    group_by: GroupBy = Field(
+        "photo", description="photo: the k most similar photos. item: the k most similar "
+        "items (a manifest's item_id, else the class), each by its best photo, so several "
+        "photos of one item count once.")
+
+
+class CalibrateConfig(_RunOptions):
+    """Options of ``ascension calibrate``."""
+
+    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    images: ImageSource = Field(
+        description="Labelled photos the catalogue was not built from (class folders or a "
+        "manifest), some of classes it lacks: the unknowns a threshold must refuse.")
+    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of photos of items the "
+                              "catalogue lacks that the threshold may accept.")
+    unknown_classes: float | None = Field(
+        None, gt=0, lt=1, description="Also hold out this share of the catalogue's classes "
+        "(seeded) as unknowns, when IMAGES has few classes the catalogue lacks.")
+    seed: int = Field(0, description="Which classes --unknown-classes holds out.")
+    split: Split | None = split_field()
 
 
 class ManifestConfig(BaseModel):

@@ -59,6 +59,7 @@ Split = Literal["train", "validation", "test"]
 def split_field() -> Any:
     return Field(None, description="With a manifest: only its rows of this split.")
 IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
+GroupBy = Literal["photo", "item"]
 
 
 def features_field() -> Any:

@@ -53,7 +53,8 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
                 "dimension": found.dim, "index": found.index_kind, "items": len(found),
                 "classes": len(found.class_names), "catalog": str(found.directory),
-                "catalog_version": CATALOG_VERSION}
+                "catalog_version": CATALOG_VERSION, "calibration": found.calibration,
+                "calibration_note": found.calibration_note()}
 
     @app.get("/items/{item}/image")
     def item_image(item: int) -> Response:
@@ -91,12 +92,13 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
         form, images = await read_images(request, lookup, max_upload_bytes, search_problem)
         if isinstance(images, Response):
             return images
-        k, threshold = search_options(form)
+        k, threshold, group_by = search_options(form)
         try:
-            results, waited = await batcher.submit(Pending(images, k, threshold))
+            results, waited = await batcher.submit(Pending(images, k, threshold, group_by))
         except Exception as exc:  # noqa: BLE001 - a JSON answer, never a traceback
             return failure(exc)
-        return JSONResponse({"k": k, "threshold": threshold, "waited_ms": waited * 1000,
+        return JSONResponse({"k": k, "threshold": threshold, "group_by": group_by,
+                             "waited_ms": waited * 1000,
                              "results": results})
 
     @app.post("/items")
@@ -110,9 +112,12 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
         if isinstance(images, Response):
             return images
         try:
-            added = await asyncio.to_thread(lookup.add, images, str(form.get("label")))
+            added, onboarding = await asyncio.to_thread(lookup.add, images,
+                                                        str(form.get("label")))
         except Exception as exc:  # noqa: BLE001 - a JSON answer, never a traceback
             return failure(exc)
-        return JSONResponse({"added": added, "items": len(lookup.current().catalog)})
+        return JSONResponse({"added": added, "items": len(lookup.current().catalog),
+                             "nearest": onboarding,
+                             "confusable": [e for e in onboarding if e["confusable"]]})
 
     return app

@@ -20,6 +20,7 @@ class Pending:
     images: list[tuple[str, bytes]]
     k: int
     threshold: float | None
+    group_by: str = "photo"
     queued: float = field(default_factory=time.perf_counter)
     done: asyncio.Future | None = None
 

@@ -33,9 +33,13 @@ def text_field(form: Any, name: str) -> str | None:
     return value
 
 
-def search_options(form: Any) -> tuple[int, float | None]:
-    """``k`` and ``threshold`` of a search form; ValueError says what is wrong with them."""
+def search_options(form: Any) -> tuple[int, float | None, str]:
+    """``k``, ``threshold`` and ``group_by`` of a search form; ValueError says what is wrong
+    with them."""
     k_text, threshold_text = text_field(form, "k"), text_field(form, "threshold")
+    group_by = text_field(form, "group_by") or "photo"
+    if group_by not in ("photo", "item"):
+        raise ValueError("group_by must be photo or item")
     try:
         k = int(k_text or 5)
         threshold = None if threshold_text in (None, "") else float(threshold_text)
@@ -45,7 +49,7 @@ def search_options(form: Any) -> tuple[int, float | None]:
         raise ValueError(f"k must be from 1 to 1000 (got {k})")
     if threshold is not None and not -1 <= threshold <= 1:  # also refuses nan
         raise ValueError(f"threshold must be from -1 to 1 (got {threshold})")
-    return k, threshold
+    return k, threshold, group_by
 
 
 def search_problem(form: Any) -> str | None:

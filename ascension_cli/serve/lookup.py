@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ascension_cli.atomic import atomic_write
+from ascension_cli.catalog.check import nearest_other_class
 from ascension_cli.catalog.layout import CATALOG_JSON, UPLOADS_FOLDER
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import catalog_lock, load_catalog, remove_orphan_uploads
@@ -61,10 +62,12 @@ class Lookup:
                 self._load()
             return self.searcher
 
-    def add(self, images: list[tuple[str, bytes]], class_name: str) -> int:
+    def add(self, images: list[tuple[str, bytes]], class_name: str) -> tuple[int, list[dict]]:
         """Keep the images under CATALOG/uploads/CLASS and add them as items of that class,
         under the catalogue's write lock (one writer at a time, across processes). Searches see
-        the old catalogue until the new one is committed; if the add fails, its photos go."""
+        the old catalogue until the new one is committed; if the add fails, its photos go. Returns
+        how many were added, and the new item's nearest item of another class
+        (``catalog.check.nearest_other_class``)."""
         with catalog_lock(self.directory):
             searcher = self.current()  # the catalogue as it is on disk now, under the lock
             folder = self.directory / UPLOADS_FOLDER / class_name
@@ -80,8 +83,10 @@ class Lookup:
                 raise
             with self.lock:
                 self._load()
-            _discard(paths, self.searcher.catalog.paths)  # those the embedder could not read
-        return added
+            catalog = self.searcher.catalog
+            _discard(paths, catalog.paths)  # those the embedder could not read
+            onboarding = nearest_other_class(catalog, len(catalog) - added, catalog.threshold)
+        return added, onboarding
 
     def check_images(self, images: list[tuple[str, bytes]]) -> None:
         """Refuse what is not an image, or is a bomb, before it is queued."""
@@ -106,7 +111,10 @@ class Lookup:
         for number, pending in enumerate(batch):
             rows = [row for row, i in enumerate(indices) if owners[i][0] == number]
             names = [owners[indices[row]][1] for row in rows]
-            results = searcher.match(vectors[rows], names, pending.k, pending.threshold)
+            threshold = (pending.threshold if pending.threshold is not None
+                         else searcher.catalog.threshold)
+            results = searcher.match(vectors[rows], names, pending.k, threshold,
+                                     pending.group_by)
             answers[number] = [result.to_dict() for result in results]
         return answers
 

@@ -56,7 +56,8 @@ async function ask(file) {
     const image = document.createElement('img'); image.src = `items/${m.id}/image`;
     image.alt = m.class || m.path;
     const text = document.createElement('div');
-    text.textContent = `${m.class || '-'} (${m.similarity.toFixed(3)})`;
+    const item = m.item && m.item !== m.class ? `${m.item} · ` : '';
+    text.textContent = `${item}${m.class || '-'} (${m.similarity.toFixed(3)})`;
     card.append(image, text); return card;
   }));
   $('answer').style.display = 'block';

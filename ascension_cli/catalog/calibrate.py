@@ -1,0 +1,67 @@
+"""Calibrating a catalogue: the similarity threshold below which a photo is "not in the
+catalogue", chosen on labelled photos so that at most a target share of photos of items the
+catalogue lacks (the false match rate) would be accepted, and written into catalog.json with
+what it measured. ``search`` and ``serve`` then use it unless told another threshold."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.catalog.search import CatalogSearcher
+from ascension_cli.catalog.store import Catalog, catalog_lock, load_catalog, write_calibration
+from ascension_cli.data.manifest import scan_any
+from ascension_cli.errors import CatalogError, DataError
+from ascension_cli.progress import Progress
+from ascension_cli.retrieval.openset import evaluate_open_set, held_out_classes
+
+
+def _query_labels(catalog: Catalog, classes: list[str], labels: np.ndarray
+                  ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Query labels numbered as the catalogue's classes, those it lacks after them; all class
+    names; the labels of the lacking classes."""
+    names = list(catalog.class_names)
+    lacking = [name for name in classes if name not in names]
+    names += lacking
+    position = {name: label for label, name in enumerate(names)}
+    mapped = np.array([position[classes[label]] for label in labels], np.int64)
+    return mapped, names, np.array([position[name] for name in lacking], np.int64)
+
+
+def calibrate_catalog(
+    directory: str | Path, images: str | Path, target_fmr: float = 0.01,
+    unknown_classes: float | None = None, seed: int = 0, split: str | None = None,
+    progress: Progress | None = None, **embed_options,
+) -> Catalog:
+    """Choose and record the threshold for ``target_fmr``. The unknown photos are those of
+    classes the catalogue lacks, and with ``unknown_classes`` also a seeded share of the
+    catalogue's classes held out of the search. Returns the calibrated catalogue."""
+    directory = Path(directory)
+    catalog = load_catalog(directory)
+    scan = scan_any(images, split)
+    if not len(scan.labels) or (scan.labels < 0).any():
+        raise DataError(f"{images}: calibration needs labelled photos (class folders or a "
+                        "manifest)")
+    vectors, indices = CatalogSearcher(catalog).embed(scan.paths, progress, **embed_options)
+    if len(indices) == 0:
+        raise DataError(f"no readable images in {images}")
+    labels, names, unknown = _query_labels(catalog, scan.classes, scan.labels[indices])
+    if unknown_classes is not None:
+        known_present = np.setdiff1d(labels, unknown)
+        if len(known_present) >= 2:
+            unknown = np.union1d(unknown, held_out_classes(known_present, unknown_classes, seed))
+    if not np.isin(labels, unknown).any():
+        raise DataError("calibration needs photos of items the catalogue lacks: give images "
+                        "of other classes too, or {unknown_classes}", options=("unknown_classes",))
+    report = evaluate_open_set(vectors, labels, catalog.vectors, catalog.labels,
+                               unknown, names, target_fmr)
+    calibration = {**report.to_dict(), "images": str(images), "items": len(catalog),
+                   "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with catalog_lock(directory):
+        current = load_catalog(directory, with_vectors=False)
+        if current.generation != catalog.generation:
+            raise CatalogError(f"the catalogue in {directory} changed during calibration; run "
+                               "`ascension calibrate` again")
+        return write_calibration(current, calibration)
