@@ -112,6 +112,21 @@ def test_index_and_search(made, tmp_path):
     assert saved == [result.to_dict() for result in results]
 
 
+def test_calibrate(made, tmp_path):
+    import shutil
+
+    _, data, checkpoint = made
+    api.index(checkpoint, data, tmp_path / "cli", workers=0)
+    shutil.copytree(tmp_path / "cli", tmp_path / "api")
+    invoke("calibrate", tmp_path / "cli", data, "--unknown-classes", "0.25", "--workers", "0")
+    calibrated = api.calibrate(tmp_path / "api", data, unknown_classes=0.25, workers=0)
+    by_cli = json.loads((tmp_path / "cli" / "catalog.json").read_text())["calibration"]
+    by_api = dict(calibrated.calibration)
+    for saved in (by_cli, by_api):
+        saved.pop("calibrated_at")
+    assert by_cli == by_api
+
+
 def test_manifest_and_shard(made, tmp_path):
     _, data, _ = made
     invoke("manifest", data, "-o", tmp_path / "cli.csv")
