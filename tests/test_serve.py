@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -294,6 +295,49 @@ def test_the_page_answers_a_photo_in_a_real_browser(served, tmp_path):
         assert browser.problems == []
     finally:
         browser.close()
+
+
+def test_the_page_says_not_in_the_catalogue_under_the_calibrated_threshold(served, tmp_path):
+    from ascension_cli.catalog.store import load_catalog, write_calibration
+
+    executable = chromium()
+    root, data, _, _ = served
+    shutil.copytree(root / "cat", tmp_path / "cat")
+    write_calibration(load_catalog(tmp_path / "cat"), {"threshold": 0.99, "target_fmr": 0.01})
+    # A photo the catalogue does not hold: a cross turned upside down and recoloured.
+    photo = tmp_path / "stranger.png"
+    cv2.imwrite(str(photo), 255 - cv2.flip(cv2.imread(str(data / "cross" / "002.png")), 0))
+    server = Server(tmp_path / "cat")
+    browser = Browser(executable, tmp_path)
+    try:
+        answer = post(server, photo).json()
+        assert answer["threshold"] == 0.99 and answer["results"][0]["unknown"]
+        browser.call("Page.navigate", url=server.url + "/")
+        deadline = time.time() + 30
+        while "items in" not in (browser.evaluate("document.getElementById('info')"
+                                                  ".textContent") or ""):
+            assert time.time() < deadline, "the page never showed the catalogue"
+            time.sleep(0.2)
+        node = browser.call("DOM.querySelector", selector="#photo",
+                            nodeId=browser.call("DOM.getDocument")["root"]["nodeId"])["nodeId"]
+        browser.call("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
+        while browser.evaluate("document.body.dataset.answered") != "yes":
+            assert time.time() < deadline + 30, "no answer appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        verdict = browser.evaluate("document.getElementById('predicted').textContent")
+        assert verdict == "not in the catalogue"
+        assert "the threshold 0.990" in browser.evaluate(
+            "document.getElementById('score').textContent")
+        picture = browser.call("Page.captureScreenshot", format="png")["data"]
+        (tmp_path / "unknown.png").write_bytes(base64.b64decode(picture))
+        keep = os.environ.get("ASCENSION_KEEP_SCREENSHOTS")
+        if keep:
+            shutil.copy(tmp_path / "unknown.png", Path(keep) / "unknown.png")
+        assert browser.problems == []
+    finally:
+        browser.close()
+        server.stop()
 
 
 def test_writes_need_the_token_and_land_atomically(tmp_path):

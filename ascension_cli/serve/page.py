@@ -47,10 +47,14 @@ async function ask(file) {
   if (!response.ok) { $('status').textContent = body.error; $('answer').style.display = 'none';
     return; }
   const result = body.results[0];
-  $('predicted').textContent = result.unknown ? 'unknown' : (result.predicted || '-');
+  $('predicted').textContent = result.unknown ? 'not in the catalogue'
+    : (result.predicted || '-');
   $('predicted').className = result.unknown ? 'unknown' : '';
-  $('score').textContent = result.unknown ? 'nothing in the catalogue is close enough'
-    : `${Math.round(result.score * 100)}% of the vote`;
+  const best = result.matches.length ? result.matches[0].similarity.toFixed(3) : '-';
+  $('score').textContent = result.unknown
+    ? `nothing is close enough: the best match ${best}, the threshold ${body.threshold.toFixed(3)}`
+    : `${Math.round(result.score * 100)}% of the vote` + (result.item && result.item !==
+      result.predicted ? `; item ${result.item}` : '');
   $('matches').replaceChildren(...result.matches.map(m => {
     const card = document.createElement('div'); card.className = 'match';
     const image = document.createElement('img'); image.src = `items/${m.id}/image`;
