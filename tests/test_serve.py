@@ -266,25 +266,29 @@ class Browser:
         self.process.wait()
 
 
+def page_answers(browser: Browser, server: Server, photo: Path) -> None:
+    """Open the page, give it ``photo`` as a user would, and wait for its answer."""
+    browser.call("Page.navigate", url=server.url + "/")
+    deadline = time.time() + 30
+    while "items in" not in (browser.evaluate("document.getElementById('info')"
+                                              ".textContent") or ""):
+        assert time.time() < deadline, "the page never showed the catalogue"
+        time.sleep(0.2)
+    node = browser.call("DOM.querySelector", selector="#photo",
+                        nodeId=browser.call("DOM.getDocument")["root"]["nodeId"])["nodeId"]
+    browser.call("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
+    while browser.evaluate("document.body.dataset.answered") != "yes":
+        assert time.time() < deadline + 30, "no answer appeared"
+        time.sleep(0.2)
+    time.sleep(0.5)  # the thumbnails load
+
+
 def test_the_page_answers_a_photo_in_a_real_browser(served, tmp_path):
     executable = chromium()
     _, data, _, server = served
     browser = Browser(executable, tmp_path)
     try:
-        browser.call("Page.navigate", url=server.url + "/")
-        deadline = time.time() + 30
-        while "items in" not in (browser.evaluate("document.getElementById('info')"
-                                                  ".textContent") or ""):
-            assert time.time() < deadline, "the page never showed the catalogue"
-            time.sleep(0.2)
-        node = browser.call("DOM.querySelector", selector="#photo",
-                            nodeId=browser.call("DOM.getDocument")["root"]["nodeId"])["nodeId"]
-        photo = data / "cross" / "002.png"
-        browser.call("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
-        while browser.evaluate("document.body.dataset.answered") != "yes":
-            assert time.time() < deadline + 30, "no answer appeared"
-            time.sleep(0.2)
-        time.sleep(0.5)  # the thumbnails load
+        page_answers(browser, server, data / "cross" / "002.png")
         assert browser.evaluate("document.getElementById('predicted').textContent") == "cross"
         shown = browser.evaluate("[...document.querySelectorAll('.match img')]"
                                  ".filter(i => i.complete && i.naturalWidth > 0).length")
@@ -312,19 +316,7 @@ def test_the_page_says_not_in_the_catalogue_under_the_calibrated_threshold(serve
     try:
         answer = post(server, photo).json()
         assert answer["threshold"] == 0.99 and answer["results"][0]["unknown"]
-        browser.call("Page.navigate", url=server.url + "/")
-        deadline = time.time() + 30
-        while "items in" not in (browser.evaluate("document.getElementById('info')"
-                                                  ".textContent") or ""):
-            assert time.time() < deadline, "the page never showed the catalogue"
-            time.sleep(0.2)
-        node = browser.call("DOM.querySelector", selector="#photo",
-                            nodeId=browser.call("DOM.getDocument")["root"]["nodeId"])["nodeId"]
-        browser.call("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
-        while browser.evaluate("document.body.dataset.answered") != "yes":
-            assert time.time() < deadline + 30, "no answer appeared"
-            time.sleep(0.2)
-        time.sleep(0.5)
+        page_answers(browser, server, photo)
         verdict = browser.evaluate("document.getElementById('predicted').textContent")
         assert verdict == "not in the catalogue"
         assert "the threshold 0.990" in browser.evaluate(

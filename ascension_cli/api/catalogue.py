@@ -78,15 +78,19 @@ def run_search(settings: SearchConfig, progress: Progress | None = None) -> list
     from ascension_cli.catalog.search import search_catalog
     from ascension_cli.catalog.store import load_catalog
     from ascension_cli.data.folder import list_images
+    from ascension_cli.progress import Progress
     from ascension_cli.retrieval.report import write_json
 
     catalog = load_catalog(settings.catalog, with_vectors=False)
     threshold = threshold_of(settings, catalog)
+    note = catalog.calibration_note()
     results = search_catalog(catalog, list_images(settings.images), settings.k,
                              threshold, progress, settings.group_by,
                              **settings.run_options())
     if not results:
         raise DataError("no readable query image")
+    if note is not None:
+        (progress or Progress()).note(f"note: {note}")
     if settings.json_file is not None:
         write_json(settings.json_file, {"catalog": str(settings.catalog), "k": settings.k,
                                         "threshold": threshold,
@@ -98,13 +102,6 @@ def run_search(settings: SearchConfig, progress: Progress | None = None) -> list
 def threshold_of(settings: SearchConfig, catalog: Catalog) -> float | None:
     """The threshold a search uses: the one given, else the catalogue's calibrated one."""
     return settings.threshold if settings.threshold is not None else catalog.threshold
-
-
-def catalogue_note(directory: str | Path) -> str | None:
-    """What a user of the catalogue should know now (it grew since its calibration)."""
-    from ascension_cli.catalog.store import load_catalog
-
-    return load_catalog(directory, with_vectors=False).calibration_note()
 
 
 def run_calibrate(settings: CalibrateConfig, progress: Progress | None = None) -> Catalog:

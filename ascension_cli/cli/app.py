@@ -217,7 +217,6 @@ def search_command(**options: Any) -> None:
         with ImageProgress("searching") as progress:
             results = run_search(settings, progress)
         out.print_search(settings.catalog, results)
-        out.print_catalog_note(settings.catalog)
         if settings.json_file is not None:
             out.say(f"results written to {settings.json_file}")
 

@@ -248,15 +248,6 @@ def print_calibration(calibration: dict) -> None:
         "written into the catalogue")
 
 
-def print_catalog_note(directory: Path) -> None:
-    """A calibrated catalogue that grew since says so."""
-    from ascension_cli.api.catalogue import catalogue_note
-
-    note = catalogue_note(directory)
-    if note:
-        say(f"note: {note}")
-
-
 def print_search(catalog: Path, results: list) -> None:
     table = Table(title=f"search in {catalog}", title_justify="left")
     for column in ("query", "prediction", "score", "best matches (similarity)"):

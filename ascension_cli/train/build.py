@@ -125,7 +125,7 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     nets = _networks(config, checkpoint, machine, data, reporter)
     resolved = _write_config(config, save_dir, machine, nets.spec, reporter)
     loaders = build_loaders(config, data, nets.spec, machine, reporter, stop)
-    opt = _optimisation(config, nets, loaders.sampler, machine, stop)
+    opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"])
     return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
                reporter)
 
@@ -254,12 +254,11 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
 
 # ---- the optimisation and the step
 def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine,
-                  stop: StopRequest) -> Optimisation:
+                  stop: StopRequest, step_lr: float) -> Optimisation:
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
     optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
     warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
