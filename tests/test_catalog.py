@@ -209,6 +209,59 @@ def test_an_add_warns_of_new_items_confusable_with_another_class(trained, tmp_pa
     assert added.added == 0 and added.onboarding == []  # nothing new, nothing to warn of
 
 
+def test_check_lists_a_photo_filed_under_two_classes_and_a_mislabelled_one(trained, tmp_path):
+    _, data, checkpoint = trained
+    messy = tmp_path / "messy"
+    shutil.copytree(data, messy)
+    shutil.copy(messy / "circle" / "002.png", messy / "square" / "circle-copy.png")
+    built = invoke("index", checkpoint, messy, "-o", tmp_path / "cat", "--workers", "0",
+                   "--check", "--json", tmp_path / "check.json")
+    assert built.exit_code == 0, built.output
+    assert "near-duplicate photos filed under different classes: 1:" in built.output
+    check = json.loads((tmp_path / "check.json").read_text())["check"]
+    pair = check["cross_class_duplicates"][0]
+    assert {pair["photo"]["class"], pair["other_photo"]["class"]} == {"circle", "square"}
+    assert pair["similarity"] > 0.999
+    assert check["threshold"] == 0.9 and check["calibrated"] is False
+    # Item pairs as close as the threshold: the two classes holding the twin photos.
+    assert ["circle", "square"] in [[p["item"], p["other_item"]]
+                                    for p in check["confusable_items"]]
+
+    # A catalogue checked as it is, without a checkpoint: the same lists.
+    again = invoke("index", "--check", "-o", tmp_path / "cat", "--json", tmp_path / "2.json")
+    assert again.exit_code == 0, again.output
+    assert "added" not in again.output.splitlines()[0]
+    assert json.loads((tmp_path / "2.json").read_text())["check"] == check
+    for args, message in (((checkpoint, "-o", tmp_path / "cat"), "give both CHECKPOINT and"),
+                          (("-o", tmp_path / "cat"), "--check checks one as it is"),
+                          (("--check", "-o", tmp_path / "none"), "folder not found")):
+        refused = invoke("index", *args)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+        assert "Traceback" not in refused.output
+
+
+def test_check_finds_a_label_error_among_clusters(tmp_path):
+    """On a catalogue whose vectors are known (not a model's): the photo filed under the wrong
+    class is the one suspected, with the class its neighbours agree on."""
+    from ascension_cli.catalog.check import check_catalog
+    from ascension_cli.catalog.store import Catalog, write_catalog
+    from ascension_cli.model.backbone import ModelSpec
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8)
+    labels = np.repeat(np.arange(3), 10)
+    vectors = centres[labels] + rng.normal(scale=0.05, size=(30, 8))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    labels[4] = 2  # a photo of class 0 filed under class 2
+    spec = ModelSpec("test_convnext", 8, "none", 32, (0.5,) * 3, (0.5,) * 3, 1.0, 8)
+    catalog = write_catalog(Catalog(tmp_path / "cat", spec, "0" * 64, "backbone",
+                                    ["a", "b", "c"], vectors, labels,
+                                    [f"/x/{i}.png" for i in range(30)]), None)
+    check = check_catalog(catalog)
+    assert [(entry.row, entry.suggested) for entry in check.suspected] == [(4, 0)]
+    assert check.to_dict()["suspected_label_errors"][0]["suggested_class"] == "a"
+
+
 def test_vote_weighs_by_similarity():
     matches = [Match("a", "x", 0.9), Match("b", "y", 0.5), Match("c", "y", 0.5),
                Match("d", None, 0.99)]

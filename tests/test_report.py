@@ -72,9 +72,40 @@ def test_a_large_set_is_sampled_for_the_map_and_the_page_says_so(dataset, tmp_pa
     assert (info.drawn_points, info.total_points) == (50, 400)
     assert "50 of 400 vectors, sampled at random" in page
     assert page.count("<circle") == 50
-    for section in ("metrics", "classes", "confused", "worst", "map"):
+    for section in ("metrics", "classes", "confused", "worst", "openset", "cleaning", "map"):
         assert f"<h2 id={section}>" in page
     assert "http://" not in page and "https://" not in page  # opens offline
+
+
+def test_the_report_draws_the_open_set_and_lists_the_photos_to_clean(dataset, tmp_path):
+    from ascension_cli.api.evaluation import open_set_of
+    from ascension_cli.retrieval.cleaning import suspected_label_errors
+    from ascension_cli.retrieval.index import nearest_neighbours
+
+    vectors = vectors_of(dataset, 200, 4, seed=1)
+    vectors.labels[[3, 50, 120]] = (vectors.labels[[3, 50, 120]] + 1) % 4  # mislabelled
+    vectors.vectors[7] = vectors.vectors[8]  # one photo twice...
+    vectors.labels[7] = (vectors.labels[8] + 2) % 4  # ...under two classes
+    run = evaluate_vectors(vectors, ks=(1, 5))
+    open_set = open_set_of(run, 0.25, 0.05)
+    page = html_report.write_report(run, tmp_path / "r.html", "a report",
+                                    open_set=open_set).path.read_text()
+    assert f"<td>threshold for FMR 5.0%</td><td>{open_set.threshold:.4f}</td>" in page
+    assert "<td>ROC AUC, known against unknown</td>" in page
+    assert "id=similarities" in page and "id=rates" in page
+    assert f"unknown ({open_set.unknown_queries})" in page  # the legend counts each kind
+    ids, scores = nearest_neighbours(vectors.vectors, None, 32)
+    suspected = suspected_label_errors(ids, scores, vectors.labels)
+    found = {entry.row for entry in suspected}
+    assert len(found & {3, 50, 120}) >= 2 and found <= {3, 50, 120, 7}  # 7: the twin, filed wrong
+    assert f"Suspected label errors: {len(suspected)} of 200 photos" in page
+    for entry in suspected:  # each is drawn, with the class it is filed under
+        assert f"{vectors.paths[entry.row]}: filed under <b>class{entry.label}</b>" in page
+    assert "Near-duplicates filed under two classes: 1</h3>" in page
+
+    closed = html_report.write_report(run, tmp_path / "c.html", "a report").path.read_text()
+    assert "Pass --unknown-classes 0.2" in closed and "id=similarities" in closed
+    assert "id=rates" not in closed
 
 
 def train_tiny(root: Path) -> tuple[Path, Path]:
@@ -88,7 +119,8 @@ def train_tiny(root: Path) -> tuple[Path, Path]:
 def test_report_command_writes_a_page_a_browser_shows(tmp_path):
     data, run_dir = train_tiny(tmp_path)
     result = runner.invoke(app, ["report", str(run_dir), str(data), "-o",
-                                 str(tmp_path / "report.html"), "--workers", "0"])
+                                 str(tmp_path / "report.html"), "--workers", "0",
+                                 "--unknown-classes", "0.4"])
     assert result.exit_code == 0, result.output
     assert "report written to" in result.output
     page = (tmp_path / "report.html").read_text()
@@ -106,6 +138,7 @@ def test_report_command_writes_a_page_a_browser_shows(tmp_path):
     assert int(re.search(r'data-images="(\d+)"', body).group(1)) >= 10  # thumbnails decoded
     assert int(re.search(r'data-pairs-height="(\d+)"', body).group(1)) > 50  # pairs shown
     assert '<pre id="errors"></pre>' in shown.stdout
+    assert 'id="similarities"' in shown.stdout and 'id="rates"' in shown.stdout  # open set
     assert "CONSOLE" not in shown.stderr, shown.stderr  # no console message, error or other
     screenshot = tmp_path / "report.png"
     subprocess.run(base + ["--window-size=1200,1800", f"--screenshot={screenshot}", url],

@@ -15,6 +15,7 @@ from ascension_cli.config import CalibrateConfig, IndexConfig, SearchConfig, Ser
 from ascension_cli.errors import AscensionError, DataError
 
 if TYPE_CHECKING:
+    from ascension_cli.catalog.check import CatalogCheck
     from ascension_cli.catalog.search import SearchResult
     from ascension_cli.catalog.store import Catalog
     from ascension_cli.progress import Progress
@@ -27,6 +28,16 @@ class IndexResult:
     # With add: each new item's nearest item of another class, and whether they are confusable
     # (``catalog.check.nearest_other_class``).
     onboarding: list[dict] = field(default_factory=list)
+    check: CatalogCheck | None = None  # with ``check``: what to clean in the whole catalogue
+
+    def to_dict(self) -> dict:
+        """What ``index --json`` writes."""
+        data = {"catalog": str(self.catalog.directory), "items": len(self.catalog),
+                "classes": len(self.catalog.class_names), "added": self.added,
+                "onboarding": self.onboarding}
+        if self.check is not None:
+            data["check"] = self.check.to_dict()
+        return data
 
     @property
     def confusable(self) -> list[dict]:
@@ -51,25 +62,42 @@ class IndexResult:
 
 
 def run_index(settings: IndexConfig, progress: Progress | None = None) -> IndexResult:
-    """Build the catalogue (or add to it, with ``settings.add``)."""
+    """Build the catalogue (or add to it, with ``settings.add``), then check it with
+    ``settings.check``; write the JSON ``settings.json_file`` names."""
     from ascension_cli.catalog.build import build_catalog
-    from ascension_cli.catalog.check import nearest_other_class
+    from ascension_cli.catalog.check import check_catalog, nearest_other_class
+    from ascension_cli.catalog.store import load_catalog
+    from ascension_cli.progress import Progress
 
-    catalog, added = build_catalog(
-        settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
-        feature_kind=settings.features, progress=progress, split=settings.split,
-        index_kind=settings.kind, **settings.run_options())
+    progress = progress or Progress()
+    if settings.builds:
+        catalog, added = build_catalog(
+            settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
+            feature_kind=settings.features, progress=progress, split=settings.split,
+            index_kind=settings.kind, **settings.run_options())
+    else:
+        catalog, added = load_catalog(settings.output), 0
     onboarding = (nearest_other_class(catalog, len(catalog) - added, catalog.threshold)
                   if settings.add else [])
-    return IndexResult(catalog, added, onboarding)
+    result = IndexResult(catalog, added, onboarding)
+    if settings.check:
+        result.check = check_catalog(catalog, progress.stage("checking"))
+    if settings.json_file is not None:
+        from ascension_cli.retrieval.report import write_json
+
+        write_json(settings.json_file, result.to_dict())
+    return result
 
 
-def index(checkpoint: str | Path, gallery_root: str | Path, output: str | Path,
+def index(checkpoint: str | Path | None, gallery_root: str | Path | None, output: str | Path,
           progress: Progress | None = None, **options: Any) -> IndexResult:
     """Build a catalogue of ``gallery_root``'s images, as ``ascension index``; ``options``:
-    add, kind, split, features, batch_size, precision, workers, device, channels_last."""
-    return run_index(resolve(IndexConfig, dict(
-        options, checkpoint=checkpoint, gallery_root=gallery_root, output=output)), progress)
+    add, check, kind, split, features, json_file, batch_size, precision, workers, device,
+    channels_last. ``index(None, None, catalogue, check=True)`` checks one as it is."""
+    given = dict(options, output=output)
+    if checkpoint is not None or gallery_root is not None:
+        given.update(checkpoint=checkpoint, gallery_root=gallery_root)
+    return run_index(resolve(IndexConfig, given), progress)
 
 
 def run_search(settings: SearchConfig, progress: Progress | None = None) -> list[SearchResult]:

@@ -107,12 +107,15 @@ def open_set_of(run: EvaluationRun, share: float, target_fmr: float,
 
 
 def run_report(settings: ReportConfig, progress: Progress | None = None) -> ReportInfo:
-    """``measure``, then the HTML report."""
+    """``measure`` (and with ``unknown_classes`` the open set), then the HTML report."""
     from ascension_cli.retrieval.html_report import write_report
 
     run = measure(settings, progress).run
+    open_set = (None if settings.unknown_classes is None else
+                open_set_of(run, settings.unknown_classes, settings.target_fmr, settings.seed))
     return write_report(run, settings.output, f"Retrieval report: {settings.source.name}",
-                        run_dir=settings.run or settings.run_dir, k=min(5, max(settings.ks)))
+                        run_dir=settings.run or settings.run_dir, k=min(5, max(settings.ks)),
+                        open_set=open_set)
 
 
 def _given(source, gallery, image_root, ks, index_kind, options: dict[str, Any]) -> dict:

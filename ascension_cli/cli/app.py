@@ -181,7 +181,8 @@ def report(**options: Any) -> None:
 def index(**options: Any) -> None:
     """Build a searchable catalogue of known items: FAISS index, paths, labels and the model.
 
-    The catalogue folder holds everything `ascension search` needs, the model included.
+    The catalogue folder holds everything `ascension search` needs, the model included. An add
+    warns of new items as similar as an item of another class; --check lists what to clean.
     """
     with user_errors():
         settings = resolve(IndexConfig, given(options))
@@ -189,7 +190,7 @@ def index(**options: Any) -> None:
 
         with ImageProgress("indexing") as progress:
             result = run_index(settings, progress)
-        out.print_indexed(settings.output, result)
+        out.print_indexed(settings, result)
 
 
 @app.command(no_args_is_help=True)

@@ -215,13 +215,43 @@ def print_open_set(report) -> None:
         f"{report.recall_at_1_accepted:.4f}")
 
 
-def print_indexed(output: Path, result) -> None:
+def print_indexed(settings, result) -> None:
+    """What ``index`` built (or found, checking a catalogue as it is), warned of and wrote."""
     catalog = result.catalog
-    say(f"catalogue {output}: {len(catalog)} items in {len(catalog.class_names)} classes "
-        f"({result.added} added)")
-    if result.index_description() is not None:
+    say(f"catalogue {settings.output}: {len(catalog)} items in {len(catalog.class_names)} "
+        "classes" + (f" ({result.added} added)" if settings.builds else ""))
+    if result.index_description() is not None and settings.builds:
         say(result.index_description())
     print_onboarding(result.onboarding, result.catalog.threshold)
+    if result.check is not None:
+        print_check(result.check)
+    if settings.json_file is not None:
+        say(f"results written to {settings.json_file}")
+
+
+def print_check(check, shown: int = 10) -> None:
+    """What ``index --check`` found, the most serious of each kind first."""
+    def photo(row: int) -> str:
+        catalog = check.catalog
+        return f"{catalog.paths[row]} [{catalog.class_name(int(catalog.labels[row]))}]"
+
+    def listed(entries: list, heading: str, line) -> None:
+        say(f"{heading}: {len(entries)}" + (":" if entries else ""))
+        for entry in entries[:shown]:
+            say("  " + line(entry))
+        if len(entries) > shown:
+            say(f"  ... and {len(entries) - shown} more (all of them with --json)")
+
+    limit = ("the calibrated threshold" if check.catalog.threshold is not None
+             else "0.9 (uncalibrated)")
+    listed(check.confusable, f"item pairs of different classes as similar as {limit}",
+           lambda pair: f"{pair.first} ~ {pair.second}: {pair.similarity:.3f}")
+    listed(check.duplicates, "near-duplicate photos filed under different classes",
+           lambda pair: f"{photo(pair.first)} = {photo(pair.second)}: {pair.similarity:.3f}")
+    listed(check.suspected, "photos whose nearest neighbours all agree on another class "
+           "(suspected label errors)",
+           lambda entry: f"{photo(entry.row)}: looks like "
+           f"{check.catalog.class_name(entry.suggested)} (margin {entry.margin:.3f})")
 
 
 def print_onboarding(onboarding: list[dict], threshold: float | None, shown: int = 10) -> None:

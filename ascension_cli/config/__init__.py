@@ -3,21 +3,19 @@ defaults, ranges, help texts and validation.
 
 A config file (YAML or TOML) supplies defaults, command-line options override it, and the merged
 result is validated once (``resolve``), so a mistyped key or an out-of-range value stops the run
-before any work. ``fields`` holds the shared vocabulary, ``train`` and ``commands`` the models,
-``resolve`` the merge and its one-line errors, ``resume`` which options a resume may change.
+before any work. ``fields`` holds the shared vocabulary; ``train``, ``commands`` and
+``catalogue`` the models; ``resolve`` the merge and its one-line errors; ``resume`` which
+options a resume may change.
 """
 
+from ascension_cli.config.catalogue import CalibrateConfig, IndexConfig, SearchConfig, ServeConfig
 from ascension_cli.config.commands import (
-    CalibrateConfig,
     DemoConfig,
     EmbedConfig,
     EvalConfig,
     ExportConfig,
-    IndexConfig,
     ManifestConfig,
     ReportConfig,
-    SearchConfig,
-    ServeConfig,
     ShardConfig,
 )
 from ascension_cli.config.fields import (

@@ -1,6 +1,7 @@
 """One self-contained HTML page that shows where retrieval fails: the metrics, per-class Recall@1,
-the most-confused class pairs with example photos, the worst queries with their top-k, the
-training curves and options of a run, and a 2-D map of the embeddings.
+the most-confused class pairs with example photos, the worst queries with their top-k, the top
+match's similarity (and the open set), the data to clean, the training curves and options of a
+run, and a 2-D map of the embeddings.
 
 Images are embedded as small JPEG thumbnails and the charts are inline SVG, so the file opens
 anywhere without a network. Large sets are sampled for what is drawn, and the page says so.
@@ -8,21 +9,19 @@ anywhere without a network. Large sets are sampled for what is drawn, and the pa
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
 
 from ascension_cli.atomic import atomic_write_text
 from ascension_cli.retrieval.analysis import confused_pairs, worst_queries
 from ascension_cli.retrieval.evaluate import EvaluationRun
-from ascension_cli.retrieval.report import thumbnail
+from ascension_cli.retrieval.html_parts import Thumbnails, esc, figure
+from ascension_cli.retrieval.openset import OpenSetReport
+from ascension_cli.retrieval.report_sections import cleaning_section, open_set_section
 
 MAP_POINTS = 1500  # at most this many points on the 2-D map (sampled beyond)
 BAR_CLASSES = 60  # at most this many classes in the per-class chart (the weakest)
@@ -36,25 +35,6 @@ class ReportInfo:
     total_points: int
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-class _Thumbnails:
-    """Data URIs of small JPEG thumbnails, each image read once."""
-
-    def __init__(self, size: int):
-        self.size, self.cache = size, {}
-
-    def __call__(self, path: Path) -> str:
-        if path not in self.cache:
-            rgb = thumbnail(path, self.size)
-            ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                                    [cv2.IMWRITE_JPEG_QUALITY, 75])
-            self.cache[path] = "data:image/jpeg;base64," + base64.b64encode(data).decode()
-        return self.cache[path]
-
-
 def _colour(label: int, classes: int) -> str:
     return f"hsl({(label * 360 / max(1, classes) * 7) % 360:.0f},65%,45%)"
 
@@ -62,7 +42,7 @@ def _colour(label: int, classes: int) -> str:
 def _metrics_table(run: EvaluationRun) -> str:
     report = run.clean.report
     names = list(run.recoloured)
-    head = "".join(f"<th>{_esc(n)}</th>" for n in ["metric", "clean", *names])
+    head = "".join(f"<th>{esc(n)}</th>" for n in ["metric", "clean", *names])
     rows = []
     for k, value in sorted(report.recall_at_k.items()):
         cells = [f"{value:.4f}"] + [f"{run.recoloured[n].report.recall_at_k[k]:.4f}"
@@ -74,7 +54,7 @@ def _metrics_table(run: EvaluationRun) -> str:
     note = f"{report.queries} queries"
     if report.excluded_queries:
         note += f"; {report.excluded_queries} left out (no other item of their class)"
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table><p class=note>{_esc(note)}</p>"
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table><p class=note>{esc(note)}</p>"
 
 
 def _class_bars(run: EvaluationRun) -> str:
@@ -88,7 +68,7 @@ def _class_bars(run: EvaluationRun) -> str:
     for i, (label, value) in enumerate(shown):
         name = names[label] if 0 <= label < len(names) else str(label)
         y = i * row
-        bars.append(f'<text x="0" y="{y + 13}" class=label>{_esc(name[:28])}</text>'
+        bars.append(f'<text x="0" y="{y + 13}" class=label>{esc(name[:28])}</text>'
                     f'<rect x="200" y="{y + 2}" width="{max(1.0, value * width):.1f}" '
                     f'height="{row - 5}" fill="{"#c0392b" if value < 0.5 else "#2e86c1"}"/>'
                     f'<text x="{206 + value * width:.1f}" y="{y + 13}">{value:.3f}</text>')
@@ -96,12 +76,7 @@ def _class_bars(run: EvaluationRun) -> str:
             + "".join(bars) + "</svg>")
 
 
-def _figure(uri: str, caption: str, frame: str = "") -> str:
-    return (f'<figure class="{frame}"><img src="{uri}" alt="{_esc(caption)}">'
-            f"<figcaption>{_esc(caption)}</figcaption></figure>")
-
-
-def _confusions(run: EvaluationRun, thumbs: _Thumbnails, queries: list[Path],
+def _confusions(run: EvaluationRun, thumbs: Thumbnails, queries: list[Path],
                 gallery: list[Path]) -> str:
     names = run.searched.class_names
     pairs = confused_pairs(run.clean.neighbour_ids, run.queries.labels, run.searched.labels)
@@ -110,32 +85,32 @@ def _confusions(run: EvaluationRun, thumbs: _Thumbnails, queries: list[Path],
     rows = []
     for pair in pairs:
         examples = "".join(
-            _figure(thumbs(queries[q]), f"query: {names[pair.query_class]}")
-            + _figure(thumbs(gallery[n]), f"found: {names[pair.neighbour_class]}", "wrong")
+            figure(thumbs(queries[q]), f"query: {names[pair.query_class]}")
+            + figure(thumbs(gallery[n]), f"found: {names[pair.neighbour_class]}", "wrong")
             for q, n in pair.examples)
-        rows.append(f"<tr><td><b>{_esc(names[pair.query_class])}</b> taken for "
-                    f"<b>{_esc(names[pair.neighbour_class])}</b></td><td>{pair.count}</td>"
+        rows.append(f"<tr><td><b>{esc(names[pair.query_class])}</b> taken for "
+                    f"<b>{esc(names[pair.neighbour_class])}</b></td><td>{pair.count}</td>"
                     f"<td class=strip>{examples}</td></tr>")
     return ("<table class=pairs><tr><th>classes</th><th>queries</th><th>examples</th></tr>"
             + "".join(rows) + "</table>")
 
 
-def _worst(run: EvaluationRun, thumbs: _Thumbnails, queries: list[Path], gallery: list[Path],
+def _worst(run: EvaluationRun, thumbs: Thumbnails, queries: list[Path], gallery: list[Path],
            k: int) -> str:
     names = run.searched.class_names
     rows = []
     for row, rank in worst_queries(run.clean.neighbour_ids, run.queries.labels,
                                    run.searched.labels):
         label = run.queries.labels[row]
-        strip = [_figure(thumbs(queries[row]), f"query: {names[label]}", "query")]
+        strip = [figure(thumbs(queries[row]), f"query: {names[label]}", "query")]
         for item in run.clean.neighbour_ids[row, :k]:
             if item >= 0:
                 found = run.searched.labels[item]
-                strip.append(_figure(thumbs(gallery[item]), names[found],
+                strip.append(figure(thumbs(gallery[item]), names[found],
                                      "right" if found == label else "wrong"))
         depth = run.clean.neighbour_ids.shape[1]
         where = f"first correct at rank {rank}" if rank <= depth else f"none in the top {depth}"
-        rows.append(f"<div class=worst><p>{_esc(run.queries.paths[row])}: {where}</p>"
+        rows.append(f"<div class=worst><p>{esc(run.queries.paths[row])}: {where}</p>"
                     f"<div class=strip>{''.join(strip)}</div></div>")
     return "".join(rows) or "<p>Every query's first neighbour is of its class.</p>"
 
@@ -154,7 +129,7 @@ def _line_chart(title: str, points: list[tuple[float, float]], colour: str) -> s
 
     path = " ".join(place(x, y) for x, y in points)
     return (f'<svg class=chart width="{width}" height="{height}"><text x="{pad}" y="16">'
-            f"{_esc(title)}</text><polyline fill=none stroke=\"{colour}\" stroke-width=2 "
+            f"{esc(title)}</text><polyline fill=none stroke=\"{colour}\" stroke-width=2 "
             f'points="{path}"/><text x="{pad}" y="{height - 8}" class=axis>{y0:.3g} to '
             f"{y1:.3g}, epochs {x0:g}-{x1:g}</text></svg>")
 
@@ -179,13 +154,13 @@ def _run_section(run_dir: Path | None) -> str:
 
         values = yaml.safe_load(config.read_text()) or {}
         options = "<table class=options>" + "".join(
-            f"<tr><td>{_esc(key)}</td><td>{_esc(value)}</td></tr>"
+            f"<tr><td>{esc(key)}</td><td>{esc(value)}</td></tr>"
             for key, value in values.items()) + "</table>"
-    return (f"<h2 id=training>Training run {_esc(run_dir)}</h2><div class=charts>{charts}</div>"
+    return (f"<h2 id=training>Training run {esc(run_dir)}</h2><div class=charts>{charts}</div>"
             f"<details><summary>options</summary>{options}</details>")
 
 
-def _embedding_map(run: EvaluationRun, thumbs: _Thumbnails, paths: list[Path],
+def _embedding_map(run: EvaluationRun, thumbs: Thumbnails, paths: list[Path],
                    seed: int) -> tuple[str, int]:
     from sklearn.decomposition import PCA
 
@@ -205,7 +180,7 @@ def _embedding_map(run: EvaluationRun, thumbs: _Thumbnails, paths: list[Path],
     note = (f"<p class=note>{len(rows)} of {len(vectors)} vectors, sampled at random.</p>"
             if len(rows) < len(vectors) else "")
     legend = "".join(f'<span><i style="background:{_colour(label, len(names))}"></i>'
-                     f"{_esc(name)}</span>" for label, name in enumerate(names[:BAR_CLASSES]))
+                     f"{esc(name)}</span>" for label, name in enumerate(names[:BAR_CLASSES]))
     return (note + f'<div class=map><svg id=map width="{size + 20}" height="{size + 20}">'
             f"{dots}</svg><div class=legend>{legend}</div></div>"
             f"<script>const POINTS = {json.dumps(points)};</script>", len(rows))
@@ -253,13 +228,14 @@ window.addEventListener('load', () => {  // what a browser shows, for the render
 
 def write_report(
     run: EvaluationRun, output: str | Path, title: str, run_dir: Path | None = None,
-    k: int = 5, seed: int = 0,
+    k: int = 5, seed: int = 0, open_set: OpenSetReport | None = None,
 ) -> ReportInfo:
-    """Write the report for an evaluation (``retrieval.evaluate.evaluate_vectors``)."""
+    """Write the report for an evaluation (``retrieval.evaluate.evaluate_vectors``), with the
+    open-set evaluation of its queries if there is one."""
     started = time.perf_counter()
     query_paths = [Path(run.queries.image_root) / p for p in run.queries.paths]
     searched_paths = [Path(run.searched.image_root) / p for p in run.searched.paths]
-    thumbs, small = _Thumbnails(72), _Thumbnails(64)  # the map has many: smaller
+    thumbs, small = Thumbnails(72), Thumbnails(64)  # the map has many: smaller
     embedding_map, drawn = _embedding_map(run, small, searched_paths, seed)
     sections = [
         ("metrics", "Retrieval", _metrics_table(run)),
@@ -268,14 +244,17 @@ def write_report(
          _confusions(run, thumbs, query_paths, searched_paths)),
         ("worst", f"Worst queries, with their top {k}",
          _worst(run, thumbs, query_paths, searched_paths, k)),
+        ("openset", "Similarity of the top match: right, wrong and unknown queries",
+         open_set_section(run, open_set)),
+        ("cleaning", "Data to clean", cleaning_section(run, thumbs, searched_paths)),
         ("map", "Map of the embeddings (PCA), coloured by class; hover for the image",
          embedding_map),
     ]
-    body = "".join(f"<h2 id={key}>{_esc(heading)}</h2>{content}"
+    body = "".join(f"<h2 id={key}>{esc(heading)}</h2>{content}"
                    for key, heading, content in sections)
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}"
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}"
             f"</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
-            f"<h1>{_esc(title)}</h1>{body}{_run_section(run_dir)}<div id=tip></div>"
+            f"<h1>{esc(title)}</h1>{body}{_run_section(run_dir)}<div id=tip></div>"
             f"<pre id=errors></pre></body></html>")
     path = Path(output)
     atomic_write_text(path, page)

@@ -13,7 +13,7 @@ A query is *accepted* when its top-1 similarity reaches the threshold (``score >
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -112,6 +112,11 @@ class OpenSetReport:
     fmr: float  # at that threshold
     fnmr: float
     recall_at_1_accepted: float
+    # Each query's top-1 similarity (and, for the known, whether its class is right): what the
+    # report draws.
+    known_scores: np.ndarray | None = field(default=None, repr=False, compare=False)
+    known_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
+    unknown_scores: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"unknown_classes": self.unknown_classes, "known_queries": self.known_queries,
@@ -168,4 +173,5 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: np.ndarray,
     return OpenSetReport(
         [class_names[c] for c in unknown], int((~is_unknown).sum()), int(is_unknown.sum()),
         curve, target_fmr, threshold, float(at.fmr[0]), float(at.fnmr[0]),
-        float(at.recall_at_1_accepted[0]))
+        float(at.recall_at_1_accepted[0]), similarity[~is_unknown], correct[~is_unknown],
+        similarity[is_unknown])
