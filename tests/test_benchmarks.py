@@ -74,7 +74,7 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
         "--json", tmp_path / "quality.json", timeout=600,
     )
     by_system = result["results"]["shapes"]
-    assert list(by_system) == ["frozen", "plain", "ascension", "linear"]
+    assert list(by_system) == ["frozen", "plain", "proxyanchor", "multisim", "ascension", "linear"]
     for system, summary in by_system.items():
         figures = summary["mean"]
         assert 0 <= figures["recall_at_1"] <= figures["recall_at_5"] <= 1, system
@@ -82,6 +82,51 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
         assert (figures["train_seconds"] > 0) == (system != "frozen")
     assert result["variants"] == {"linear": {"head": "linear", "lr": 0.001}}
     assert isinstance(result["defaults_win_everywhere"], bool)
+
+
+def test_bench_openset_calibrates_on_val_and_measures_on_test(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=5, per_class=20)
+    result = run_benchmark(
+        "bench_openset", "--sets", data, "--model", "test_efficientnet", "--weights", "none",
+        "--image-size", "32", "--epochs", "1", "--unknown-classes", "0.4", "--target-fmr",
+        "0.1", "--draws", "2", "--json", tmp_path / "openset.json", timeout=600)
+    shapes = result["results"]["shapes"]
+    draws = shapes["draws"]
+    assert [d["seed"] for d in draws] == [0, 1] and all(len(d["unknown_classes"]) == 2
+                                                        for d in draws)
+    for draw in draws:
+        assert list(draw["thresholds"]) == ["calibrated on val", "oracle (chosen on test)",
+                                            "fixed 0.5", "fixed 0.8"]
+        oracle = draw["thresholds"]["oracle (chosen on test)"]
+        assert (oracle["unknown"], oracle["known"]) == (8, 12) and draw["val_unknown"] == 8
+        assert oracle["unknown_accepted"] <= 0.1 * 8  # met on test, by construction
+    for name, at in shapes["pooled"].items():  # the draws' counts, summed
+        assert at["unknown"] == 16 and at["known"] == 24, name
+        assert at["unknown_accepted"] == sum(d["thresholds"][name]["unknown_accepted"]
+                                             for d in draws)
+        assert at["fmr"] == at["unknown_accepted"] / 16
+    assert isinstance(result["calibrated_fmr_within_half_to_twice_target"], bool)
+
+
+def test_bench_cleaning_counts_the_flipped_labels_it_finds(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=3, per_class=20)
+    result = run_benchmark(
+        "bench_cleaning", "--sets", data, "--model", "test_efficientnet", "--weights", "none",
+        "--image-size", "32", "--epochs", "1", "--flip", "0.1", "--json",
+        tmp_path / "cleaning.json", timeout=600)
+    shapes = result["results"]["shapes"]
+    assert shapes["photos"] == 36 and shapes["flipped"] == 4
+    for system in ("frozen", "ascension"):
+        figures = shapes[system]
+        assert figures["all"]["depth"] == figures["suspected"]
+        assert figures["flipped"]["depth"] == min(4, figures["suspected"])
+        for depth in ("shown", "flipped", "all"):
+            recall = figures[depth]["recall"]
+            assert 0 <= recall <= 1
 
 
 def test_bench_report_measures_the_report_against_the_evaluation(tmp_path):

@@ -1,11 +1,12 @@
-"""A catalogue survives kill -9 at any instant of an add: it loads, searches, and holds exactly
-the items of the last add that committed; photos of an interrupted add are removed at the next
-start."""
+"""A catalogue survives kill -9 at any instant of an add or a calibration: it loads, searches,
+and holds exactly the items of the last add that committed (and a whole calibration or none);
+photos of an interrupted add are removed at the next start."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -79,3 +80,59 @@ def test_kill_9_at_random_moments_of_adds_never_loses_the_catalogue(tmp_path):
     held = {Path(p).name for p in load_catalog(catalog).paths if f"/{UPLOADS_FOLDER}/" in p}
     assert uploaded_files(catalog) == held
     assert not list(catalog.glob(".*.tmp"))
+
+
+# Calibrates, then adds one new photo with `index --add`, for ever, through the Python API.
+CALIBRATE_AND_ADD = """
+import shutil, sys
+from pathlib import Path
+from ascension_cli import api
+import ascension_cli.catalog.build, ascension_cli.catalog.calibrate  # torch and the rest, loaded
+catalog, checkpoint, held, extra, photo = map(Path, sys.argv[1:6])
+print("ready", flush=True)
+for number in range(10_000):
+    api.calibrate(catalog, held, target_fmr=0.25, workers=0)
+    shutil.copy(photo, extra / "square" / f"new-{sys.argv[6]}-{number}.png")
+    api.index(checkpoint, extra, catalog, add=True, workers=0)
+"""
+
+
+def test_kill_9_during_calibration_or_index_add_leaves_a_whole_catalogue(tmp_path):
+    from ascension_cli import api
+    from tests.test_calibrate import split_photos
+
+    data, checkpoint = train_tiny(tmp_path)
+    known, held = split_photos(data, tmp_path)
+    catalog = tmp_path / "cat"
+
+    api.index(checkpoint, known, catalog, workers=0)
+    base = len(load_catalog(catalog))
+    extra = tmp_path / "extra"
+    (extra / "square").mkdir(parents=True)
+    rng = random.Random(1)
+    calibrated = 0
+    for life in range(10):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", CALIBRATE_AND_ADD, str(catalog), str(checkpoint), str(held),
+             str(extra), str(data / "square" / "001.png"), str(life)],
+            stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 1.5))
+        writer.kill()
+        writer.wait(timeout=30)
+        writer.stdout.close()
+
+        found = load_catalog(catalog)  # loads, whole: old or new, never half of each
+        assert len(found) == len(found.vectors) == len(found.labels) >= base
+        added = {p.name for p in (extra / "square").iterdir()}
+        assert len(found) - base <= len(added)  # only photos an add was given
+        assert all(Path(path).is_file() for path in found.paths)
+        if found.calibration is not None:
+            calibrated += 1
+            assert -1 <= found.threshold <= 1
+            assert {"fmr", "fnmr", "items", "unknown_classes"} <= set(found.calibration)
+    assert calibrated, "no calibration ever committed in 10 lives"
+    assert len(load_catalog(catalog)) > base, "no add ever committed in 10 lives"
+    shutil.copy(data / "square" / "002.png", extra / "square" / "last.png")
+    api.index(checkpoint, extra, catalog, add=True, workers=0)
+    assert not list(catalog.glob(".*.tmp"))  # a dead writer's half-written files go at the next

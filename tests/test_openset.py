@@ -4,7 +4,12 @@ the ROC AUC, and the threshold for a target FMR."""
 import numpy as np
 import pytest
 
-from ascension_cli.retrieval.openset import open_set_curve, roc_auc, threshold_for_fmr
+from ascension_cli.retrieval.openset import (
+    calibrated_threshold,
+    open_set_curve,
+    roc_auc,
+    threshold_for_fmr,
+)
 
 
 def scores(seed: int, n_known: int = 60, n_unknown: int = 40):
@@ -53,6 +58,34 @@ def test_the_threshold_for_a_target_fmr_is_the_lowest_that_meets_it(seed, target
         refused = unknown[unknown < t].max()
         assert np.mean(unknown >= refused) > target
         assert t - refused <= 1e-4 + 1e-12
+
+
+@pytest.mark.parametrize(("count", "target"), [(60, 0.01), (124, 0.01), (200, 0.05),
+                                               (40, 0.1)])
+def test_a_calibrated_threshold_passes_new_unknowns_at_the_target_rate(count, target):
+    """Over many calibration draws from one distribution, the share of new unknowns that pass
+    (known exactly: the uniform distribution's share above the threshold) is on average the
+    target, as near as ranks allow, and never more than the target of the calibration photos
+    themselves pass. The lowest threshold on the calibration photos passes new ones at
+    (floor(target n) + 1) / (n + 1), up to twice the target.
+    """
+
+    def tail(t: float) -> float:  # the share of uniform(-1, 0.5) scores above t
+        return min(1.0, max(0.0, (0.5 - t) / 1.5))
+
+    rng = np.random.default_rng(count)
+    calibrated, lowest = [], []
+    for _ in range(4000):
+        unknown = rng.uniform(-1, 0.5, count)
+        t = calibrated_threshold(unknown, target)
+        assert np.mean(unknown >= t) <= target + 1e-12
+        calibrated.append(tail(t))
+        lowest.append(tail(threshold_for_fmr(unknown, target)))
+    expected = max(1, round(target * (count + 1))) / (count + 1)  # the rank it refuses at
+    assert np.mean(calibrated) == pytest.approx(expected, rel=0.05)
+    assert abs(expected - target) <= 0.5 / (count + 1) + 1e-12  # as near the target as ranks go
+    lowest_rank = np.floor(target * count + 1e-9) + 1
+    assert np.mean(lowest) == pytest.approx(lowest_rank / (count + 1), rel=0.05)
 
 
 def test_no_unknown_queries_is_a_clear_error():

@@ -15,7 +15,12 @@ from ascension_cli.catalog.store import Catalog, catalog_lock, load_catalog, wri
 from ascension_cli.data.manifest import scan_any
 from ascension_cli.errors import CatalogError, DataError
 from ascension_cli.progress import Progress
-from ascension_cli.retrieval.openset import evaluate_open_set, held_out_classes
+from ascension_cli.retrieval.openset import (
+    calibrated_threshold,
+    evaluate_open_set,
+    held_out_classes,
+    open_set_curve,
+)
 
 
 def _query_labels(catalog: Catalog, classes: list[str], labels: np.ndarray
@@ -35,9 +40,11 @@ def calibrate_catalog(
     unknown_classes: float | None = None, seed: int = 0, split: str | None = None,
     progress: Progress | None = None, **embed_options,
 ) -> Catalog:
-    """Choose and record the threshold for ``target_fmr``. The unknown photos are those of
-    classes the catalogue lacks, and with ``unknown_classes`` also a seeded share of the
-    catalogue's classes held out of the search. Returns the calibrated catalogue."""
+    """Choose and record the threshold for ``target_fmr`` on new photos
+    (``retrieval.openset.calibrated_threshold``), with the FMR, FNMR and Recall@1 it gives on
+    these. The unknown photos are those of classes the catalogue lacks, and with
+    ``unknown_classes`` also a seeded share of the catalogue's classes held out of the search.
+    Returns the calibrated catalogue."""
     directory = Path(directory)
     catalog = load_catalog(directory)
     scan = scan_any(images, split)
@@ -57,7 +64,13 @@ def calibrate_catalog(
                         "of other classes too, or {unknown_classes}", options=("unknown_classes",))
     report = evaluate_open_set(vectors, labels, catalog.vectors, catalog.labels,
                                unknown, names, target_fmr)
-    calibration = {**report.to_dict(), "images": str(images), "items": len(catalog),
+    threshold = calibrated_threshold(report.unknown_scores, target_fmr)
+    at = open_set_curve(report.known_scores, report.known_correct, report.unknown_scores,
+                        [threshold])
+    calibration = {**report.to_dict(), "threshold": threshold, "fmr": float(at.fmr[0]),
+                   "fnmr": float(at.fnmr[0]),
+                   "recall_at_1_accepted": float(at.recall_at_1_accepted[0]),
+                   "images": str(images), "items": len(catalog),
                    "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with catalog_lock(directory):
         current = load_catalog(directory, with_vectors=False)

@@ -196,8 +196,8 @@ def index(**options: Any) -> None:
 @app.command(no_args_is_help=True)
 @options_of(CalibrateConfig)
 def calibrate(**options: Any) -> None:
-    """Choose the "not in the catalogue" threshold on labelled photos it was not built from
-    (at most --target-fmr of those of items it lacks pass); `search` and `serve` then use it."""
+    """Choose the "not in the catalogue" threshold on labelled photos it was not built from, so
+    that --target-fmr of new photos of items it lacks pass; `search` and `serve` then use it."""
     with user_errors():
         settings = resolve(CalibrateConfig, given(options))
         from ascension_cli.api import run_calibrate

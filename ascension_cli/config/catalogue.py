@@ -107,8 +107,9 @@ class CalibrateConfig(_RunOptions):
     images: ImageSource = Field(
         description="Labelled photos the catalogue was not built from (class folders or a "
         "manifest), some of classes it lacks: the unknowns a threshold must refuse.")
-    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of photos of items the "
-                              "catalogue lacks that the threshold may accept.")
+    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of new photos of items "
+                              "the catalogue lacks that the threshold should accept, on average "
+                              "(never more than this share of IMAGES' unknowns).")
     unknown_classes: float | None = Field(
         None, gt=0, lt=1, description="Also hold out this share of the catalogue's classes "
         "(seeded) as unknowns, when IMAGES has few classes the catalogue lacks.")

@@ -80,23 +80,43 @@ def open_set_curve(known_scores, known_correct, unknown_scores,
 THRESHOLD_MARGIN = 1e-4
 
 
-def threshold_for_fmr(unknown_scores, target_fmr: float) -> float:
-    """A threshold at which at most ``target_fmr`` of the unknown queries are accepted, as low
-    as that allows (it refuses as few known queries as it can): just above the highest unknown
-    score it must refuse, by ``THRESHOLD_MARGIN`` or half the gap to the next one up."""
+def _threshold_accepting(unknown_scores, allowed: int) -> float:
+    """A threshold that accepts the ``allowed`` highest unknown scores and refuses the rest:
+    just above the highest it refuses, by ``THRESHOLD_MARGIN`` or half the gap to the next one
+    up."""
     unknown = np.sort(np.asarray(unknown_scores, float))
     if len(unknown) == 0:
         raise ValueError("no unknown queries to calibrate on")
-    allowed = int(np.floor(target_fmr * len(unknown) + 1e-9))  # unknowns that may pass
     if allowed >= len(unknown):
         return -1.0  # every unknown may pass: refuse nothing (cosine similarity >= -1)
-    # Accept the ``allowed`` highest: the threshold sits just above the next one down.
     refused = unknown[len(unknown) - allowed - 1]
     above = unknown[len(unknown) - allowed] if allowed else refused + 2 * THRESHOLD_MARGIN
     margin = min(THRESHOLD_MARGIN, (above - refused) / 2)
     if margin <= 0:  # tied with an accepted one: refusing it refuses them all
         margin = THRESHOLD_MARGIN
     return float(min(1.0, refused + margin))
+
+
+def threshold_for_fmr(unknown_scores, target_fmr: float) -> float:
+    """The lowest threshold at which at most ``target_fmr`` of these unknown queries are
+    accepted (it refuses as few known queries as it can): what a measurement reports."""
+    count = len(np.asarray(unknown_scores))
+    return _threshold_accepting(unknown_scores, int(np.floor(target_fmr * count + 1e-9)))
+
+
+def calibrated_threshold(unknown_scores, target_fmr: float) -> float:
+    """A threshold for photos not seen yet: new unknowns pass at ``target_fmr`` on average.
+
+    Refusing the k-th highest of n unknown scores and all below, a new unknown (from the same
+    distribution) passes with probability k / (n + 1), so k = round(target (n + 1)), at least
+    1. The lowest threshold on the calibration photos themselves (``threshold_for_fmr``) sits at
+    the (floor(target n) + 1)-th: on new photos it accepts more than asked, up to twice the
+    target when n is small. These photos' own FMR stays within the target either way.
+    """
+    count = len(np.asarray(unknown_scores))
+    refused_rank = max(1, round(target_fmr * (count + 1)))
+    return _threshold_accepting(unknown_scores, min(refused_rank - 1,
+                                                    int(np.floor(target_fmr * count + 1e-9))))
 
 
 @dataclass(frozen=True)
