@@ -1,4 +1,5 @@
-"""Supervised Contrastive loss (Khosla et al. 2020, the L_out form) as a pure function."""
+"""Supervised Contrastive loss (Khosla et al. 2020, the L_out form) as a pure function, and any
+pytorch-metric-learning loss wrapped to take the same whole batch."""
 
 from __future__ import annotations
 
@@ -69,3 +70,85 @@ def supcon_loss(
     has_positive = positive_counts > 0
     per_anchor = log_denominator - positive_logits / positive_counts.clamp_min(1)
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp_min(1)
+
+
+# ---- any pytorch-metric-learning loss, over the whole (cached) batch
+PML_PREFIX = "pml:"
+PML_MISSING = ("pytorch-metric-learning is not installed: pip install 'ascension-cli[pml]' "
+               "(or pip install pytorch-metric-learning)")
+
+
+class PMLLoss(torch.nn.Module):
+    """A pytorch-metric-learning loss as the trainer's loss: embeddings (N, V, D) or (N, D) and
+    labels (N,) in, a scalar out, over every row at once (the gradient-cached step hands it the
+    whole target batch). Its own parameters (proxies) are this module's, so the optimizer
+    trains them and a checkpoint keeps them."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.dim() == 3:
+            views = embeddings.shape[1]
+            embeddings = embeddings.reshape(-1, embeddings.shape[-1])
+            labels = labels.repeat_interleave(views)
+        return self.loss(embeddings.float(), labels.to(embeddings.device))
+
+
+def pml_loss_class(name: str) -> type:
+    """The class ``name`` in ``pytorch_metric_learning.losses``: a loss of embeddings and
+    labels. ``ValueError`` (one line) for anything else, ``ImportError`` without the library."""
+    try:
+        from pytorch_metric_learning import losses
+    except ImportError:
+        raise ImportError(PML_MISSING) from None
+    found = getattr(losses, name, None)
+    base = losses.BaseMetricLossFunction
+    if not (isinstance(found, type) and issubclass(found, base) and found is not base):
+        known = sorted(n for n, c in vars(losses).items()
+                       if isinstance(c, type) and issubclass(c, base) and c is not base)
+        raise ValueError(f"no pytorch-metric-learning loss {name!r}; it has "
+                         + ", ".join(known[:12]) + (", ..." if len(known) > 12 else ""))
+    return found
+
+
+def pml_loss(name: str, options: dict, num_classes: int, embedding_size: int) -> PMLLoss:
+    """``pytorch_metric_learning.losses.<name>(**options)``; ``num_classes`` and
+    ``embedding_size`` filled in for the losses that take them (those with proxies)."""
+    import inspect
+
+    kind = pml_loss_class(name)
+    parameters = inspect.signature(kind.__init__).parameters
+    accepted = {key for cls in kind.__mro__ if "__init__" in vars(cls)
+                for key, parameter in inspect.signature(cls.__init__).parameters.items()
+                if key != "self" and parameter.kind not in (parameter.VAR_POSITIONAL,
+                                                            parameter.VAR_KEYWORD)}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{name} takes no option {unknown[0]!r}; it takes "
+                         + ", ".join(sorted(accepted - {"num_classes", "embedding_size"})))
+    given = dict(options)
+    for key, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if key in parameters and key not in given:
+            given[key] = value
+    try:
+        loss = PMLLoss(kind(**given))
+        _try_on_a_small_batch(loss, num_classes, embedding_size)
+    except Exception as exc:  # an option of a type the loss cannot use: say so before training
+        raise ValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())}): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         ) from None
+    return loss
+
+
+def _try_on_a_small_batch(loss: PMLLoss, num_classes: int, embedding_size: int) -> None:
+    """One forward pass on four random unit vectors of two classes (its own generator: the
+    run's random streams are untouched)."""
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(4, embedding_size, generator=generator), dim=-1)
+    with torch.no_grad():
+        value = loss(embeddings, torch.tensor([0, 0, 1, 1]) % max(1, num_classes))
+    if value.dim() != 0:
+        raise ValueError(f"it gives a tensor of shape {tuple(value.shape)}, not one number")

@@ -4,6 +4,7 @@ checks across fields (target batch a multiple of the micro-batch, ...)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,6 +64,18 @@ class TrainConfig(BaseModel):
     )
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     temperature: float = Field(0.1, gt=0, le=10, description="SupCon temperature.")
+    loss: str = Field(
+        "supcon", description="supcon: SupCon at --temperature. pml:NAME: any "
+        "pytorch-metric-learning loss (pml:ProxyAnchorLoss, pml:MultiSimilarityLoss, ...) over "
+        "the whole --target-batch through the same cached step, its own parameters (proxies) "
+        "at --loss-lr-scale x the LR; needs pip install 'ascension-cli[pml]'.")
+    loss_option: list[str] = Field(
+        default_factory=list, description="key=value for a pml: loss, read as YAML; repeat it "
+        "(--loss-option margin=0.1 --loss-option alpha=32). num_classes and embedding_size are "
+        "filled in.")
+    loss_lr_scale: float = Field(
+        100.0, gt=0, le=100000, description="The LR of a pml: loss's own parameters (proxies) "
+        "as a multiple of the step's LR.")
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,
@@ -193,4 +206,54 @@ class TrainConfig(BaseModel):
                     )
         if self.val_root is not None and "val_fraction" in self.model_fields_set:
             raise ValueError("give either --val-root or --val-fraction, not both")
+        self._check_loss()
         return self
+
+    def _check_loss(self) -> None:
+        """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""
+        if self.loss == "supcon":
+            for field in ("loss_option", "loss_lr_scale"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{option_name(field)} applies to a pml: loss, not "
+                                     "--loss supcon")
+            return
+        name = self.loss.removeprefix("pml:")
+        if not self.loss.startswith("pml:") or not name.isidentifier():
+            raise ValueError(f"--loss {self.loss!r}: give supcon, or pml:NAME with NAME a "
+                             "pytorch-metric-learning loss, like pml:ProxyAnchorLoss")
+        if "temperature" in self.model_fields_set:
+            raise ValueError("--temperature is SupCon's; give a pml: loss its own with "
+                             "--loss-option")
+        from ascension_cli.losses import pml_loss_class
+
+        try:
+            pml_loss_class(name)
+        except ImportError as exc:
+            raise ValueError(f"--loss {self.loss}: {exc}") from None
+        self.loss_options  # noqa: B018 (each key=value checked)
+
+    @property
+    def loss_options(self) -> dict[str, Any]:
+        """--loss-option key=value pairs, the values read as YAML (numbers, true, text)."""
+        options = {}
+        for item in self.loss_option:
+            key, equals, value = item.partition("=")
+            if not equals or not key.strip().isidentifier():
+                raise ValueError(f"--loss-option {item!r}: give key=value, like margin=0.1")
+            options[key.strip()] = _option_value(value.strip())
+        return options
+
+
+def _option_value(text: str) -> Any:
+    """A number (1e-3 too, which YAML reads as text), else what YAML reads (true, a list)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return text

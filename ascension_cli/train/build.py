@@ -24,7 +24,7 @@ from ascension_cli.config import TrainConfig, check_resumable, to_plain
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording
-from ascension_cli.losses import supcon_loss
+from ascension_cli.losses import PML_PREFIX, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.runtime import (
@@ -78,6 +78,7 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: Callable
+    loss_module: torch.nn.Module | None  # a pml: loss, with its own parameters (proxies)
     backward: Callable  # cached_backward or accumulated_backward
     step_options: dict[str, Any]  # no_sync, should_stop, gather
     should_stop: Callable[[], bool] | None  # abandon a step part-way (a single process only)
@@ -104,8 +105,11 @@ class Run:
 
     def stateful(self) -> dict[str, Any]:
         """The parts whose ``state_dict`` a checkpoint keeps, by checkpoint key."""
-        return {"optimizer": self.opt.optimizer, "scheduler": self.opt.scheduler,
-                "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
+        parts = {"optimizer": self.opt.optimizer, "scheduler": self.opt.scheduler,
+                 "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
+        if self.opt.loss_module is not None:
+            parts["loss"] = self.opt.loss_module  # a pml: loss's proxies
+        return parts
 
 
 def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run:
@@ -125,7 +129,8 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     nets = _networks(config, checkpoint, machine, data, reporter)
     resolved = _write_config(config, save_dir, machine, nets.spec, reporter)
     loaders = build_loaders(config, data, nets.spec, machine, reporter, stop)
-    opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"])
+    opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
+                        len(data.scan.classes))
     return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
                reporter)
 
@@ -253,13 +258,37 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
 
 
 # ---- the optimisation and the step
+def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
+          device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
+    """The loss over a whole batch: SupCon, or the pml: loss (a module, maybe with proxies)."""
+    if config.loss == "supcon":
+        return partial(supcon_loss, temperature=config.temperature), None
+    width = spec.num_features if spec.head == "none" else spec.embedding_dim
+    try:
+        module = pml_loss(config.loss.removeprefix(PML_PREFIX), config.loss_options, classes,
+                          width)
+    except ValueError as exc:
+        raise ConfigError(f"{{loss_option}}: {exc}", options=("loss_option",)) from None
+    module = module.to(device)
+    return module, module
+
+
 def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine,
-                  stop: StopRequest, step_lr: float) -> Optimisation:
+                  stop: StopRequest, step_lr: float, classes: int) -> Optimisation:
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
+    loss_fn, loss_module = _loss(config, nets.spec, classes, machine.device)
+    own = list(loss_module.parameters()) if loss_module is not None else []
+    if own and machine.distributed.enabled and config.accumulation == "naive":
+        raise ConfigError("{accumulation} naive would train a pml: loss's own parameters apart "
+                          "in each process (each sees its micro-batches only): use "
+                          "{accumulation} cache", options=("accumulation",))
+    if own:  # proxies: their own LR (as PML's docs and the ProxyAnchor paper train them)
+        optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
+                                   "weight_decay": 0.0})
     warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
@@ -271,6 +300,6 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
     if distributed and config.accumulation == "cache":
         step_options["gather"] = gather_with_grad
     return Optimisation(
-        optimizer, scheduler, scaler, partial(supcon_loss, temperature=config.temperature),
+        optimizer, scheduler, scaler, loss_fn, loss_module,
         cached_backward if config.accumulation == "cache" else accumulated_backward,
         step_options, should_stop)

@@ -82,15 +82,17 @@ def _contrast_and_backward(
     gather: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     """The loss over the whole batch (every rank's, with ``gather``), backpropagated to
-    ``embeddings`` when finite; returns it detached. The world-size factor undoes DDP's
-    averaging of parameter gradients (see ``cached_backward``)."""
-    ranks = 1
+    ``embeddings`` when finite; returns it detached. The world-size factor on this rank's
+    embedding gradients undoes DDP's averaging of parameter gradients (see ``cached_backward``);
+    a loss's own parameters (proxies) see the whole batch on every rank, so theirs is left out."""
     if gather is not None:
-        embeddings, labels = gather(embeddings), gather(labels)
         ranks = torch.distributed.get_world_size()
+        if ranks > 1 and embeddings.requires_grad:
+            embeddings.register_hook(lambda gradient: gradient * ranks)
+        embeddings, labels = gather(embeddings), gather(labels)
     loss = loss_fn(embeddings.view(-1, views, embeddings.shape[-1]), labels)
     if torch.isfinite(loss):
-        scale(loss * ranks).backward()
+        scale(loss).backward()
     return loss.detach()
 
 
