@@ -106,8 +106,9 @@ class TrainConfig(BaseModel):
     samples_per_class: int = Field(4, ge=1, description="Images per class in each target batch.")
     augment: Augment = Field(
         "color-agnostic", description="color-agnostic: colour destroyed or randomised, so the "
-        "same item in another colour lands close. standard: SimCLR. none."
-    )
+        "same item in another colour lands close. color-preserving: lighting changes only, for "
+        "catalogues where colour tells items apart (a red and a green apple). standard: "
+        "SimCLR. none.")
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of each class held out for validation."
     )

@@ -9,7 +9,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-AUGMENTATIONS = ("color-agnostic", "standard", "none")
+AUGMENTATIONS = ("color-agnostic", "color-preserving", "standard", "none")
 
 
 def _normalise(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -38,16 +38,29 @@ def train_transform(
     """The per-view training pipeline.
 
     ``color-agnostic``: crop/flip/mild geometry, then colour destroyed or randomised, so the same
-    item in another colour lands close. ``standard``: SimCLR-style. ``none``: the eval transform.
+    item in another colour lands close. ``color-preserving``: the same geometry with lighting
+    changes only, for catalogues where colour tells items apart. ``standard``: SimCLR-style.
+    ``none``: the eval transform.
     """
     size = (image_size, image_size)
     if augmentation == "none":
         return eval_transform(image_size, mean, std)
-    if augmentation == "color-agnostic":
+    geometry = [
+        A.RandomResizedCrop(size=size, scale=(0.35, 1.0), area_for_downscale="image"),
+        A.HorizontalFlip(p=0.5),
+        A.Affine(rotate=(-12, 12), shear=(-6, 6), scale=(0.9, 1.1), p=0.3),
+    ]
+    degrade = A.OneOf([A.GaussianBlur(blur_limit=(3, 7), p=1.0),
+                       A.GaussNoise(std_range=(0.02, 0.08), p=1.0)], p=0.3)
+    if augmentation == "color-preserving":
+        # Lighting changes only: the hue and most of the saturation are kept, so a red and a
+        # green apple stay apart.
+        steps = [*geometry,
+                 A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.1, hue=0.0, p=0.8),
+                 degrade]
+    elif augmentation == "color-agnostic":
         steps = [
-            A.RandomResizedCrop(size=size, scale=(0.35, 1.0), area_for_downscale="image"),
-            A.HorizontalFlip(p=0.5),
-            A.Affine(rotate=(-12, 12), shear=(-6, 6), scale=(0.9, 1.1), p=0.3),
+            *geometry,
             A.OneOf(
                 [
                     A.ToGray(num_output_channels=3, p=1.0),
@@ -61,13 +74,7 @@ def train_transform(
                 ],
                 p=0.9,
             ),
-            A.OneOf(
-                [
-                    A.GaussianBlur(blur_limit=(3, 7), p=1.0),
-                    A.GaussNoise(std_range=(0.02, 0.08), p=1.0),
-                ],
-                p=0.3,
-            ),
+            degrade,
         ]
     elif augmentation == "standard":
         steps = [

@@ -93,13 +93,12 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
         if isinstance(images, Response):
             return images
         k, threshold, group_by = search_options(form)
+        pending = Pending(images, k, threshold, group_by)
         try:
-            results, waited = await batcher.submit(Pending(images, k, threshold, group_by))
+            results, waited = await batcher.submit(pending)
         except Exception as exc:  # noqa: BLE001 - a JSON answer, never a traceback
             return failure(exc)
-        if threshold is None:  # the catalogue's calibrated one applied, if it has one
-            threshold = lookup.current().catalog.threshold
-        return JSONResponse({"k": k, "threshold": threshold, "group_by": group_by,
+        return JSONResponse({"k": k, "threshold": pending.applied, "group_by": group_by,
                              "waited_ms": waited * 1000,
                              "results": results})
 

@@ -21,6 +21,9 @@ class Pending:
     k: int
     threshold: float | None
     group_by: str = "photo"
+    # The threshold its search applied: its own, else the catalogue's calibrated one of the
+    # moment (set by ``Lookup.search``, so the answer names the one that decided).
+    applied: float | None = None
     queued: float = field(default_factory=time.perf_counter)
     done: asyncio.Future | None = None
 

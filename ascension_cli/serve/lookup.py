@@ -111,9 +111,9 @@ class Lookup:
         for number, pending in enumerate(batch):
             rows = [row for row, i in enumerate(indices) if owners[i][0] == number]
             names = [owners[indices[row]][1] for row in rows]
-            threshold = (pending.threshold if pending.threshold is not None
-                         else searcher.catalog.threshold)
-            results = searcher.match(vectors[rows], names, pending.k, threshold,
+            pending.applied = (pending.threshold if pending.threshold is not None
+                               else searcher.catalog.threshold)
+            results = searcher.match(vectors[rows], names, pending.k, pending.applied,
                                      pending.group_by)
             answers[number] = [result.to_dict() for result in results]
         return answers
