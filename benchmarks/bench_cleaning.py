@@ -21,8 +21,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import SHARED_DATA, benchmark_parser, print_table, write_json
-from bench_quality import WEIGHTS, backbone_model, link_tree, split_set, train_ascension
+from _common import print_table, write_json
+from bench_quality import (
+    backbone_model,
+    link_tree,
+    settings_of,
+    split_set,
+    train_ascension,
+    training_args,
+    training_parser,
+)
 
 
 def found_flips(vectors: np.ndarray, labels: np.ndarray, flipped: np.ndarray) -> dict:
@@ -74,26 +82,11 @@ def run_set(root: Path, args) -> dict:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, __file__)
-    parser.add_argument("--sets", nargs="+", type=Path,
-                        help="class-per-folder trees (default: every set under ../shared/data)")
-    parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS if WEIGHTS.is_file() else None)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, help="default: 5 (--quick: 2)")
-    parser.add_argument("--max-per-class", type=int, help="default: all (--quick: 150)")
+    parser = training_parser(__doc__, __file__)
     parser.add_argument("--flip", type=float, default=0.02,
                         help="share of the train photos filed under another class")
     parser.add_argument("--seed", type=int, default=0, help="which labels flip; training seed")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    args = parser.parse_args()
-    if args.weights is not None and str(args.weights).lower() == "none":
-        args.weights = None
-    args.epochs = args.epochs or (2 if args.quick else 5)
-    args.max_per_class = args.max_per_class or (150 if args.quick else None)
-    sets = args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+    args, sets = training_args(parser)
     results, rows = {}, []
     for root in sets:
         result = results[root.name] = run_set(root, args)
@@ -108,8 +101,7 @@ def main() -> None:
                                                 "first shown", "first #flipped", "whole list"],
                 rows)
     write_json("bench_cleaning", {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("json", "sets")} | {"sets": [str(s) for s in sets]},
+        "settings": settings_of(args, sets),
         "results": results,
     }, args.json)
 

@@ -28,8 +28,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import SHARED_DATA, benchmark_parser, print_table, write_json
-from bench_quality import WEIGHTS, link_tree, split_set, train_ascension
+from _common import print_table, write_json
+from bench_quality import (
+    link_tree,
+    settings_of,
+    split_set,
+    train_ascension,
+    training_args,
+    training_parser,
+)
 
 FIXED = (0.5, 0.8)
 
@@ -111,14 +118,7 @@ def pooled(draws: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, __file__)
-    parser.add_argument("--sets", nargs="+", type=Path,
-                        help="class-per-folder trees (default: every set under ../shared/data)")
-    parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS if WEIGHTS.is_file() else None)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, help="default: 5 (--quick: 2)")
-    parser.add_argument("--max-per-class", type=int, help="default: all (--quick: 150)")
+    parser = training_parser(__doc__, __file__)
     parser.add_argument("--unknown-classes", type=float, default=0.3,
                         help="share of each set's classes held out as unknown (seeded)")
     parser.add_argument("--target-fmr", type=float, default=0.01)
@@ -127,15 +127,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3,
                         help="held-out draws (seeds from --seed on), each trained and "
                         "calibrated; their counts are pooled")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    args = parser.parse_args()
-    if args.weights is not None and str(args.weights).lower() == "none":
-        args.weights = None
-    args.epochs = args.epochs or (2 if args.quick else 5)
-    args.max_per_class = args.max_per_class or (150 if args.quick else None)
-    sets = args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+    args, sets = training_args(parser)
     results, rows = {}, []
     for root in sets:
         draws = []
@@ -159,8 +151,7 @@ def main() -> None:
                                           "R@1 accepted", "FNMR - oracle"], rows)
     calibrated = [r["pooled"]["calibrated on val"]["fmr"] for r in results.values()]
     write_json("bench_openset", {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("json", "sets")} | {"sets": [str(s) for s in sets]},
+        "settings": settings_of(args, sets),
         "results": results,
         "calibrated_fmr_within_half_to_twice_target": all(
             args.target_fmr / 2 <= fmr <= 2 * args.target_fmr for fmr in calibrated),

@@ -180,18 +180,23 @@ def _pml_loop(model, loader, loss_fn, optimizers, epochs: int, miner=None) -> fl
     return time.perf_counter() - started
 
 
+def _balanced_loader(data, labels: np.ndarray, batch: int):
+    """PML's MPerClassSampler batches, 4 photos of each class; fewer classes (a tiny
+    smoke-test set) make the batch smaller."""
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    batch = min(batch, 4 * len(np.unique(labels)))
+    sampler = MPerClassSampler(labels, m=4, batch_size=batch,
+                               length_before_new_iter=max(len(labels), batch))
+    return torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
+
+
 def run_plain(split: Split, args, seed: int) -> dict:
     """The baseline: a plain pytorch-metric-learning SupCon loop, as a user would write it."""
     from pytorch_metric_learning.losses import SupConLoss
-    from pytorch_metric_learning.samplers import MPerClassSampler
 
     model, spec, data, labels = _pml_setup(split, args, seed, views=2)
-    # 32 images of 8 classes; fewer classes (a tiny smoke-test set) make the batch smaller.
-    batch = min(32, 4 * len(np.unique(labels)))
-    sampler = MPerClassSampler(labels, m=4, batch_size=batch,
-                               length_before_new_iter=max(len(labels), batch))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler,
-                                         drop_last=True)
+    loader = _balanced_loader(data, labels, 32)  # 32 images of 8 classes
     optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=3e-4, weight_decay=1e-4)
     seconds = _pml_loop(model, loader, SupConLoss(temperature=0.1), [optimizer], args.epochs)
     return {"train_seconds": seconds, **score(model, spec, "backbone", split, args.on, 64)}
@@ -217,14 +222,9 @@ def run_multi_similarity(split: Split, args, seed: int) -> dict:
     epsilon 0.1) on class-balanced batches of 64 photos, 4 of each class, one view each."""
     from pytorch_metric_learning.losses import MultiSimilarityLoss
     from pytorch_metric_learning.miners import MultiSimilarityMiner
-    from pytorch_metric_learning.samplers import MPerClassSampler
 
     model, spec, data, labels = _pml_setup(split, args, seed, views=1)
-    batch = min(64, 4 * len(np.unique(labels)))
-    sampler = MPerClassSampler(labels, m=4, batch_size=batch,
-                               length_before_new_iter=max(len(labels), batch))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler,
-                                         drop_last=True)
+    loader = _balanced_loader(data, labels, 64)
     optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=3e-4, weight_decay=1e-4)
     seconds = _pml_loop(model, loader, MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
                         [optimizer], args.epochs, miner=MultiSimilarityMiner(epsilon=0.1))
@@ -301,8 +301,10 @@ def summarise(runs: list[dict]) -> dict:
     return {"mean": mean, "std": spread, "runs": runs}
 
 
-def main() -> None:
-    parser = benchmark_parser(__doc__, __file__)
+def training_parser(doc: str, script: str):
+    """The options of every benchmark that trains on real sets: which sets, model, weights,
+    size, epochs and split (with ``--quick`` and ``--json``)."""
+    parser = benchmark_parser(doc, script)
     parser.add_argument("--sets", nargs="+", type=Path,
                         help="class-per-folder trees (default: every set under ../shared/data)")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
@@ -313,22 +315,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="default: 5 (--quick: 2)")
     parser.add_argument("--max-per-class", type=int,
                         help="keep this many photos of each class (default: all; --quick: 150)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    return parser
+
+
+def training_args(parser) -> tuple[object, list[Path]]:
+    """The parsed options, defaults filled in, and the sets they name."""
+    args = parser.parse_args()
+    if args.weights is not None and str(args.weights).lower() == "none":
+        args.weights = None
+    args.epochs = args.epochs or (2 if args.quick else 5)
+    args.max_per_class = args.max_per_class or (150 if args.quick else None)
+    return args, args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+
+
+def settings_of(args, sets: list[Path]) -> dict:
+    """The options as the JSON records them."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("json", "sets")} | {"sets": [str(s) for s in sets]}
+
+
+def main() -> None:
+    parser = training_parser(__doc__, __file__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--on", choices=("test", "val"), default="test",
                         help="queries: the test split (report) or the val split (tuning)")
     parser.add_argument("--systems", nargs="+",
                         default=["frozen", "plain", "proxyanchor", "multisim", "ascension"])
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value,... Ascension with these TrainConfig options")
-    args = parser.parse_args()
-    if args.weights is not None and str(args.weights).lower() == "none":
-        args.weights = None
-    args.epochs = args.epochs or (2 if args.quick else 5)
-    args.max_per_class = args.max_per_class or (150 if args.quick else None)
-    sets = args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+    args, sets = training_args(parser)
     variants = dict(parse_variant(text) for text in args.variant)
     systems = {name: None for name in args.systems} | variants
 
@@ -382,8 +400,7 @@ def main() -> None:
                 for system, summary in by.items() if system != "ascension"
                 for key in ("recall_at_1", "map_at_r")) for by in compared]
     write_json("bench_quality", {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("json", "sets")} | {"sets": [str(s) for s in sets]},
+        "settings": settings_of(args, sets),
         "variants": variants, "results": results,
         "defaults_win_everywhere": all(wins) if len(compared) == len(results) else None,
     }, args.json)
