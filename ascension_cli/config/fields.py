@@ -15,7 +15,7 @@ from ascension_cli.catalog.layout import catalog_folder
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Accumulation = Literal["cache", "naive"]
-Augment = Literal["color-agnostic", "color-preserving", "standard", "none"]
+Augment = Literal["color-agnostic", "color-preserving", "auto", "standard", "none"]
 Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
 Tracker = Literal["tensorboard", "mlflow", "none"]

@@ -43,6 +43,7 @@ from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
+from ascension_cli.train.state import Recorded
 from ascension_cli.train.stopping import StopRequest
 
 LAST = "last.pt"
@@ -98,6 +99,7 @@ class Run:
     loaders: Loaders
     opt: Optimisation
     reporter: Reporter
+    augmentation: str  # the one the loaders apply (``--augment auto`` resolved)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,6 +111,8 @@ class Run:
                  "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
         if self.opt.loss_module is not None:
             parts["loss"] = self.opt.loss_module  # a pml: loss's proxies
+        if self.config.augment == "auto":  # kept, so that a resume augments the same way
+            parts["augmentation"] = Recorded({"chosen": self.augmentation})
         return parts
 
 
@@ -127,12 +131,14 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     if checkpoint is not None:
         check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
-    resolved = _write_config(config, save_dir, machine, nets.spec, reporter)
-    loaders = build_loaders(config, data, nets.spec, machine, reporter, stop)
+    augmentation = _augmentation(config, checkpoint, data, nets, machine, reporter)
+    resolved = _write_config(config, save_dir, machine, nets.spec, reporter, augmentation)
+    loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
+                            nets.spec, machine, reporter, stop)
     opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
                         len(data.scan.classes))
     return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
-               reporter)
+               reporter, augmentation)
 
 
 # ---- the machine, the checkpoint, the options fitted to the data
@@ -241,10 +247,32 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
     return Networks(model, spec, trained, no_sync, compile_errors)
 
 
+def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,
+                  nets: Networks, machine: Machine, reporter: Reporter) -> str:
+    """The augmentation to train with: ``config.augment``, or for ``auto`` the one chosen from
+    the data (``train/colour.py``), or on a resume the one chosen then. Under DDP rank 0's
+    choice holds everywhere."""
+    if config.augment != "auto":
+        return config.augment
+    if checkpoint is not None and "augmentation" in checkpoint:
+        return str(checkpoint["augmentation"]["chosen"])
+    from ascension_cli.train.colour import choose_augmentation
+
+    chosen, why = choose_augmentation(config, data, nets, machine)
+    if machine.distributed.enabled:
+        shared = [chosen]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen = shared[0]
+    reporter.message(why)
+    return chosen
+
+
 def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: ModelSpec,
-                  reporter: Reporter) -> dict[str, Any]:
+                  reporter: Reporter, augmentation: str) -> dict[str, Any]:
     """config.yaml: the options as run, with what was resolved from the machine and model."""
     resolved = to_plain(config)
+    if config.augment == "auto":
+        resolved.update(resolved_augment=augmentation)
     resolved.update(image_size=spec.image_size, workers=machine.workers,
                     resolved_device=str(machine.device), resolved_precision=machine.precision,
                     step_lr=scaled_lr(config.lr, config.target_batch, config.lr_scaling))

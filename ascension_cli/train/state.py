@@ -76,3 +76,17 @@ class TrainState:
         saved = payload.get("epoch_progress")
         self.progress = None if saved is None else EpochProgress(**saved)
         restore_rng(payload["rng"])
+
+
+class Recorded:
+    """A choice made once for a run (``--augment auto``'s), kept in its checkpoints: a stateful
+    part whose state is the choice, read back by ``train/build.py`` before the run is built."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = dict(values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        self.values = dict(values)

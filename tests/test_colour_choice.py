@@ -1,0 +1,97 @@
+"""`--augment auto`: colour is kept when it tells the classes apart, measured before training
+(the starting model searches the photos in colour and in grayscale), and a resume keeps the
+choice."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ascension_cli.data.folder import scan_folder
+from ascension_cli.model.backbone import build_model
+from ascension_cli.train.colour import choose_augmentation, recall_in_colour_and_gray
+from ascension_cli.train.loop import train
+from tests.test_train import Collect, config
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
+MACHINE = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+
+
+def colour_classes(root, per_class: int = 10):
+    """The same disc on the same grey, in three colours: only colour tells the classes apart
+    (red and green are near in gray level)."""
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            image = np.full((40, 40, 3), 128, np.uint8)
+            cv2.circle(image, tuple(int(v) for v in rng.integers(15, 25, 2)),
+                       int(rng.integers(8, 13)), rgb, -1)
+            cv2.imwrite(str(root / name / f"{index}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def searched(root):
+    torch.manual_seed(0)
+    model, spec = build_model("test_convnext", image_size=32, pretrained=False)
+    scan = scan_folder(root)
+    return recall_in_colour_and_gray(model.eval(), spec, scan.paths, scan.labels, MACHINE, 16,
+                                     True)
+
+
+def test_grayscale_loses_the_classes_only_colour_tells_apart(tmp_path, dataset):
+    clean, gray = searched(colour_classes(tmp_path / "colours"))
+    assert clean - gray > 0.2  # colour was the class
+    clean, gray = searched(dataset)  # shapes in random colours: the shape is the class
+    assert clean - gray < 0.1
+
+
+def test_the_choice_and_its_reason(tmp_path, dataset):
+    torch.manual_seed(0)
+    model, spec = build_model("test_convnext", image_size=32, pretrained=False)
+    nets = SimpleNamespace(model=model.eval(), spec=spec)
+    colours = colour_classes(tmp_path / "colours")
+    for root, expected in ((colours, "color-preserving"), (dataset, "color-agnostic")):
+        scan = scan_folder(root)
+        data = SimpleNamespace(val_paths=scan.paths, val_labels=scan.labels, shards=None)
+        chosen, why = choose_augmentation(SimpleNamespace(
+            pretrained=True, weights=None, seed=0, batch_size=16, channels_last=True), data,
+            nets, MACHINE)
+        assert chosen == expected
+        assert why.startswith(f"--augment auto: {expected}: on {len(scan.paths)} validation")
+        assert "in colour" in why and "in grayscale" in why
+    chosen, why = choose_augmentation(SimpleNamespace(pretrained=False, weights=None), None,
+                                      nets, MACHINE)
+    assert chosen == "color-agnostic" and "from scratch" in why
+
+
+def test_a_run_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    from ascension_cli.train import colour
+
+    data = colour_classes(tmp_path / "colours", per_class=8)
+    picks = iter(["color-preserving", "color-agnostic"])  # a second measurement would differ
+    monkeypatch.setattr(colour, "choose_augmentation",
+                        lambda *a: (next(picks), "--augment auto: measured"))
+    reporter = Collect()
+    options = dict(augment="auto", epochs=2, samples_per_class=2)
+    first = train(config(data, tmp_path / "run", **options), reporter,
+                  stop_after_epoch=lambda epoch: epoch == 1)
+    assert first.stopped_early and "--augment auto: measured" in reporter.messages
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["augment"] == "auto" and saved["resolved_augment"] == "color-preserving"
+    train(config(data, tmp_path / "run", resume="auto", **options))
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["augmentation"] == {"chosen": "color-preserving"}
+    assert next(picks) == "color-agnostic"  # the resume did not measure again
+
+
+@pytest.mark.parametrize("augment", ["color-preserving", "auto"])
+def test_the_new_choices_train(tmp_path, dataset, augment):
+    result = train(config(dataset, tmp_path / "run", augment=augment, epochs=1))
+    assert result.history[-1].loss > 0
