@@ -89,7 +89,7 @@ def test_two_processes_equal_one_with_the_whole_batch_proxies_included(tmp_path)
 
 def test_training_keeps_the_proxies_and_resumes_them_exactly(dataset, tmp_path):
     options = dict(loss="pml:ProxyAnchorLoss", loss_option=["margin=0.2", "alpha=16"],
-                   epochs=3)
+                   epochs=2)
     train(config(dataset, tmp_path / "whole", **options))
     first = train(config(dataset, tmp_path / "parts", **options),
                   stop_after_epoch=lambda epoch: epoch == 1)
