@@ -7,6 +7,7 @@ import pytest
 from ascension_cli.retrieval.openset import (
     calibrated_threshold,
     open_set_curve,
+    rates_at,
     roc_auc,
     threshold_for_fmr,
 )
@@ -27,6 +28,8 @@ def test_the_curve_is_the_brute_force_count_at_every_threshold(seed):
     for t, fmr, fnmr, recall in zip(curve.thresholds, curve.fmr, curve.fnmr,
                                     curve.recall_at_1_accepted, strict=True):
         accepted = known >= t
+        assert rates_at(known, correct, unknown, t) == pytest.approx((fmr, fnmr, recall),
+                                                                     nan_ok=True)
         assert fmr == pytest.approx(np.mean(unknown >= t))
         assert fnmr == pytest.approx(np.mean(~accepted))
         if accepted.any():

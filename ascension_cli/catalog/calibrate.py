@@ -19,7 +19,7 @@ from ascension_cli.retrieval.openset import (
     calibrated_threshold,
     evaluate_open_set,
     held_out_classes,
-    open_set_curve,
+    rates_at,
 )
 
 
@@ -65,12 +65,10 @@ def calibrate_catalog(
     report = evaluate_open_set(vectors, labels, catalog.vectors, catalog.labels,
                                unknown, names, target_fmr)
     threshold = calibrated_threshold(report.unknown_scores, target_fmr)
-    at = open_set_curve(report.known_scores, report.known_correct, report.unknown_scores,
-                        [threshold])
-    calibration = {**report.to_dict(), "threshold": threshold, "fmr": float(at.fmr[0]),
-                   "fnmr": float(at.fnmr[0]),
-                   "recall_at_1_accepted": float(at.recall_at_1_accepted[0]),
-                   "images": str(images), "items": len(catalog),
+    fmr, fnmr, recall = rates_at(report.known_scores, report.known_correct,
+                                 report.unknown_scores, threshold)
+    calibration = {**report.to_dict(), "threshold": threshold, "fmr": fmr, "fnmr": fnmr,
+                   "recall_at_1_accepted": recall, "images": str(images), "items": len(catalog),
                    "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with catalog_lock(directory):
         current = load_catalog(directory, with_vectors=False)

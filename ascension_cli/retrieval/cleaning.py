@@ -47,6 +47,16 @@ def _neighbour_labels(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
 
 
+def _close_across_classes(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                          threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the neighbours at least ``threshold`` similar whose photo and the
+    neighbour are both labelled, with different classes."""
+    labels = np.asarray(labels)
+    found = _neighbour_labels(ids, labels)
+    return np.nonzero((scores >= threshold) & (ids >= 0) & (found != labels[:, None])
+                      & (labels[:, None] >= 0) & (found >= 0))
+
+
 def suspected_label_errors(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                            agreeing: int = AGREEING) -> list[SuspectedLabel]:
     """Photos whose first ``agreeing`` neighbours are all of one other class, most suspect
@@ -74,10 +84,7 @@ def cross_class_duplicates(ids: np.ndarray, scores: np.ndarray, labels: np.ndarr
                            threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[PhotoPair]:
     """Pairs of photos of different classes at least ``threshold`` similar, each pair once
     (lower row first), most similar first."""
-    labels = np.asarray(labels)
-    found = _neighbour_labels(ids, labels)
-    rows, columns = np.nonzero((scores >= threshold) & (ids >= 0) & (found != labels[:, None])
-                               & (labels[:, None] >= 0) & (found >= 0))
+    rows, columns = _close_across_classes(ids, scores, labels, threshold)
     pairs: dict[tuple[int, int], float] = {}
     for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
         key = (min(row, int(ids[row, column])), max(row, int(ids[row, column])))
@@ -90,10 +97,7 @@ def confusable_items(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, it
                      threshold: float) -> list[ItemPair]:
     """Pairs of items of different classes whose most similar photos are at least ``threshold``
     similar, each pair once (its names in sorted order), most similar first."""
-    labels = np.asarray(labels)
-    found = _neighbour_labels(ids, labels)
-    rows, columns = np.nonzero((scores >= threshold) & (ids >= 0) & (found != labels[:, None])
-                               & (labels[:, None] >= 0) & (found >= 0))
+    rows, columns = _close_across_classes(ids, scores, labels, threshold)
     best: dict[tuple[str, str], ItemPair] = {}
     for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
         other = int(ids[row, column])

@@ -53,17 +53,9 @@ def roc_auc(known: np.ndarray, unknown: np.ndarray) -> float:
     return float((known_ranks - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
 
 
-def open_set_curve(known_scores, known_correct, unknown_scores,
-                   thresholds=None) -> OpenSetCurve:
-    """FMR, FNMR and the accepted known queries' Recall@1 at each threshold (default: every
-    distinct score, and one above them all), and the AUC."""
-    known = np.asarray(known_scores, float)
-    correct = np.asarray(known_correct, bool)
-    unknown = np.asarray(unknown_scores, float)
-    if thresholds is None:
-        every = np.unique(np.concatenate([known, unknown]))
-        thresholds = np.append(every, np.nextafter(every[-1], np.inf) if len(every) else 1.0)
-    thresholds = np.sort(np.asarray(thresholds, float))
+def _rates(known: np.ndarray, correct: np.ndarray, unknown: np.ndarray,
+           thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FMR, FNMR and the accepted known queries' Recall@1 at each threshold."""
     fmr = _accepted_share(unknown, thresholds)
     fnmr = 1 - _accepted_share(known, thresholds)
     # Accepted and correct, over accepted, from the scores of the correct ones alone.
@@ -72,7 +64,30 @@ def open_set_curve(known_scores, known_correct, unknown_scores,
         np.zeros(len(thresholds)))
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(accepted > 0, right / np.maximum(accepted, 1), np.nan)
+    return fmr, fnmr, recall
+
+
+def open_set_curve(known_scores, known_correct, unknown_scores,
+                   thresholds=None) -> OpenSetCurve:
+    """FMR, FNMR and the accepted known queries' Recall@1 at each threshold (default: every
+    distinct score, and one above them all), and the AUC."""
+    known = np.asarray(known_scores, float)
+    unknown = np.asarray(unknown_scores, float)
+    if thresholds is None:
+        every = np.unique(np.concatenate([known, unknown]))
+        thresholds = np.append(every, np.nextafter(every[-1], np.inf) if len(every) else 1.0)
+    thresholds = np.sort(np.asarray(thresholds, float))
+    fmr, fnmr, recall = _rates(known, np.asarray(known_correct, bool), unknown, thresholds)
     return OpenSetCurve(thresholds, fmr, fnmr, recall, roc_auc(known, unknown))
+
+
+def rates_at(known_scores, known_correct, unknown_scores,
+             threshold: float) -> tuple[float, float, float]:
+    """(FMR, FNMR, Recall@1 of the accepted known) at one threshold: the curve's figures
+    there, without the curve's AUC."""
+    fmr, fnmr, recall = _rates(np.asarray(known_scores, float), np.asarray(known_correct, bool),
+                               np.asarray(unknown_scores, float), np.array([float(threshold)]))
+    return float(fmr[0]), float(fnmr[0]), float(recall[0])
 
 
 # How far above the highest refused unknown score a threshold sits: a photo embedded again
@@ -188,10 +203,9 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: np.ndarray,
     correct &= ids >= 0
     curve = open_set_curve(similarity[~is_unknown], correct[~is_unknown], similarity[is_unknown])
     threshold = threshold_for_fmr(similarity[is_unknown], target_fmr)
-    at = open_set_curve(similarity[~is_unknown], correct[~is_unknown], similarity[is_unknown],
-                        [threshold])
+    at = rates_at(similarity[~is_unknown], correct[~is_unknown], similarity[is_unknown],
+                  threshold)
     return OpenSetReport(
         [class_names[c] for c in unknown], int((~is_unknown).sum()), int(is_unknown.sum()),
-        curve, target_fmr, threshold, float(at.fmr[0]), float(at.fnmr[0]),
-        float(at.recall_at_1_accepted[0]), similarity[~is_unknown], correct[~is_unknown],
+        curve, target_fmr, threshold, *at, similarity[~is_unknown], correct[~is_unknown],
         similarity[is_unknown])
