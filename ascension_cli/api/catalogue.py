@@ -41,7 +41,15 @@ class IndexResult:
 
     @property
     def confusable(self) -> list[dict]:
+        """The new items flagged confusable (``onboarding``'s), most similar first."""
         return [entry for entry in self.onboarding if entry["confusable"]]
+
+    @property
+    def confusable_limit(self) -> float:
+        """The similarity from which they are (``catalog.check.confusable_limit``)."""
+        from ascension_cli.catalog.check import confusable_limit
+
+        return confusable_limit(self.catalog)
 
     def index_description(self) -> str | None:
         """The index the catalogue was given: its shape, memory and measured recall."""
@@ -77,8 +85,7 @@ def run_index(settings: IndexConfig, progress: Progress | None = None) -> IndexR
             index_kind=settings.kind, **settings.run_options())
     else:
         catalog, added = load_catalog(settings.output), 0
-    onboarding = (nearest_other_class(catalog, len(catalog) - added, catalog.threshold)
-                  if settings.add else [])
+    onboarding = nearest_other_class(catalog, len(catalog) - added) if settings.add else []
     result = IndexResult(catalog, added, onboarding)
     if settings.check:
         result.check = check_catalog(catalog, progress.stage("checking"))
@@ -110,7 +117,7 @@ def run_search(settings: SearchConfig, progress: Progress | None = None) -> list
     from ascension_cli.retrieval.report import write_json
 
     catalog = load_catalog(settings.catalog, with_vectors=False)
-    threshold = threshold_of(settings, catalog)
+    threshold = catalog.threshold_for(settings.threshold)
     note = catalog.calibration_note()
     results = search_catalog(catalog, list_images(settings.images), settings.k,
                              threshold, progress, settings.group_by,
@@ -125,11 +132,6 @@ def run_search(settings: SearchConfig, progress: Progress | None = None) -> list
                                         "group_by": settings.group_by,
                                         "results": [r.to_dict() for r in results]})
     return results
-
-
-def threshold_of(settings: SearchConfig, catalog: Catalog) -> float | None:
-    """The threshold a search uses: the one given, else the catalogue's calibrated one."""
-    return settings.threshold if settings.threshold is not None else catalog.threshold
 
 
 def run_calibrate(settings: CalibrateConfig, progress: Progress | None = None) -> Catalog:

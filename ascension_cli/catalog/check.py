@@ -28,11 +28,17 @@ CONFUSABLE_SIMILARITY = 0.9  # without a calibration: closer than this is confus
 DEPTH = 64  # neighbours looked through for one of another class
 
 
-def nearest_other_class(catalog: Catalog, first_new_row: int,
-                        threshold: float | None = None) -> list[dict]:
+def confusable_limit(catalog: Catalog) -> float:
+    """The similarity from which two items of different classes are confusable: the
+    catalogue's calibrated threshold, else ``CONFUSABLE_SIMILARITY``."""
+    return CONFUSABLE_SIMILARITY if catalog.threshold is None else catalog.threshold
+
+
+def nearest_other_class(catalog: Catalog, first_new_row: int) -> list[dict]:
     """For each item among the photos from ``first_new_row`` on: its nearest photo of another
-    class (of any item), the similarity, and whether that is confusable. Most similar first;
-    an item whose first ``DEPTH`` neighbours are all of its own class is left out."""
+    class (of any item), the similarity, and whether that is confusable
+    (``confusable_limit``). Most similar first; an item whose first ``DEPTH`` neighbours are
+    all of its own class is left out."""
     rows = np.arange(first_new_row, len(catalog))
     if not len(rows) or len(catalog) < 2:
         return []
@@ -53,7 +59,7 @@ def nearest_other_class(catalog: Catalog, first_new_row: int,
                     "nearest_class": catalog.class_name(int(catalog.labels[other])),
                     "similarity": float(similarity)}
             break
-    limit = CONFUSABLE_SIMILARITY if threshold is None else threshold
+    limit = confusable_limit(catalog)
     for entry in nearest.values():
         entry["confusable"] = entry["similarity"] >= limit
     return sorted(nearest.values(), key=lambda entry: -entry["similarity"])
@@ -97,7 +103,7 @@ def check_catalog(catalog: Catalog, progress: Progress | None = None) -> Catalog
     """Search every photo of ``catalog`` among the others (through its own index, so a large
     catalogue is checked as fast as it is searched) and list what to clean."""
     catalog = catalog.with_vectors()
-    threshold = CONFUSABLE_SIMILARITY if catalog.threshold is None else catalog.threshold
+    threshold = confusable_limit(catalog)
     if len(catalog) < 2:
         return CatalogCheck(catalog, threshold, [], [], [])
     progress = progress or Progress()

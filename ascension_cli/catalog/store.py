@@ -97,6 +97,10 @@ class Catalog:
         """The calibrated threshold, if the catalogue has one."""
         return None if self.calibration is None else float(self.calibration["threshold"])
 
+    def threshold_for(self, given: float | None) -> float | None:
+        """The threshold a search applies: the one ``given``, else the calibrated one."""
+        return given if given is not None else self.threshold
+
     def calibration_note(self) -> str | None:
         """What a user should know of the calibration: that the catalogue grew since."""
         if self.calibration is None or self.calibration.get("items") == len(self):

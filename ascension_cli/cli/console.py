@@ -222,7 +222,7 @@ def print_indexed(settings, result) -> None:
         "classes" + (f" ({result.added} added)" if settings.builds else ""))
     if result.index_description() is not None and settings.builds:
         say(result.index_description())
-    print_onboarding(result.onboarding, result.catalog.threshold)
+    print_onboarding(result.confusable, _limit(result.confusable_limit, result.catalog))
     if result.check is not None:
         print_check(result.check)
     if settings.json_file is not None:
@@ -242,9 +242,8 @@ def print_check(check, shown: int = 10) -> None:
         if len(entries) > shown:
             say(f"  ... and {len(entries) - shown} more (all of them with --json)")
 
-    limit = ("the calibrated threshold" if check.catalog.threshold is not None
-             else "0.9 (uncalibrated)")
-    listed(check.confusable, f"item pairs of different classes as similar as {limit}",
+    listed(check.confusable, "item pairs of different classes as similar as "
+           + _limit(check.threshold, check.catalog),
            lambda pair: f"{pair.first} ~ {pair.second}: {pair.similarity:.3f}")
     listed(check.duplicates, "near-duplicate photos filed under different classes",
            lambda pair: f"{photo(pair.first)} = {photo(pair.second)}: {pair.similarity:.3f}")
@@ -254,12 +253,17 @@ def print_check(check, shown: int = 10) -> None:
            f"{check.catalog.class_name(entry.suggested)} (margin {entry.margin:.3f})")
 
 
-def print_onboarding(onboarding: list[dict], threshold: float | None, shown: int = 10) -> None:
-    """The new items a search may take for another class's, most similar first."""
-    confusable = [entry for entry in onboarding if entry["confusable"]]
+def _limit(similarity: float, catalog) -> str:
+    """The confusable limit as the warnings name it."""
+    return ("the calibrated threshold" if catalog.threshold is not None
+            else f"{similarity:g} (uncalibrated)")
+
+
+def print_onboarding(confusable: list[dict], limit: str, shown: int = 10) -> None:
+    """The new items a search may take for another class's (``confusable``, most similar
+    first), and the ``limit`` they reach."""
     if not confusable:
         return
-    limit = "the calibrated threshold" if threshold is not None else "0.9 (uncalibrated)"
     say(f"warning: {len(confusable)} new item(s) as similar to an item of another class as "
         f"{limit}:")
     for entry in confusable[:shown]:

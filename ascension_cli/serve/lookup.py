@@ -85,7 +85,7 @@ class Lookup:
                 self._load()
             catalog = self.searcher.catalog
             _discard(paths, catalog.paths)  # those the embedder could not read
-            onboarding = nearest_other_class(catalog, len(catalog) - added, catalog.threshold)
+            onboarding = nearest_other_class(catalog, len(catalog) - added)
         return added, onboarding
 
     def check_images(self, images: list[tuple[str, bytes]]) -> None:
@@ -111,8 +111,7 @@ class Lookup:
         for number, pending in enumerate(batch):
             rows = [row for row, i in enumerate(indices) if owners[i][0] == number]
             names = [owners[indices[row]][1] for row in rows]
-            pending.applied = (pending.threshold if pending.threshold is not None
-                               else searcher.catalog.threshold)
+            pending.applied = searcher.catalog.threshold_for(pending.threshold)
             results = searcher.match(vectors[rows], names, pending.k, pending.applied,
                                      pending.group_by)
             answers[number] = [result.to_dict() for result in results]
