@@ -276,21 +276,13 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
 def parse_variant(text: str) -> tuple[str, dict]:
     """``name:key=value,key=value`` -> (name, TrainConfig options); numbers (``1e-3`` too, which
     YAML reads as text) become numbers, other values are parsed as YAML."""
-    import yaml
-
-    def value_of(value: str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-        return yaml.safe_load(value)
+    from ascension_cli.config.train import option_value
 
     name, _, body = text.partition(":")
     options = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        options[key.strip().replace("-", "_")] = value_of(value.strip())
+        options[key.strip().replace("-", "_")] = option_value(value.strip())
     return name, options
 
 

@@ -220,15 +220,15 @@ class TrainConfig(BaseModel):
                     raise ValueError(f"{option_name(field)} applies to a pml: loss, not "
                                      "--loss supcon")
             return
-        name = self.loss.removeprefix("pml:")
-        if not self.loss.startswith("pml:") or not name.isidentifier():
+        from ascension_cli.losses import PML_PREFIX, pml_loss_class
+
+        name = self.loss.removeprefix(PML_PREFIX)
+        if not self.loss.startswith(PML_PREFIX) or not name.isidentifier():
             raise ValueError(f"--loss {self.loss!r}: give supcon, or pml:NAME with NAME a "
                              "pytorch-metric-learning loss, like pml:ProxyAnchorLoss")
         if "temperature" in self.model_fields_set:
             raise ValueError("--temperature is SupCon's; give a pml: loss its own with "
                              "--loss-option")
-        from ascension_cli.losses import pml_loss_class
-
         try:
             pml_loss_class(name)
         except ImportError as exc:
@@ -243,12 +243,13 @@ class TrainConfig(BaseModel):
             key, equals, value = item.partition("=")
             if not equals or not key.strip().isidentifier():
                 raise ValueError(f"--loss-option {item!r}: give key=value, like margin=0.1")
-            options[key.strip()] = _option_value(value.strip())
+            options[key.strip()] = option_value(value.strip())
         return options
 
 
-def _option_value(text: str) -> Any:
-    """A number (1e-3 too, which YAML reads as text), else what YAML reads (true, a list)."""
+def option_value(text: str) -> Any:
+    """A number (1e-3 too, which YAML reads as text), else what YAML reads (true, a list),
+    else the text: how ``--loss-option`` and the benchmarks' ``--variant`` read a value."""
     import yaml
 
     for kind in (int, float):
