@@ -61,7 +61,8 @@ def test_the_choice_and_its_reason(tmp_path, dataset):
         scan = scan_folder(root)
         data = SimpleNamespace(val_paths=scan.paths, val_labels=scan.labels, shards=None)
         chosen, why = choose_augmentation(SimpleNamespace(
-            pretrained=True, weights=None, seed=0, batch_size=16, channels_last=True), data,
+            pretrained=True, weights=None, seed=0, batch_size=16, channels_last=True,
+            max_image_pixels=10_000_000), data,
             nets, MACHINE)
         assert chosen == expected
         assert why.startswith(f"--augment auto: {expected}: on {len(scan.paths)} validation")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import EvalDataset, collate
+from ascension_cli.data.folder import DEFAULT_MAX_PIXELS
 from ascension_cli.embedding.inference import extract_features
 from ascension_cli.retrieval.evaluate import evaluate
 
@@ -27,13 +28,16 @@ SAMPLE = 1000  # photos searched, at most (seeded)
 
 
 def recall_in_colour_and_gray(model, spec, paths: list[Path], labels: np.ndarray, machine,
-                              batch_size: int, channels_last: bool) -> tuple[float, float]:
-    """Recall@1 of the photos searched among themselves, in colour and all in grayscale."""
+                              batch_size: int, channels_last: bool,
+                              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[float, float]:
+    """Recall@1 of the photos searched among themselves, in colour and all in grayscale
+    (decoded as validation decodes them, within ``max_pixels``)."""
     found = []
     for recolouring in (None, "grayscale"):
         dataset = EvalDataset(paths, labels, eval_transform(spec.image_size, spec.mean,
                                                             spec.std, spec.crop_pct),
-                              recolouring=recolouring)
+                              recolouring=recolouring, max_pixels=max_pixels,
+                              min_side=2 * spec.image_size)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
         features, found_labels, _ = extract_features(
             model, loader, machine.device, "backbone", machine.autocast,
@@ -67,7 +71,8 @@ def choose_augmentation(config, data, nets, machine) -> tuple[str, str]:
                                   "colour tells items apart)")
     paths, labels, which = sample_photos(data, config.seed)
     clean, gray = recall_in_colour_and_gray(nets.model, nets.spec, paths, labels, machine,
-                                            config.batch_size, config.channels_last)
+                                            config.batch_size, config.channels_last,
+                                            config.max_image_pixels)
     chosen = "color-preserving" if clean - gray > COLOUR_GAP else "color-agnostic"
     because = ("colour tells these classes apart" if chosen == "color-preserving"
                else "colour does not tell these classes apart")
