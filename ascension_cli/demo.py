@@ -55,6 +55,7 @@ def run_demo(
         batch_size=64,
         target_batch=128,
         samples_per_class=8,
+        views=2,  # what the figures below were measured with (a tiny model from scratch)
         epochs=epochs,
         warmup_epochs=min(1, epochs),
         # Measured on the validation split (recall@1 per epoch, untrained 0.44): SupCon on the

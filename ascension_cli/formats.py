@@ -8,5 +8,7 @@ MODEL_FILE_FORMAT = "ascension-catalog-model"
 VECTORS_FORMAT, VECTORS_VERSION = "ascension-vectors", 1
 # identity.json of an embedding's parts folder (``embedding/parts.py``): the folder is ours.
 PARTS_FORMAT = "ascension-embed-parts"
+# Images per part (chunk) of a folder or manifest, unless --chunk-size says otherwise.
+PARTS_CHUNK = 4096
 # dataset.json beside shards (``data/shards.py``).
 SHARD_FORMAT = "ascension-shards"

@@ -1,5 +1,6 @@
-"""Supervised Contrastive loss (Khosla et al. 2020, the L_out form) as a pure function, and any
-pytorch-metric-learning loss wrapped to take the same whole batch."""
+"""Supervised Contrastive loss (Khosla et al. 2020, the L_out form) as a pure function, the
+Proxy-Anchor term (Kim et al. 2020) that can join it, and any pytorch-metric-learning loss
+wrapped to take the same whole batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import torch
 # Up to this many rows (views included) the positives come from an N x N label mask, beyond it
 # from per-class sums; both give the same loss.
 MASK_ROWS = 512
+
+
+def rows_of(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V, D) embeddings and (N,) labels as one row per view: (N*V, D) and (N*V,)."""
+    if embeddings.dim() == 3:
+        views = embeddings.shape[1]
+        return embeddings.reshape(-1, embeddings.shape[-1]), labels.repeat_interleave(views)
+    return embeddings, labels
 
 
 def supcon_loss(
@@ -31,10 +40,7 @@ def supcon_loss(
     per-class sums in O(N * D) beyond (faster there, measured in ``benchmarks/bench_loss.py``).
     No step waits on the device: anchors without positives are weighted out, not indexed out.
     """
-    if embeddings.dim() == 3:
-        views = embeddings.shape[1]
-        embeddings = embeddings.reshape(-1, embeddings.shape[-1])
-        labels = labels.repeat_interleave(views)
+    embeddings, labels = rows_of(embeddings, labels)
     if embeddings.shape[0] != labels.shape[0]:
         raise ValueError(
             f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels"
@@ -72,6 +78,58 @@ def supcon_loss(
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp_min(1)
 
 
+# ---- Proxy-Anchor (Kim et al. 2020): one learned proxy per class, beside SupCon
+PROXY_MARGIN, PROXY_ALPHA = 0.1, 32.0  # the paper's delta and alpha
+
+
+def proxy_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor,
+                      margin: float = PROXY_MARGIN, alpha: float = PROXY_ALPHA) -> torch.Tensor:
+    """Proxy-Anchor over every row of the batch (rows and proxies compared by cosine).
+
+    Args:
+        embeddings: (N, D) vectors, one row per view; labels: (N,) in [0, C).
+        proxies: (C, D), one per class.
+
+    ``L = 1/|P+| sum_{p in P+} log(1 + sum_{x of p's class} exp(-alpha (s(x, p) - margin)))
+    + 1/C sum_p log(1 + sum_{x of other classes} exp(alpha (s(x, p) + margin)))``, with P+ the
+    proxies whose class is in the batch. Each ``log(1 + sum exp)`` is the softplus of a
+    log-sum-exp over a masked column, stable at any alpha; empty columns count 0 (weighted out,
+    not indexed out). Computed in fp32.
+    """
+    if embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+    cosine = (torch.nn.functional.normalize(embeddings.float(), dim=-1)
+              @ torch.nn.functional.normalize(proxies.float(), dim=-1).T)
+    own = labels.to(cosine.device)[:, None] == torch.arange(proxies.shape[0],
+                                                            device=cosine.device)[None, :]
+    hidden = torch.tensor(float("-inf"), device=cosine.device)
+    pull = torch.logsumexp(torch.where(own, -alpha * (cosine - margin), hidden), dim=0)
+    push = torch.logsumexp(torch.where(own, hidden, alpha * (cosine + margin)), dim=0)
+    present = own.any(dim=0)
+    positive = (torch.nn.functional.softplus(pull) * present).sum() / present.sum().clamp_min(1)
+    return positive + torch.nn.functional.softplus(push).mean()
+
+
+class SupConWithProxies(torch.nn.Module):
+    """SupCon plus ``weight`` x Proxy-Anchor, over the same rows: the trainer's loss with
+    ``--proxy-weight``. Its proxies are this module's parameters (the optimizer trains them
+    at their own LR, a checkpoint keeps them), started as the paper's code does (Kaiming
+    normal, fan out)."""
+
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float,
+                 weight: float, generator: torch.Generator | None = None):
+        super().__init__()
+        proxies = torch.empty(num_classes, embedding_size)
+        std = (2.0 / num_classes) ** 0.5  # kaiming_normal_(mode="fan_out"), our own generator
+        self.proxies = torch.nn.Parameter(proxies.normal_(0.0, std, generator=generator))
+        self.temperature, self.weight = temperature, weight
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        contrast = supcon_loss(embeddings, labels, self.temperature)
+        return contrast + self.weight * proxy_anchor_loss(*rows_of(embeddings, labels),
+                                                          self.proxies)
+
+
 # ---- any pytorch-metric-learning loss, over the whole (cached) batch
 PML_PREFIX = "pml:"
 PML_MISSING = ("pytorch-metric-learning is not installed: pip install 'ascension-cli[pml]' "
@@ -89,10 +147,7 @@ class PMLLoss(torch.nn.Module):
         self.loss = loss
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.dim() == 3:
-            views = embeddings.shape[1]
-            embeddings = embeddings.reshape(-1, embeddings.shape[-1])
-            labels = labels.repeat_interleave(views)
+        embeddings, labels = rows_of(embeddings, labels)
         return self.loss(embeddings.float(), labels.to(embeddings.device))
 
 

@@ -1,4 +1,4 @@
-"""Retrieval quality on real photos: Ascension's defaults against frozen features and a plain loop.
+"""Retrieval quality on real photos: Ascension's defaults against frozen features and PML loops.
 
 Each data set (a class-per-folder tree) is split once, by ``--split-seed``, into train / val /
 test per class. Every system trains on train; queries are the test photos and the gallery is the
@@ -24,8 +24,8 @@ grayscale queries against the clean gallery, training wall time, and the ratios 
 time to ``plain``. With several ``--seeds`` (training seeds; the split stays fixed) each figure
 is a mean, with its spread in the JSON.
 
-    python benchmarks/bench_quality.py --quick          # about 5 minutes on a 2-core CPU
-    python benchmarks/bench_quality.py --seeds 0 1 2    # the 5-epoch protocol of docs/benchmarks.md
+    python benchmarks/bench_quality.py --quick          # 150 photos a class, 2 epochs
+    python benchmarks/bench_quality.py --max-per-class 150 --seeds 0 1   # docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -266,9 +266,12 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
             args, seed, work / "run", options)
         model, spec, _ = load_model(checkpoint)
         figures = score(model, spec, features, split, args.on, 64)
-        validated = [r.val_recall_at_1 for r in result.history]
-        return {"train_seconds": seconds, "val_recall_at_1_by_epoch": validated,
-                "steps": result.history[-1].step, **figures}
+        history = result.history
+        return {"train_seconds": seconds, "steps": history[-1].step,
+                "val_recall_at_1_by_epoch": [r.val_recall_at_1 for r in history],
+                "epoch_seconds": [r.seconds for r in history],
+                "images_per_second": [r.images_per_second for r in history],
+                "data_wait_fraction": [r.data_wait_fraction for r in history], **figures}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -334,8 +337,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--on", choices=("test", "val"), default="test",
                         help="queries: the test split (report) or the val split (tuning)")
-    parser.add_argument("--systems", nargs="+",
-                        default=["frozen", "plain", "proxyanchor", "multisim", "ascension"])
+    parser.add_argument("--systems", nargs="*",
+                        default=["frozen", "plain", "proxyanchor", "multisim", "ascension"],
+                        help="which to run (none given: only the --variant ones)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value,... Ascension with these TrainConfig options")
     args, sets = training_args(parser)

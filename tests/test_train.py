@@ -42,6 +42,24 @@ def config(data, save_dir, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
+def train_error(dataset, save_dir, *arguments) -> str:
+    """The one error line of ``ascension train`` on the tiny set with these options (exit 2,
+    no traceback, one ``error:``)."""
+    from typer.testing import CliRunner
+
+    from ascension_cli.cli.app import app
+
+    result = CliRunner().invoke(app, [
+        "train", str(dataset), "--model", "test_convnext", "--no-pretrained", "--image-size",
+        "32", "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2",
+        "--epochs", "1", "--workers", "0", "--save-dir", str(save_dir), *arguments])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+    last = result.output.strip().splitlines()[-1]  # after the tables a started run prints
+    assert last.startswith("error: "), result.output
+    return last
+
+
 def test_training_writes_checkpoints_metrics_plot_and_config(dataset, tmp_path):
     reporter = Collect()
     result = train(config(dataset, tmp_path / "run"), reporter)

@@ -32,6 +32,7 @@ from ascension_cli.config.fields import (
     image_size_field,
     split_field,
 )
+from ascension_cli.formats import PARTS_CHUNK
 
 
 class _RunOptions(BaseModel):
@@ -72,7 +73,7 @@ class EmbedConfig(_RunOptions):
         None, description="Also write a FAISS index of the vectors to this file."
     )
     chunk_size: int = Field(
-        4096, ge=1, description="Images per chunk: each is kept in OUTPUT.parts/ as it "
+        PARTS_CHUNK, ge=1, description="Images per chunk: each is kept in OUTPUT.parts/ as it "
         "finishes, so an interrupted run resumes from the last one; under torchrun the chunks "
         "are shared among the processes. With shards, a chunk is a shard.")
 

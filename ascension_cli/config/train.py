@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
         f"{WARMUP_SHARE:.0%} of the run's optimizer steps)"
     )
     lr: float = Field(
-        3e-4, gt=0, le=10,
+        6e-4, gt=0, le=10,
         description=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; --lr-scaling "
         f"turns it into the step's LR (linear: x --target-batch/{LR_REFERENCE_BATCH}).",
     )
@@ -74,8 +74,12 @@ class TrainConfig(BaseModel):
         "(--loss-option margin=0.1 --loss-option alpha=32). num_classes and embedding_size are "
         "filled in.")
     loss_lr_scale: float = Field(
-        100.0, gt=0, le=100000, description="The LR of a pml: loss's own parameters (proxies) "
-        "as a multiple of the step's LR.")
+        100.0, gt=0, le=100000, description="The LR of the loss's own parameters (a pml: "
+        "loss's or --proxy-weight's proxies) as a multiple of the step's LR.")
+    proxy_weight: float = Field(
+        0.0, ge=0, le=100, description="Add this much of a Proxy-Anchor term (one learned "
+        "proxy per class, margin 0.1, alpha 32) to SupCon, over the same batch; 0: SupCon "
+        "alone.")
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,
@@ -102,10 +106,11 @@ class TrainConfig(BaseModel):
         "cache", description="cache: gradient caching, the loss sees the whole --target-batch. "
         "naive: plain accumulation, the loss sees each micro-batch alone."
     )
-    views: int = Field(2, ge=1, le=16, description="Augmented views per image.")
+    views: int = Field(1, ge=1, le=16, description="Augmented views per image in a step; "
+                       "with 1, an image's positives are the other images of its class.")
     samples_per_class: int = Field(4, ge=1, description="Images per class in each target batch.")
     augment: Augment = Field(
-        "color-agnostic", description="color-agnostic: colour destroyed or randomised, so the "
+        "auto", description="color-agnostic: colour destroyed or randomised, so the "
         "same item in another colour lands close. color-preserving: lighting changes only, for "
         "catalogues where colour tells items apart (a red and a green apple). auto: "
         "color-preserving when grayscale photos lose more than 5 points of the starting "
@@ -215,11 +220,15 @@ class TrainConfig(BaseModel):
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""
         if self.loss == "supcon":
-            for field in ("loss_option", "loss_lr_scale"):
-                if field in self.model_fields_set:
-                    raise ValueError(f"{option_name(field)} applies to a pml: loss, not "
-                                     "--loss supcon")
+            if "loss_option" in self.model_fields_set:
+                raise ValueError("--loss-option applies to a pml: loss, not --loss supcon")
+            if "loss_lr_scale" in self.model_fields_set and not self.proxy_weight:
+                raise ValueError("--loss-lr-scale applies to a loss with proxies: a pml: loss, "
+                                 "or --proxy-weight above 0")
             return
+        if self.proxy_weight:
+            raise ValueError("--proxy-weight adds proxies to SupCon; a pml: loss brings its own "
+                             "(drop --proxy-weight, or give --loss supcon)")
         from ascension_cli.losses import PML_PREFIX, pml_loss_class
 
         name = self.loss.removeprefix(PML_PREFIX)

@@ -39,7 +39,7 @@ from ascension_cli.embedding.parts import (
 )
 from ascension_cli.embedding.vectors import Vectors, sha256_of
 from ascension_cli.errors import DataError
-from ascension_cli.formats import PARTS_FORMAT
+from ascension_cli.formats import PARTS_CHUNK, PARTS_FORMAT
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec
 from ascension_cli.model.checkpoint import load_model
 from ascension_cli.progress import Progress
@@ -51,8 +51,6 @@ from ascension_cli.runtime import (
     resolve_workers,
     use_channels_last,
 )
-
-DEFAULT_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -232,7 +230,7 @@ def _source(image_root, spec: ModelSpec, options: EmbedOptions, split: str | Non
 def embed_source(
     checkpoint: str | Path, image_root: str | Path, output: str | Path | None = None,
     options: EmbedOptions | None = None, progress: Progress | None = None,
-    split: str | None = None, evaluation: bool = False, chunk_size: int | None = DEFAULT_CHUNK,
+    split: str | None = None, evaluation: bool = False, chunk_size: int | None = PARTS_CHUNK,
     context: DistributedContext | None = None, barrier: Callable[[], None] = lambda: None,
 ) -> Vectors | None:
     """Embed ``image_root`` (see the module notes): only ``split``'s rows of a manifest when

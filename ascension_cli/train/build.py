@@ -24,7 +24,7 @@ from ascension_cli.config import TrainConfig, check_resumable, to_plain
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording
-from ascension_cli.losses import PML_PREFIX, pml_loss, supcon_loss
+from ascension_cli.losses import PML_PREFIX, SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.runtime import (
@@ -79,7 +79,7 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: Callable
-    loss_module: torch.nn.Module | None  # a pml: loss, with its own parameters (proxies)
+    loss_module: torch.nn.Module | None  # a loss with its own parameters (proxies)
     backward: Callable  # cached_backward or accumulated_backward
     step_options: dict[str, Any]  # no_sync, should_stop, gather
     should_stop: Callable[[], bool] | None  # abandon a step part-way (a single process only)
@@ -110,7 +110,7 @@ class Run:
         parts = {"optimizer": self.opt.optimizer, "scheduler": self.opt.scheduler,
                  "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
         if self.opt.loss_module is not None:
-            parts["loss"] = self.opt.loss_module  # a pml: loss's proxies
+            parts["loss"] = self.opt.loss_module  # the loss's proxies
         if self.config.augment == "auto":  # kept, so that a resume augments the same way
             parts["augmentation"] = Recorded({"chosen": self.augmentation})
         return parts
@@ -288,10 +288,16 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
 # ---- the optimisation and the step
 def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
           device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
-    """The loss over a whole batch: SupCon, or the pml: loss (a module, maybe with proxies)."""
+    """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
+    (a module, maybe with proxies)."""
+    width = spec.num_features if spec.head == "none" else spec.embedding_dim
+    if config.loss == "supcon" and config.proxy_weight:
+        generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
+        module = SupConWithProxies(classes, width, config.temperature, config.proxy_weight,
+                                   generator).to(device)
+        return module, module
     if config.loss == "supcon":
         return partial(supcon_loss, temperature=config.temperature), None
-    width = spec.num_features if spec.head == "none" else spec.embedding_dim
     try:
         module = pml_loss(config.loss.removeprefix(PML_PREFIX), config.loss_options, classes,
                           width)
@@ -311,9 +317,9 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
     loss_fn, loss_module = _loss(config, nets.spec, classes, machine.device)
     own = list(loss_module.parameters()) if loss_module is not None else []
     if own and machine.distributed.enabled and config.accumulation == "naive":
-        raise ConfigError("{accumulation} naive would train a pml: loss's own parameters apart "
-                          "in each process (each sees its micro-batches only): use "
-                          "{accumulation} cache", options=("accumulation",))
+        raise ConfigError("{accumulation} naive would train the loss's own parameters "
+                          "(proxies) apart in each process (each sees its micro-batches only): "
+                          "use {accumulation} cache", options=("accumulation",))
     if own:  # proxies: their own LR (as PML's docs and the ProxyAnchor paper train them)
         optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
                                    "weight_decay": 0.0})

@@ -1,0 +1,97 @@
+"""The Proxy-Anchor term beside SupCon (`--proxy-weight`): the loss against a per-proxy loop
+and against pytorch-metric-learning's, the cached step against the true full batch (proxies
+included), training keeps the proxies at their own LR, and the bad combinations are one line."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from ascension_cli.losses import SupConWithProxies, proxy_anchor_loss, supcon_loss
+from ascension_cli.train.gradcache import cached_backward
+from ascension_cli.train.loop import train
+from tests.test_gradcache import gradients, make_batch, make_model, relative_error, split
+from tests.test_train import config, train_error
+
+
+def per_proxy_loop(embeddings, labels, proxies, margin=0.1, alpha=32.0) -> float:
+    """The paper's formula, one proxy at a time, in float64."""
+    x = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    p = torch.nn.functional.normalize(proxies.double(), dim=-1)
+    pulls, pushes = [], []
+    for c in range(len(p)):
+        own = [float(x[i] @ p[c]) for i in range(len(x)) if labels[i] == c]
+        other = [float(x[i] @ p[c]) for i in range(len(x)) if labels[i] != c]
+        if own:
+            pulls.append(math.log(1 + sum(math.exp(-alpha * (s - margin)) for s in own)))
+        pushes.append(math.log(1 + sum(math.exp(alpha * (s + margin)) for s in other)))
+    return sum(pulls) / len(pulls) + sum(pushes) / len(pushes)
+
+
+def test_proxy_anchor_matches_the_per_proxy_loop():
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(12, 8, generator=generator)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2, 0, 0])
+    proxies = torch.randn(5, 8, generator=generator)  # classes 3 and 4 absent: push terms only
+    found = float(proxy_anchor_loss(embeddings, labels, proxies))
+    assert found == pytest.approx(per_proxy_loop(embeddings, labels, proxies), rel=1e-5)
+    # Stable where the literal exp() would overflow float32: alpha 100 on aligned vectors.
+    aligned = proxy_anchor_loss(proxies[labels % 5], labels % 5, proxies, alpha=100.0)
+    assert torch.isfinite(aligned)
+
+
+def test_proxy_anchor_matches_pytorch_metric_learning():
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    theirs = losses.ProxyAnchorLoss(num_classes=4, embedding_size=8, margin=0.1, alpha=32)
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(16, 8, generator=generator)
+    labels = torch.arange(16) % 3  # class 3 has no photo in the batch
+    mine = proxy_anchor_loss(embeddings, labels, theirs.proxies.detach())
+    assert float(mine) == pytest.approx(float(theirs(embeddings, labels).detach()), rel=1e-5)
+
+
+def test_supcon_with_proxies_adds_the_weighted_term():
+    loss = SupConWithProxies(4, 16, temperature=0.1, weight=0.5,
+                             generator=torch.Generator().manual_seed(0))
+    embeddings = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    expected = (supcon_loss(embeddings, labels, 0.1) + 0.5 * proxy_anchor_loss(
+        embeddings.reshape(16, 16), labels.repeat_interleave(2), loss.proxies))
+    found = loss(embeddings, labels).detach()
+    assert float(found) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert loss.proxies.std().item() == pytest.approx((2 / 4) ** 0.5, rel=0.3)
+
+
+def test_the_cached_step_equals_the_true_full_batch_proxies_included():
+    model = make_model()
+    loss = SupConWithProxies(4, 16, 0.1, 1.0, torch.Generator().manual_seed(0))
+    reference, reference_loss = copy.deepcopy(model), copy.deepcopy(loss)
+    batch, labels = make_batch()
+    cached = cached_backward(model, split(batch, labels, 4), loss)
+    embeddings = reference(batch.flatten(0, 1)).view(len(batch), batch.shape[1], -1)
+    full = reference_loss(embeddings, labels)
+    full.backward()
+    assert float(cached) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert relative_error(gradients(model), gradients(reference)) < 1e-4
+    assert relative_error(loss.proxies.grad, reference_loss.proxies.grad) < 1e-4
+
+
+def test_training_keeps_the_proxies_at_their_own_lr(dataset, tmp_path):
+    train(config(dataset, tmp_path / "run", proxy_weight=0.5, loss_lr_scale=10, epochs=1))
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["loss"]["proxies"].shape == (4, saved["spec"]["num_features"])
+    groups = saved["optimizer"]["param_groups"]
+    assert groups[-1]["initial_lr"] == pytest.approx(10 * groups[0]["initial_lr"])
+    assert groups[-1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--loss", "pml:ProxyAnchorLoss", "--proxy-weight", "0.5"], "a pml: loss brings its own"),
+    (["--loss-lr-scale", "10"], "applies to a loss with proxies"),
+    (["--proxy-weight", "-1"], "--proxy-weight"),
+])
+def test_bad_proxy_options_end_in_one_line(dataset, tmp_path, arguments, message):
+    assert message in train_error(dataset, tmp_path / "run", *arguments)
