@@ -42,7 +42,9 @@ class IndexResult:
     @property
     def confusable(self) -> list[dict]:
         """The new items flagged confusable (``onboarding``'s), most similar first."""
-        return [entry for entry in self.onboarding if entry["confusable"]]
+        from ascension_cli.catalog.check import confusable_of
+
+        return confusable_of(self.onboarding)
 
     @property
     def confusable_limit(self) -> float:

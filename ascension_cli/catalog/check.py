@@ -65,6 +65,11 @@ def nearest_other_class(catalog: Catalog, first_new_row: int) -> list[dict]:
     return sorted(nearest.values(), key=lambda entry: -entry["similarity"])
 
 
+def confusable_of(onboarding: list[dict]) -> list[dict]:
+    """The entries of ``nearest_other_class`` flagged confusable, in its order."""
+    return [entry for entry in onboarding if entry["confusable"]]
+
+
 @dataclass(frozen=True)
 class CatalogCheck:
     """What ``index --check`` found in a whole catalogue, most serious first in each list."""

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from ascension_cli.catalog.check import confusable_of
 from ascension_cli.catalog.layout import CATALOG_VERSION
 from ascension_cli.retrieval.report import thumbnail
 from ascension_cli.serve.batching import Batcher, Pending
@@ -119,6 +120,6 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
             return failure(exc)
         return JSONResponse({"added": added, "items": len(lookup.current().catalog),
                              "nearest": onboarding,
-                             "confusable": [e for e in onboarding if e["confusable"]]})
+                             "confusable": confusable_of(onboarding)})
 
     return app
