@@ -337,14 +337,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--on", choices=("test", "val"), default="test",
                         help="queries: the test split (report) or the val split (tuning)")
-    parser.add_argument("--systems", nargs="*",
+    parser.add_argument("--systems", nargs="*", choices=["frozen", *BASELINES, "ascension"],
                         default=["frozen", "plain", "proxyanchor", "multisim", "ascension"],
                         help="which to run (none given: only the --variant ones)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value,... Ascension with these TrainConfig options")
     args, sets = training_args(parser)
     variants = dict(parse_variant(text) for text in args.variant)
+    if taken := sorted(set(variants) & {"frozen", *BASELINES}):
+        parser.error(f"--variant {taken[0]}: that name is a baseline's; name it otherwise")
     systems = {name: None for name in args.systems} | variants
+    if not systems:
+        parser.error("nothing to run: name --systems, or give a --variant")
 
     results: dict[str, dict] = {}
     for root in sets:
