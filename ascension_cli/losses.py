@@ -20,8 +20,7 @@ def rows_of(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def supcon_loss(
-    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
-    memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
     """SupCon L_out over every embedding in the batch.
 
@@ -30,9 +29,6 @@ def supcon_loss(
             or (N, V, D), which is flattened to (N*V, D).
         labels: (N,) class of each row, or of each image when ``embeddings`` is (N, V, D).
         temperature: the softmax temperature tau.
-        memory: ``(keys (M, D), key_labels (M,))``, rows of earlier batches (a cross-batch
-            memory): each anchor's "others" include every key, its positives the keys of its
-            class. Keys carry no gradient; a key labelled -1 is an empty slot, left out.
 
     For anchor i with positives P(i) (same label, not i itself) and all others A(i):
     ``l_i = -1/|P(i)| * sum_{p in P(i)} log(exp(z_i.z_p/tau) / sum_{a in A(i)} exp(z_i.z_a/tau))``.
@@ -52,7 +48,7 @@ def supcon_loss(
     features = embeddings.float()
     labels = labels.to(features.device)
     n = features.shape[0]
-    if n < 2 and memory is None:
+    if n < 2:
         return features.sum() * 0.0
 
     # Denominators: log-sum-exp over every other row. logsumexp subtracts each row's maximum
@@ -77,56 +73,9 @@ def supcon_loss(
         ).index_add_(0, class_of, features)
         positive_logits = (features * (class_sums[class_of] - features)).sum(dim=1) / temperature
         positive_counts = class_sizes[class_of] - 1
-    if memory is not None:
-        extra_denominator, extra_logits, extra_counts = _memory_terms(
-            features / temperature, labels, *memory)
-        log_denominator = torch.logaddexp(log_denominator, extra_denominator)
-        positive_logits, positive_counts = (positive_logits + extra_logits,
-                                            positive_counts + extra_counts)
     has_positive = positive_counts > 0
     per_anchor = log_denominator - positive_logits / positive_counts.clamp_min(1)
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp_min(1)
-
-
-def _memory_terms(scaled: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
-                  key_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each anchor's log-sum-exp over the memory's keys, the sum of its logits with the keys of
-    its class, and how many those are; empty slots (label -1) are left out of all three."""
-    key_labels = key_labels.to(labels.device)
-    logits = scaled @ keys.to(scaled).T
-    logits = torch.where(key_labels[None, :] >= 0, logits, float("-inf"))
-    positive = labels[:, None] == key_labels[None, :]
-    return (torch.logsumexp(logits, dim=1), torch.where(positive, logits, 0.0).sum(dim=1),
-            positive.sum(dim=1))
-
-
-class CrossBatchMemory(torch.nn.Module):
-    """The rows of the last few steps' batches, detached, newest first: extra keys for SupCon
-    (XBM, Wang et al. 2020), so a step contrasts more classes and positives than its own batch
-    holds at no extra forward pass. ``hold`` keeps a step's rows aside; ``commit``, called once
-    its optimizer step is taken, puts them in, the oldest rows falling out. Its buffers are in
-    the checkpoint, so a resumed run contrasts with the same rows."""
-
-    def __init__(self, rows: int, embedding_size: int):
-        super().__init__()
-        self.register_buffer("keys", torch.zeros(rows, embedding_size))
-        self.register_buffer("key_labels", torch.full((rows,), -1, dtype=torch.long))
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.key_labels
-
-    def hold(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
-        self.pending = (rows.detach().float(), labels.detach().to(self.key_labels))
-
-    def commit(self) -> None:
-        if self.pending is None:
-            return
-        rows, labels = self.pending
-        self.pending = None
-        kept = max(0, len(self.keys) - len(rows))
-        self.keys.copy_(torch.cat([rows.to(self.keys), self.keys[:kept]])[:len(self.keys)])
-        self.key_labels.copy_(torch.cat([labels, self.key_labels[:kept]])[:len(self.keys)])
 
 
 # ---- Proxy-Anchor (Kim et al. 2020): one learned proxy per class, beside SupCon
@@ -161,38 +110,24 @@ def proxy_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: t
     return positive + torch.nn.functional.softplus(push).mean()
 
 
-class SupConTerms(torch.nn.Module):
-    """SupCon with the extras a module carries: ``weight`` x a Proxy-Anchor term over the same
-    rows (``--proxy-weight``; its proxies are this module's parameters, which the optimizer
-    trains at their own LR and a checkpoint keeps, started as the paper's code does: Kaiming
-    normal, fan out), and a ``CrossBatchMemory`` of ``memory_rows`` rows (``--memory-batches``).
-    ``after_step`` is called once the step's optimizer step is taken."""
+class SupConWithProxies(torch.nn.Module):
+    """SupCon plus ``weight`` x Proxy-Anchor, over the same rows: the trainer's loss with
+    ``--proxy-weight``. Its proxies are this module's parameters (the optimizer trains them
+    at their own LR, a checkpoint keeps them), started as the paper's code does (Kaiming
+    normal, fan out)."""
 
     def __init__(self, num_classes: int, embedding_size: int, temperature: float,
-                 weight: float, generator: torch.Generator | None = None, memory_rows: int = 0):
+                 weight: float, generator: torch.Generator | None = None):
         super().__init__()
-        self.proxies = None
-        if weight:
-            proxies = torch.empty(num_classes, embedding_size)
-            std = (2.0 / num_classes) ** 0.5  # kaiming_normal_(mode="fan_out"), own generator
-            self.proxies = torch.nn.Parameter(proxies.normal_(0.0, std, generator=generator))
-        self.memory = CrossBatchMemory(memory_rows, embedding_size) if memory_rows else None
+        proxies = torch.empty(num_classes, embedding_size)
+        std = (2.0 / num_classes) ** 0.5  # kaiming_normal_(mode="fan_out"), our own generator
+        self.proxies = torch.nn.Parameter(proxies.normal_(0.0, std, generator=generator))
         self.temperature, self.weight = temperature, weight
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows, row_labels = rows_of(embeddings, labels)
-        if self.memory is None:
-            loss = supcon_loss(rows, row_labels, self.temperature)
-        else:
-            loss = supcon_loss(rows, row_labels, self.temperature, self.memory.contents())
-            self.memory.hold(rows, row_labels)
-        if self.proxies is not None:
-            loss = loss + self.weight * proxy_anchor_loss(rows, row_labels, self.proxies)
-        return loss
-
-    def after_step(self) -> None:
-        if self.memory is not None:
-            self.memory.commit()
+        contrast = supcon_loss(embeddings, labels, self.temperature)
+        return contrast + self.weight * proxy_anchor_loss(*rows_of(embeddings, labels),
+                                                          self.proxies)
 
 
 # ---- any pytorch-metric-learning loss, over the whole (cached) batch

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ascension_cli.losses import SupConTerms, proxy_anchor_loss, supcon_loss
+from ascension_cli.losses import SupConWithProxies, proxy_anchor_loss, supcon_loss
 from ascension_cli.train.gradcache import cached_backward
 from ascension_cli.train.loop import train
 from tests.test_gradcache import gradients, make_batch, make_model, relative_error, split
@@ -54,7 +54,7 @@ def test_proxy_anchor_matches_pytorch_metric_learning():
 
 
 def test_supcon_with_proxies_adds_the_weighted_term():
-    loss = SupConTerms(4, 16, temperature=0.1, weight=0.5,
+    loss = SupConWithProxies(4, 16, temperature=0.1, weight=0.5,
                              generator=torch.Generator().manual_seed(0))
     embeddings = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -67,7 +67,7 @@ def test_supcon_with_proxies_adds_the_weighted_term():
 
 def test_the_cached_step_equals_the_true_full_batch_proxies_included():
     model = make_model()
-    loss = SupConTerms(4, 16, 0.1, 1.0, torch.Generator().manual_seed(0))
+    loss = SupConWithProxies(4, 16, 0.1, 1.0, torch.Generator().manual_seed(0))
     reference, reference_loss = copy.deepcopy(model), copy.deepcopy(loss)
     batch, labels = make_batch()
     cached = cached_backward(model, split(batch, labels, 4), loss)

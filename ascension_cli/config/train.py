@@ -80,11 +80,6 @@ class TrainConfig(BaseModel):
         0.0, ge=0, le=100, description="Add this much of a Proxy-Anchor term (one learned "
         "proxy per class, margin 0.1, alpha 32) to SupCon, over the same batch; 0: SupCon "
         "alone.")
-    memory_batches: int = Field(
-        0, ge=0, le=64, description="Also contrast each step's batch with the embeddings of "
-        "the last this many target batches (a cross-batch memory, XBM): more classes and "
-        "positives a step at no extra forward pass, the keys a few steps old; 0: the batch "
-        "alone.")
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,
@@ -114,10 +109,6 @@ class TrainConfig(BaseModel):
     views: int = Field(1, ge=1, le=16, description="Augmented views per image in a step; "
                        "with 1, an image's positives are the other images of its class.")
     samples_per_class: int = Field(4, ge=1, description="Images per class in each target batch.")
-    class_pairs: bool = Field(
-        False, description="When a target batch cannot hold every class, draw its classes in "
-        "pairs of look-alikes (by the starting model's class means on training photos), so "
-        "SupCon meets the classes it confuses in the same batch.")
     augment: Augment = Field(
         "auto", description="color-agnostic: colour destroyed or randomised, so the "
         "same item in another colour lands close. color-preserving: lighting changes only, for "
@@ -234,13 +225,7 @@ class TrainConfig(BaseModel):
             if "loss_lr_scale" in self.model_fields_set and not self.proxy_weight:
                 raise ValueError("--loss-lr-scale applies to a loss with proxies: a pml: loss, "
                                  "or --proxy-weight above 0")
-            if self.memory_batches and self.accumulation == "naive":
-                raise ValueError("--memory-batches keeps each step's whole batch: use "
-                                 "--accumulation cache")
             return
-        if self.memory_batches:
-            raise ValueError("--memory-batches is SupCon's; a pml: loss takes its own memory "
-                             "(drop --memory-batches, or give --loss supcon)")
         if self.proxy_weight:
             raise ValueError("--proxy-weight adds proxies to SupCon; a pml: loss brings its own "
                              "(drop --proxy-weight, or give --loss supcon)")

@@ -62,8 +62,6 @@ class ClassBalancedBatchSampler:
         self.classes = np.unique(self.labels)
         self.members = {int(c): np.flatnonzero(self.labels == c) for c in self.classes}
         self.excluded: set[int] = set()
-        # label -> other labels, most alike first (``--class-pairs``); None: classes drawn alone.
-        self.lookalikes: dict[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Draw ``epoch``'s batches; ``skip`` leaves out its first target batches (a resume
@@ -112,12 +110,9 @@ class ClassBalancedBatchSampler:
         for _ in range(self.batches_per_epoch):
             # Unseen images weigh in; the small floor lets exhausted classes still be picked.
             weights = remaining + 1e-3
-            if self.lookalikes is not None and classes_per_batch < len(labels):
-                chosen = self._pairs(labels, weights, classes_per_batch, rng)
-            else:
-                chosen = rng.choice(
-                    len(labels), size=classes_per_batch, replace=False, p=weights / weights.sum()
-                )
+            chosen = rng.choice(
+                len(labels), size=classes_per_batch, replace=False, p=weights / weights.sum()
+            )
             batch: list[int] = []
             for position, class_slot in enumerate(chosen):
                 label = int(labels[class_slot])
@@ -126,29 +121,6 @@ class ClassBalancedBatchSampler:
                 remaining[class_slot] = max(0.0, remaining[class_slot] - take)
             batches.append(np.asarray(batch, dtype=np.int64))
         return batches
-
-    def _pairs(self, labels: np.ndarray, weights: np.ndarray, count: int,
-               rng: np.random.Generator) -> np.ndarray:
-        """``count`` class slots drawn in pairs: a class (by ``weights``), then the one most
-        like it that is not in the batch yet, so look-alike classes meet in a batch (where
-        SupCon pushes them apart) far more often than ``count / len(labels)``."""
-        slot = {int(label): position for position, label in enumerate(labels)}
-        taken = np.zeros(len(labels), dtype=bool)
-        picked: list[int] = []
-        for first in rng.choice(len(labels), size=len(labels), replace=False,
-                                p=weights / weights.sum()):
-            if len(picked) == count:
-                break
-            if taken[first]:
-                continue
-            taken[first] = True
-            picked.append(int(first))
-            partner = next((slot[other] for other in self.lookalikes.get(int(labels[first]), ())
-                            if other in slot and not taken[slot[other]]), None)
-            if partner is not None and len(picked) < count:
-                taken[partner] = True
-                picked.append(partner)
-        return np.asarray(picked, dtype=np.int64)
 
     @staticmethod
     def _draw(order, cursor, label, count, rng) -> list[int]:

@@ -24,7 +24,7 @@ from ascension_cli.config import TrainConfig, check_resumable, to_plain
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording
-from ascension_cli.losses import PML_PREFIX, SupConTerms, pml_loss, supcon_loss
+from ascension_cli.losses import PML_PREFIX, SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.runtime import (
@@ -79,7 +79,7 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: Callable
-    loss_module: torch.nn.Module | None  # a loss with its own state (proxies, a memory)
+    loss_module: torch.nn.Module | None  # a loss with its own parameters (proxies)
     backward: Callable  # cached_backward or accumulated_backward
     step_options: dict[str, Any]  # no_sync, should_stop, gather
     should_stop: Callable[[], bool] | None  # abandon a step part-way (a single process only)
@@ -100,7 +100,6 @@ class Run:
     opt: Optimisation
     reporter: Reporter
     augmentation: str  # the one the loaders apply (``--augment auto`` resolved)
-    lookalikes: dict[int, list[int]] | None  # ``--class-pairs``' measured pairs, or None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -111,12 +110,9 @@ class Run:
         parts = {"optimizer": self.opt.optimizer, "scheduler": self.opt.scheduler,
                  "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
         if self.opt.loss_module is not None:
-            parts["loss"] = self.opt.loss_module  # the loss's proxies or memory
+            parts["loss"] = self.opt.loss_module  # the loss's proxies
         if self.config.augment == "auto":  # kept, so that a resume augments the same way
             parts["augmentation"] = Recorded({"chosen": self.augmentation})
-        if self.lookalikes is not None:  # kept, so that a resume draws the same batches
-            parts["lookalikes"] = Recorded({"pairs": [[label, *others] for label, others
-                                                      in sorted(self.lookalikes.items())]})
         return parts
 
 
@@ -139,12 +135,10 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     resolved = _write_config(config, save_dir, machine, nets.spec, reporter, augmentation)
     loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
                             nets.spec, machine, reporter, stop)
-    lookalikes = _lookalikes(config, checkpoint, data, nets, machine, reporter,
-                             loaders.sampler)
     opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
                         len(data.scan.classes))
     return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
-               reporter, augmentation, lookalikes)
+               reporter, augmentation)
 
 
 # ---- the machine, the checkpoint, the options fitted to the data
@@ -273,37 +267,6 @@ def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: 
     return chosen
 
 
-def _lookalikes(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,
-                nets: Networks, machine: Machine, reporter: Reporter,
-                sampler) -> dict[int, list[int]] | None:
-    """``--class-pairs``: each class's look-alikes (``train/lookalikes.py``), or on a resume
-    those measured then, handed to the sampler; None when off or when a batch holds every
-    class. Under DDP rank 0's measure holds everywhere."""
-    if not config.class_pairs:
-        return None
-    if data.shards is not None:
-        raise ConfigError("{class_pairs} draws classes from class folders or a manifest, not "
-                          "from shards (their order is the stream's)", options=("class_pairs",))
-    if len(np.unique(data.train_labels)) <= max(1, config.target_batch // config.samples_per_class):
-        return None
-    if checkpoint is not None:  # the run's own pairs, or none if it began without
-        if "lookalikes" not in checkpoint:
-            return None
-        pairs = {int(row[0]): [int(other) for other in row[1:]]
-                 for row in checkpoint["lookalikes"]["pairs"]}
-    else:
-        from ascension_cli.train.lookalikes import measure_lookalikes
-
-        pairs, why = measure_lookalikes(config, data, nets, machine)
-        if machine.distributed.enabled:
-            shared = [pairs]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            pairs = shared[0]
-        reporter.message(why)
-    sampler.lookalikes = pairs
-    return pairs
-
-
 def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: ModelSpec,
                   reporter: Reporter, augmentation: str) -> dict[str, Any]:
     """config.yaml: the options as run, with what was resolved from the machine and model."""
@@ -325,14 +288,14 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
 # ---- the optimisation and the step
 def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
           device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
-    """The loss over a whole batch: SupCon (with a proxy term or a memory: a module), or the
-    pml: loss (a module, maybe with proxies)."""
+    """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
+    (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
-    if config.loss == "supcon" and (config.proxy_weight or config.memory_batches):
+    if config.loss == "supcon" and config.proxy_weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
-        module = SupConTerms(classes, width, config.temperature, config.proxy_weight, generator,
-                             config.memory_batches * config.target_batch * config.views)
-        return module.to(device), module
+        module = SupConWithProxies(classes, width, config.temperature, config.proxy_weight,
+                                   generator).to(device)
+        return module, module
     if config.loss == "supcon":
         return partial(supcon_loss, temperature=config.temperature), None
     try:

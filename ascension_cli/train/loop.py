@@ -21,7 +21,6 @@ import torch
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.embedding.inference import extract_features
 from ascension_cli.errors import TrainingError, Wording, first_line
-from ascension_cli.losses import SupConTerms
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
@@ -236,8 +235,6 @@ class Trainer:
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
-        if isinstance(opt.loss_module, SupConTerms):
-            opt.loss_module.after_step()  # the batch joins the memory
         return float(loss)
 
     def _skip_step(self, nonfinite: bool) -> None:
