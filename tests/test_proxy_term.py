@@ -90,8 +90,44 @@ def test_training_keeps_the_proxies_at_their_own_lr(dataset, tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--loss", "pml:ProxyAnchorLoss", "--proxy-weight", "0.5"], "a pml: loss brings its own"),
-    (["--loss-lr-scale", "10"], "applies to a loss with proxies"),
+    (["--loss-lr-scale", "10", "--proxy-weight", "0"], "applies to a loss with proxies"),
     (["--proxy-weight", "-1"], "--proxy-weight"),
 ])
 def test_bad_proxy_options_end_in_one_line(dataset, tmp_path, arguments, message):
     assert message in train_error(dataset, tmp_path / "run", *arguments)
+
+
+def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_class():
+    from ascension_cli.config import AUTO_PROXY_WEIGHT, TrainConfig
+
+    defaults = TrainConfig(data_root=".")  # 128 images a step, 4 a class: 32 classes a batch
+    assert defaults.proxy_weight is None
+    assert defaults.proxy_weight_for(81) == AUTO_PROXY_WEIGHT
+    assert defaults.proxy_weight_for(32) == 0.0
+    assert TrainConfig(data_root=".", proxy_weight=0).proxy_weight_for(81) == 0.0
+    assert TrainConfig(data_root=".", proxy_weight=2).proxy_weight_for(10) == 2.0
+    assert TrainConfig(data_root=".", loss="pml:ContrastiveLoss").proxy_weight_for(81) == 0.0
+
+
+@pytest.mark.parametrize(("target_batch", "weight"), [(4, 0.3), (8, 0.0)])
+def test_a_run_records_the_weight_it_resolved(dataset, tmp_path, target_batch, weight):
+    import yaml
+
+    # Four classes, two photos each a batch: a batch of 4 holds two classes, one of 8 all four.
+    train(config(dataset, tmp_path / "run", target_batch=target_batch, batch_size=4, epochs=1))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["proxy_weight"] is None and saved["resolved_proxy_weight"] == weight
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ("loss" in checkpoint) == bool(weight)
+
+
+def test_a_run_from_before_the_default_resumes_only_as_it_trained(dataset, tmp_path):
+    from ascension_cli.config import check_resumable, to_plain
+    from ascension_cli.errors import CheckpointError
+
+    old = to_plain(config(dataset, tmp_path / "run"))
+    del old["proxy_weight"]  # written before the option existed: SupCon alone
+    checkpoint = {"config": old, "classes": ["a", "b"]}
+    with pytest.raises(CheckpointError, match=r"proxy_weight: 0\.0 -> None"):
+        check_resumable(checkpoint, config(dataset, tmp_path / "run"), ["a", "b"])
+    check_resumable(checkpoint, config(dataset, tmp_path / "run", proxy_weight=0), ["a", "b"])

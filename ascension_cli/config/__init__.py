@@ -19,6 +19,7 @@ from ascension_cli.config.commands import (
     ShardConfig,
 )
 from ascension_cli.config.fields import (
+    AUTO_PROXY_WEIGHT,
     LR_REFERENCE_BATCH,
     POSITIONAL,
     RESUMABLE,
@@ -30,8 +31,8 @@ from ascension_cli.config.resume import check_resumable, resume_may_change
 from ascension_cli.config.train import TrainConfig
 
 __all__ = [
-    "LR_REFERENCE_BATCH", "POSITIONAL", "RESUMABLE", "WARMUP_SHARE", "CalibrateConfig",
-    "DemoConfig", "EmbedConfig",
+    "AUTO_PROXY_WEIGHT", "LR_REFERENCE_BATCH", "POSITIONAL", "RESUMABLE", "WARMUP_SHARE",
+    "CalibrateConfig", "DemoConfig", "EmbedConfig",
     "EvalConfig", "ExportConfig", "IndexConfig", "ManifestConfig", "ReportConfig", "SearchConfig",
     "ServeConfig", "ShardConfig", "TrainConfig", "check_resumable", "option_name",
     "read_config_file", "resolve", "resume_may_change", "to_plain",

@@ -40,6 +40,8 @@ POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root",
 LR_REFERENCE_BATCH = 32
 # Warmup when --warmup-epochs is not given: this share of all optimizer steps.
 WARMUP_SHARE = 0.05
+# --proxy-weight when not given, on data with more classes than a target batch holds.
+AUTO_PROXY_WEIGHT = 0.3
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and
 # compile change only the order of floating-point operations) carry this mark.

@@ -9,6 +9,10 @@ from ascension_cli.config.resolve import to_plain
 from ascension_cli.config.train import TrainConfig
 from ascension_cli.errors import CheckpointError
 
+# Options whose default came to mean something else: a checkpoint written before they existed
+# trained as this value (SupCon alone).
+TRAINED_AS_BEFORE = {"proxy_weight": 0.0}
+
 
 def resume_may_change() -> set[str]:
     """Training options a resume may change: those marked RESUMABLE."""
@@ -21,9 +25,10 @@ def check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: li
     """Refuse a resume whose options (other than the RESUMABLE ones) or classes differ from the
     checkpoint's."""
     current = to_plain(config)
-    # An option added after the checkpoint was written had its default value then.
+    # An option added after the checkpoint was written had its default value then, or the
+    # value it trained as before its default changed.
     defaults = to_plain(TrainConfig.model_construct())
-    saved = {**defaults, **checkpoint["config"]}
+    saved = {**defaults, **TRAINED_AS_BEFORE, **checkpoint["config"]}
     may_change = resume_may_change()
     differences = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"

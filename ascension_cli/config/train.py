@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ascension_cli import paths
 from ascension_cli.config.fields import (
+    AUTO_PROXY_WEIGHT,
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
@@ -76,10 +77,11 @@ class TrainConfig(BaseModel):
     loss_lr_scale: float = Field(
         100.0, gt=0, le=100000, description="The LR of the loss's own parameters (a pml: "
         "loss's or --proxy-weight's proxies) as a multiple of the step's LR.")
-    proxy_weight: float = Field(
-        0.0, ge=0, le=100, description="Add this much of a Proxy-Anchor term (one learned "
+    proxy_weight: float | None = Field(
+        None, ge=0, le=100, description="Add this much of a Proxy-Anchor term (one learned "
         "proxy per class, margin 0.1, alpha 32) to SupCon, over the same batch; 0: SupCon "
-        "alone.")
+        f"alone. (default: {AUTO_PROXY_WEIGHT} when a target batch cannot hold every class, "
+        "the proxies standing for the classes it leaves out; else 0)")
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,
@@ -217,12 +219,20 @@ class TrainConfig(BaseModel):
         self._check_loss()
         return self
 
+    def proxy_weight_for(self, classes: int) -> float:
+        """``proxy_weight`` as a run on ``classes`` training classes uses it: when not given,
+        ``AUTO_PROXY_WEIGHT`` for SupCon on more classes than a target batch holds, else 0."""
+        if self.proxy_weight is not None:
+            return self.proxy_weight
+        held = max(1, self.target_batch // self.samples_per_class)
+        return AUTO_PROXY_WEIGHT if self.loss == "supcon" and classes > held else 0.0
+
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""
         if self.loss == "supcon":
             if "loss_option" in self.model_fields_set:
                 raise ValueError("--loss-option applies to a pml: loss, not --loss supcon")
-            if "loss_lr_scale" in self.model_fields_set and not self.proxy_weight:
+            if "loss_lr_scale" in self.model_fields_set and self.proxy_weight == 0:
                 raise ValueError("--loss-lr-scale applies to a loss with proxies: a pml: loss, "
                                  "or --proxy-weight above 0")
             return

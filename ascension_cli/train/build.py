@@ -132,7 +132,8 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
         check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
     augmentation = _augmentation(config, checkpoint, data, nets, machine, reporter)
-    resolved = _write_config(config, save_dir, machine, nets.spec, reporter, augmentation)
+    resolved = _write_config(config, save_dir, machine, nets.spec, reporter, augmentation,
+                             len(data.scan.classes))
     loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
                             nets.spec, machine, reporter, stop)
     opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
@@ -268,11 +269,14 @@ def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: 
 
 
 def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: ModelSpec,
-                  reporter: Reporter, augmentation: str) -> dict[str, Any]:
-    """config.yaml: the options as run, with what was resolved from the machine and model."""
+                  reporter: Reporter, augmentation: str, classes: int) -> dict[str, Any]:
+    """config.yaml: the options as run, with what was resolved from the machine, the model and
+    the data."""
     resolved = to_plain(config)
     if config.augment == "auto":
         resolved.update(resolved_augment=augmentation)
+    if config.proxy_weight is None:
+        resolved.update(resolved_proxy_weight=config.proxy_weight_for(classes))
     resolved.update(image_size=spec.image_size, workers=machine.workers,
                     resolved_device=str(machine.device), resolved_precision=machine.precision,
                     step_lr=scaled_lr(config.lr, config.target_batch, config.lr_scaling))
@@ -291,9 +295,10 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
     """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
     (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
-    if config.loss == "supcon" and config.proxy_weight:
+    weight = config.proxy_weight_for(classes)
+    if config.loss == "supcon" and weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
-        module = SupConWithProxies(classes, width, config.temperature, config.proxy_weight,
+        module = SupConWithProxies(classes, width, config.temperature, weight,
                                    generator).to(device)
         return module, module
     if config.loss == "supcon":
