@@ -224,7 +224,9 @@ class TrainConfig(BaseModel):
         ``AUTO_PROXY_WEIGHT`` for SupCon on more classes than a target batch holds, else 0."""
         if self.proxy_weight is not None:
             return self.proxy_weight
-        held = max(1, self.target_batch // self.samples_per_class)
+        from ascension_cli.data.sampler import classes_per_batch  # the sampler's own rule
+
+        held = classes_per_batch(classes, self.target_batch, self.samples_per_class)
         return AUTO_PROXY_WEIGHT if self.loss == "supcon" and classes > held else 0.0
 
     def _check_loss(self) -> None:

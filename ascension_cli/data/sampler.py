@@ -102,16 +102,14 @@ class ClassBalancedBatchSampler:
         cursor = dict.fromkeys(labels.tolist(), 0)
         remaining = np.array([len(pools[label]) for label in labels], dtype=np.float64)
 
-        classes_per_batch = min(
-            len(labels), max(1, self.target_batch // self.samples_per_class)
-        )
-        base, extra = divmod(self.target_batch, classes_per_batch)
+        per_batch = classes_per_batch(len(labels), self.target_batch, self.samples_per_class)
+        base, extra = divmod(self.target_batch, per_batch)
         batches: list[np.ndarray] = []
         for _ in range(self.batches_per_epoch):
             # Unseen images weigh in; the small floor lets exhausted classes still be picked.
             weights = remaining + 1e-3
             chosen = rng.choice(
-                len(labels), size=classes_per_batch, replace=False, p=weights / weights.sum()
+                len(labels), size=per_batch, replace=False, p=weights / weights.sum()
             )
             batch: list[int] = []
             for position, class_slot in enumerate(chosen):
@@ -154,14 +152,20 @@ class ClassBalancedBatchSampler:
                 yield keys[start : start + self.micro_batch]
 
 
+def classes_per_batch(classes: int, target_batch: int, samples_per_class: int) -> int:
+    """How many of ``classes`` a target batch holds: ``target_batch // samples_per_class``, at
+    least one and at most all of them."""
+    return min(classes, max(1, target_batch // samples_per_class))
+
+
 def distinct_share(class_sizes: np.ndarray, target_batch: int, samples_per_class: int) -> float:
     """The share of a target batch that holds different images (the rest repeat), as the
     sampler above draws it: ``min(classes, target_batch // m)`` classes, each its share of the
     batch, a class smaller than its share repeating its images."""
     sizes = np.asarray(class_sizes, dtype=np.float64)
-    classes_per_batch = min(len(sizes), max(1, target_batch // samples_per_class))
-    take = target_batch / classes_per_batch
-    distinct = classes_per_batch * np.minimum(sizes, take).mean()
+    per_batch = classes_per_batch(len(sizes), target_batch, samples_per_class)
+    take = target_batch / per_batch
+    distinct = per_batch * np.minimum(sizes, take).mean()
     return min(1.0, distinct / target_batch)
 
 
