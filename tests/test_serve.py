@@ -212,6 +212,24 @@ def test_serve_without_its_extra_is_one_line(served, monkeypatch):
         'error: serve needs uvicorn, which is not installed: pip install "ascension-cli[serve]"']
 
 
+def test_serve_on_a_device_this_machine_lacks_is_one_line_before_serving(served):
+    import torch
+
+    from ascension_cli.errors import ConfigError
+    from ascension_cli.serve.app import create_app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is usable here")
+    result = runner.invoke(app, ["serve", str(served[0] / "cat"), "--device", "cuda",
+                                 "--port", str(free_port())])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "error: --device cuda: no CUDA device is available here; use --device cpu"]
+    with pytest.raises(ConfigError):  # the app itself (a worker process) refuses it too
+        create_app(served[0] / "cat", {"device": "cuda", "workers": 0}, max_pixels=10**6,
+                   max_upload_bytes=10**6)
+
+
 class Browser:
     """Headless Chromium driven over the DevTools protocol (what Puppeteer does, in 40 lines)."""
 

@@ -187,6 +187,9 @@ def run_serve(settings: ServeConfig, on_ready: Callable[[], None] | None = None)
     _require_serve_extra()
     import uvicorn
 
+    from ascension_cli.embedding.pipeline import settled_options
+
+    settled_options(**settings.run_options())  # an unusable --device: one line, before serving
     if on_ready is not None:
         on_ready()
     from ascension_cli.serve.app import SETTINGS_VARIABLE

@@ -84,6 +84,15 @@ class EmbedOptions:
                                resolve_workers(self.workers, device))
 
 
+def settled_options(**options: Any) -> dict[str, Any]:
+    """``options`` (``EmbedOptions``' keywords) with the device, precision and loader
+    processes decided now. A service settles them once at start, so an unusable ``--device``
+    fails there rather than at the first request, and no batch decides them again."""
+    resolved = EmbedOptions.of(**options).resolved()
+    return dict(options, device=resolved.device, precision=resolved.precision,
+                workers=resolved.workers)
+
+
 @dataclass(frozen=True)
 class ResolvedOptions:
     given: EmbedOptions

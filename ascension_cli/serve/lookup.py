@@ -20,6 +20,7 @@ from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import catalog_lock, load_catalog, remove_orphan_uploads
 from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
+from ascension_cli.embedding.pipeline import settled_options
 from ascension_cli.serve.batching import Pending
 
 
@@ -28,7 +29,7 @@ class Lookup:
 
     def __init__(self, directory: Path, run_options: dict[str, Any], max_pixels: int):
         self.directory = directory
-        self.run_options = run_options
+        self.run_options = settled_options(**run_options)  # decided once, before any load
         self.max_pixels = max_pixels
         self.lock = threading.Lock()  # guards the searcher's swap, never held while embedding
         if not os.access(directory, os.W_OK):
