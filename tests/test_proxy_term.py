@@ -131,3 +131,57 @@ def test_a_run_from_before_the_default_resumes_only_as_it_trained(dataset, tmp_p
     with pytest.raises(CheckpointError, match=r"proxy_weight: 0\.0 -> None"):
         check_resumable(checkpoint, config(dataset, tmp_path / "run"), ["a", "b"])
     check_resumable(checkpoint, config(dataset, tmp_path / "run", proxy_weight=0), ["a", "b"])
+
+
+def test_class_means_match_a_per_class_loop():
+    import numpy as np
+
+    from ascension_cli.train.proxy_start import photos_per_class, unit_class_means
+
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    means = unit_class_means(features, labels, classes=4)  # class 3 has no photo
+    for label in range(3):
+        unit = [row / np.linalg.norm(row) for row in features[labels == label]]
+        expected = np.mean(unit, axis=0)
+        assert np.allclose(means[label], expected / np.linalg.norm(expected), atol=1e-6)
+    assert not means[3].any()
+    rows = np.arange(100, 130)
+    kept = photos_per_class(labels, rows, seed=0)
+    assert np.all(np.diff(kept) > 0) and set(kept) <= set(rows)
+    for label in range(3):
+        members = set(rows[labels == label])
+        assert len(set(kept) & members) == min(10, len(members))
+
+
+def test_proxies_turn_to_their_class_means_and_keep_their_lengths():
+    import numpy as np
+
+    from ascension_cli.train.proxy_start import start_at_class_means
+
+    proxies = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+    before = proxies.detach().clone()
+    means = np.array([[1, 0, 0, 0], [0, 0.6, 0.8, 0], [0, 0, 0, 0]], np.float32)
+    start_at_class_means(proxies, means)
+    lengths = before.norm(dim=1)
+    assert torch.allclose(proxies.detach().norm(dim=1), lengths)
+    assert torch.allclose(proxies.detach()[:2] / lengths[:2, None], torch.as_tensor(means[:2]))
+    assert torch.equal(proxies.detach()[2], before[2])  # no photo: left where it was
+
+
+def test_a_run_with_proxy_init_means_starts_its_proxies_at_the_class_means(dataset, tmp_path):
+    from ascension_cli.train.build import build_run
+    from ascension_cli.train.proxy_start import class_means
+    from ascension_cli.train.reporter import Reporter
+    from ascension_cli.train.stopping import StopRequest
+
+    options = dict(proxy_weight=0.5, proxy_init="means", target_batch=4, epochs=1)
+    run = build_run(config(dataset, tmp_path / "run", **options), Reporter(), StopRequest())
+    means = class_means(run.nets.model, run.nets.spec, run.data, run.machine, 4, True,
+                        run.config.max_image_pixels, 0)
+    proxies = run.opt.loss_module.proxies.detach()
+    cosine = torch.nn.functional.cosine_similarity(proxies, torch.as_tensor(means), dim=1)
+    assert torch.allclose(cosine, torch.ones(len(means)), atol=1e-5)
+    random = build_run(config(dataset, tmp_path / "other", **dict(options, proxy_init="random")),
+                       Reporter(), StopRequest()).opt.loss_module.proxies.detach()
+    assert torch.allclose(random.norm(dim=1), proxies.norm(dim=1))  # same lengths, turned
