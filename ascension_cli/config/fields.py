@@ -18,7 +18,6 @@ Accumulation = Literal["cache", "naive"]
 Augment = Literal["color-agnostic", "color-preserving", "auto", "standard", "none"]
 Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
-ProxyInit = Literal["random", "means"]
 Tracker = Literal["tensorboard", "mlflow", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 

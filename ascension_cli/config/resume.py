@@ -11,7 +11,7 @@ from ascension_cli.errors import CheckpointError
 
 # Options whose default came to mean something else: a checkpoint written before they existed
 # trained as this value (SupCon alone).
-TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "proxy_init": "random"}
+TRAINED_AS_BEFORE = {"proxy_weight": 0.0}
 
 
 def resume_may_change() -> set[str]:

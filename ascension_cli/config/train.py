@@ -24,7 +24,6 @@ from ascension_cli.config.fields import (
     LrScaling,
     OutputFolder,
     Precision,
-    ProxyInit,
     StreamSource,
     Tracker,
     WeightsFile,
@@ -83,9 +82,6 @@ class TrainConfig(BaseModel):
         "proxy per class, margin 0.1, alpha 32) to SupCon, over the same batch; 0: SupCon "
         f"alone. (default: {AUTO_PROXY_WEIGHT} when a target batch cannot hold every class, "
         "the proxies standing for the classes it leaves out; else 0)")
-    proxy_init: ProxyInit = Field(
-        "random", description="Where the proxies start: random, or means (each class's mean "
-        "direction under the starting model, over up to 10 of its training photos).")
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,

@@ -137,8 +137,7 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
                             nets.spec, machine, reporter, stop)
     opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
-                        len(data.scan.classes), _proxy_start(config, checkpoint, data, nets,
-                                                             machine))
+                        len(data.scan.classes))
     return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
                reporter, augmentation)
 
@@ -291,20 +290,8 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
 
 
 # ---- the optimisation and the step
-def _proxy_start(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,
-                 nets: Networks, machine: Machine) -> np.ndarray | None:
-    """With ``--proxy-init means`` on a new run with proxies, the class means they start at."""
-    if (config.proxy_init != "means" or checkpoint is not None or config.loss != "supcon"
-            or not config.proxy_weight_for(len(data.scan.classes)) or data.shards is not None):
-        return None
-    from ascension_cli.train.proxy_start import class_means
-
-    return class_means(nets.model, nets.spec, data, machine, config.batch_size,
-                       config.channels_last, config.max_image_pixels, config.seed)
-
-
-def _loss(config: TrainConfig, spec: ModelSpec, classes: int, device: torch.device,
-          proxy_means: np.ndarray | None = None) -> tuple[Callable, torch.nn.Module | None]:
+def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
+          device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
     """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
     (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
@@ -313,10 +300,6 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int, device: torch.devi
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
         module = SupConWithProxies(classes, width, config.temperature, weight,
                                    generator).to(device)
-        if proxy_means is not None:
-            from ascension_cli.train.proxy_start import start_at_class_means
-
-            start_at_class_means(module.proxies, proxy_means)
         return module, module
     if config.loss == "supcon":
         return partial(supcon_loss, temperature=config.temperature), None
@@ -330,14 +313,13 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int, device: torch.devi
 
 
 def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine,
-                  stop: StopRequest, step_lr: float, classes: int,
-                  proxy_means: np.ndarray | None = None) -> Optimisation:
+                  stop: StopRequest, step_lr: float, classes: int) -> Optimisation:
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
-    loss_fn, loss_module = _loss(config, nets.spec, classes, machine.device, proxy_means)
+    loss_fn, loss_module = _loss(config, nets.spec, classes, machine.device)
     own = list(loss_module.parameters()) if loss_module is not None else []
     if own and machine.distributed.enabled and config.accumulation == "naive":
         raise ConfigError("{accumulation} naive would train the loss's own parameters "
