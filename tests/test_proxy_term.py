@@ -109,14 +109,27 @@ def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_cl
     assert TrainConfig(data_root=".", loss="pml:ContrastiveLoss").proxy_weight_for(81) == 0.0
 
 
-@pytest.mark.parametrize(("target_batch", "weight"), [(4, 0.3), (8, 0.0)])
-def test_a_run_records_the_weight_it_resolved(dataset, tmp_path, target_batch, weight):
+def test_the_default_temperature_is_lower_only_where_a_batch_cannot_hold_every_class():
+    from ascension_cli.config import MANY_CLASS_TEMPERATURE, TEMPERATURE, TrainConfig
+
+    defaults = TrainConfig(data_root=".")
+    assert defaults.temperature is None
+    assert defaults.temperature_for(81) == MANY_CLASS_TEMPERATURE == 0.07
+    assert defaults.temperature_for(32) == TEMPERATURE == 0.1
+    assert TrainConfig(data_root=".", temperature=0.2).temperature_for(81) == 0.2
+    assert defaults.resolved_from_data(81) == {"proxy_weight": 0.3, "temperature": 0.07}
+
+
+@pytest.mark.parametrize(("target_batch", "weight", "temperature"),
+                         [(4, 0.3, 0.07), (8, 0.0, 0.1)])
+def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight, temperature):
     import yaml
 
     # Four classes, two photos each a batch: a batch of 4 holds two classes, one of 8 all four.
     train(config(dataset, tmp_path / "run", target_batch=target_batch, batch_size=4, epochs=1))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["proxy_weight"] is None and saved["resolved_proxy_weight"] == weight
+    assert saved["temperature"] is None and saved["resolved_temperature"] == temperature
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ("loss" in checkpoint) == bool(weight)
 
@@ -125,9 +138,14 @@ def test_a_run_from_before_the_default_resumes_only_as_it_trained(dataset, tmp_p
     from ascension_cli.config import check_resumable, to_plain
     from ascension_cli.errors import CheckpointError
 
-    old = to_plain(config(dataset, tmp_path / "run"))
-    del old["proxy_weight"]  # written before the option existed: SupCon alone
-    checkpoint = {"config": old, "classes": ["a", "b"]}
-    with pytest.raises(CheckpointError, match=r"proxy_weight: 0\.0 -> None"):
-        check_resumable(checkpoint, config(dataset, tmp_path / "run"), ["a", "b"])
-    check_resumable(checkpoint, config(dataset, tmp_path / "run", proxy_weight=0), ["a", "b"])
+    old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
+    del old["proxy_weight"]  # written before the option existed: SupCon alone, at 0.1
+    # A batch of 8 (2 photos a class) holds 4 classes: on 4 the defaults resolve as it trained.
+    few = [f"class{i}" for i in range(4)]
+    check_resumable({"config": old, "classes": few}, config(dataset, tmp_path / "run"), few)
+    many = [f"class{i}" for i in range(9)]
+    with pytest.raises(CheckpointError,
+                       match=r"proxy_weight: 0\.0 -> 0\.3; temperature: 0\.1 -> 0\.07"):
+        check_resumable({"config": old, "classes": many}, config(dataset, tmp_path / "run"), many)
+    as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1)
+    check_resumable({"config": old, "classes": many}, as_trained, many)

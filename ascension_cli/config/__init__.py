@@ -21,8 +21,10 @@ from ascension_cli.config.commands import (
 from ascension_cli.config.fields import (
     AUTO_PROXY_WEIGHT,
     LR_REFERENCE_BATCH,
+    MANY_CLASS_TEMPERATURE,
     POSITIONAL,
     RESUMABLE,
+    TEMPERATURE,
     WARMUP_SHARE,
     option_name,
 )
@@ -31,7 +33,8 @@ from ascension_cli.config.resume import check_resumable, resume_may_change
 from ascension_cli.config.train import TrainConfig
 
 __all__ = [
-    "AUTO_PROXY_WEIGHT", "LR_REFERENCE_BATCH", "POSITIONAL", "RESUMABLE", "WARMUP_SHARE",
+    "AUTO_PROXY_WEIGHT", "LR_REFERENCE_BATCH", "MANY_CLASS_TEMPERATURE", "POSITIONAL",
+    "RESUMABLE", "TEMPERATURE", "WARMUP_SHARE",
     "CalibrateConfig", "DemoConfig", "EmbedConfig",
     "EvalConfig", "ExportConfig", "IndexConfig", "ManifestConfig", "ReportConfig", "SearchConfig",
     "ServeConfig", "ShardConfig", "TrainConfig", "check_resumable", "option_name",

@@ -40,8 +40,10 @@ POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root",
 LR_REFERENCE_BATCH = 32
 # Warmup when --warmup-epochs is not given: this share of all optimizer steps.
 WARMUP_SHARE = 0.05
-# --proxy-weight when not given, on data with more classes than a target batch holds.
+# --proxy-weight and --temperature when not given: on data with more classes than a target
+# batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
+TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and
 # compile change only the order of floating-point operations) carry this mark.

@@ -21,14 +21,19 @@ def resume_may_change() -> set[str]:
 
 
 
+def _resolved(options: dict[str, Any], classes: int) -> dict[str, Any]:
+    return {**options, **TrainConfig.model_construct(**options).resolved_from_data(classes)}
+
+
 def check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
     """Refuse a resume whose options (other than the RESUMABLE ones) or classes differ from the
     checkpoint's."""
-    current = to_plain(config)
     # An option added after the checkpoint was written had its default value then, or the
-    # value it trained as before its default changed.
+    # value it trained as before its default changed. A default that depends on the data is
+    # compared as each side resolves it on these classes.
     defaults = to_plain(TrainConfig.model_construct())
-    saved = {**defaults, **TRAINED_AS_BEFORE, **checkpoint["config"]}
+    saved = _resolved({**defaults, **TRAINED_AS_BEFORE, **checkpoint["config"]}, len(classes))
+    current = _resolved(to_plain(config), len(classes))
     may_change = resume_may_change()
     differences = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"

@@ -14,7 +14,9 @@ from ascension_cli.config.fields import (
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
+    MANY_CLASS_TEMPERATURE,
     RESUMABLE,
+    TEMPERATURE,
     WARMUP_SHARE,
     WORKERS_HELP,
     Accumulation,
@@ -64,7 +66,9 @@ class TrainConfig(BaseModel):
         description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
-    temperature: float = Field(0.1, gt=0, le=10, description="SupCon temperature.")
+    temperature: float | None = Field(None, gt=0, le=10, description=(
+        f"SupCon temperature. (default: {TEMPERATURE}; {MANY_CLASS_TEMPERATURE} when a target "
+        "batch cannot hold every class)"))
     loss: str = Field(
         "supcon", description="supcon: SupCon at --temperature. pml:NAME: any "
         "pytorch-metric-learning loss (pml:ProxyAnchorLoss, pml:MultiSimilarityLoss, ...) over "
@@ -219,15 +223,29 @@ class TrainConfig(BaseModel):
         self._check_loss()
         return self
 
-    def proxy_weight_for(self, classes: int) -> float:
-        """``proxy_weight`` as a run on ``classes`` training classes uses it: when not given,
-        ``AUTO_PROXY_WEIGHT`` for SupCon on more classes than a target batch holds, else 0."""
-        if self.proxy_weight is not None:
-            return self.proxy_weight
+    def many_classes(self, classes: int) -> bool:
+        """Whether SupCon trains on more classes than a target batch holds."""
         from ascension_cli.data.sampler import classes_per_batch  # the sampler's own rule
 
-        held = classes_per_batch(classes, self.target_batch, self.samples_per_class)
-        return AUTO_PROXY_WEIGHT if self.loss == "supcon" and classes > held else 0.0
+        return self.loss == "supcon" and classes > classes_per_batch(
+            classes, self.target_batch, self.samples_per_class)
+
+    def proxy_weight_for(self, classes: int) -> float:
+        """``proxy_weight`` on ``classes`` training classes: ``AUTO_PROXY_WEIGHT`` or 0."""
+        if self.proxy_weight is not None:
+            return self.proxy_weight
+        return AUTO_PROXY_WEIGHT if self.many_classes(classes) else 0.0
+
+    def temperature_for(self, classes: int) -> float:
+        """``temperature`` on ``classes`` classes: ``MANY_CLASS_TEMPERATURE`` or ``TEMPERATURE``."""
+        if self.temperature is not None:
+            return self.temperature
+        return MANY_CLASS_TEMPERATURE if self.many_classes(classes) else TEMPERATURE
+
+    def resolved_from_data(self, classes: int) -> dict[str, float]:
+        """The options whose default depends on the data, as a run on ``classes`` uses them."""
+        return {"proxy_weight": self.proxy_weight_for(classes),
+                "temperature": self.temperature_for(classes)}
 
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""

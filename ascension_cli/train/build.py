@@ -275,8 +275,9 @@ def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: M
     resolved = to_plain(config)
     if config.augment == "auto":
         resolved.update(resolved_augment=augmentation)
-    if config.proxy_weight is None:
-        resolved.update(resolved_proxy_weight=config.proxy_weight_for(classes))
+    for option, value in config.resolved_from_data(classes).items():
+        if getattr(config, option) is None:
+            resolved[f"resolved_{option}"] = value
     resolved.update(image_size=spec.image_size, workers=machine.workers,
                     resolved_device=str(machine.device), resolved_precision=machine.precision,
                     step_lr=scaled_lr(config.lr, config.target_batch, config.lr_scaling))
@@ -295,14 +296,13 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
     """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
     (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
-    weight = config.proxy_weight_for(classes)
+    weight, temperature = config.proxy_weight_for(classes), config.temperature_for(classes)
     if config.loss == "supcon" and weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
-        module = SupConWithProxies(classes, width, config.temperature, weight,
-                                   generator).to(device)
+        module = SupConWithProxies(classes, width, temperature, weight, generator).to(device)
         return module, module
     if config.loss == "supcon":
-        return partial(supcon_loss, temperature=config.temperature), None
+        return partial(supcon_loss, temperature=temperature), None
     try:
         module = pml_loss(config.loss.removeprefix(PML_PREFIX), config.loss_options, classes,
                           width)
