@@ -97,32 +97,49 @@ def test_bad_proxy_options_end_in_one_line(dataset, tmp_path, arguments, message
     assert message in train_error(dataset, tmp_path / "run", *arguments)
 
 
+def resolved(option: str, classes: int, **options) -> object:
+    from ascension_cli.config import TrainConfig
+
+    return TrainConfig(data_root=".", **options).resolved_from_data(classes)[option]
+
+
 def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_class():
     from ascension_cli.config import AUTO_PROXY_WEIGHT, TrainConfig
 
-    defaults = TrainConfig(data_root=".")  # 128 images a step, 4 a class: 32 classes a batch
-    assert defaults.proxy_weight is None
-    assert defaults.proxy_weight_for(81) == AUTO_PROXY_WEIGHT
-    assert defaults.proxy_weight_for(32) == 0.0
-    assert TrainConfig(data_root=".", proxy_weight=0).proxy_weight_for(81) == 0.0
-    assert TrainConfig(data_root=".", proxy_weight=2).proxy_weight_for(10) == 2.0
-    assert TrainConfig(data_root=".", loss="pml:ContrastiveLoss").proxy_weight_for(81) == 0.0
+    # 128 images a step, 4 a class: 32 classes a batch
+    assert TrainConfig(data_root=".").proxy_weight is None
+    assert resolved("proxy_weight", 81) == AUTO_PROXY_WEIGHT
+    assert resolved("proxy_weight", 32) == 0.0
+    assert resolved("proxy_weight", 81, proxy_weight=0) == 0.0
+    assert resolved("proxy_weight", 10, proxy_weight=2) == 2.0
+    assert resolved("proxy_weight", 81, loss="pml:ContrastiveLoss") == 0.0
 
 
 def test_the_default_temperature_is_lower_only_where_a_batch_cannot_hold_every_class():
     from ascension_cli.config import MANY_CLASS_TEMPERATURE, TEMPERATURE, TrainConfig
 
-    defaults = TrainConfig(data_root=".")
-    assert defaults.temperature is None
-    assert defaults.temperature_for(81) == MANY_CLASS_TEMPERATURE == 0.07
-    assert defaults.temperature_for(32) == TEMPERATURE == 0.1
-    assert TrainConfig(data_root=".", temperature=0.2).temperature_for(81) == 0.2
-    assert defaults.resolved_from_data(81) == {"proxy_weight": 0.3, "temperature": 0.07}
+    assert TrainConfig(data_root=".").temperature is None
+    assert resolved("temperature", 81) == MANY_CLASS_TEMPERATURE == 0.07
+    assert resolved("temperature", 32) == TEMPERATURE == 0.1
+    assert resolved("temperature", 81, temperature=0.2) == 0.2
 
 
-@pytest.mark.parametrize(("target_batch", "weight", "temperature"),
-                         [(4, 0.3, 0.07), (8, 0.0, 0.1)])
-def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight, temperature):
+def test_the_default_lr_stays_at_its_peak_only_where_a_batch_cannot_hold_every_class():
+    from ascension_cli.config import TrainConfig
+
+    assert TrainConfig(data_root=".").lr_schedule is None
+    assert resolved("lr_schedule", 81) == "constant"
+    assert resolved("lr_schedule", 32) == "cosine"
+    assert resolved("lr_schedule", 81, loss="pml:ContrastiveLoss") == "cosine"
+    assert resolved("lr_schedule", 10, lr_schedule="constant") == "constant"
+    assert TrainConfig(data_root=".").resolved_from_data(81) == {
+        "proxy_weight": 0.3, "temperature": 0.07, "lr_schedule": "constant"}
+
+
+@pytest.mark.parametrize(("target_batch", "weight", "temperature", "schedule"),
+                         [(4, 0.3, 0.07, "constant"), (8, 0.0, 0.1, "cosine")])
+def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight, temperature,
+                                        schedule):
     import yaml
 
     # Four classes, two photos each a batch: a batch of 4 holds two classes, one of 8 all four.
@@ -130,22 +147,25 @@ def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight,
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["proxy_weight"] is None and saved["resolved_proxy_weight"] == weight
     assert saved["temperature"] is None and saved["resolved_temperature"] == temperature
+    assert saved["lr_schedule"] is None and saved["resolved_lr_schedule"] == schedule
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ("loss" in checkpoint) == bool(weight)
 
 
-def test_a_run_from_before_the_default_resumes_only_as_it_trained(dataset, tmp_path):
+def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
     from ascension_cli.config import check_resumable, to_plain
     from ascension_cli.errors import CheckpointError
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
-    del old["proxy_weight"]  # written before the option existed: SupCon alone, at 0.1
+    del old["proxy_weight"], old["lr_schedule"]  # from before them: SupCon alone, on a cosine
     # A batch of 8 (2 photos a class) holds 4 classes: on 4 the defaults resolve as it trained.
     few = [f"class{i}" for i in range(4)]
     check_resumable({"config": old, "classes": few}, config(dataset, tmp_path / "run"), few)
     many = [f"class{i}" for i in range(9)]
     with pytest.raises(CheckpointError,
-                       match=r"proxy_weight: 0\.0 -> 0\.3; temperature: 0\.1 -> 0\.07"):
+                       match=r"lr_schedule: 'cosine' -> 'constant'; proxy_weight: 0\.0 -> 0\.3; "
+                             r"temperature: 0\.1 -> 0\.07"):
         check_resumable({"config": old, "classes": many}, config(dataset, tmp_path / "run"), many)
-    as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1)
+    as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1,
+                        lr_schedule="cosine")
     check_resumable({"config": old, "classes": many}, as_trained, many)

@@ -1,4 +1,5 @@
-"""The learning-rate recipe: scaling with the target batch, warmup length, parameter groups."""
+"""The learning-rate recipe: scaling with the target batch, warmup length, the schedule after
+it, parameter groups."""
 
 import math
 
@@ -6,9 +7,16 @@ import pytest
 import timm
 import torch
 
-from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE
+from ascension_cli.config import COSINE_FLOOR, LR_REFERENCE_BATCH, WARMUP_SHARE
 from ascension_cli.model.backbone import EmbeddingModel
-from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
+from ascension_cli.train.schedule import (
+    adamw,
+    scaled_lr,
+    warmup_cosine,
+    warmup_steps,
+    warmup_then,
+)
+from tests.test_train import config
 
 
 def test_lr_follows_the_target_batch_by_the_chosen_rule():
@@ -38,6 +46,28 @@ def test_warmup_cosine_rises_then_decays_to_the_floor():
     assert factor(100) == pytest.approx(0.01)
     assert all(factor(s) >= factor(s + 1) for s in range(5, 100))
     assert math.isclose(warmup_cosine(10, 0)(0), 1.0)
+
+
+def test_each_schedule_warms_up_alike_then_holds_or_decays():
+    constant, cosine = (warmup_then(name, 100, 5) for name in ("constant", "cosine"))
+    assert [constant(s) for s in range(5)] == [cosine(s) for s in range(5)]
+    assert all(constant(s) == 1.0 for s in range(5, 101))
+    assert cosine(100) == pytest.approx(COSINE_FLOOR)
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        warmup_then("step", 100, 5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_training_follows_the_chosen_schedule(dataset, tmp_path, schedule):
+    from ascension_cli.train.loop import train
+
+    run = config(dataset, tmp_path / "run", epochs=3, warmup_epochs=1, lr_schedule=schedule)
+    lrs = [record.lr for record in train(run).history if record.epoch > 0]
+    step_lr = scaled_lr(run.lr, run.target_batch, run.lr_scaling)
+    if schedule == "constant":
+        assert lrs == pytest.approx([step_lr] * 3)
+    else:
+        assert lrs[0] > lrs[1] > lrs[2] == pytest.approx(step_lr * COSINE_FLOOR)
 
 
 def test_adamw_groups_split_backbone_from_head_and_decay_from_no_decay():

@@ -101,8 +101,8 @@ def train_supcon(
         target_batch: images per optimizer step, the batch SupCon contrasts; a multiple of
             batch_size (default {target_batch}).
         epochs: epochs (default {epochs}).
-        warmup_epochs: linear LR warmup in epochs, then cosine decay (default: {warmup} of the
-            optimizer steps).
+        warmup_epochs: linear LR warmup in epochs, then ``lr_schedule`` (default: {warmup} of
+            the optimizer steps).
         lr: peak learning rate for 32 images per step, scaled to target_batch by lr_scaling
             (default {lr}).
         save_dir: where last.pt, best.pt, metrics.jsonl, training.png and config.yaml go

@@ -18,6 +18,7 @@ Accumulation = Literal["cache", "naive"]
 Augment = Literal["color-agnostic", "color-preserving", "auto", "standard", "none"]
 Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
+LrSchedule = Literal["constant", "cosine"]
 Tracker = Literal["tensorboard", "mlflow", "none"]
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -40,10 +41,20 @@ POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root",
 LR_REFERENCE_BATCH = 32
 # Warmup when --warmup-epochs is not given: this share of all optimizer steps.
 WARMUP_SHARE = 0.05
-# --proxy-weight and --temperature when not given: on data with more classes than a target
+# --lr-schedule cosine decays the LR to this share of its peak by the last step.
+COSINE_FLOOR = 0.01
+# --proxy-weight, --temperature and --lr-schedule when not given: on data with more classes than a target
 # batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
 TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
+LR_SCHEDULE, MANY_CLASS_LR = "cosine", "constant"
+# The options whose default depends on the data: (the value in that many-class case, the
+# value elsewhere).
+DATA_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "proxy_weight": (AUTO_PROXY_WEIGHT, 0.0),
+    "temperature": (MANY_CLASS_TEMPERATURE, TEMPERATURE),
+    "lr_schedule": (MANY_CLASS_LR, LR_SCHEDULE),
+}
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and
 # compile change only the order of floating-point operations) carry this mark.

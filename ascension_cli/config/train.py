@@ -11,9 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ascension_cli import paths
 from ascension_cli.config.fields import (
     AUTO_PROXY_WEIGHT,
+    COSINE_FLOOR,
+    DATA_DEFAULTS,
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
+    MANY_CLASS_LR,
     MANY_CLASS_TEMPERATURE,
     RESUMABLE,
     TEMPERATURE,
@@ -24,6 +27,8 @@ from ascension_cli.config.fields import (
     Head,
     ImageSource,
     LrScaling,
+    LR_SCHEDULE,
+    LrSchedule,
     OutputFolder,
     Precision,
     StreamSource,
@@ -52,9 +57,13 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(50, ge=1, description="Epochs.", json_schema_extra=RESUMABLE)
     warmup_epochs: float | None = Field(
-        None, ge=0, description="Linear LR warmup in epochs, then cosine decay. (default: "
+        None, ge=0, description="Linear LR warmup in epochs, then --lr-schedule. (default: "
         f"{WARMUP_SHARE:.0%} of the run's optimizer steps)"
     )
+    lr_schedule: LrSchedule | None = Field(
+        None, description="The LR after the warmup: constant, the peak to the end; or cosine, "
+        f"decaying to {COSINE_FLOOR:.0%} of it by the last step. (default: {MANY_CLASS_LR} when "
+        f"a target batch cannot hold every class, else {LR_SCHEDULE})")
     lr: float = Field(
         6e-4, gt=0, le=10,
         description=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; --lr-scaling "
@@ -91,9 +100,8 @@ class TrainConfig(BaseModel):
         None, ge=16, le=4096,
         description="Square input size. (default: the model's pretrained input size)",
     )
-    embedding_dim: int = Field(
-        128, ge=2, le=65536, description="Projection head output size, with --head mlp or linear."
-    )
+    embedding_dim: int = Field(128, ge=2, le=65536, description="Projection head output size, "
+                               "with --head mlp or linear.")
     head: Head = Field(
         "none", description="What the loss trains: none (the pooled backbone features, which "
         "retrieval uses), or an mlp or linear projection head on them."
@@ -122,9 +130,8 @@ class TrainConfig(BaseModel):
         "color-preserving when grayscale photos lose more than 5 points of the starting "
         "model's Recall@1 on the validation photos, else color-agnostic. standard: SimCLR. "
         "none.")
-    val_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of each class held out for validation."
-    )
+    val_fraction: float = Field(0.1, ge=0, lt=1,
+                                description="Share of each class held out for validation.")
     val_root: ImageSource | None = Field(
         None, description="A separate validation tree, or a manifest (its validation rows when "
         "it has a split column), with the training classes."
@@ -145,9 +152,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.",
                                   json_schema_extra=RESUMABLE)
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
-    sync_bn: bool = Field(
-        False, description="Under DDP, BatchNorm statistics over all processes."
-    )
+    sync_bn: bool = Field(False, description="Under DDP, BatchNorm statistics over all "
+                          "processes.")
     max_image_pixels: int = Field(
         100_000_000, ge=1,
         description="Refuse images with more pixels than this (decompression bombs).",
@@ -230,22 +236,12 @@ class TrainConfig(BaseModel):
         return self.loss == "supcon" and classes > classes_per_batch(
             classes, self.target_batch, self.samples_per_class)
 
-    def proxy_weight_for(self, classes: int) -> float:
-        """``proxy_weight`` on ``classes`` training classes: ``AUTO_PROXY_WEIGHT`` or 0."""
-        if self.proxy_weight is not None:
-            return self.proxy_weight
-        return AUTO_PROXY_WEIGHT if self.many_classes(classes) else 0.0
-
-    def temperature_for(self, classes: int) -> float:
-        """``temperature`` on ``classes`` classes: ``MANY_CLASS_TEMPERATURE`` or ``TEMPERATURE``."""
-        if self.temperature is not None:
-            return self.temperature
-        return MANY_CLASS_TEMPERATURE if self.many_classes(classes) else TEMPERATURE
-
-    def resolved_from_data(self, classes: int) -> dict[str, float]:
-        """The options whose default depends on the data, as a run on ``classes`` uses them."""
-        return {"proxy_weight": self.proxy_weight_for(classes),
-                "temperature": self.temperature_for(classes)}
+    def resolved_from_data(self, classes: int) -> dict[str, Any]:
+        """The options whose default depends on the data (``DATA_DEFAULTS``), as a run on
+        ``classes`` training classes uses them."""
+        many = self.many_classes(classes)
+        return {name: pair[0 if many else 1] if getattr(self, name) is None
+                else getattr(self, name) for name, pair in DATA_DEFAULTS.items()}
 
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""

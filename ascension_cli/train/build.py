@@ -42,7 +42,7 @@ from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
 from ascension_cli.train.reporter import Reporter
-from ascension_cli.train.schedule import adamw, scaled_lr, warmup_cosine, warmup_steps
+from ascension_cli.train.schedule import adamw, scaled_lr, warmup_steps, warmup_then
 from ascension_cli.train.state import Recorded
 from ascension_cli.train.stopping import StopRequest
 
@@ -296,7 +296,8 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
     """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
     (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
-    weight, temperature = config.proxy_weight_for(classes), config.temperature_for(classes)
+    chosen = config.resolved_from_data(classes)
+    weight, temperature = chosen["proxy_weight"], chosen["temperature"]
     if config.loss == "supcon" and weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
         module = SupConWithProxies(classes, width, temperature, weight, generator).to(device)
@@ -329,7 +330,9 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
         optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
                                    "weight_decay": 0.0})
     warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then(config.resolved_from_data(classes)["lr_schedule"], total_steps,
+                               warmup))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
     # A single process abandons a step when asked to stop (under DDP every rank would have to
     # agree at each micro-batch, so there the step finishes first).

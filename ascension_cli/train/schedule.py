@@ -7,11 +7,20 @@ import math
 import torch
 from torch import nn
 
-from ascension_cli.config import LR_REFERENCE_BATCH, WARMUP_SHARE
+from ascension_cli.config import COSINE_FLOOR, LR_REFERENCE_BATCH, WARMUP_SHARE
+
+
+def warmup_then(schedule: str, total_steps: int, warmup_steps: int):
+    """LR multiplier per optimizer step for ``--lr-schedule``: linear warmup to 1, then
+    ``constant`` (1 to the end) or ``cosine`` (decay to ``COSINE_FLOOR``)."""
+    floors = {"constant": 1.0, "cosine": COSINE_FLOOR}
+    if schedule not in floors:
+        raise ValueError(f"unknown LR schedule {schedule!r}")
+    return warmup_cosine(total_steps, warmup_steps, floors[schedule])
 
 
 def warmup_cosine(
-    total_steps: int, warmup_steps: int, min_ratio: float = 0.01
+    total_steps: int, warmup_steps: int, min_ratio: float = COSINE_FLOOR
 ):
     """LR multiplier per optimizer step: linear warmup to 1, then cosine decay to ``min_ratio``."""
     total_steps = max(1, total_steps)
