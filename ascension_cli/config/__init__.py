@@ -34,8 +34,8 @@ from ascension_cli.config.resume import check_resumable, resume_may_change
 from ascension_cli.config.train import TrainConfig
 
 __all__ = [
-    "AUTO_PROXY_WEIGHT", "COSINE_FLOOR", "LR_REFERENCE_BATCH", "MANY_CLASS_TEMPERATURE", "POSITIONAL",
-    "RESUMABLE", "TEMPERATURE", "WARMUP_SHARE",
+    "AUTO_PROXY_WEIGHT", "COSINE_FLOOR", "LR_REFERENCE_BATCH", "MANY_CLASS_TEMPERATURE",
+    "POSITIONAL", "RESUMABLE", "TEMPERATURE", "WARMUP_SHARE",
     "CalibrateConfig", "DemoConfig", "EmbedConfig",
     "EvalConfig", "ExportConfig", "IndexConfig", "ManifestConfig", "ReportConfig", "SearchConfig",
     "ServeConfig", "ShardConfig", "TrainConfig", "check_resumable", "option_name",

@@ -43,8 +43,8 @@ LR_REFERENCE_BATCH = 32
 WARMUP_SHARE = 0.05
 # --lr-schedule cosine decays the LR to this share of its peak by the last step.
 COSINE_FLOOR = 0.01
-# --proxy-weight, --temperature and --lr-schedule when not given: on data with more classes than a target
-# batch holds (the many-class case), and elsewhere.
+# --proxy-weight, --temperature and --lr-schedule when not given: on data with more classes
+# than a target batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
 TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
 LR_SCHEDULE, MANY_CLASS_LR = "cosine", "constant"

@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ascension_cli import paths
 from ascension_cli.config.fields import (
     AUTO_PROXY_WEIGHT,
+    CHANNELS_LAST_HELP,
     COSINE_FLOOR,
     DATA_DEFAULTS,
-    CHANNELS_LAST_HELP,
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
+    LR_SCHEDULE,
     MANY_CLASS_LR,
     MANY_CLASS_TEMPERATURE,
     RESUMABLE,
@@ -27,7 +28,6 @@ from ascension_cli.config.fields import (
     Head,
     ImageSource,
     LrScaling,
-    LR_SCHEDULE,
     LrSchedule,
     OutputFolder,
     Precision,
