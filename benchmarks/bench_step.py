@@ -6,8 +6,10 @@ the ordinary step, and (d') times it through the cache's two passes, which it wo
 cost (the one-micro-batch speed-up). All run channels-last (NHWC), the
 trainer's default; (e) repeats (a) channels-first (NCHW, ``--no-channels-last``) to measure that
 fast path, and (f), with ``--compile`` or in full mode, repeats (a) under torch.compile (its
-compile time reported apart). Each configuration runs in its own process, so peak memory is its
-own. Goals: (a) peak memory within 1.3x of (d), time within 1.4x of (b).
+compile time reported apart); (g) repeats (a) in fp32, against the precision ``--precision``
+resolves to (bf16 on a bf16 CPU: whether autocast pays on this machine, for this model). Each
+configuration runs in its own process, so peak memory is its own. Goals: (a) peak memory within
+1.3x of (d), time within 1.4x of (b).
 
     python benchmarks/bench_step.py --quick    # test_efficientnet at 64 px on the CPU
     python benchmarks/bench_step.py            # resnet50 at 224 px (a GPU if present)
@@ -28,17 +30,18 @@ from _common import benchmark_parser, measure, print_table, write_json
 
 
 def configs(micro: int = 16, count: int = 8) -> dict[str, tuple]:
-    """name: (accumulation, micro-batch, micro-batches per step, channels-last, compile), for a
-    target batch of ``micro x count`` images."""
+    """name: (accumulation, micro-batch, micro-batches per step, channels-last, compile,
+    precision or None for --precision), for a target batch of ``micro x count`` images."""
     target = micro * count
     return {
-        f"cache {micro}x{count}": ("cache", micro, count, True, False),
-        f"naive {micro}x{count}": ("naive", micro, count, True, False),
-        f"true batch {target}": ("cache", target, 1, True, False),
-        f"plain {micro}": ("cache", micro, 1, True, False),  # one micro-batch: the plain step
-        f"plain {micro}, two passes": ("two-pass", micro, 1, True, False),  # the cache's passes
-        f"cache {micro}x{count}, NCHW": ("cache", micro, count, False, False),
-        f"cache {micro}x{count}, compiled": ("cache", micro, count, True, True),
+        f"cache {micro}x{count}": ("cache", micro, count, True, False, None),
+        f"naive {micro}x{count}": ("naive", micro, count, True, False, None),
+        f"true batch {target}": ("cache", target, 1, True, False, None),
+        f"plain {micro}": ("cache", micro, 1, True, False, None),  # one micro-batch: plain step
+        f"plain {micro}, two passes": ("two-pass", micro, 1, True, False, None),  # cache's passes
+        f"cache {micro}x{count}, NCHW": ("cache", micro, count, False, False, None),
+        f"cache {micro}x{count}, compiled": ("cache", micro, count, True, True, None),
+        f"cache {micro}x{count}, fp32": ("cache", micro, count, True, False, "fp32"),
     }
 
 
@@ -62,9 +65,9 @@ def run_config(name: str, args) -> dict:
         cached_backward,
     )
 
-    mode, micro, count, channels_last, compiled = configs(args.micro, args.steps_of)[name]
+    mode, micro, count, channels_last, compiled, fixed = configs(args.micro, args.steps_of)[name]
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(fixed or args.precision, device)
     autocast = autocast_factory(precision, device)
     torch.manual_seed(0)
     model, _ = build_model(args.model, pretrained=False, image_size=args.image_size)
@@ -108,8 +111,8 @@ def main() -> None:
     parser.add_argument("--steps-of", type=int, default=8,
                         help="micro-batches per optimizer step (target batch = micro x this)")
     parser.add_argument("--only", help="comma-separated rows to run, by their first word: "
-                        "cache, naive, true, plain (default: all; the cache and plain rows are "
-                        "always run)")
+                        "cache, naive, true, plain (default: all; the cache rows, fp32 among "
+                        "them, and the plain rows are always run)")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("test_efficientnet" if args.quick else "resnet50")
@@ -143,10 +146,10 @@ def main() -> None:
     memory_ratio = cache["peak_mib"] / plain["peak_mib"] if plain["peak_mib"] else None
     naive = ratio(f"naive {m}x{c}")
     time_ratio = None if naive is None else 1 / naive
-    rows = [[name, f"{r['seconds']:.3f}", f"{r['images_per_second']:.1f}", f"{r['peak_mib']:.0f}"]
-            for name, r in results.items()]
-    print_table(f"{args.model} at {args.image_size} px, {args.views} views, target batch {m * c}, "
-                f"{plain['precision']}", ["configuration", "s/step", "img/s", "peak MiB"], rows)
+    rows = [[name, r["precision"], f"{r['seconds']:.3f}", f"{r['images_per_second']:.1f}",
+             f"{r['peak_mib']:.0f}"] for name, r in results.items()]
+    print_table(f"{args.model} at {args.image_size} px, {args.views} views, target batch {m * c}",
+                ["configuration", "precision", "s/step", "img/s", "peak MiB"], rows)
     memory_text = "-" if memory_ratio is None else f"{memory_ratio:.2f}x"
     print(f"cache peak memory vs plain {m}-image step: {memory_text} (goal <= 1.3x)")
     if time_ratio is not None:
@@ -161,6 +164,9 @@ def main() -> None:
     layout_speedup = ratio(f"cache {m}x{c}, NCHW")
     if layout_speedup is not None:
         print(f"channels-last vs NCHW, gradient cache: {layout_speedup:.2f}x faster")
+    fp32 = results[f"cache {m}x{c}, fp32"]
+    precision_speedup = fp32["seconds"] / cache["seconds"]
+    print(f"{cache['precision']} vs fp32, gradient cache: {precision_speedup:.2f}x faster")
     compile_speedup = None
     if f"cache {m}x{c}, compiled" in results:
         compiled = results[f"cache {m}x{c}, compiled"]
@@ -176,7 +182,9 @@ def main() -> None:
                               "cache_time_vs_naive": time_ratio,
                               "channels_last_speedup": layout_speedup,
                               "one_micro_batch_speedup": one_micro_speedup,
-                              "compile_speedup": compile_speedup}, path=args.json)
+                              "compile_speedup": compile_speedup,
+                              "precision": cache["precision"],
+                              "precision_speedup_vs_fp32": precision_speedup}, path=args.json)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def test_bench_step_runs_every_configuration(tmp_path):
                          "--json", tmp_path / "step.json")
     assert set(data["results"]) == {"cache 16x8", "naive 16x8", "true batch 128", "plain 16",
                                     "plain 16, two passes",
-                                    "cache 16x8, NCHW"}  # no compile row unless asked
+                                    "cache 16x8, NCHW", "cache 16x8, fp32"}  # no compile row
+    assert data["results"]["cache 16x8, fp32"]["precision"] == "fp32"
+    assert data["precision_speedup_vs_fp32"] > 0
     assert data["one_micro_batch_speedup"] > 0
     assert all(r["seconds"] > 0 for r in data["results"].values())
     assert data["cache_time_vs_naive"] > 0 and data["compile_speedup"] is None
