@@ -240,8 +240,12 @@ class TrainConfig(BaseModel):
         """The options whose default depends on the data (``DATA_DEFAULTS``), as a run on
         ``classes`` training classes uses them."""
         many = self.many_classes(classes)
-        return {name: pair[0 if many else 1] if getattr(self, name) is None
-                else getattr(self, name) for name, pair in DATA_DEFAULTS.items()}
+        chosen = {}
+        for name, (many_class_value, other_value) in DATA_DEFAULTS.items():
+            given = getattr(self, name)
+            chosen[name] = given if given is not None else (
+                many_class_value if many else other_value)
+        return chosen
 
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""

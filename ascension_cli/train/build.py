@@ -330,9 +330,9 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
         optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
                                    "weight_decay": 0.0})
     warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
+    schedule = config.resolved_from_data(classes)["lr_schedule"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then(config.resolved_from_data(classes)["lr_schedule"], total_steps,
-                               warmup))
+        optimizer, warmup_then(schedule, total_steps, warmup))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
     # A single process abandons a step when asked to stop (under DDP every rank would have to
     # agree at each micro-batch, so there the step finishes first).
