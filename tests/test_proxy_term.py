@@ -133,7 +133,7 @@ def test_the_default_lr_stays_at_its_peak_only_where_a_batch_cannot_hold_every_c
     assert resolved("lr_schedule", 81, loss="pml:ContrastiveLoss") == "cosine"
     assert resolved("lr_schedule", 10, lr_schedule="constant") == "constant"
     assert TrainConfig(data_root=".").resolved_from_data(81) == {
-        "proxy_weight": 0.3, "temperature": 0.07, "lr_schedule": "constant"}
+        "proxy_weight": 0.3, "temperature": 0.07, "lr_schedule": "constant", "ema_decay": 0.9}
 
 
 @pytest.mark.parametrize(("target_batch", "weight", "temperature", "schedule"),
@@ -148,6 +148,7 @@ def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight,
     assert saved["proxy_weight"] is None and saved["resolved_proxy_weight"] == weight
     assert saved["temperature"] is None and saved["resolved_temperature"] == temperature
     assert saved["lr_schedule"] is None and saved["resolved_lr_schedule"] == schedule
+    assert saved["resolved_ema_decay"] == (0.9 if weight else 0.0)
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ("loss" in checkpoint) == bool(weight)
 
@@ -157,15 +158,16 @@ def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_
     from ascension_cli.errors import CheckpointError
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
-    del old["proxy_weight"], old["lr_schedule"]  # from before them: SupCon alone, on a cosine
+    # From before them: SupCon alone, on a cosine, no weight average.
+    del old["proxy_weight"], old["lr_schedule"], old["ema_decay"]
     # A batch of 8 (2 photos a class) holds 4 classes: on 4 the defaults resolve as it trained.
     few = [f"class{i}" for i in range(4)]
     check_resumable({"config": old, "classes": few}, config(dataset, tmp_path / "run"), few)
     many = [f"class{i}" for i in range(9)]
     with pytest.raises(CheckpointError,
-                       match=r"lr_schedule: 'cosine' -> 'constant'; proxy_weight: 0\.0 -> 0\.3; "
-                             r"temperature: 0\.1 -> 0\.07"):
+                       match=r"ema_decay: 0\.0 -> 0\.9; lr_schedule: 'cosine' -> 'constant'; "
+                             r"proxy_weight: 0\.0 -> 0\.3; temperature: 0\.1 -> 0\.07"):
         check_resumable({"config": old, "classes": many}, config(dataset, tmp_path / "run"), many)
     as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1,
-                        lr_schedule="cosine")
+                        lr_schedule="cosine", ema_decay=0)
     check_resumable({"config": old, "classes": many}, as_trained, many)

@@ -43,17 +43,19 @@ LR_REFERENCE_BATCH = 32
 WARMUP_SHARE = 0.05
 # --lr-schedule cosine decays the LR to this share of its peak by the last step.
 COSINE_FLOOR = 0.01
-# --proxy-weight, --temperature and --lr-schedule when not given: on data with more classes
-# than a target batch holds (the many-class case), and elsewhere.
+# --proxy-weight, --temperature, --lr-schedule and --ema-decay when not given: on data with
+# more classes than a target batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
 TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
 LR_SCHEDULE, MANY_CLASS_LR = "cosine", "constant"
+MANY_CLASS_EMA = 0.9
 # The options whose default depends on the data: (the value in that many-class case, the
 # value elsewhere).
 DATA_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "proxy_weight": (AUTO_PROXY_WEIGHT, 0.0),
     "temperature": (MANY_CLASS_TEMPERATURE, TEMPERATURE),
     "lr_schedule": (MANY_CLASS_LR, LR_SCHEDULE),
+    "ema_decay": (MANY_CLASS_EMA, 0.0),
 }
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and

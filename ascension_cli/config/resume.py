@@ -10,8 +10,8 @@ from ascension_cli.config.train import TrainConfig
 from ascension_cli.errors import CheckpointError
 
 # Options whose default came to mean something else: a checkpoint written before they existed
-# trained as this value (SupCon alone, the LR decaying on a cosine).
-TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine"}
+# trained as this value (SupCon alone, the LR decaying on a cosine, no weight average).
+TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine", "ema_decay": 0.0}
 
 
 def resume_may_change() -> set[str]:

@@ -17,6 +17,7 @@ from ascension_cli.config.fields import (
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
     LR_SCHEDULE,
+    MANY_CLASS_EMA,
     MANY_CLASS_LR,
     MANY_CLASS_TEMPERATURE,
     RESUMABLE,
@@ -64,6 +65,10 @@ class TrainConfig(BaseModel):
         None, description="The LR after the warmup: constant, the peak to the end; or cosine, "
         f"decaying to {COSINE_FLOOR:.0%} of it by the last step. (default: {MANY_CLASS_LR} when "
         f"a target batch cannot hold every class, else {LR_SCHEDULE})")
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="Validate and save an exponential moving average of the "
+        "weights, keeping this share of it at each step (0: the weights as trained). (default: "
+        f"{MANY_CLASS_EMA} when a target batch cannot hold every class, else 0)")
     lr: float = Field(
         6e-4, gt=0, le=10,
         description=f"Peak learning rate for {LR_REFERENCE_BATCH} images per step; --lr-scaling "

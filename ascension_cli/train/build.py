@@ -37,6 +37,7 @@ from ascension_cli.runtime import (
     resolve_workers,
     use_channels_last,
 )
+from ascension_cli.train.average import WeightAverage
 from ascension_cli.train.distributed import gather_with_grad, rank_seed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
@@ -83,6 +84,7 @@ class Optimisation:
     backward: Callable  # cached_backward or accumulated_backward
     step_options: dict[str, Any]  # no_sync, should_stop, gather
     should_stop: Callable[[], bool] | None  # abandon a step part-way (a single process only)
+    average: WeightAverage | None  # --ema-decay: what validation and checkpoints hold
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Run:
                  "scaler": self.opt.scaler, "excluded": Exclusions(self.loaders.sampler)}
         if self.opt.loss_module is not None:
             parts["loss"] = self.opt.loss_module  # the loss's proxies
+        if self.opt.average is not None:
+            parts["average"] = self.opt.average  # the trained weights (the model: the average)
         if self.config.augment == "auto":  # kept, so that a resume augments the same way
             parts["augmentation"] = Recorded({"chosen": self.augmentation})
         return parts
@@ -341,7 +345,8 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
     step_options: dict[str, Any] = {"no_sync": nets.no_sync, "should_stop": should_stop}
     if distributed and config.accumulation == "cache":
         step_options["gather"] = gather_with_grad
+    decay = config.resolved_from_data(classes)["ema_decay"]
     return Optimisation(
         optimizer, scheduler, scaler, loss_fn, loss_module,
         cached_backward if config.accumulation == "cache" else accumulated_backward,
-        step_options, should_stop)
+        step_options, should_stop, WeightAverage(nets.model, decay) if decay else None)

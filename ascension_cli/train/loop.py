@@ -24,6 +24,7 @@ from ascension_cli.errors import TrainingError, Wording, first_line
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
+from ascension_cli.train.average import applied
 from ascension_cli.train.build import BEST, CONFIG, LAST, Run, build_run
 from ascension_cli.train.distributed import any_rank, rank_seed
 from ascension_cli.train.gradcache import StepAbandoned
@@ -235,6 +236,8 @@ class Trainer:
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
+        if opt.average is not None:
+            opt.average.update()
         return float(loss)
 
     def _skip_step(self, nonfinite: bool) -> None:
@@ -298,9 +301,10 @@ class Trainer:
         run = self.run_parts
         if not run.machine.distributed.is_main:
             return
-        state = {**self.state_dict(progress), "epoch": epoch}
-        atomic_save(training_state(run.nets.model, run.nets.spec, to_plain(self.config),
-                                   run.data.scan.classes, **state), path)
+        with applied(run.opt.average):  # the checkpoint's model is what validation measured
+            state = {**self.state_dict(progress), "epoch": epoch}
+            atomic_save(training_state(run.nets.model, run.nets.spec, to_plain(self.config),
+                                       run.data.scan.classes, **state), path)
 
     def stop_mid_epoch(self, epoch: int, progress: EpochProgress, started: float,
                        abandoned: str = "") -> None:
@@ -323,11 +327,12 @@ def validation_recall(run: Run, stop: StopRequest) -> float | None:
         if stop.deferring and should_stop is not None and should_stop():
             raise StepAbandoned
 
-    features, labels, _ = extract_features(
-        run.nets.model, run.loaders.val, run.machine.device, "backbone", run.machine.autocast,
-        on_failed=run.loaders.val_failures, on_batch=abandon_if_asked,
-        channels_last=run.config.channels_last,
-    )
+    with applied(run.opt.average):  # with --ema-decay, the average is what is measured
+        features, labels, _ = extract_features(
+            run.nets.model, run.loaders.val, run.machine.device, "backbone", run.machine.autocast,
+            on_failed=run.loaders.val_failures, on_batch=abandon_if_asked,
+            channels_last=run.config.channels_last,
+        )
     if len(labels) == 0:
         return None
     # The same evaluator as `ascension eval`, so training and eval report the same figure.
