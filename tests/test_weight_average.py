@@ -86,6 +86,20 @@ def test_a_run_saves_the_average_as_its_model_and_resumes_exactly(dataset, tmp_p
                for name, tensor in whole["model"].items() if tensor.is_floating_point())
 
 
+def test_a_checkpoint_whose_average_was_removed_is_refused_in_one_line(dataset, tmp_path):
+    from ascension_cli.errors import CheckpointError
+
+    train(config(dataset, tmp_path / "run", epochs=2, ema_decay=0.5),
+          stop_after_epoch=lambda epoch: epoch == 1)
+    last = tmp_path / "run" / "last.pt"
+    for damage in ({"average": None}, {"average": {"steps": 3}}):
+        payload = torch.load(last, weights_only=True)
+        torch.save({**payload, **damage}, tmp_path / "damaged.pt")
+        with pytest.raises(CheckpointError, match=r"damaged\.pt: its 'average' state is missing"):
+            train(config(dataset, tmp_path / "run", epochs=2, ema_decay=0.5,
+                         resume=str(tmp_path / "damaged.pt")))
+
+
 def test_without_an_average_a_checkpoint_holds_the_trained_weights(dataset, tmp_path):
     train(config(dataset, tmp_path / "run", epochs=1, ema_decay=0))
     assert "average" not in torch.load(tmp_path / "run" / "last.pt", weights_only=True)

@@ -20,7 +20,7 @@ import torch
 
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.embedding.inference import extract_features
-from ascension_cli.errors import TrainingError, Wording, first_line
+from ascension_cli.errors import CheckpointError, TrainingError, Wording, first_line
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
@@ -81,8 +81,7 @@ class Trainer:
             key: part.state_dict() for key, part in self.run_parts.stateful().items()}}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        for key, part in self.run_parts.stateful().items():
-            part.load_state_dict(payload.get(key, []) if key == "excluded" else payload[key])
+        load_parts(self.run_parts.stateful(), payload, self.config.resume)
         self.state.load_state_dict(payload)
         self.result.history = self.state.history
         distributed = self.run_parts.machine.distributed
@@ -338,6 +337,18 @@ def validation_recall(run: Run, stop: StopRequest) -> float | None:
     # The same evaluator as `ascension eval`, so training and eval report the same figure.
     recall = evaluate(features, labels, ks=(1,)).report.recall_at_k[1]
     return None if math.isnan(recall) else recall
+
+
+def load_parts(parts: dict[str, Any], payload: dict[str, Any], source: str | None) -> None:
+    """Each resumable part's state from a checkpoint; a part missing or damaged there (a file
+    edited by hand, or written by another program) is one CheckpointError naming it."""
+    for key, part in parts.items():
+        try:
+            part.load_state_dict(payload.get(key, []) if key == "excluded" else payload[key])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{source}: its '{key}' state is missing or damaged "
+                                  f"({first_line(exc)}); resume from another checkpoint or "
+                                  "train afresh") from None
 
 
 def stop_agreed(stop: StopRequest, machine) -> bool:
