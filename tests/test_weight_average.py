@@ -98,6 +98,9 @@ def test_a_checkpoint_whose_average_was_removed_is_refused_in_one_line(dataset, 
         with pytest.raises(CheckpointError, match=r"damaged\.pt: its 'average' state is missing"):
             train(config(dataset, tmp_path / "run", epochs=2, ema_decay=0.5,
                          resume=str(tmp_path / "damaged.pt")))
+    torch.save({**torch.load(last, weights_only=True), "average": None}, last)
+    with pytest.raises(CheckpointError, match=r"run.last\.pt: its 'average' state is missing"):
+        train(config(dataset, tmp_path / "run", epochs=2, ema_decay=0.5, resume="auto"))
 
 
 def test_without_an_average_a_checkpoint_holds_the_trained_weights(dataset, tmp_path):

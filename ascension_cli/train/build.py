@@ -167,6 +167,11 @@ def _machine(config: TrainConfig) -> Machine:
                    autocast_factory(precision, device))
 
 
+def resumed_path(config: TrainConfig, save_dir: Path) -> Path:
+    """The checkpoint ``--resume`` names (``auto``, or none: the run's own last.pt)."""
+    return save_dir / LAST if config.resume in (None, "auto") else Path(config.resume)
+
+
 def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
                           reporter: Reporter) -> dict[str, Any] | None:
     last = save_dir / LAST
@@ -176,7 +181,7 @@ def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
                                   "auto to continue it or choose another {save_dir}",
                                   options=("resume", "save_dir"))
         return None
-    path = last if config.resume == "auto" else Path(config.resume)
+    path = resumed_path(config, save_dir)
     if path.is_file():
         return load_checkpoint(path)
     if config.resume != "auto":

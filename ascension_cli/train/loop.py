@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
 from ascension_cli.train.average import applied
-from ascension_cli.train.build import BEST, CONFIG, LAST, Run, build_run
+from ascension_cli.train.build import BEST, CONFIG, LAST, Run, build_run, resumed_path
 from ascension_cli.train.distributed import any_rank, rank_seed
 from ascension_cli.train.gradcache import StepAbandoned
 from ascension_cli.train.logbook import (
@@ -81,7 +82,8 @@ class Trainer:
             key: part.state_dict() for key, part in self.run_parts.stateful().items()}}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        load_parts(self.run_parts.stateful(), payload, self.config.resume)
+        load_parts(self.run_parts.stateful(), payload,
+                   resumed_path(self.config, self.run_parts.save_dir))
         self.state.load_state_dict(payload)
         self.result.history = self.state.history
         distributed = self.run_parts.machine.distributed
@@ -339,7 +341,7 @@ def validation_recall(run: Run, stop: StopRequest) -> float | None:
     return None if math.isnan(recall) else recall
 
 
-def load_parts(parts: dict[str, Any], payload: dict[str, Any], source: str | None) -> None:
+def load_parts(parts: dict[str, Any], payload: dict[str, Any], source: Path) -> None:
     """Each resumable part's state from a checkpoint; a part missing or damaged there (a file
     edited by hand, or written by another program) is one CheckpointError naming it."""
     for key, part in parts.items():
