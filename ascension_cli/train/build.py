@@ -174,14 +174,13 @@ def resumed_path(config: TrainConfig, save_dir: Path) -> Path:
 
 def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
                           reporter: Reporter) -> dict[str, Any] | None:
-    last = save_dir / LAST
+    path = resumed_path(config, save_dir)
     if config.resume is None:
-        if last.exists():
+        if path.exists():
             raise CheckpointError(f"{save_dir} already holds a run ({LAST}); pass {{resume}} "
                                   "auto to continue it or choose another {save_dir}",
                                   options=("resume", "save_dir"))
         return None
-    path = resumed_path(config, save_dir)
     if path.is_file():
         return load_checkpoint(path)
     if config.resume != "auto":
