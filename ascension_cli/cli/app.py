@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from ascension_cli import __version__
 from ascension_cli.cli import console as out
-from ascension_cli.cli.console import ImageProgress, RichReporter, console, err_console
+from ascension_cli.cli.console import ImageProgress, RichReporter, console, err_console, shown
 from ascension_cli.cli.guard import say_error, user_errors
 from ascension_cli.cli.options import extra_option, given, options_of
 from ascension_cli.config import (
@@ -131,7 +131,7 @@ def embed(**options: Any) -> None:
                 result = run_embed(settings, progress)
         except KeyboardInterrupt:
             err_console.print(f"interrupted: the finished chunks are kept in "
-                              f"{escape(str(parts_kept(settings)))}; the same command "
+                              f"{escape(shown(parts_kept(settings)))}; the same command "
                               "embeds only the rest", soft_wrap=True, highlight=False)
             raise typer.Exit(130) from None
         out.print_embedded(result)

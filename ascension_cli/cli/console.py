@@ -4,11 +4,13 @@ computes. Notes that name options (``errors.Wording``) are spelled with their fl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ascension_cli.config.fields import option_name
 from ascension_cli.errors import Wording
@@ -20,14 +22,40 @@ if TYPE_CHECKING:
     from ascension_cli.retrieval.evaluate import EvaluationRun
     from ascension_cli.train.logbook import EpochRecord
 
-console = Console()
-err_console = Console(stderr=True)
+# Text from the data (classes, item ids, file names) reaches stdout: nothing printed there is
+# read as markup ("[/x]"), emoji codes (":shirt:") or highlighted. stderr keeps markup for the
+# red "error:" label; guard.py escapes what it prints after it.
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, emoji=False)
+
+# Characters that would act on the terminal rather than show: C0 and C1 controls, DEL, and the
+# bidirectional overrides that reorder what a line seems to say.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: object, lines: bool = False) -> str:
+    """Text as the console shows it: each control character as an escape (``\\x1b``), so a
+    class or file name can neither move the cursor, colour the terminal nor hide part of
+    itself; ``lines`` keeps line breaks (a message of several lines)."""
+    if not lines:
+        return _CONTROL.sub(_escaped, str(text))
+    return "\n".join(_CONTROL.sub(_escaped, line) for line in str(text).split("\n"))
+
+
+def cell(text: object) -> Text:
+    """A table cell from the data: shown as it is (``shown``), never read as markup."""
+    return Text(shown(text))
 
 
 def say(text: str) -> None:
     """One plain line on stdout (no markup, no highlighting, long lines unwrapped): a file
-    name in brackets is printed as it is."""
-    console.print(text, highlight=False, soft_wrap=True, markup=False)
+    name in brackets is printed as it is, control characters as escapes."""
+    console.print(shown(text, lines=True), soft_wrap=True)
 
 
 def spelled(text: str) -> str:
@@ -47,10 +75,10 @@ def progress_bar(out: Console, fields: str):
     )
 
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(fields),
+        TextColumn(fields, markup=False),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -70,14 +98,14 @@ class RichReporter:
         self.task = None
 
     def message(self, text: str) -> None:
-        self.console.print(spelled(text), highlight=False, soft_wrap=True)
+        self.console.print(shown(spelled(text), lines=True), soft_wrap=True)
 
     def table(self, title: str, rows: list[tuple[str, str]]) -> None:
-        table = Table(title=title, show_header=False, title_justify="left")
+        table = Table(title=cell(title), show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         for key, value in rows:
-            table.add_row(key, value)
+            table.add_row(cell(key), cell(value))
         self.console.print(table)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -94,7 +122,8 @@ class RichReporter:
 
     def work_start(self, description: str, total: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(description, total=total, loss="-", lr="-", speed="")
+        self.task = self.progress.add_task(shown(description), total=total, loss="-", lr="-",
+                                           speed="")
 
     def work_advance(self, count: int) -> None:
         self.progress.update(self.task, advance=count)
@@ -122,7 +151,6 @@ class RichReporter:
             f"epoch {record.epoch:>3}  step {record.step:>6}  loss {loss}  lr {record.lr:.2e}  "
             f"val recall@1 {recall}{mark}  {speed} img/s  "
             f"{record.seconds:.1f}s{wait}",
-            highlight=False,
             soft_wrap=True,
         )
 
@@ -142,7 +170,7 @@ class ImageProgress(Progress):
 
     def start(self, total: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=total, rate="")
+        self.task = self.progress.add_task(shown(self.description), total=total, rate="")
 
     def advance(self, count: int) -> None:
         self.progress.advance(self.task, count)
@@ -151,11 +179,11 @@ class ImageProgress(Progress):
             self.progress.update(self.task, rate=f"{speed:.1f} img/s")
 
     def failed(self, failure) -> None:
-        self.progress.console.print(f"skipped unreadable image: {failure.reason}",
-                                    highlight=False, soft_wrap=True)
+        self.progress.console.print(shown(f"skipped unreadable image: {failure.reason}"),
+                                    soft_wrap=True)
 
     def note(self, text: str) -> None:
-        self.progress.console.print(spelled(text), highlight=False, soft_wrap=True)
+        self.progress.console.print(shown(spelled(text), lines=True), soft_wrap=True)
 
     def __enter__(self) -> ImageProgress:
         return self
@@ -188,7 +216,7 @@ def print_evaluation(run: EvaluationRun) -> None:
     per_class.add_column("Recall@1", justify="right")
     for label, value in sorted(report.per_class_recall_at_1.items(), key=lambda item: item[1]):
         name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        per_class.add_row(name, f"{value:.4f}")
+        per_class.add_row(cell(name), f"{value:.4f}")
     console.print(per_class)
     note = f"{report.queries} queries"
     if report.excluded_queries:
@@ -196,7 +224,7 @@ def print_evaluation(run: EvaluationRun) -> None:
     if evaluation.approximate_recall is not None:
         note += (f"; {evaluation.index_kind} index finds {evaluation.approximate_recall:.1%} "
                  "of the exact top-k (sampled)")
-    console.print(note, highlight=False)
+    console.print(note)
 
 
 def _match_name(match) -> str:
@@ -280,16 +308,18 @@ def print_calibration(calibration: dict) -> None:
         f"{calibration['fnmr']:.1%}, Recall@1 of the accepted "
         f"{calibration['recall_at_1_accepted']:.4f}, ROC AUC {calibration['auc']:.3f}; "
         "written into the catalogue")
+    for warning in calibration.get("warnings", []):
+        say(f"warning: {warning}")
 
 
 def print_search(catalog: Path, results: list) -> None:
-    table = Table(title=f"search in {catalog}", title_justify="left")
+    table = Table(title=cell(f"search in {catalog}"), title_justify="left")
     for column in ("query", "prediction", "score", "best matches (similarity)"):
         table.add_column(column)
     for result in results:
         prediction = "unknown" if result.unknown else (result.predicted or "-")
         best = ", ".join(f"{_match_name(m)} ({m.similarity:.3f})" for m in result.matches[:3])
-        table.add_row(result.query, prediction, f"{result.score:.2f}", best)
+        table.add_row(cell(result.query), cell(prediction), f"{result.score:.2f}", cell(best))
     console.print(table)
 
 
@@ -312,12 +342,12 @@ def print_training_summary(result: TrainSummary) -> None:
     best, untrained = result.best_recall_at_1, result.untrained_recall_at_1
     best_text = "-" if best is None else f"{best:.4f}"
     console.print(
-        f"done: {len(trained)} epoch(s) this run, best validation recall@1 {best_text}; "
-        f"checkpoints in {result.save_dir}", highlight=False,
+        shown(f"done: {len(trained)} epoch(s) this run, best validation recall@1 "
+              f"{best_text}; checkpoints in {result.save_dir}"),
     )
     if best is not None and untrained is not None and best <= untrained:
         console.print(
             f"note: training has not yet beaten the untrained model (validation recall@1 "
             f"{untrained:.4f} before training); best.pt holds the best trained epoch. Train "
-            "longer, or lower --lr.", highlight=False,
+            "longer, or lower --lr.",
         )

@@ -9,15 +9,15 @@ from contextlib import contextmanager
 import typer
 from rich.markup import escape
 
-from ascension_cli.cli.console import err_console
+from ascension_cli.cli.console import err_console, shown
 from ascension_cli.config import option_name
 from ascension_cli.errors import WRITE_REFUSED_ERRNOS, AscensionError, Interrupted
 
 
 def say_error(exc: AscensionError) -> None:
-    # Escaped: "[mlflow]" or a file name is not rich markup.
-    err_console.print(f"[bold red]error:[/] {escape(exc.render(option_name))}", soft_wrap=True,
-                      highlight=False)
+    # Escaped: "[mlflow]" or a file name is not rich markup, nor a control character.
+    err_console.print(f"[bold red]error:[/] {escape(shown(exc.render(option_name)))}",
+                      soft_wrap=True, highlight=False)
 
 
 @contextmanager
@@ -26,7 +26,8 @@ def user_errors():
     try:
         yield
     except Interrupted as exc:
-        err_console.print(escape(exc.render(option_name)), soft_wrap=True, highlight=False)
+        err_console.print(escape(shown(exc.render(option_name))), soft_wrap=True,
+                          highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except AscensionError as exc:
         say_error(exc)
@@ -39,7 +40,7 @@ def user_errors():
         # previous checkpoint or vectors file is intact.
         if exc.errno not in WRITE_REFUSED_ERRNOS:
             raise
-        where = f" {escape(str(exc.filename))}" if exc.filename else ""
+        where = f" {escape(shown(exc.filename))}" if exc.filename else ""
         err_console.print(
             f"[bold red]error:[/] cannot write{where}: {exc.strerror or exc}; files written "
             "before are intact", soft_wrap=True, highlight=False,
