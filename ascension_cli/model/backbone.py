@@ -22,6 +22,10 @@ WEIGHTS_OPTIONS = ("weights", "no_pretrained")  # what a user can do about missi
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
 
 
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model and its eval transform from a checkpoint."""
@@ -47,9 +51,24 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """A spec a checkpoint or catalogue recorded, each field checked (``ValueError`` names
+        the first wrong one): a file may have been edited by hand."""
         values = dict(data)
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
-        return cls(**values)
+        spec = cls(**values)
+        numbers = [*spec.mean, *spec.std, spec.crop_pct]
+        checks = {"name": isinstance(spec.name, str) and bool(spec.name),
+                  "head": spec.head in ("none", "mlp", "linear"),
+                  "image_size": _whole(spec.image_size, 16, 4096),
+                  "embedding_dim": _whole(spec.embedding_dim, 2, 65536),
+                  "num_features": _whole(spec.num_features, 1, 1 << 20),
+                  "mean, std and crop_pct": len(spec.mean) == len(spec.std) == 3 and all(
+                      isinstance(n, int | float) and 0 <= n <= 1000 for n in numbers)
+                  and all(n > 0 for n in spec.std) and 0 < spec.crop_pct <= 1}
+        wrong = [name for name, good in checks.items() if not good]
+        if wrong:
+            raise ValueError(f"the model spec's {wrong[0]} is out of range")
+        return spec
 
 
 class EmbeddingModel(nn.Module):

@@ -58,6 +58,13 @@ def not_a_checkpoint(path: Path, why: str) -> CheckpointError:
     return CheckpointError(str(not_ours(path, "an Ascension checkpoint", why)))
 
 
+def damaged_entry(source: Path, key: str, why: str) -> CheckpointError:
+    """The one error for a checkpoint entry a resume cannot use (missing, of the wrong kind,
+    shape or range), naming the entry and the file."""
+    return CheckpointError(f"{source}: its '{key}' state is missing or damaged ({why}); resume "
+                           "from another checkpoint or train afresh")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load an Ascension checkpoint with ``weights_only=True`` and check its format.
 

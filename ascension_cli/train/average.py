@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ascension_cli.train.state import finite_weights
+
 # The average's share kept per step ramps up as (1 + n) / (WARMUP + n) after n steps, so the
 # starting weights fade within the first steps (as timm's ModelEmaV3 warmup does).
 WARMUP = 10
@@ -75,9 +77,14 @@ class WeightAverage:
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Resume: the model, loaded from the checkpoint, holds the average; put the trained
         weights back into it."""
-        self.average = _copy(self.model.state_dict())
-        self.model.load_state_dict(payload["trained"])
-        self.steps = int(payload["steps"])
+        steps, trained = payload["steps"], payload["trained"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            # A negative count would extrapolate (a kept share below 0) or divide by zero.
+            raise ValueError(f"its step count must be a whole number from 0, not {steps!r:.40}")
+        finite_weights(trained)
+        average = _copy(self.model.state_dict())
+        self.model.load_state_dict(trained)
+        self.average, self.steps = average, steps
 
 
 def applied(average: WeightAverage | None) -> AbstractContextManager:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -21,12 +21,13 @@ import yaml
 
 from ascension_cli.atomic import atomic_write_text
 from ascension_cli.config import TrainConfig, check_resumable, to_plain
+from ascension_cli.config.fields import Augment
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
-from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording
+from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording, first_line
 from ascension_cli.losses import PML_PREFIX, SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
-from ascension_cli.model.checkpoint import load_checkpoint
+from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint
 from ascension_cli.runtime import (
     DistributedContext,
     autocast_factory,
@@ -44,7 +45,7 @@ from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.schedule import adamw, scaled_lr, warmup_steps, warmup_then
-from ascension_cli.train.state import Recorded
+from ascension_cli.train.state import Recorded, finite_weights
 from ascension_cli.train.stopping import StopRequest
 
 LAST = "last.pt"
@@ -133,6 +134,7 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
                          "val_fraction" in config.model_fields_set, config.cache_images)
     config = _fitted(config, data, machine.distributed.world_size, reporter)
     if checkpoint is not None:
+        _check_entries(checkpoint, resumed_path(config, save_dir))
         check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
     augmentation = _augmentation(config, checkpoint, data, nets, machine, reporter)
@@ -189,6 +191,27 @@ def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
     return None
 
 
+# What ``--augment auto`` may have chosen, as a checkpoint records it.
+_CHOSEN = tuple(choice for choice in get_args(Augment) if choice != "auto")
+
+
+def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
+    """The entries read before the run is built: what it was trained on and its augmentation
+    (the rest is checked where it is loaded, ``Trainer.load_state_dict``)."""
+    options = checkpoint.get("config")
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise damaged_entry(source, "config", "not a record of options")
+    classes = checkpoint.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise damaged_entry(source, "classes", "not a list of class names")
+    if "augmentation" in checkpoint:
+        record = checkpoint["augmentation"]
+        chosen = record.get("chosen") if isinstance(record, dict) else None
+        if chosen not in _CHOSEN:
+            raise damaged_entry(source, "augmentation", f"the choice must be one of "
+                                f"{', '.join(_CHOSEN)}, not {str(chosen)[:40]!r}")
+
+
 def _fitted(config: TrainConfig, data: TrainData, world_size: int,
             reporter: Reporter) -> TrainConfig:
     """The batch options fitted to the training set before anything is allocated: options the
@@ -219,9 +242,7 @@ def _fitted(config: TrainConfig, data: TrainData, world_size: int,
 def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: Machine,
               data: TrainData, reporter: Reporter) -> Networks:
     if checkpoint is not None:
-        spec = ModelSpec.from_dict(checkpoint["spec"])
-        model = model_from_spec(spec)
-        model.load_state_dict(checkpoint["model"])
+        model, spec = _resumed_model(checkpoint, resumed_path(config, Path(config.save_dir)))
     else:
         model, spec = build_model(
             config.model, embedding_dim=config.embedding_dim, head=config.head,
@@ -254,6 +275,22 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
         reporter.message(Wording("{compile}: the first steps compile the model, which takes "
                                  "minutes", ("compile",)))
     return Networks(model, spec, trained, no_sync, compile_errors)
+
+
+def _resumed_model(checkpoint: dict[str, Any], source: Path) -> tuple[EmbeddingModel, ModelSpec]:
+    """The checkpoint's model, its spec and weights checked: one that does not fit is one
+    CheckpointError naming the entry."""
+    try:
+        spec = ModelSpec.from_dict(checkpoint["spec"])
+        model = model_from_spec(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise damaged_entry(source, "spec", first_line(exc)) from None
+    try:
+        finite_weights(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise damaged_entry(source, "model", first_line(exc)) from None
+    return model, spec
 
 
 def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,

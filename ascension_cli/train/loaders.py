@@ -63,6 +63,11 @@ class Exclusions:
         return sorted(self.sampler.excluded)
 
     def load_state_dict(self, excluded: list[int]) -> None:
+        size = len(getattr(self.sampler, "labels", ()))
+        if not isinstance(excluded, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 and (not size or i < size)
+                for i in excluded):
+            raise ValueError("not a list of the training set's image numbers")
         self.sampler.exclude(excluded)
 
 

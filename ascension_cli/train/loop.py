@@ -13,7 +13,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.embedding.inference import extract_features
-from ascension_cli.errors import CheckpointError, TrainingError, Wording, first_line
+from ascension_cli.errors import TrainingError, Wording, first_line
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
@@ -39,7 +38,7 @@ from ascension_cli.train.logbook import (
     write_metrics,
 )
 from ascension_cli.train.reporter import Reporter
-from ascension_cli.train.state import EpochProgress, TrainState
+from ascension_cli.train.state import EpochProgress, TrainState, load_parts, load_state
 from ascension_cli.train.stopping import StopRequest, interrupted
 from ascension_cli.train.trackers import Tracker, Trackers, open_trackers, require
 
@@ -82,9 +81,9 @@ class Trainer:
             key: part.state_dict() for key, part in self.run_parts.stateful().items()}}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        load_parts(self.run_parts.stateful(), payload,
-                   resumed_path(self.config, self.run_parts.save_dir))
-        self.state.load_state_dict(payload)
+        source = resumed_path(self.config, self.run_parts.save_dir)
+        load_parts(self.run_parts.stateful(), payload, source)
+        load_state(self.state, payload, source)
         self.result.history = self.state.history
         distributed = self.run_parts.machine.distributed
         if distributed.enabled:  # rank 0's saved RNG for all would give one dropout mask
@@ -339,18 +338,6 @@ def validation_recall(run: Run, stop: StopRequest) -> float | None:
     # The same evaluator as `ascension eval`, so training and eval report the same figure.
     recall = evaluate(features, labels, ks=(1,)).report.recall_at_k[1]
     return None if math.isnan(recall) else recall
-
-
-def load_parts(parts: dict[str, Any], payload: dict[str, Any], source: Path) -> None:
-    """Each resumable part's state from a checkpoint; a part missing or damaged there (a file
-    edited by hand, or written by another program) is one CheckpointError naming it."""
-    for key, part in parts.items():
-        try:
-            part.load_state_dict(payload.get(key, []) if key == "excluded" else payload[key])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{source}: its '{key}' state is missing or damaged "
-                                  f"({first_line(exc)}); resume from another checkpoint or "
-                                  "train afresh") from None
 
 
 def stop_agreed(stop: StopRequest, machine) -> bool:
