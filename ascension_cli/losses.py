@@ -191,19 +191,30 @@ def pml_loss(name: str, options: dict, num_classes: int, embedding_size: int) ->
         loss = PMLLoss(kind(**given))
         _try_on_a_small_batch(loss, num_classes, embedding_size)
     except Exception as exc:  # an option of a type the loss cannot use: say so before training
-        raise ValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())}): "
+        raise ValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())}) on "
+                         f"the data's {num_classes} classes: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from None
     return loss
 
 
 def _try_on_a_small_batch(loss: PMLLoss, num_classes: int, embedding_size: int) -> None:
-    """One forward pass on four random unit vectors of two classes (its own generator: the
-    run's random streams are untouched)."""
+    """One forward and backward pass on random unit vectors of the data's first two and last
+    two classes, two of each (its own generator: the run's random streams are untouched), so
+    that an option that does not fit the data (``num_classes`` too small) or makes every step
+    useless (a loss or gradient of NaN or infinity) is refused before training."""
     generator = torch.Generator().manual_seed(0)
+    classes = sorted({0, 1, max(0, num_classes - 2), max(0, num_classes - 1)})
+    labels = torch.tensor([label for label in classes for _ in range(2)])
     embeddings = torch.nn.functional.normalize(
-        torch.randn(4, embedding_size, generator=generator), dim=-1)
-    with torch.no_grad():
-        value = loss(embeddings, torch.tensor([0, 0, 1, 1]) % max(1, num_classes))
+        torch.randn(len(labels), embedding_size, generator=generator), dim=-1).requires_grad_()
+    value = loss(embeddings, labels)
     if value.dim() != 0:
         raise ValueError(f"it gives a tensor of shape {tuple(value.shape)}, not one number")
+    if not torch.isfinite(value):
+        raise ValueError(f"it gives a loss of {value.item()} on a trial batch: every step "
+                         "would be skipped")
+    gradients = torch.autograd.grad(value, [embeddings, *loss.parameters()], allow_unused=True)
+    if not all(torch.isfinite(g).all() for g in gradients if g is not None):
+        raise ValueError("its gradient on a trial batch holds NaN or infinity: every step "
+                         "would be skipped")

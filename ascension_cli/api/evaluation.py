@@ -101,9 +101,16 @@ def open_set_of(run: EvaluationRun, share: float, target_fmr: float,
     except ValueError as exc:
         raise VectorsError(f"{{unknown_classes}}: {exc}", options=("unknown_classes",)) from None
     same = searched is queries
-    return evaluate_open_set(queries.vectors, queries.labels, None if same else searched.vectors,
-                             None if same else searched.labels, unknown, searched.class_names,
-                             target_fmr)
+    held = set(searched.class_names)
+    # Queries of classes the gallery lacks are unknowns too (as `calibrate` counts them).
+    lacking = [] if same else [name for name in queries.class_names if name not in held]
+    try:
+        return evaluate_open_set(
+            queries.vectors, queries.labels, None if same else searched.vectors,
+            None if same else searched.labels, unknown, searched.class_names, target_fmr,
+            lacking)
+    except ValueError as exc:
+        raise VectorsError(f"{{unknown_classes}}: {exc}", options=("unknown_classes",)) from None
 
 
 def run_report(settings: ReportConfig, progress: Progress | None = None) -> ReportInfo:

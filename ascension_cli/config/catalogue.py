@@ -26,7 +26,10 @@ from ascension_cli.config.fields import (
     check_device,
     check_path,
     features_field,
+    held_out_seed_field,
     split_field,
+    target_fmr_field,
+    unknown_classes_field,
 )
 
 
@@ -107,13 +110,13 @@ class CalibrateConfig(_RunOptions):
     images: ImageSource = Field(
         description="Labelled photos the catalogue was not built from (class folders or a "
         "manifest), some of classes it lacks: the unknowns a threshold must refuse.")
-    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of new photos of items "
-                              "the catalogue lacks that the threshold should accept, on average "
-                              "(never more than this share of IMAGES' unknowns).")
-    unknown_classes: float | None = Field(
-        None, gt=0, lt=1, description="Also hold out this share of the catalogue's classes "
-        "(seeded) as unknowns, when IMAGES has few classes the catalogue lacks.")
-    seed: int = Field(0, description="Which classes --unknown-classes holds out.")
+    target_fmr: float = target_fmr_field(
+        "The share of new photos of items the catalogue lacks that the threshold should accept, "
+        "on average (never more than this share of IMAGES' unknowns).")
+    unknown_classes: float | None = unknown_classes_field(
+        "Also hold out this share of the catalogue's classes (seeded) as unknowns, when IMAGES "
+        "has few classes the catalogue lacks.")
+    seed: int = held_out_seed_field()
     split: Split | None = split_field()
 
 

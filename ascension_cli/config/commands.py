@@ -29,8 +29,11 @@ from ascension_cli.config.fields import (
     check_device,
     check_path,
     features_field,
+    held_out_seed_field,
     image_size_field,
     split_field,
+    target_fmr_field,
+    unknown_classes_field,
 )
 from ascension_cli.formats import PARTS_CHUNK
 
@@ -152,14 +155,25 @@ class _MeasureOptions(_RunOptions):
 class _OpenSetOptions(BaseModel):
     """The open-set measurement ``eval`` reports and ``report`` draws."""
 
-    unknown_classes: float | None = Field(
-        None, gt=0, lt=1, description="Also measure the open set: hold out this share of the "
-        "classes (seeded), their photos out of the gallery and their queries unknown, and report "
-        "over thresholds the unknowns accepted (FMR), the known refused (FNMR), Recall@1 of the "
-        "accepted, the ROC AUC and the threshold for --target-fmr.")
-    target_fmr: float = Field(0.01, gt=0, lt=1, description="The share of unknown queries a "
-                              "threshold may accept (with --unknown-classes).")
-    seed: int = Field(0, description="Which classes --unknown-classes holds out.")
+    unknown_classes: float | None = unknown_classes_field(
+        "Also measure the open set: hold out this share of the classes (seeded), their photos "
+        "out of the gallery and their queries unknown (with --gallery, queries of classes it "
+        "lacks are unknown too), and report over thresholds the unknowns accepted (FMR), the "
+        "known refused (FNMR), Recall@1 of the accepted, the ROC AUC and the threshold for "
+        "--target-fmr.")
+    target_fmr: float = target_fmr_field("The share of unknown queries a threshold may accept "
+                                         "(with --unknown-classes).")
+    seed: int = held_out_seed_field()
+
+    @model_validator(mode="after")
+    def _open_set_given(self):
+        """--target-fmr and --seed choose what --unknown-classes measures: alone, they would
+        be ignored."""
+        alone = sorted({"target_fmr", "seed"} & self.model_fields_set)
+        if alone and self.unknown_classes is None:
+            raise ValueError(f"--{alone[0].replace('_', '-')} applies to the open-set "
+                             "measurement: give --unknown-classes too")
+        return self
 
 
 class EvalConfig(_MeasureOptions, _OpenSetOptions):

@@ -47,6 +47,9 @@ COSINE_FLOOR = 0.01
 # more classes than a target batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
 TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
+# Below this, similarities over the temperature overflow float32 (1e-45 gives every step a
+# non-finite loss); published SupCon runs use 0.05 to 0.5.
+MIN_TEMPERATURE = 0.001
 LR_SCHEDULE, MANY_CLASS_LR = "cosine", "constant"
 MANY_CLASS_EMA = 0.9
 # The options whose default depends on the data: (the value in that many-class case, the
@@ -82,6 +85,20 @@ GroupBy = Literal["photo", "item"]
 def features_field() -> Any:
     return Field("backbone", description="backbone: the pooled trunk features, which training "
                  "shapes and retrieval uses. head: the projection head's output.")
+
+
+# The open-set options eval, report and calibrate share: one definition of each, with its range;
+# the help says what each command does with it.
+def unknown_classes_field(description: str) -> Any:
+    return Field(None, gt=0, lt=1, description=description)
+
+
+def target_fmr_field(description: str) -> Any:
+    return Field(0.01, gt=0, lt=1, description=description)
+
+
+def held_out_seed_field() -> Any:
+    return Field(0, ge=0, le=2**32 - 1, description="Which classes --unknown-classes holds out.")
 
 
 def image_size_field() -> Any:

@@ -3,6 +3,7 @@ checks across fields (target batch a multiple of the micro-batch, ...)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ascension_cli.config.fields import (
     MANY_CLASS_EMA,
     MANY_CLASS_LR,
     MANY_CLASS_TEMPERATURE,
+    MIN_TEMPERATURE,
     RESUMABLE,
     TEMPERATURE,
     WARMUP_SHARE,
@@ -80,7 +82,7 @@ class TrainConfig(BaseModel):
         description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
-    temperature: float | None = Field(None, gt=0, le=10, description=(
+    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, le=10, description=(
         f"SupCon temperature. (default: {TEMPERATURE}; {MANY_CLASS_TEMPERATURE} when a target "
         "batch cannot hold every class)"))
     loss: str = Field(
@@ -282,13 +284,31 @@ class TrainConfig(BaseModel):
     @property
     def loss_options(self) -> dict[str, Any]:
         """--loss-option key=value pairs, the values read as YAML (numbers, true, text)."""
-        options = {}
-        for item in self.loss_option:
-            key, equals, value = item.partition("=")
-            if not equals or not key.strip().isidentifier():
-                raise ValueError(f"--loss-option {item!r}: give key=value, like margin=0.1")
-            options[key.strip()] = option_value(value.strip())
-        return options
+        return dict(loss_option(item) for item in self.loss_option)
+
+
+def loss_option(item: str) -> tuple[str, Any]:
+    """One --loss-option key=value: the key, and the value read as YAML, with no NaN or
+    infinity in it."""
+    key, equals, value = item.partition("=")
+    if not equals or not key.strip().isidentifier():
+        raise ValueError(f"--loss-option {item!r}: give key=value, like margin=0.1")
+    read = option_value(value.strip())
+    if not _finite(read):
+        raise ValueError(f"--loss-option {item!r}: give a finite number (NaN and infinity "
+                         "make every step useless)")
+    return key.strip(), read
+
+
+def _finite(value: Any) -> bool:
+    """Whether a --loss-option value holds no NaN or infinity (in a list or mapping either)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    return True
 
 
 def option_value(text: str) -> Any:

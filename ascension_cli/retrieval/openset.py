@@ -183,16 +183,18 @@ def top1(query_vectors: np.ndarray, gallery_vectors: np.ndarray | None,
 def evaluate_open_set(query_vectors: np.ndarray, query_labels: np.ndarray,
                       gallery_vectors: np.ndarray | None, gallery_labels: np.ndarray | None,
                       unknown: np.ndarray, class_names: list[str],
-                      target_fmr: float = 0.01) -> OpenSetReport:
+                      target_fmr: float = 0.01, lacking: list[str] = ()) -> OpenSetReport:
     """Queries of the ``unknown`` classes become unknowns: the gallery (the queries themselves,
     each its own vector excluded, when None) loses those classes' photos, and each query's top-1
-    similarity tells known from unknown."""
+    similarity tells known from unknown. A query of a class the searched gallery has no photo
+    of is unknown too, whatever its label (``lacking``: the names of such classes, for the
+    report): a known query is one that can be right."""
     same = gallery_vectors is None
     gallery_vectors = query_vectors if same else gallery_vectors
     gallery_labels = query_labels if same else gallery_labels
     keep = ~np.isin(gallery_labels, unknown)
     searched, searched_labels = gallery_vectors[keep], gallery_labels[keep]
-    is_unknown = np.isin(query_labels, unknown)
+    is_unknown = np.isin(query_labels, unknown) | ~np.isin(query_labels, searched_labels)
     ids, similarity = top1(query_vectors, searched, False)
     if same:  # a known query must not find itself: search the known ones among themselves
         known_rows = np.flatnonzero(~is_unknown)
@@ -206,6 +208,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: np.ndarray,
     at = rates_at(similarity[~is_unknown], correct[~is_unknown], similarity[is_unknown],
                   threshold)
     return OpenSetReport(
-        [class_names[c] for c in unknown], int((~is_unknown).sum()), int(is_unknown.sum()),
+        [class_names[c] for c in unknown] + list(lacking), int((~is_unknown).sum()),
+        int(is_unknown.sum()),
         curve, target_fmr, threshold, *at, similarity[~is_unknown], correct[~is_unknown],
         similarity[is_unknown])
