@@ -64,6 +64,13 @@ SIDECARS = [
     ("shard-class-counts-wrong-sum", lambda s: s["shards"][1].update(
         class_counts=[c + 1 for c in s["shards"][1]["class_counts"]]), "do not add up"),
     ("shards-not-objects", lambda s: s.update(shards=[1, 2]), "shards[0] is not an object"),
+    # Counts size allocations (a label per sample): never more than the shards hold.
+    ("class-counts-huge", lambda s: ([shard.pop("class_counts") for shard in s["shards"]],
+                                     s.update(class_counts=[10**13] * 4)), "add up to"),
+    ("shard-count-beyond-its-file", lambda s: (
+        [shard.pop("class_counts") for shard in s["shards"]],
+        s["class_counts"].__setitem__(0, s["class_counts"][0] + 10**6 - s["shards"][0]["count"]),
+        s["shards"][0].update(count=10**6)), "cannot"),
 ]
 
 

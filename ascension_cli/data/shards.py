@@ -32,6 +32,13 @@ SIDECAR = "dataset.json"
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_SIDECAR_MEMBER_BYTES = 2**20  # a .cls or .json member
 MAX_DATASET_JSON_BYTES = 256 * 2**20
+# A count dataset.json claims sizes allocations (a label per sample), so it is bounded by what
+# the shards can hold: a sample is at least two tar members, a 512-byte header each and a
+# 512-byte block for its label; a shard read over a URL (its size unknown up front) by a count
+# per shard, and a shard set by a total.
+MIN_SAMPLE_BYTES = 1536
+MAX_SHARD_SAMPLES = 10**7
+MAX_SAMPLES = 10**9
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -239,8 +246,8 @@ def _sidecar_problem(sidecar: dict) -> str | None:
                 or name.startswith(".") or name in names):
             return f"shards[{number}].name must be a distinct plain file name"
         names.add(name)
-        if not _count(shard.get("count")):
-            return f"shards[{number}].count must be a whole number"
+        if not _count(shard.get("count")) or shard["count"] > MAX_SHARD_SAMPLES:
+            return f"shards[{number}].count must be a whole number up to {MAX_SHARD_SAMPLES}"
         if shard.get("class_counts") is not None:
             problem = _counts_problem(shard["class_counts"], len(classes),
                                       f"shards[{number}].class_counts")
@@ -248,6 +255,10 @@ def _sidecar_problem(sidecar: dict) -> str | None:
                 problem = f"shards[{number}].class_counts do not add up to its count"
             if problem is not None:
                 return problem
+    total = sum(shard["count"] for shard in shards)
+    if sum(sidecar["class_counts"]) != total or total > MAX_SAMPLES:
+        return (f"class_counts add up to {sum(sidecar['class_counts'])}, the shards' counts to "
+                f"{total} (at most {MAX_SAMPLES})")
     return None
 
 
@@ -274,6 +285,12 @@ def open_shards(source: str | Path) -> ShardSet:
         if missing:
             raise DataError(f"shard not found: {missing[0]}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        for url in urls:
+            claimed, size = counts[url.rsplit("/", 1)[-1]], os.path.getsize(url)
+            if claimed > size // MIN_SAMPLE_BYTES:
+                raise DataError(f"{sidecar_url} says {url} holds {claimed} images; a file of "
+                                f"{size} bytes cannot: write the shards again with "
+                                "`ascension shard`")
     names = [url.rsplit("/", 1)[-1] for url in urls]
     per_shard = {shard["name"]: shard.get("class_counts") for shard in sidecar["shards"]}
     # The classes' counts in the shards chosen (a pattern may name a subset of them).
