@@ -110,6 +110,10 @@ class CatalogError(AscensionError):
     """A catalogue folder is damaged, incomplete, or of a version this Ascension cannot read."""
 
 
+class ItemClash(CatalogError):
+    """A change would file one item id under two classes (the service answers 409)."""
+
+
 class Interrupted(AscensionError):
     """SIGINT/SIGTERM stopped training after a resumable checkpoint was written."""
 

@@ -4,8 +4,9 @@ in ``catalog/layout.py``). A reader refuses a file whose stamp is not its own, n
 # A training checkpoint (``model/checkpoint.py``) and a catalogue's model file.
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "ascension-checkpoint", 1
 MODEL_FILE_FORMAT = "ascension-catalog-model"
-# A vectors file from ``embed`` (``embedding/vectors.py``).
-VECTORS_FORMAT, VECTORS_VERSION = "ascension-vectors", 1
+# A vectors file from ``embed`` (``embedding/vectors.py``). Version 2 keeps its strings (paths,
+# classes, item ids) variable-length (``strings.py``); version 1 files still read.
+VECTORS_FORMAT, VECTORS_VERSION, VECTORS_READABLE = "ascension-vectors", 2, (1, 2)
 # identity.json of an embedding's parts folder (``embedding/parts.py``): the folder is ours.
 PARTS_FORMAT = "ascension-embed-parts"
 # Images per part (chunk) of a folder or manifest, unless --chunk-size says otherwise.

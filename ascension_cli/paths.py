@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ascension_cli.formats import VECTORS_FORMAT, VECTORS_VERSION
+from ascension_cli.formats import VECTORS_FORMAT, VECTORS_READABLE
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -192,9 +192,10 @@ def vectors_file(path: Path) -> Path:
         raise not_ours(path, what, "not a readable .npz archive") from None
     if stamp != VECTORS_FORMAT:
         raise not_ours(path, what, "another tool wrote it")
-    if version != VECTORS_VERSION:
+    if version not in VECTORS_READABLE:
         raise ValueError(f"{path} is a version-{version} vectors file; this Ascension reads "
-                         f"version {VECTORS_VERSION}: embed the images again")
+                         f"versions {', '.join(map(str, VECTORS_READABLE))}: embed the images "
+                         "again")
     return path
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ascension_cli.catalog.layout import CATALOG_VERSION
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.train.loop import train
@@ -296,7 +297,8 @@ CASES: list[tuple[str, Callable[[Zoo], list], int, str]] = [
      "is damaged"),
     ("catalog-other-version", lambda z: ["search", z.spoilt_catalog(
         "v99", lambda c: (c / "catalog.json").write_text(
-            (c / "catalog.json").read_text().replace('"version": 2', '"version": 99'))),
+            (c / "catalog.json").read_text().replace(f'"version": {CATALOG_VERSION}',
+                                                     '"version": 99'))),
         z.data], 2, "version-99 catalogue"),
     ("catalog-items-damaged", lambda z: ["search", z.spoilt_catalog(
         "items", lambda c: live(c, "items").write_bytes(b"PK\x03\x04 cut")), z.data], 2,

@@ -44,7 +44,7 @@ data/circle/001.png,round,val,true,false,
     assert scan.splits.tolist() == ["train", "validation", "test"]
     assert scan.is_query.tolist() == [False, True, True]
     assert scan.is_gallery.tolist() == [False, False, True]
-    assert scan.item_ids == ["a", "001.png", "c"]  # an empty item id is the file name
+    assert scan.item_ids == ["a", "round", "c"]  # an empty item id is the default: the class
     assert scan.name(0) == "data/circle/000.png"
 
 

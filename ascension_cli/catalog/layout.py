@@ -5,7 +5,8 @@ names of its generations. Imports nothing of Ascension, so the path checks can u
                         names, the index's kind, shape and measured recall against exact search,
                         and the live generation's file names
     model.pt            the model's weights and spec (weights_only-loadable), to embed queries
-    items-NNNNNN.npz    vectors, labels and absolute paths of the catalogued images
+    items-NNNNNN.npz    vectors, labels, absolute paths and item ids of the catalogued images
+                        (strings variable-length, ``strings.py``)
     index-NNNNNN.faiss  an inner-product FAISS index over the vectors: exact (flat), or hnsw,
                         ivf or ivfpq for millions of items
     uploads/            photos added through ``serve`` (``POST /items``)
@@ -22,7 +23,8 @@ from ascension_cli.paths import existing_file, existing_folder, kind_of
 
 # Version 2: items and index are written as a new generation of files at each change, and
 # catalog.json (written last, atomically) names the live one; version 1 had fixed names.
-CATALOG_FORMAT, CATALOG_VERSION, CATALOG_READABLE = "ascension-catalog", 2, (1, 2)
+# Version 3: the items file keeps paths and item ids variable-length (``strings.py``).
+CATALOG_FORMAT, CATALOG_VERSION, CATALOG_READABLE = "ascension-catalog", 3, (1, 2, 3)
 CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
     "catalog.json", "model.pt", "items.npz", "index.faiss")
 CATALOG_LOCK = ".write.lock"  # held by whoever changes the catalogue, across processes

@@ -24,7 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ascension_cli.atomic import atomic_write, atomic_write_text
+from ascension_cli.atomic import atomic_write, atomic_write_json
 from ascension_cli.catalog.layout import (
     CATALOG_FORMAT,
     CATALOG_JSON,
@@ -40,11 +40,13 @@ from ascension_cli.catalog.layout import (
     generation_file,
     generation_files,
 )
-from ascension_cli.errors import CatalogError, CheckpointError
+from ascension_cli.data.folder import item_in_two_classes
+from ascension_cli.errors import CatalogError, CheckpointError, ItemClash
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec
 from ascension_cli.model.checkpoint import load_model_file, save_model_file
 from ascension_cli.paths import checked, not_ours
-from ascension_cli.retrieval.index import write_index
+from ascension_cli.retrieval.index import INDEX_KINDS, write_index
+from ascension_cli.strings import has_strings, packed, unpacked
 
 
 @dataclass
@@ -62,10 +64,12 @@ class Catalog:
     generation: int = 0  # 0: none written yet
     files: dict = field(default_factory=lambda: {"items": ITEMS_FILE, "index": INDEX_FILE})
     # Each photo's item (a product, a SKU): a manifest's item_id; None means the default, the
-    # photo's class (or, unlabelled, its file name), which is what folder trees give.
+    # photo's class (or, unlabelled, its path), which is what folder trees give.
     item_ids: list[str] | None = None
     # The threshold ``ascension calibrate`` chose, with what it measured (catalog.json keeps it).
     calibration: dict | None = None
+    # Why catalog.json's calibration is not used (edited by hand into something unusable).
+    calibration_ignored: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,7 +91,7 @@ class Catalog:
         """The item the photo at ``row`` shows."""
         if self.item_ids is not None:
             return self.item_ids[row]
-        return self.class_name(int(self.labels[row])) or Path(self.paths[row]).name
+        return self.class_name(int(self.labels[row])) or self.paths[row]
 
     def items(self) -> list[str]:
         return [self.item(row) for row in range(len(self))]
@@ -102,7 +106,11 @@ class Catalog:
         return given if given is not None else self.threshold
 
     def calibration_note(self) -> str | None:
-        """What a user should know of the calibration: that the catalogue grew since."""
+        """What a user should know of the calibration: that it cannot be used, or that the
+        catalogue grew since."""
+        if self.calibration_ignored is not None:
+            return (f"the calibration in {CATALOG_JSON} is ignored ({self.calibration_ignored}): "
+                    "no threshold applies; run `ascension calibrate` again")
         if self.calibration is None or self.calibration.get("items") == len(self):
             return None
         return (f"the catalogue holds {len(self)} photos, {self.calibration.get('items')} when "
@@ -183,15 +191,14 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
     files = generation_files(generation)
     atomic_write(directory / files["items"], lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
-        paths=np.array(catalog.paths, dtype=str),
-        **({} if catalog.item_ids is None else {"item_ids": np.array(catalog.item_ids,
-                                                                     dtype=str)})))
+        **packed("paths", catalog.paths),
+        **({} if catalog.item_ids is None else packed("item_ids", catalog.item_ids))))
     catalog = replace(catalog, dim=int(catalog.vectors.shape[1]), generation=generation,
                       index=write_index(directory / files["index"], catalog.vectors,
                                         catalog.index_kind))
     previous = catalog.files if (directory / CATALOG_JSON).exists() else {}
     # Written last: it names the generation, and its count vouches for the files.
-    atomic_write_text(directory / CATALOG_JSON, json.dumps({
+    atomic_write_json(directory / CATALOG_JSON, {
         "format": CATALOG_FORMAT,
         "version": CATALOG_VERSION,
         "model": catalog.spec.to_dict(),
@@ -205,7 +212,7 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
         "files": files,
         "previous_files": previous,
         **({} if catalog.calibration is None else {"calibration": catalog.calibration}),
-    }, indent=2) + "\n")
+    })
     _remove_leftovers(directory)
     return replace(catalog, files=files)
 
@@ -218,8 +225,8 @@ def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarra
     try:
         with np.load(path, allow_pickle=False) as items:
             return (items["vectors"] if vectors else None, items["labels"],
-                    items["paths"].tolist(),
-                    items["item_ids"].tolist() if "item_ids" in items.files else None)
+                    unpacked(items, "paths"),
+                    unpacked(items, "item_ids") if has_strings(items, "item_ids") else None)
     except FileNotFoundError:
         raise
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
@@ -240,6 +247,9 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
     try:
         meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
         files = catalog_files(meta)
+        spec = ModelSpec.from_dict(meta["model"])
+        if _meta_problem(meta):
+            raise ValueError(_meta_problem(meta))
     except Exception:
         raise _damaged(directory / CATALOG_JSON) from None
     # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
@@ -250,23 +260,48 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
         counts.add(len(item_ids))
     if vectors is not None:
         counts.add(len(vectors))
-    if len(counts) != 1:
+    dim = meta["dimension"] if "dimension" in meta else vectors.shape[1]
+    if (len(counts) != 1 or labels.dtype.kind not in "iu" or labels.ndim != 1
+            or (len(labels) and not -1 <= labels.min() <= labels.max() < len(meta["class_names"]))
+            or (vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != dim))):
         raise CatalogError(f"catalogue {directory} is inconsistent (its files do not agree); "
                            "build it again with `ascension index`")
-    dim = meta["dimension"] if "dimension" in meta else vectors.shape[1]
-    return Catalog(directory, ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
-                   meta["feature_kind"], list(meta["class_names"]), vectors, labels, paths,
-                   int(dim), dict(meta.get("index") or {"kind": "flat"}),
-                   int(meta.get("generation", 0)), files, item_ids, _calibration(meta))
+    return Catalog(directory, spec, meta["checkpoint_sha256"], meta["feature_kind"],
+                   list(meta["class_names"]), vectors, labels, paths, int(dim),
+                   dict(meta.get("index") or {"kind": "flat"}), int(meta.get("generation", 0)),
+                   files, item_ids, *_calibration(meta))
 
 
-def _calibration(meta: dict) -> dict | None:
-    """catalog.json's calibration, if it holds a usable one (a threshold from -1 to 1)."""
-    found = meta.get("calibration")
-    threshold = found.get("threshold") if isinstance(found, dict) else None
-    if isinstance(threshold, int | float) and -1 <= threshold <= 1:
-        return found
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with catalog.json's fields (a file edited by hand), or None."""
+    names = meta.get("class_names")
+    whole = {key: meta.get(key, 0) for key in ("count", "dimension", "generation")}
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)
+            and len(set(names)) == len(names)):
+        return "class_names must be distinct names"
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in whole.values()):
+        return "count, dimension and generation must be whole numbers from 0"
+    if meta.get("feature_kind") not in ("backbone", "head"):
+        return "feature_kind must be backbone or head"
+    if not isinstance(meta.get("checkpoint_sha256"), str):
+        return "checkpoint_sha256 must be text"
+    index = meta.get("index") or {}
+    if not isinstance(index, dict) or index.get("kind", "flat") not in INDEX_KINDS:
+        return f"index must name a kind of {', '.join(INDEX_KINDS)}"
     return None
+
+
+def _calibration(meta: dict) -> tuple[dict | None, str | None]:
+    """catalog.json's calibration if it holds a usable one (a threshold, a number from -1 to
+    1), else None and why it is ignored (None too when there is none)."""
+    if meta.get("calibration") is None:
+        return None, None
+    found = meta["calibration"]
+    threshold = found.get("threshold") if isinstance(found, dict) else None
+    if (isinstance(threshold, int | float) and not isinstance(threshold, bool)
+            and -1 <= threshold <= 1):  # NaN compares false
+        return found, None
+    return None, f"its threshold, {str(threshold)[:40]}, is not a number from -1 to 1"
 
 
 def write_calibration(catalog: Catalog, calibration: dict) -> Catalog:
@@ -276,7 +311,7 @@ def write_calibration(catalog: Catalog, calibration: dict) -> Catalog:
     path = catalog.directory / CATALOG_JSON
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["calibration"] = calibration
-    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(path, meta)
     return replace(catalog, calibration=calibration)
 
 
@@ -320,11 +355,17 @@ def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | 
     labels = np.array([-1 if name is None else position[name] for name in class_names],
                       np.int64)
     held = catalog.with_vectors().vectors
-    return replace(
+    added = [Path(path).resolve().as_posix() for path in paths]
+    grown = replace(
         catalog, class_names=names,
         vectors=vectors if len(catalog) == 0 else np.concatenate([held, vectors]),
-        labels=np.concatenate([catalog.labels, labels]),
-        paths=catalog.paths + [Path(path).resolve().as_posix() for path in paths],
+        labels=np.concatenate([catalog.labels, labels]), paths=catalog.paths + added,
         item_ids=None if catalog.item_ids is None and item_ids is None else catalog.items() + (
-            item_ids or [name or Path(path).name for name, path in zip(class_names, paths,
-                                                                        strict=True)]))
+            item_ids or [name or path for name, path in zip(class_names, added, strict=True)]))
+    clash = item_in_two_classes(grown.items(), [grown.class_name(int(label))
+                                                for label in grown.labels])
+    if clash is not None:
+        raise ItemClash(f"item {clash[0]!r} would be filed under two classes, {clash[1]!r} "
+                           f"and {clash[2]!r}: an item is one product of one class; give "
+                           "another item id or class")
+    return grown

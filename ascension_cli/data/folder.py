@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,20 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 DEFAULT_MAX_PIXELS = 100_000_000
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+def item_in_two_classes(items: Iterable[str], classes: Iterable[str | None]
+                        ) -> tuple[str, str, str] | None:
+    """The first item id filed under two classes, as (item, its first class, the other), or
+    None: an item is one product, of one class (unlabelled photos, class None, are left out)."""
+    first: dict[str, str] = {}
+    for item, name in zip(items, classes, strict=True):
+        if name is None:
+            continue
+        known = first.setdefault(item, name)
+        if known != name:
+            return item, known, name
+    return None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 
 from ascension_cli.data.folder import (
     FolderScan,
+    item_in_two_classes,
     scan_folder,
     scan_images,
     stratified_split,
@@ -153,13 +154,20 @@ def read_manifest(path: str | Path, classes: list[str] | None = None) -> FolderS
                         + (f" ({_describe(skipped)})" if skipped else " (the table is empty)"))
     names = list(classes) if classes is not None else sorted({row[1] for row in kept})
     position = {label: index for index, label in enumerate(names)}
+    # An empty item_id is the default item, the photo's class (as a folder tree gives).
+    items = [row[5] or row[1] for row in kept] if "item_id" in columns else None
+    clash = None if items is None else item_in_two_classes(items, [row[1] for row in kept])
+    if clash is not None:
+        raise DataError(f"{path}: item_id {clash[0]!r} is filed under two classes, {clash[1]!r} "
+                        f"and {clash[2]!r}; an item is one product of one class: correct the "
+                        "item_id or the label")
     return FolderScan(
         root, names, [row[0] for row in kept],
         np.array([position[row[1]] for row in kept], dtype=np.int64), skipped,
         splits=np.array([row[2] for row in kept]) if "split" in columns else None,
         is_query=np.array([row[3] for row in kept]) if "is_query" in columns else None,
         is_gallery=np.array([row[4] for row in kept]) if "is_gallery" in columns else None,
-        item_ids=[row[5] or row[0].name for row in kept] if "item_id" in columns else None,
+        item_ids=items,
         skipped_lines=lines,
     )
 
@@ -185,7 +193,8 @@ def _entry(path: Path, root: Path, line: int, row: dict, columns: int,
     why = unusable(file)
     if why is not None:
         return why
-    return file, label, split, query, gallery, (row.get("item_id") or "").strip()
+    item = row.get("item_id") or ""  # kept as given; blank means the default, the class
+    return file, label, split, query, gallery, item if item.strip() else ""
 
 
 def _describe(skipped: Counter) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from ascension_cli.atomic import atomic_write, atomic_write_text
 from ascension_cli.errors import DataError
 from ascension_cli.runtime import DistributedContext
+from ascension_cli.strings import has_strings, packed, unpacked
 
 IDENTITY = "identity.json"
 _PART_NAME = re.compile(r"chunk-\d{6,}\.npz|\.chunk-\d{6,}\.npz\..*\.tmp")
@@ -168,15 +169,19 @@ def save_part(path: Path, rows: np.ndarray, vectors: np.ndarray, labels: np.ndar
                failed: list[str], names: list[str], record: str,
                keep_names: bool = False) -> None:
     atomic_write(path, lambda handle: np.savez(
-        handle, rows=rows, vectors=vectors, labels=labels, failed=np.array(failed, dtype=str),
-        names=np.array(names if keep_names else [], dtype=str), record=np.array(record)))
+        handle, rows=rows, vectors=vectors, labels=labels, **packed("failed", failed),
+        **packed("names", names if keep_names else []), record=np.array(record)))
 
 
-def load_part(path: Path) -> dict[str, np.ndarray]:
+def load_part(path: Path) -> dict:
+    """A part's arrays (rows, vectors, labels, record) and its lists of names (failed,
+    names); a damaged one is a DataError naming it."""
     try:
         with np.load(path, allow_pickle=False) as part:
-            return {key: part[key] for key in ("rows", "vectors", "labels", "failed", "names",
-                                               "record") if key in part.files}
+            arrays = {key: part[key] for key in ("rows", "vectors", "labels", "record")
+                      if key in part.files}
+            return {**arrays, **{key: unpacked(part, key) for key in ("failed", "names")
+                                 if has_strings(part, key)}}
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
         raise DataError(f"{path} is damaged: delete it and run the same command again (only "
                         "that chunk is embedded again)") from None

@@ -211,7 +211,7 @@ def _shard_source(shards: ShardSet, source, spec: ModelSpec, options: EmbedOptio
                 "precision": options.precision}
     check = PartCheck(spec.feature_dim(options.feature_kind),
                       lambda chunk: (0, shards.counts[chunk]),
-                      lambda chunk, part: part["names"].tolist())
+                      lambda chunk, part: part["names"])
     return _Source(
         len(shards.urls), identity, check, lambda chunks: sum(shards.counts[c] for c in chunks),
         chunk_of,
@@ -268,8 +268,7 @@ def embed_source(
         names = [name_of(int(i)) for i in indices]
         if part_path is None:
             kept[chunk] = {"rows": rows, "vectors": vectors, "labels": labels,
-                           "failed": np.array(recording.names, dtype=str),
-                           "names": np.array(names, dtype=str)}
+                           "failed": list(recording.names), "names": list(names)}
         else:
             save_part(part_path(chunk), rows, vectors, labels, recording.names, names,
                       part_record(chunk, plan.identity_digest, rows, vectors, names),
@@ -292,8 +291,8 @@ def _joined(parts: list[dict[str, np.ndarray]], source) -> dict[str, Any]:
         "rows": np.concatenate([part["rows"] for part in kept]).astype(np.int64),
         "vectors": np.concatenate([part["vectors"] for part in kept]),
         "labels": np.concatenate([part["labels"] for part in kept]).astype(np.int64),
-        "names": [name for part in kept for name in part["names"].tolist()],
-        "failed": [name for part in parts for name in part["failed"].tolist()],
+        "names": [name for part in kept for name in part["names"]],
+        "failed": [name for part in parts for name in part["failed"]],
     }
 
 

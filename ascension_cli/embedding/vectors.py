@@ -13,10 +13,13 @@ from ascension_cli.atomic import atomic_write
 from ascension_cli.errors import VectorsError
 from ascension_cli.formats import VECTORS_FORMAT, VECTORS_VERSION
 from ascension_cli.paths import checked, not_ours, vectors_file
+from ascension_cli.strings import has_strings, packed, unpacked
 
 # Arrays every vectors file holds (save_vectors writes them all).
 _VECTORS_KEYS = ("vectors", "labels", "paths", "class_names", "model_name", "checkpoint_sha256",
                  "feature_kind", "image_root", "failed")
+# Its lists of strings, stored variable-length (``strings.py``; version 1 files: fixed-width).
+_STRINGS = ("paths", "class_names", "failed", "item_ids")
 
 
 @dataclass
@@ -63,13 +66,13 @@ def save_vectors(path: str | Path, data: Vectors) -> None:
             version=np.array(VECTORS_VERSION),
             vectors=np.ascontiguousarray(data.vectors, dtype=np.float32),
             labels=np.asarray(data.labels, dtype=np.int64),
-            paths=np.array(data.paths, dtype=str),
-            class_names=np.array(data.class_names, dtype=str),
+            **packed("paths", data.paths),
+            **packed("class_names", data.class_names),
             model_name=np.array(data.model_name),
             checkpoint_sha256=np.array(data.checkpoint_sha256),
             feature_kind=np.array(data.feature_kind),
             image_root=np.array(data.image_root),
-            failed=np.array(data.failed, dtype=str),
+            **packed("failed", data.failed),
             **_optional(data),
         ),
     )
@@ -77,10 +80,9 @@ def save_vectors(path: str | Path, data: Vectors) -> None:
 
 def _optional(data: Vectors) -> dict[str, np.ndarray]:
     """The manifest arrays a vectors file holds only when it has them."""
-    arrays = {"is_query": data.is_query, "is_gallery": data.is_gallery,
-              "item_ids": data.item_ids}
-    return {key: np.asarray(value, dtype=bool if key != "item_ids" else str)
-            for key, value in arrays.items() if value is not None}
+    flags = {key: np.asarray(value, dtype=bool) for key, value in
+             (("is_query", data.is_query), ("is_gallery", data.is_gallery)) if value is not None}
+    return {**flags, **({} if data.item_ids is None else packed("item_ids", data.item_ids))}
 
 
 def load_vectors(path: str | Path) -> Vectors:
@@ -89,7 +91,9 @@ def load_vectors(path: str | Path) -> Vectors:
     try:
         with np.load(path, allow_pickle=False) as archive:
             contents = {key: archive[key] for key in archive.files}
-        missing = [key for key in _VECTORS_KEYS if key not in contents]
+        missing = [key for key in _VECTORS_KEYS if not has_strings(contents, key)]
+        strings = {} if missing else {key: unpacked(contents, key) for key in _STRINGS
+                                      if has_strings(contents, key)}
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
         missing = ["readable arrays"]
     if missing:
@@ -103,22 +107,21 @@ def load_vectors(path: str | Path) -> Vectors:
         bad = int((~np.isfinite(vectors).all(axis=1)).sum())
         raise VectorsError(f"{path}: {bad} vector(s) contain NaN or infinity")
     labels = contents["labels"]
-    optional = {key: contents[key] for key in ("is_query", "is_gallery", "item_ids")
-                if key in contents}
+    optional = {key: contents[key] for key in ("is_query", "is_gallery") if key in contents}
     if any(len(array) != len(vectors) for array in
-           [labels, contents["paths"], *optional.values()]):
+           [labels, strings["paths"], *optional.values(), strings.get("item_ids", labels)]):
         raise VectorsError(f"{path}: vectors, labels and paths differ in length")
     return Vectors(
         vectors=vectors.astype(np.float32, copy=False),
         labels=labels.astype(np.int64, copy=False),
-        paths=contents["paths"].tolist(),
-        class_names=contents["class_names"].tolist(),
+        paths=strings["paths"],
+        class_names=strings["class_names"],
         model_name=str(contents["model_name"]),
         checkpoint_sha256=str(contents["checkpoint_sha256"]),
         feature_kind=str(contents["feature_kind"]),
         image_root=str(contents["image_root"]),
-        failed=contents["failed"].tolist(),
+        failed=strings["failed"],
         is_query=optional["is_query"].astype(bool) if "is_query" in optional else None,
         is_gallery=optional["is_gallery"].astype(bool) if "is_gallery" in optional else None,
-        item_ids=optional["item_ids"].tolist() if "item_ids" in optional else None,
+        item_ids=strings.get("item_ids"),
     )

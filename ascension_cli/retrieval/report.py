@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from ascension_cli.atomic import atomic_write_text
+from ascension_cli.atomic import atomic_write_json
 from ascension_cli.data.folder import ImageDecodeError, load_image
 from ascension_cli.retrieval.evaluate import Evaluation
 
@@ -35,7 +34,9 @@ def evaluation_json(
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    """Strict JSON (``atomic.strict_json``): a figure that cannot be measured is null, with
+    the reason under ``null_reasons``."""
+    atomic_write_json(path, data)
 
 
 def thumbnail(path: Path, size: int) -> np.ndarray:

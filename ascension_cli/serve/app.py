@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ascension_cli.catalog.check import confusable_of
 from ascension_cli.catalog.layout import CATALOG_VERSION
+from ascension_cli.errors import CatalogError
 from ascension_cli.retrieval.report import thumbnail
 from ascension_cli.serve.batching import Batcher, Pending
 from ascension_cli.serve.forms import (
@@ -29,6 +30,7 @@ from ascension_cli.serve.forms import (
     search_options,
     search_problem,
     token_matches,
+    unreadable,
 )
 from ascension_cli.serve.lookup import Lookup
 
@@ -53,7 +55,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
         found = lookup.current().catalog
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
                 "dimension": found.dim, "index": found.index_kind, "items": len(found),
-                "classes": len(found.class_names), "catalog": str(found.directory),
+                "classes": len(found.class_names), "catalog": found.directory.name,
                 "catalog_version": CATALOG_VERSION, "calibration": found.calibration,
                 "calibration_note": found.calibration_note()}
 
@@ -86,6 +88,8 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
     lookup = Lookup(catalog, run_options, max_pixels)
     batcher = Batcher(lookup, batch_window, max_batch)
     app = FastAPI(title="Ascension lookup", docs_url="/docs", redoc_url=None)
+    # Every route that reads the catalogue answers 503 while it cannot be read, never a 500.
+    app.add_exception_handler(CatalogError, lambda _request, exc: unreadable(exc))
     _reading_routes(app, lookup)
 
     @app.post("/search")

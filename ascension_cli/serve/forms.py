@@ -14,7 +14,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile  # what form() gives (FastAPI's subclasses it)
 
-from ascension_cli.errors import STORAGE_ERRNOS, CatalogError, ImageDecodeError, first_line
+from ascension_cli.errors import (
+    STORAGE_ERRNOS,
+    CatalogError,
+    ImageDecodeError,
+    ItemClash,
+    first_line,
+)
 
 if TYPE_CHECKING:
     from ascension_cli.serve.lookup import Lookup
@@ -90,13 +96,28 @@ def problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+# What a client is told while the catalogue cannot be read: why, with its file names and
+# paths, goes to the service's log only (an unauthenticated client learns no server path).
+UNREADABLE = ("the catalogue cannot be read now (damaged, or being replaced); the service "
+              "logged why")
+
+
+def unreadable(exc: Exception) -> JSONResponse:
+    """503 for a catalogue that cannot be read; the reason, which names server paths, logged."""
+    print(f"error: {first_line(exc, 500)}", file=sys.stderr, flush=True)
+    return problem(503, UNREADABLE)
+
+
 def failure(exc: Exception) -> JSONResponse:
-    """What a request that failed past its checks is told: 400 for its own image, 503 while the
-    catalogue cannot be read, 507 for a full disk, else 500; always one JSON line."""
+    """What a request that failed past its checks is told: 400 for its own image, 409 for an
+    item it would file under a second class, 503 while the catalogue cannot be read, 507 for a
+    full disk, else 500; always one JSON line."""
     if isinstance(exc, ImageDecodeError):
         return problem(400, str(exc))
+    if isinstance(exc, ItemClash):
+        return problem(409, str(exc))
     if isinstance(exc, CatalogError):
-        return problem(503, f"the catalogue cannot be read now: {exc}")
+        return unreadable(exc)
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         return problem(507, f"cannot write to the catalogue: {exc.strerror}")
     print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)

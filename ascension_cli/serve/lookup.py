@@ -55,6 +55,9 @@ class Lookup:
             stamp = self._stamp()
             searcher = CatalogSearcher(load_catalog(self.directory, with_vectors=False))
         self.searcher, self.stamp = searcher, stamp
+        ignored = searcher.catalog.calibration_ignored
+        if ignored is not None:  # said once per change of catalog.json, where it is read
+            print(f"warning: {searcher.catalog.calibration_note()}", file=sys.stderr, flush=True)
 
     def current(self) -> CatalogSearcher:
         """The searcher, re-read first when catalog.json (written last by a change) changed."""
@@ -115,8 +118,16 @@ class Lookup:
             pending.applied = searcher.catalog.threshold_for(pending.threshold)
             results = searcher.match(vectors[rows], names, pending.k, pending.applied,
                                      pending.group_by)
-            answers[number] = [result.to_dict() for result in results]
+            answers[number] = [_without_server_paths(result.to_dict()) for result in results]
         return answers
+
+
+def _without_server_paths(result: dict) -> dict:
+    """A search result as a client sees it: each match's file name, not where the server keeps
+    it (``/items/ID/image`` serves the photo)."""
+    for match in result["matches"]:
+        match["path"] = Path(match["path"]).name
+    return result
 
 
 def _discard(paths: list[Path], held: list[str]) -> None:
