@@ -248,8 +248,8 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
         meta = json.loads((directory / CATALOG_JSON).read_text(encoding="utf-8"))
         files = catalog_files(meta)
         spec = ModelSpec.from_dict(meta["model"])
-        if _meta_problem(meta):
-            raise ValueError(_meta_problem(meta))
+        if (problem := _meta_problem(meta)) is not None:
+            raise ValueError(problem)
     except Exception:
         raise _damaged(directory / CATALOG_JSON) from None
     # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
@@ -366,6 +366,6 @@ def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | 
                                                 for label in grown.labels])
     if clash is not None:
         raise ItemClash(f"item {clash[0]!r} would be filed under two classes, {clash[1]!r} "
-                           f"and {clash[2]!r}: an item is one product of one class; give "
-                           "another item id or class")
+                        f"and {clash[2]!r}: an item is one product of one class; give another "
+                        "item id or class")
     return grown

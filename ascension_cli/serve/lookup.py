@@ -124,9 +124,12 @@ class Lookup:
 
 def _without_server_paths(result: dict) -> dict:
     """A search result as a client sees it: each match's file name, not where the server keeps
-    it (``/items/ID/image`` serves the photo)."""
+    it (``/items/ID/image`` serves the photo); an unlabelled photo's item, its path, likewise."""
+    names = {match["path"]: Path(match["path"]).name for match in result["matches"]}
     for match in result["matches"]:
-        match["path"] = Path(match["path"]).name
+        match["item"] = names.get(match["item"], match["item"])
+        match["path"] = names[match["path"]]
+    result["item"] = names.get(result["item"], result["item"])
     return result
 
 
