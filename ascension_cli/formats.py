@@ -1,5 +1,6 @@
 """The format stamp and version of each file Ascension writes, in one place (a catalogue's are
-in ``catalog/layout.py``). A reader refuses a file whose stamp is not its own, naming it."""
+in ``catalog/layout.py``), and the facts several layers share: a run folder's file names, the
+default pixel limit. A reader refuses a file whose stamp is not its own, naming it."""
 
 # A training checkpoint (``model/checkpoint.py``) and a catalogue's model file.
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "ascension-checkpoint", 1
@@ -13,3 +14,8 @@ PARTS_FORMAT = "ascension-embed-parts"
 PARTS_CHUNK = 4096
 # dataset.json beside shards (``data/shards.py``).
 SHARD_FORMAT = "ascension-shards"
+# A training run's folder: its checkpoints (``train/``) and what embed and eval read of it.
+LAST_CHECKPOINT, BEST_CHECKPOINT, RUN_CONFIG = "last.pt", "best.pt", "config.yaml"
+# Images with more pixels than this are refused unless an option says otherwise (decompression
+# bombs): --max-image-pixels of train, index, search, calibrate and serve, and every decoder.
+DEFAULT_MAX_PIXELS = 100_000_000

@@ -262,3 +262,46 @@ def test_a_bounded_load_of_valid_bad_and_write_requests(tmp_path):
     assert len(catalogue) == 32 + tally["added"]  # every add landed, once
     uploaded = [p for p in (tmp_path / "cat" / "uploads").rglob("*") if p.is_file()]
     assert len(uploaded) == tally["added"]
+
+
+def test_a_photo_between_the_default_limit_and_the_service_s_own_is_decoded_once_and_matched(
+        tmp_path, monkeypatch):
+    """--max-image-pixels above 100 M: a 100.02 M pixel photo is accepted and matched (it used
+    to be decoded a second time under the default limit and dropped, answering 200 with no
+    results), and each upload is decoded exactly once."""
+    from ascension_cli.data import folder
+    from ascension_cli.serve import lookup
+    from tests.test_serve import Server
+
+    root = tmp_path
+    data, checkpoint = train_tiny(root)
+    runner.invoke(app, ["index", str(checkpoint), str(data), "-o", str(root / "cat"),
+                        "--workers", "0"])
+    big = np.full((10_001, 10_001), 200, np.uint8)  # 100,020,001 pixels, a few KB as PNG
+    photo = cv2.imencode(".png", big)[1].tobytes()
+    decoded = []
+    real = folder.decode_image
+
+    def counting(data, *args, **kwargs):
+        decoded.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(lookup, "decode_image", counting)
+    monkeypatch.setattr(folder, "decode_image", counting)
+    server = Server(root / "cat", max_pixels=120_000_000)
+    try:
+        answer = search(server, [("image", ("big.png", photo)),
+                                 ("image", ("q.png", (data / "circle" / "000.png").read_bytes()))])
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert [r["query"] for r in results] == ["big.png", "q.png"]
+        assert all(len(r["matches"]) == 5 for r in results)
+        assert len(decoded) == 2  # each upload once
+        refused = Server(root / "cat")  # the default limit: a 400 naming it, not a silent 200
+        try:
+            answer = search(refused, [("image", ("big.png", photo))])
+            assert answer.status_code == 400 and "pixels" in answer.json()["error"]
+        finally:
+            refused.stop()
+    finally:
+        server.stop()

@@ -15,7 +15,12 @@ from ascension_cli.catalog.store import (
     load_index,
     write_catalog,
 )
-from ascension_cli.embedding.pipeline import embed_images
+from ascension_cli.embedding.pipeline import (
+    EmbedOptions,
+    decode_side,
+    embed_decoded,
+    embed_images,
+)
 from ascension_cli.errors import CatalogError
 from ascension_cli.progress import Progress
 from ascension_cli.retrieval.index import search
@@ -86,6 +91,16 @@ class CatalogSearcher:
             self.model, self.catalog.spec, query_paths, None, progress,
             feature_kind=self.catalog.feature_kind, **embed_options)
         return vectors, indices
+
+    def embed_decoded(self, images: list[np.ndarray],
+                      **embed_options) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, indices) of images decoded already (``embedding.pipeline.embed_decoded``)."""
+        return embed_decoded(self.model, self.catalog.spec, images,
+                             feature_kind=self.catalog.feature_kind, **embed_options)
+
+    def decode_side(self, **embed_options) -> int:
+        """The short side to decode a query down to, as ``embed`` would."""
+        return decode_side(self.catalog.spec, EmbedOptions.of(**embed_options))
 
     def add(self, paths: list[Path], class_name: str, **embed_options) -> int:
         """Embed the images at ``paths`` as items of ``class_name`` and write the catalogue;

@@ -31,6 +31,7 @@ from ascension_cli.config.fields import (
     target_fmr_field,
     unknown_classes_field,
 )
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 
 class IndexConfig(_RunOptions):
@@ -138,7 +139,7 @@ class ServeConfig(BaseModel):
         "forward pass.")
     max_upload_mb: float = Field(50.0, gt=0, description="Largest upload accepted, in MB.")
     max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Refuse images with more pixels than this.")
+        DEFAULT_MAX_PIXELS, ge=1, description="Refuse images with more pixels than this.")
     workers: int = Field(1, ge=1, le=64, description="Server processes, each with the model "
                          "loaded (on a GPU keep 1: batching already fills it).")
     allow_writes: bool = Field(False, description="Accept POST /items, which adds photos to the "

@@ -35,7 +35,11 @@ from ascension_cli.config.fields import (
     target_fmr_field,
     unknown_classes_field,
 )
-from ascension_cli.formats import PARTS_CHUNK
+from ascension_cli.formats import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    PARTS_CHUNK,
+)
 
 
 class _RunOptions(BaseModel):
@@ -135,8 +139,8 @@ class _MeasureOptions(_RunOptions):
         """The checkpoint to embed with: SOURCE, or a run folder's best.pt (else last.pt)."""
         if self.run_dir is None:
             return self.source
-        best = self.run_dir / "best.pt"
-        return best if best.is_file() else self.run_dir / "last.pt"
+        best = self.run_dir / BEST_CHECKPOINT
+        return best if best.is_file() else self.run_dir / LAST_CHECKPOINT
 
     @model_validator(mode="after")
     def _check_sources(self) -> _MeasureOptions:

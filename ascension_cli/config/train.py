@@ -40,6 +40,7 @@ from ascension_cli.config.fields import (
     check_device,
     option_name,
 )
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 
 class TrainConfig(BaseModel):
@@ -162,7 +163,7 @@ class TrainConfig(BaseModel):
     sync_bn: bool = Field(False, description="Under DDP, BatchNorm statistics over all "
                           "processes.")
     max_image_pixels: int = Field(
-        100_000_000, ge=1,
+        DEFAULT_MAX_PIXELS, ge=1,
         description="Refuse images with more pixels than this (decompression bombs).",
     )
     max_nonfinite: int = Field(

@@ -16,8 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ascension_cli.data.folder import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from ascension_cli.data.folder import ImageDecodeError, load_image
 from ascension_cli.errors import ConfigError
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 CHUNK_BYTES = 64 << 20  # images are packed into buffers of about this size
 

@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 
 from ascension_cli.data.augment import recolor, reseed
 from ascension_cli.data.cache import DecodedImages
-from ascension_cli.data.folder import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from ascension_cli.data.folder import ImageDecodeError, load_image
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 
 @dataclass

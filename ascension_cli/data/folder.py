@@ -13,13 +13,11 @@ import numpy as np
 
 from ascension_cli.data.image_header import FORMATS, JPEG_MAGIC, PNG_MAGIC, image_size
 from ascension_cli.errors import DataError, ImageDecodeError
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 # We report unreadable files ourselves, once, in one line; OpenCV's own decoder chatter on stderr
 # would only repeat it less clearly.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-
-# A decompression bomb (a small file that decodes to gigapixels) is refused before decoding.
-DEFAULT_MAX_PIXELS = 100_000_000
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

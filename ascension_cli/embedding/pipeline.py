@@ -116,12 +116,19 @@ def embed_dataset(model: EmbeddingModel, dataset: Dataset, options: ResolvedOpti
     )
 
 
+def decode_side(spec: ModelSpec, options: EmbedOptions) -> int:
+    """The short side a JPEG may be decoded down to (``decode_image``'s ``min_side``): twice
+    the input size, so the eval transform gets the same image whoever decodes it."""
+    return 2 * (options.image_size or spec.image_size)
+
+
 def image_dataset(spec: ModelSpec, paths: list[Path], labels: np.ndarray | None,
-                  options: EmbedOptions) -> EvalDataset:
-    """The images with the spec's eval transform (and ``options.recolouring``)."""
+                  options: EmbedOptions, decoded: list[np.ndarray] | None = None) -> EvalDataset:
+    """The images with the spec's eval transform (and ``options.recolouring``); ``decoded``:
+    the images already decoded (``decode_side``), in the order of ``paths``."""
     size = options.image_size or spec.image_size
     return EvalDataset(paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
-                       options.recolouring, min_side=2 * size)
+                       options.recolouring, min_side=decode_side(spec, options), cache=decoded)
 
 
 def embed_images(
@@ -135,6 +142,19 @@ def embed_images(
     dataset = image_dataset(spec, paths, labels, given)
     progress.start(len(dataset))
     return embed_dataset(model, dataset, given.resolved(), progress)
+
+
+def embed_decoded(model: EmbeddingModel, spec: ModelSpec, images: list[np.ndarray],
+                  **options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, indices into ``images``) of images already decoded (RGB, by ``decode_image``
+    with ``decode_side``): the same transform and forward pass as ``embed_images``, without
+    reading or decoding anything again (the service decodes each upload once, under its own
+    pixel limit)."""
+    given = EmbedOptions.of(**options)
+    names = [Path(f"image-{number}") for number in range(len(images))]
+    vectors, _, indices = embed_dataset(model, image_dataset(spec, names, None, given, images),
+                                        given.resolved())
+    return vectors, indices
 
 
 class _Recording(Progress):

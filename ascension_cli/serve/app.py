@@ -2,8 +2,9 @@
 extra, which this module needs), loaded once. Requests that arrive together are embedded as one
 batch.
 
-Uploaded images go through the very pipeline of ``ascension search`` (written to a private
-temporary folder, then ``CatalogSearcher.embed``), so a photo gets the same answer either way.
+Each uploaded image is decoded once, in memory, under the service's own ``--max-image-pixels``
+(``Lookup.check_images``), then goes through the transform and forward pass of ``ascension
+search`` (``embedding.pipeline.embed_decoded``), so a photo gets the same answer either way.
 """
 
 from __future__ import annotations

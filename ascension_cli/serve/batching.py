@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ascension_cli.serve.lookup import Lookup
+    from ascension_cli.serve.lookup import Lookup, Upload
 
 
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class Pending:
     """One request's images, waiting for the next batch."""
 
-    images: list[tuple[str, bytes]]
+    images: list[Upload]
     k: int
     threshold: float | None
     group_by: str = "photo"

@@ -23,7 +23,7 @@ from ascension_cli.errors import (
 )
 
 if TYPE_CHECKING:
-    from ascension_cli.serve.lookup import Lookup
+    from ascension_cli.serve.lookup import Lookup, Upload
 
 MAX_LABEL_BYTES = 200  # a folder name: file systems allow 255 bytes
 
@@ -172,10 +172,10 @@ async def read_form(request: Request, limit: int) -> Any:
 async def read_images(
     request: Request, lookup: Lookup, max_upload_bytes: int,
     check: Callable[[Any], str | None],
-) -> tuple[Any, list[tuple[str, bytes]] | Response]:
-    """The form and its checked images, or the 4xx response saying what is wrong (the form's
-    other fields are ``check``ed before the images are decoded). Decoding runs in a worker
-    thread, so a bomb or a large batch never holds up the event loop."""
+) -> tuple[Any, list[Upload] | Response]:
+    """The form and its images, each decoded once, or the 4xx response saying what is wrong
+    (the form's other fields are ``check``ed before the images are decoded). Decoding runs in a
+    worker thread, so a bomb or a large batch never holds up the event loop."""
     form = await read_form(request, max_upload_bytes)
     if isinstance(form, Response):
         return None, form
@@ -189,7 +189,6 @@ async def read_images(
     images = [((upload.filename or "upload")[:MAX_NAME_CHARS], await upload.read())
               for upload in uploads]
     try:
-        await asyncio.to_thread(lookup.check_images, images)
+        return form, await asyncio.to_thread(lookup.check_images, images)
     except ImageDecodeError as exc:
         return form, problem(400, str(exc))
-    return form, images

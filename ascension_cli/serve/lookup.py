@@ -1,17 +1,20 @@
 """The catalogue a service answers from: loaded once, re-read when catalog.json changes, searched
-a batch at a time, and added to under the catalogue's write lock. Uploaded images go through
-the very pipeline of ``ascension search`` (written to a private temporary folder, then
-``CatalogSearcher.embed``), so a photo gets the same answer either way."""
+a batch at a time, and added to under the catalogue's write lock. Each upload is decoded once,
+in memory, under the service's own pixel limit, and embedded with the transform and forward
+pass of ``ascension search`` (``CatalogSearcher.embed_decoded``): a photo gets the same answer
+either way."""
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ascension_cli.atomic import atomic_write
 from ascension_cli.catalog.check import nearest_other_class
@@ -22,6 +25,16 @@ from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
 from ascension_cli.embedding.pipeline import settled_options
 from ascension_cli.serve.batching import Pending
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded photo: the client's name for it (only echoed back), its bytes (kept by an
+    add) and the image decoded from them, once."""
+
+    name: str
+    data: bytes
+    image: np.ndarray
 
 
 class Lookup:
@@ -66,7 +79,7 @@ class Lookup:
                 self._load()
             return self.searcher
 
-    def add(self, images: list[tuple[str, bytes]], class_name: str) -> tuple[int, list[dict]]:
+    def add(self, images: list[Upload], class_name: str) -> tuple[int, list[dict]]:
         """Keep the images under CATALOG/uploads/CLASS and add them as items of that class,
         under the catalogue's write lock (one writer at a time, across processes). Searches see
         the old catalogue until the new one is committed; if the add fails, its photos go. Returns
@@ -76,11 +89,11 @@ class Lookup:
             searcher = self.current()  # the catalogue as it is on disk now, under the lock
             folder = self.directory / UPLOADS_FOLDER / class_name
             folder.mkdir(parents=True, exist_ok=True)
-            paths = [folder / f"{uuid.uuid4().hex}{EXTENSIONS[image_format(data)]}"
-                     for _, data in images]
+            paths = [folder / f"{uuid.uuid4().hex}{EXTENSIONS[image_format(upload.data)]}"
+                     for upload in images]
             try:
-                for path, (_, data) in zip(paths, images, strict=True):
-                    atomic_write(path, lambda handle, data=data: handle.write(data))
+                for path, upload in zip(paths, images, strict=True):
+                    atomic_write(path, lambda handle, data=upload.data: handle.write(data))
                 added = searcher.add(paths, class_name, **self.run_options)
             except BaseException:
                 _discard(paths, load_catalog(self.directory, with_vectors=False).paths)
@@ -92,25 +105,22 @@ class Lookup:
             onboarding = nearest_other_class(catalog, len(catalog) - added)
         return added, onboarding
 
-    def check_images(self, images: list[tuple[str, bytes]]) -> None:
-        """Refuse what is not an image, or is a bomb, before it is queued."""
-        for name, data in images:
-            decode_image(data, printable(name), self.max_pixels)
+    def check_images(self, images: list[tuple[str, bytes]]) -> list[Upload]:
+        """Each image decoded, once, under the service's own pixel limit (what is not an image,
+        or is a bomb, is refused before it is queued): the search embeds these very arrays."""
+        side = self.current().decode_side(**self.run_options)
+        return [Upload(name, data, decode_image(data, printable(name), self.max_pixels, side))
+                for name, data in images]
 
     def search(self, batch: list[Pending]) -> list[list[dict]]:
-        """Embed every image of the batch at once, then match each request on its own terms.
-        The client's file names are only echoed back: the temporary files are named by
-        position, so no name a client sends reaches a path."""
+        """Embed every image of the batch at once (decoded already, by ``check_images``), then
+        match each request on its own terms. The client's file names are only echoed back,
+        never part of a path."""
         searcher = self.current()
-        with tempfile.TemporaryDirectory(prefix="ascension-serve-") as folder:
-            paths, owners = [], []
-            for number, pending in enumerate(batch):
-                for position, (name, data) in enumerate(pending.images):
-                    path = Path(folder) / f"{number}-{position}.img"
-                    path.write_bytes(data)
-                    paths.append(path)
-                    owners.append((number, name))
-            vectors, indices = searcher.embed(paths, **self.run_options)
+        owners = [(number, upload.name) for number, pending in enumerate(batch)
+                  for upload in pending.images]
+        vectors, indices = searcher.embed_decoded(
+            [upload.image for pending in batch for upload in pending.images], **self.run_options)
         answers: list[list[dict]] = [[] for _ in batch]
         for number, pending in enumerate(batch):
             rows = [row for row, i in enumerate(indices) if owners[i][0] == number]

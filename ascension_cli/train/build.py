@@ -25,6 +25,7 @@ from ascension_cli.config.fields import Augment
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording, first_line
+from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import PML_PREFIX, SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint
@@ -48,9 +49,7 @@ from ascension_cli.train.schedule import adamw, scaled_lr, warmup_steps, warmup_
 from ascension_cli.train.state import Recorded, finite_weights
 from ascension_cli.train.stopping import StopRequest
 
-LAST = "last.pt"
-BEST = "best.pt"
-CONFIG = "config.yaml"
+LAST, BEST, CONFIG = LAST_CHECKPOINT, BEST_CHECKPOINT, RUN_CONFIG
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import EvalDataset, collate
-from ascension_cli.data.folder import DEFAULT_MAX_PIXELS
 from ascension_cli.embedding.inference import extract_features
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 from ascension_cli.retrieval.evaluate import evaluate
 
 COLOUR_GAP = 0.05  # Recall@1 that grayscale must lose for colour to count

@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -307,7 +307,7 @@ class Trainer:
                                        run.data.scan.classes, **state), path)
 
     def stop_mid_epoch(self, epoch: int, progress: EpochProgress, started: float,
-                       abandoned: str = "") -> None:
+                       abandoned: str = "") -> NoReturn:
         """Save where epoch ``epoch`` stands, then raise Interrupted."""
         progress.seconds = time.perf_counter() - started
         self.save(self.run_parts.save_dir / LAST, epoch - 1, progress)

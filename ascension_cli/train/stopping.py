@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ascension_cli.errors import Interrupted, Wording, template_of
 
@@ -53,7 +53,7 @@ def ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def stopped(signal_number: int | None, what: str) -> None:
+def stopped(signal_number: int | None, what: str) -> NoReturn:
     """Raise ``Interrupted``: "stopped by SIGNAL <what>" (SIGTERM when the signal is unknown)."""
     number = signal_number or signal.SIGTERM
     template, options = template_of(what)
@@ -62,7 +62,7 @@ def stopped(signal_number: int | None, what: str) -> None:
 
 def interrupted(
     signal_number: int | None, checkpoint: Path, epoch: int, step: int, abandoned: str = ""
-) -> None:
+) -> NoReturn:
     """Raise ``Interrupted`` saying where the run stopped and how to continue it."""
     stopped(signal_number, Wording(
         f"in epoch {epoch} at step {step}; {abandoned}a resumable checkpoint is in "
