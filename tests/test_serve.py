@@ -417,3 +417,37 @@ def test_several_server_processes_answer(served):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _resolved(schema: dict, spec: dict) -> dict:
+    """``schema`` with a ``$ref`` into the document's components followed."""
+    reference = schema.get("$ref")
+    return spec["components"]["schemas"][reference.rsplit("/", 1)[-1]] if reference else schema
+
+
+def test_the_openapi_schema_describes_search_and_a_request_made_from_it_is_answered(served):
+    from ascension_cli.serve.schemas import InfoAnswer, SearchAnswer
+
+    _, data, _, server = served
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    search_spec = spec["paths"]["/search"]["post"]
+    form = search_spec["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "k", "threshold", "group_by"} <= set(form["properties"])
+    answer = _resolved(search_spec["responses"]["200"]["content"]["application/json"]["schema"],
+                       spec)
+    assert {"k", "threshold", "group_by", "waited_ms", "results"} <= set(answer["properties"])
+    assert "multipart/form-data" in spec["paths"]["/items"]["post"]["requestBody"]["content"]
+    assert "503" in spec["paths"]["/info"]["get"]["responses"]
+
+    # A request made from the schema alone: binary fields get a photo, the rest their default.
+    files, fields = [], {}
+    for name, field in form["properties"].items():
+        if field.get("type") == "array" and field["items"].get("format") == "binary":
+            files.append((name, ("q.png", (data / "circle" / "001.png").read_bytes())))
+        elif field.get("default") is not None:
+            fields[name] = str(field["default"])
+    response = requests.post(server.url + "/search", files=files, data=fields, timeout=60)
+    assert response.status_code == 200, response.text
+    parsed = SearchAnswer.model_validate(response.json())  # the answer is what it promises
+    assert len(parsed.results) == 1 and len(parsed.results[0].matches) == int(fields["k"])
+    InfoAnswer.model_validate(requests.get(server.url + "/info", timeout=10).json())

@@ -34,6 +34,16 @@ from ascension_cli.serve.forms import (
     unreadable,
 )
 from ascension_cli.serve.lookup import Lookup
+from ascension_cli.serve.schemas import (
+    ERRORS,
+    AddAnswer,
+    ErrorAnswer,
+    InfoAnswer,
+    ItemsForm,
+    SearchAnswer,
+    SearchForm,
+    form_body,
+)
 
 SETTINGS_VARIABLE = "ASCENSION_SERVE_SETTINGS"
 
@@ -51,7 +61,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
     async def healthz() -> dict:  # on the event loop itself: it answers while workers are busy
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", response_model=InfoAnswer, responses={503: ERRORS[503]})
     def info() -> dict:
         found = lookup.current().catalog
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
@@ -60,7 +70,9 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
                 "catalog_version": CATALOG_VERSION, "calibration": found.calibration,
                 "calibration_note": found.calibration_note()}
 
-    @app.get("/items/{item}/image")
+    @app.get("/items/{item}/image", response_class=Response, responses={
+        200: {"content": {"image/jpeg": {}}, "description": "A 256-pixel thumbnail."},
+        404: {"model": ErrorAnswer}, 503: ERRORS[503]})
     def item_image(item: int) -> Response:
         import cv2
 
@@ -93,7 +105,8 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
     app.add_exception_handler(CatalogError, lambda _request, exc: unreadable(exc))
     _reading_routes(app, lookup)
 
-    @app.post("/search")
+    @app.post("/search", response_model=SearchAnswer, responses=ERRORS,
+              openapi_extra=form_body(SearchForm))
     async def search(request: Request) -> Response:
         form, images = await read_images(request, lookup, max_upload_bytes, search_problem)
         if isinstance(images, Response):
@@ -108,7 +121,8 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
                              "waited_ms": waited * 1000,
                              "results": results})
 
-    @app.post("/items")
+    @app.post("/items", response_model=AddAnswer, responses=ERRORS,
+              openapi_extra=form_body(ItemsForm))
     async def add_items(request: Request) -> Response:
         if token is None:
             return problem(403, "writes are off: start the service with --allow-writes and "

@@ -21,12 +21,10 @@ from ascension_cli.errors import (
     ItemClash,
     first_line,
 )
+from ascension_cli.serve.schemas import DEFAULT_K, K_RANGE, MAX_LABEL_BYTES
 
 if TYPE_CHECKING:
     from ascension_cli.serve.lookup import Lookup, Upload
-
-MAX_LABEL_BYTES = 200  # a folder name: file systems allow 255 bytes
-
 
 MAX_NAME_CHARS = 255  # of a client's file name, echoed back in the results
 
@@ -47,12 +45,12 @@ def search_options(form: Any) -> tuple[int, float | None, str]:
     if group_by not in ("photo", "item"):
         raise ValueError("group_by must be photo or item")
     try:
-        k = int(k_text or 5)
+        k = int(k_text or DEFAULT_K)
         threshold = None if threshold_text in (None, "") else float(threshold_text)
     except ValueError:
         raise ValueError("k must be a whole number and threshold a number") from None
-    if not 1 <= k <= 1000:
-        raise ValueError(f"k must be from 1 to 1000 (got {k})")
+    if not K_RANGE[0] <= k <= K_RANGE[1]:
+        raise ValueError(f"k must be from {K_RANGE[0]} to {K_RANGE[1]} (got {k})")
     if threshold is not None and not -1 <= threshold <= 1:  # also refuses nan
         raise ValueError(f"threshold must be from -1 to 1 (got {threshold})")
     return k, threshold, group_by
