@@ -1,5 +1,5 @@
 """The format stamp and version of each file Ascension writes, in one place (a catalogue's are
-in ``catalog/layout.py``), and the facts several layers share: a run folder's file names, the
+in ``catalog_layout.py``), and the facts several layers share: a run folder's file names, the
 default pixel limit. A reader refuses a file whose stamp is not its own, naming it."""
 
 # A training checkpoint (``model/checkpoint.py``) and a catalogue's model file.

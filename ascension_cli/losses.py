@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ascension_cli.config.fields import pml_loss_class
+
 # Up to this many rows (views included) the positives come from an N x N label mask, beyond it
 # from per-class sums; both give the same loss.
 MASK_ROWS = 512
@@ -131,9 +133,6 @@ class SupConWithProxies(torch.nn.Module):
 
 
 # ---- any pytorch-metric-learning loss, over the whole (cached) batch
-PML_PREFIX = "pml:"
-PML_MISSING = ("pytorch-metric-learning is not installed: pip install 'ascension-cli[pml]' "
-               "(or pip install pytorch-metric-learning)")
 
 
 class PMLLoss(torch.nn.Module):
@@ -149,23 +148,6 @@ class PMLLoss(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         embeddings, labels = rows_of(embeddings, labels)
         return self.loss(embeddings.float(), labels.to(embeddings.device))
-
-
-def pml_loss_class(name: str) -> type:
-    """The class ``name`` in ``pytorch_metric_learning.losses``: a loss of embeddings and
-    labels. ``ValueError`` (one line) for anything else, ``ImportError`` without the library."""
-    try:
-        from pytorch_metric_learning import losses
-    except ImportError:
-        raise ImportError(PML_MISSING) from None
-    found = getattr(losses, name, None)
-    base = losses.BaseMetricLossFunction
-    if not (isinstance(found, type) and issubclass(found, base) and found is not base):
-        known = sorted(n for n, c in vars(losses).items()
-                       if isinstance(c, type) and issubclass(c, base) and c is not base)
-        raise ValueError(f"no pytorch-metric-learning loss {name!r}; it has "
-                         + ", ".join(known[:12]) + (", ..." if len(known) > 12 else ""))
-    return found
 
 
 def pml_loss(name: str, options: dict, num_classes: int, embedding_size: int) -> PMLLoss:

@@ -5,7 +5,7 @@ where a file is expected, a file missing, or a file another tool wrote ends the 
 one line (exit 2) before a model is built or an image is read. The checks read headers and
 small metadata only; the loaders (``model/checkpoint.py``, ``embedding/vectors.load_vectors``,
 ``catalog/store.load_catalog``) still check everything they read, for library callers. A
-catalogue folder's check lives with its layout (``catalog/layout.py::catalog_folder``).
+catalogue folder's check lives with its layout (``catalog_layout.py::catalog_folder``).
 
 Each check returns the path unchanged or raises ``ValueError`` with a message that names the path.
 """

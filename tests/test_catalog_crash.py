@@ -18,9 +18,9 @@ pytest.importorskip("fastapi")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from ascension_cli.catalog.layout import UPLOADS_FOLDER  # noqa: E402
 from ascension_cli.catalog.search import CatalogSearcher  # noqa: E402
 from ascension_cli.catalog.store import load_catalog  # noqa: E402
+from ascension_cli.catalog_layout import UPLOADS_FOLDER  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 

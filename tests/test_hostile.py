@@ -26,7 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ascension_cli.catalog.layout import CATALOG_VERSION
+from ascension_cli.catalog_layout import CATALOG_VERSION
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
 from ascension_cli.train.loop import train

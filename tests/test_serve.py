@@ -24,7 +24,7 @@ requests = pytest.importorskip("requests")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from ascension_cli.catalog.layout import CATALOG_VERSION  # noqa: E402
+from ascension_cli.catalog_layout import CATALOG_VERSION  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
 from tests.conftest import CLI, chromium  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from ascension_cli.cli.app import app
 from ascension_cli.config import TrainConfig
+from ascension_cli.config.fields import parse_size
 from ascension_cli.data.augment import train_transform
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.data.shards import (
     expand_braces,
     open_shards,
-    parse_size,
     read_samples,
     write_shards,
 )

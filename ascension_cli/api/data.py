@@ -43,8 +43,9 @@ def manifest(data_root: str | Path, output: str | Path, **options: Any) -> Writt
 
 
 def run_shard(settings: ShardConfig, progress: Progress | None = None) -> Written:
+    from ascension_cli.config.fields import parse_size
     from ascension_cli.data.manifest import scan_any
-    from ascension_cli.data.shards import describe_shards, parse_size, write_shards
+    from ascension_cli.data.shards import describe_shards, write_shards
     from ascension_cli.progress import Progress
 
     progress = progress or Progress()

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ascension_cli.catalog.layout import (
-    CATALOG_JSON,
-)
 from ascension_cli.catalog.store import (
     Catalog,
     append_items,
     catalog_lock,
     load_catalog,
     write_catalog,
+)
+from ascension_cli.catalog_layout import (
+    CATALOG_JSON,
 )
 from ascension_cli.data.cache import available_memory
 from ascension_cli.data.manifest import scan_any

@@ -1,7 +1,7 @@
 """A catalogue of known items on disk: written, read, locked and added to.
 
 A catalogue folder holds everything a search needs, and nothing from the training run (its
-files are listed in ``catalog/layout.py``). This module writes and reads them.
+files are listed in ``catalog_layout.py``). This module writes and reads them.
 
 Every change writes a new generation of items and index files, then catalog.json, atomically,
 naming it: a kill -9 at any instant leaves the old catalogue or the new one, whole. The previous
@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from ascension_cli.atomic import atomic_write, atomic_write_json
-from ascension_cli.catalog.layout import (
+from ascension_cli.catalog_layout import (
     CATALOG_FORMAT,
     CATALOG_JSON,
     CATALOG_LOCK,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ascension_cli.catalog.layout import catalog_folder
+from ascension_cli.catalog_layout import catalog_folder
 from ascension_cli.config.commands import _RunOptions
 from ascension_cli.config.fields import (
     CHANNELS_LAST_HELP,

@@ -248,7 +248,7 @@ class ShardConfig(BaseModel):
     @field_validator("shard_size")
     @classmethod
     def _check_size(cls, value: str) -> str:
-        from ascension_cli.data.shards import parse_size
+        from ascension_cli.config.fields import parse_size
 
         if parse_size(value) < 1:
             raise ValueError("must be at least 1 byte")

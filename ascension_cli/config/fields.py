@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from ascension_cli import paths
-from ascension_cli.catalog.layout import catalog_folder
+from ascension_cli.catalog_layout import catalog_folder
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Accumulation = Literal["cache", "naive"]
@@ -125,3 +125,49 @@ def check_path(check: Callable[[Path], Path], path: Path, field: str) -> None:
         check(path)
     except ValueError as exc:
         raise ValueError(f"invalid {option_name(field)}: {exc}") from None
+
+
+# ---- facts of the options that the layers above apply: the size syntax of --shard-size, the
+# sampler's rule for how many classes a target batch holds (which decides the many-class
+# defaults), and which --loss names are pytorch-metric-learning losses.
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``1GB``, ``500MB``, ``64MiB`` or ``1e6``."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like 1GB, 500MB or 64MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def classes_per_batch(classes: int, target_batch: int, samples_per_class: int) -> int:
+    """How many of ``classes`` a target batch holds: ``target_batch // samples_per_class``, at
+    least one and at most all of them."""
+    return min(classes, max(1, target_batch // samples_per_class))
+
+
+PML_PREFIX = "pml:"
+PML_MISSING = ("pytorch-metric-learning is not installed: pip install 'ascension-cli[pml]' "
+               "(or pip install pytorch-metric-learning)")
+
+
+def pml_loss_class(name: str) -> type:
+    """The class ``name`` in ``pytorch_metric_learning.losses``: a loss of embeddings and
+    labels. ``ValueError`` (one line) for anything else, ``ImportError`` without the library."""
+    try:
+        from pytorch_metric_learning import losses
+    except ImportError:
+        raise ImportError(PML_MISSING) from None
+    found = getattr(losses, name, None)
+    base = losses.BaseMetricLossFunction
+    if not (isinstance(found, type) and issubclass(found, base) and found is not base):
+        known = sorted(n for n, c in vars(losses).items()
+                       if isinstance(c, type) and issubclass(c, base) and c is not base)
+        raise ValueError(f"no pytorch-metric-learning loss {name!r}; it has "
+                         + ", ".join(known[:12]) + (", ..." if len(known) > 12 else ""))
+    return found

@@ -22,6 +22,7 @@ from ascension_cli.config.fields import (
     MANY_CLASS_LR,
     MANY_CLASS_TEMPERATURE,
     MIN_TEMPERATURE,
+    PML_PREFIX,
     RESUMABLE,
     TEMPERATURE,
     WARMUP_SHARE,
@@ -38,7 +39,9 @@ from ascension_cli.config.fields import (
     Tracker,
     WeightsFile,
     check_device,
+    classes_per_batch,
     option_name,
+    pml_loss_class,
 )
 from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
@@ -239,8 +242,6 @@ class TrainConfig(BaseModel):
 
     def many_classes(self, classes: int) -> bool:
         """Whether SupCon trains on more classes than a target batch holds."""
-        from ascension_cli.data.sampler import classes_per_batch  # the sampler's own rule
-
         return self.loss == "supcon" and classes > classes_per_batch(
             classes, self.target_batch, self.samples_per_class)
 
@@ -267,8 +268,6 @@ class TrainConfig(BaseModel):
         if self.proxy_weight:
             raise ValueError("--proxy-weight adds proxies to SupCon; a pml: loss brings its own "
                              "(drop --proxy-weight, or give --loss supcon)")
-        from ascension_cli.losses import PML_PREFIX, pml_loss_class
-
         name = self.loss.removeprefix(PML_PREFIX)
         if not self.loss.startswith(PML_PREFIX) or not name.isidentifier():
             raise ValueError(f"--loss {self.loss!r}: give supcon, or pml:NAME with NAME a "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ascension_cli.config.fields import classes_per_batch
 from ascension_cli.errors import ConfigError, Wording
 
 
@@ -150,12 +151,6 @@ class ClassBalancedBatchSampler:
             keys = keys[self.rank * share : (self.rank + 1) * share]
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]
-
-
-def classes_per_batch(classes: int, target_batch: int, samples_per_class: int) -> int:
-    """How many of ``classes`` a target batch holds: ``target_batch // samples_per_class``, at
-    least one and at most all of them."""
-    return min(classes, max(1, target_batch // samples_per_class))
 
 
 def distinct_share(class_sizes: np.ndarray, target_batch: int, samples_per_class: int) -> float:

@@ -39,21 +39,6 @@ MAX_DATASET_JSON_BYTES = 256 * 2**20
 MIN_SAMPLE_BYTES = 1536
 MAX_SHARD_SAMPLES = 10**7
 MAX_SAMPLES = 10**9
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
-          "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as ``1GB``, ``500MB``, ``64MiB`` or ``1e6``."""
-    match = _SIZE.match(text)
-    unit = (match.group(2) or "").lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; write it like 1GB, 500MB or 64MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def is_shards(source: str | Path) -> bool:
     """A shard pattern or URL (``.tar`` in it), or a local folder holding ``dataset.json``."""
     text = str(source)

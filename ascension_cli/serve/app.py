@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ascension_cli.catalog.check import confusable_of
-from ascension_cli.catalog.layout import CATALOG_VERSION
+from ascension_cli.catalog_layout import CATALOG_VERSION
 from ascension_cli.errors import CatalogError
 from ascension_cli.retrieval.report import thumbnail
 from ascension_cli.serve.batching import Batcher, Pending

@@ -18,9 +18,9 @@ import numpy as np
 
 from ascension_cli.atomic import atomic_write
 from ascension_cli.catalog.check import nearest_other_class
-from ascension_cli.catalog.layout import CATALOG_JSON, UPLOADS_FOLDER
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import catalog_lock, load_catalog, remove_orphan_uploads
+from ascension_cli.catalog_layout import CATALOG_JSON, UPLOADS_FOLDER
 from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
 from ascension_cli.embedding.pipeline import settled_options

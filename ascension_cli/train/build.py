@@ -21,12 +21,12 @@ import yaml
 
 from ascension_cli.atomic import atomic_write_text
 from ascension_cli.config import TrainConfig, check_resumable, to_plain
-from ascension_cli.config.fields import Augment
+from ascension_cli.config.fields import PML_PREFIX, Augment
 from ascension_cli.data.sampler import fit_batches
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording, first_line
 from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
-from ascension_cli.losses import PML_PREFIX, SupConWithProxies, pml_loss, supcon_loss
+from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint
 from ascension_cli.runtime import (
