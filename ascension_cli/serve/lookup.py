@@ -12,7 +12,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +24,9 @@ from ascension_cli.catalog_layout import CATALOG_JSON, UPLOADS_FOLDER
 from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
 from ascension_cli.embedding.pipeline import settled_options
-from ascension_cli.serve.batching import Pending
+
+if TYPE_CHECKING:  # the batcher hands its requests here; only a type, no import cycle
+    from ascension_cli.serve.batching import Pending
 
 
 @dataclass(frozen=True)
