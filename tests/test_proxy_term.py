@@ -98,9 +98,11 @@ def test_bad_proxy_options_end_in_one_line(dataset, tmp_path, arguments, message
 
 
 def resolved(option: str, classes: int, **options) -> object:
+    """What the plan resolves ``option`` to on ``classes`` classes (``train/plan.py``)."""
     from ascension_cli.config import TrainConfig
+    from ascension_cli.train.plan import plan_run
 
-    return TrainConfig(data_root=".", **options).resolved_from_data(classes)[option]
+    return getattr(plan_run(TrainConfig(data_root=".", **options), classes), option)
 
 
 def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_class():
@@ -132,8 +134,8 @@ def test_the_default_lr_stays_at_its_peak_only_where_a_batch_cannot_hold_every_c
     assert resolved("lr_schedule", 32) == "cosine"
     assert resolved("lr_schedule", 81, loss="pml:ContrastiveLoss") == "cosine"
     assert resolved("lr_schedule", 10, lr_schedule="constant") == "constant"
-    assert TrainConfig(data_root=".").resolved_from_data(81) == {
-        "proxy_weight": 0.3, "temperature": 0.07, "lr_schedule": "constant", "ema_decay": 0.9}
+    assert [resolved(name, 81) for name in ("proxy_weight", "temperature", "lr_schedule",
+                                            "ema_decay")] == [0.3, 0.07, "constant", 0.9]
 
 
 @pytest.mark.parametrize(("target_batch", "weight", "temperature", "schedule"),
@@ -151,23 +153,33 @@ def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight,
     assert saved["resolved_ema_decay"] == (0.9 if weight else 0.0)
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ("loss" in checkpoint) == bool(weight)
+    # The plan, with why each setting took its value, in config.yaml and the checkpoint.
+    assert checkpoint["plan"] == saved["plan"]
+    assert checkpoint["plan"]["temperature"] == temperature
+    assert "target batch" in checkpoint["plan"]["reasons"]["temperature"]
 
 
 def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
     from ascension_cli.config import check_resumable, to_plain
     from ascension_cli.errors import CheckpointError
+    from ascension_cli.train.plan import check_plan, plan_run, planned_before
+
+    def resume(old: dict, current, classes: list[str]) -> None:
+        checkpoint = {"config": old, "classes": classes}
+        check_resumable(checkpoint, current, classes)
+        check_plan(planned_before(checkpoint, len(classes)), plan_run(current, len(classes)))
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
-    # From before them: SupCon alone, on a cosine, no weight average.
+    # From before them (and before the plan): SupCon alone, on a cosine, no weight average.
     del old["proxy_weight"], old["lr_schedule"], old["ema_decay"]
     # A batch of 8 (2 photos a class) holds 4 classes: on 4 the defaults resolve as it trained.
     few = [f"class{i}" for i in range(4)]
-    check_resumable({"config": old, "classes": few}, config(dataset, tmp_path / "run"), few)
+    resume(old, config(dataset, tmp_path / "run"), few)
     many = [f"class{i}" for i in range(9)]
     with pytest.raises(CheckpointError,
-                       match=r"ema_decay: 0\.0 -> 0\.9; lr_schedule: 'cosine' -> 'constant'; "
-                             r"proxy_weight: 0\.0 -> 0\.3; temperature: 0\.1 -> 0\.07"):
-        check_resumable({"config": old, "classes": many}, config(dataset, tmp_path / "run"), many)
+                       match=r"temperature: 0\.1 -> 0\.07; proxy_weight: 0\.0 -> 0\.3; "
+                             r"lr_schedule: 'cosine' -> 'constant'; ema_decay: 0\.0 -> 0\.9"):
+        resume(old, config(dataset, tmp_path / "run"), many)
     as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1,
                         lr_schedule="cosine", ema_decay=0)
-    check_resumable({"config": old, "classes": many}, as_trained, many)
+    resume(old, as_trained, many)

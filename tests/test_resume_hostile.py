@@ -81,11 +81,13 @@ DAMAGES = {
     "epoch_progress": {"shape": lambda p: {"batches_done": 1, "pages": 2},
                        "range": lambda p: {"batches_done": -1, "losses": [], "images": 0,
                                            "seconds": 0.0, "waited": 0.0}},
+    "plan": {"shape": lambda p: {"classes": 4},
+             "range": lambda p: {**p["plan"], "temperature": -1.0}},
     "rng": {"shape": lambda p: {"torch": torch.zeros(5, dtype=torch.uint8)},
             "range": lambda p: {"torch": p["rng"]["torch"].float()}},
 }
 # Entries older checkpoints lacked: without them a run resumes as those did.
-OPTIONAL = {"excluded", "best_recall_at_1", "nonfinite_steps",
+OPTIONAL = {"plan", "excluded", "best_recall_at_1", "nonfinite_steps",
             "consecutive_nonfinite", "epoch_progress"}
 CASES = [(entry, "missing") for entry in DAMAGES] + [(entry, "type") for entry in DAMAGES] + [
     (entry, damage) for entry, damages in DAMAGES.items() for damage in damages]

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ascension_cli.config.fields import DATA_DEFAULTS
 from ascension_cli.config.resolve import to_plain
 from ascension_cli.config.train import TrainConfig
 from ascension_cli.errors import CheckpointError
-
-# Options whose default came to mean something else: a checkpoint written before they existed
-# trained as this value (SupCon alone, the LR decaying on a cosine, no weight average).
-TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine", "ema_decay": 0.0}
 
 
 def resume_may_change() -> set[str]:
@@ -20,21 +17,14 @@ def resume_may_change() -> set[str]:
             if (field.json_schema_extra or {}).get("resume_may_change")}
 
 
-
-def _resolved(options: dict[str, Any], classes: int) -> dict[str, Any]:
-    return {**options, **TrainConfig.model_construct(**options).resolved_from_data(classes)}
-
-
 def check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
     """Refuse a resume whose options (other than the RESUMABLE ones) or classes differ from the
-    checkpoint's."""
-    # An option added after the checkpoint was written had its default value then, or the
-    # value it trained as before its default changed. A default that depends on the data is
-    # compared as each side resolves it on these classes.
-    defaults = to_plain(TrainConfig.model_construct())
-    saved = _resolved({**defaults, **TRAINED_AS_BEFORE, **checkpoint["config"]}, len(classes))
-    current = _resolved(to_plain(config), len(classes))
-    may_change = resume_may_change()
+    checkpoint's. The options whose default depends on the data are compared as the plans of
+    the two runs resolve them (``train/plan.py::check_plan``), not here."""
+    # An option added after the checkpoint was written had its default value then.
+    saved = {**to_plain(TrainConfig.model_construct()), **checkpoint["config"]}
+    current = to_plain(config)
+    may_change = resume_may_change() | set(DATA_DEFAULTS)
     differences = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"
         for key in sorted(current)

@@ -14,7 +14,6 @@ from ascension_cli.config.fields import (
     AUTO_PROXY_WEIGHT,
     CHANNELS_LAST_HELP,
     COSINE_FLOOR,
-    DATA_DEFAULTS,
     DEVICE_HELP,
     LR_REFERENCE_BATCH,
     LR_SCHEDULE,
@@ -39,7 +38,6 @@ from ascension_cli.config.fields import (
     Tracker,
     WeightsFile,
     check_device,
-    classes_per_batch,
     option_name,
     pml_loss_class,
 )
@@ -239,22 +237,6 @@ class TrainConfig(BaseModel):
             raise ValueError("give either --val-root or --val-fraction, not both")
         self._check_loss()
         return self
-
-    def many_classes(self, classes: int) -> bool:
-        """Whether SupCon trains on more classes than a target batch holds."""
-        return self.loss == "supcon" and classes > classes_per_batch(
-            classes, self.target_batch, self.samples_per_class)
-
-    def resolved_from_data(self, classes: int) -> dict[str, Any]:
-        """The options whose default depends on the data (``DATA_DEFAULTS``), as a run on
-        ``classes`` training classes uses them."""
-        many = self.many_classes(classes)
-        chosen = {}
-        for name, (many_class_value, other_value) in DATA_DEFAULTS.items():
-            given = getattr(self, name)
-            chosen[name] = given if given is not None else (
-                many_class_value if many else other_value)
-        return chosen
 
     def _check_loss(self) -> None:
         """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""

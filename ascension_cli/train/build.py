@@ -15,16 +15,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
-import numpy as np
 import torch
 import yaml
 
 from ascension_cli.atomic import atomic_write_text
 from ascension_cli.config import TrainConfig, check_resumable, to_plain
-from ascension_cli.config.fields import PML_PREFIX, Augment
-from ascension_cli.data.sampler import fit_batches
+from ascension_cli.config.fields import DATA_DEFAULTS, PML_PREFIX, Augment
 from ascension_cli.data.splits import TrainData, training_data
-from ascension_cli.errors import CheckpointError, ConfigError, DataError, Wording, first_line
+from ascension_cli.errors import CheckpointError, ConfigError, Wording, first_line
 from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
@@ -44,8 +42,9 @@ from ascension_cli.train.distributed import gather_with_grad, rank_seed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
+from ascension_cli.train.plan import RunPlan, check_plan, fitted, plan_run, planned_before
 from ascension_cli.train.reporter import Reporter
-from ascension_cli.train.schedule import adamw, scaled_lr, warmup_steps, warmup_then
+from ascension_cli.train.schedule import adamw, warmup_steps, warmup_then
 from ascension_cli.train.state import Recorded, finite_weights
 from ascension_cli.train.stopping import StopRequest
 
@@ -92,6 +91,7 @@ class Run:
     """Everything built for one training run; ``checkpoint`` is the payload to resume from."""
 
     config: TrainConfig
+    plan: RunPlan  # every setting the options left to the data, resolved once
     resolved: dict[str, Any]  # the options as run, written to config.yaml
     save_dir: Path
     machine: Machine
@@ -131,19 +131,20 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     checkpoint = _checkpoint_to_resume(config, save_dir, reporter)
     data = training_data(config.data_root, config.val_root, config.val_fraction, config.seed,
                          "val_fraction" in config.model_fields_set, config.cache_images)
-    config = _fitted(config, data, machine.distributed.world_size, reporter)
+    given = frozenset(config.model_fields_set)
+    config, notes = fitted(config, data, machine.distributed.world_size)
+    for note in notes:
+        reporter.message(note)
+    plan = plan_run(config, len(data.scan.classes), notes, given)
     if checkpoint is not None:
-        _check_entries(checkpoint, resumed_path(config, save_dir))
-        check_resumable(checkpoint, config, data.scan.classes)
+        _check_resume(checkpoint, resumed_path(config, save_dir), config, data, plan)
     nets = _networks(config, checkpoint, machine, data, reporter)
     augmentation = _augmentation(config, checkpoint, data, nets, machine, reporter)
-    resolved = _write_config(config, save_dir, machine, nets.spec, reporter, augmentation,
-                             len(data.scan.classes))
+    resolved = _write_config(config, plan, save_dir, machine, nets.spec, reporter, augmentation)
     loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
                             nets.spec, machine, reporter, stop)
-    opt = _optimisation(config, nets, loaders.sampler, machine, stop, resolved["step_lr"],
-                        len(data.scan.classes))
-    return Run(config, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
+    opt = _optimisation(config, plan, nets, loaders.sampler, machine, stop)
+    return Run(config, plan, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
                reporter, augmentation)
 
 
@@ -194,6 +195,19 @@ def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
 _CHOSEN = tuple(choice for choice in get_args(Augment) if choice != "auto")
 
 
+def _check_resume(checkpoint: dict[str, Any], source: Path, config: TrainConfig,
+                  data: TrainData, plan: RunPlan) -> None:
+    """A checkpoint's entries read before the run is built, its options and its plan against
+    the run's (``check_resumable``, ``check_plan``)."""
+    _check_entries(checkpoint, source)
+    check_resumable(checkpoint, config, data.scan.classes)
+    try:
+        saved = planned_before(checkpoint, len(data.scan.classes))
+    except (ValueError, TypeError) as exc:
+        raise damaged_entry(source, "plan", first_line(exc)) from None
+    check_plan(saved, plan)
+
+
 def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
     """The entries read before the run is built: what it was trained on and its augmentation
     (the rest is checked where it is loaded, ``Trainer.load_state_dict``)."""
@@ -209,32 +223,6 @@ def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
         if chosen not in _CHOSEN:
             raise damaged_entry(source, "augmentation", f"the choice must be one of "
                                 f"{', '.join(_CHOSEN)}, not {str(chosen)[:40]!r}")
-
-
-def _fitted(config: TrainConfig, data: TrainData, world_size: int,
-            reporter: Reporter) -> TrainConfig:
-    """The batch options fitted to the training set before anything is allocated: options the
-    user gave that cannot fit are refused, defaults are reduced (see ``fit_batches``)."""
-    labels = data.train_labels
-    classes = len(np.unique(labels))
-    if classes < 2:
-        raise DataError(f"training needs at least two classes (found {classes} in "
-                        f"{config.data_root}): SupCon learns by contrasting classes")
-    if config.views == 1 and np.bincount(labels).max() < 2:
-        raise DataError("with {views} 1 some class needs two training images; use {views} 2",
-                        options=("views",))
-    plan = fit_batches(
-        np.unique(labels, return_counts=True)[1], config.target_batch, config.batch_size,
-        config.samples_per_class, world_size,
-        min_samples_per_class=2 if config.views == 1 else 1,
-        given=frozenset(config.model_fields_set),
-    )
-    for note in plan.notes:
-        reporter.message(note)
-    return config.model_copy(update={
-        "target_batch": plan.target_batch, "batch_size": plan.micro_batch,
-        "samples_per_class": plan.samples_per_class,
-    })
 
 
 # ---- the model and its wrappers; the configuration as run
@@ -312,36 +300,37 @@ def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: 
     return chosen
 
 
-def _write_config(config: TrainConfig, save_dir: Path, machine: Machine, spec: ModelSpec,
-                  reporter: Reporter, augmentation: str, classes: int) -> dict[str, Any]:
+def _write_config(config: TrainConfig, plan: RunPlan, save_dir: Path, machine: Machine,
+                  spec: ModelSpec, reporter: Reporter, augmentation: str) -> dict[str, Any]:
     """config.yaml: the options as run, with what was resolved from the machine, the model and
-    the data."""
+    the data (the plan, printed once with its reasons)."""
     resolved = to_plain(config)
     if config.augment == "auto":
         resolved.update(resolved_augment=augmentation)
-    for option, value in config.resolved_from_data(classes).items():
+    for option in DATA_DEFAULTS:
         if getattr(config, option) is None:
-            resolved[f"resolved_{option}"] = value
+            resolved[f"resolved_{option}"] = getattr(plan, option)
     resolved.update(image_size=spec.image_size, workers=machine.workers,
                     resolved_device=str(machine.device), resolved_precision=machine.precision,
-                    step_lr=scaled_lr(config.lr, config.target_batch, config.lr_scaling))
+                    step_lr=plan.step_lr, plan=plan.to_dict())
     if machine.distributed.enabled:
         resolved.update(processes=machine.distributed.world_size)
     if machine.distributed.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
-    reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()])
+    reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()
+                                      if key != "plan"])
+    reporter.table("plan", plan.rows())
     return resolved
 
 
 # ---- the optimisation and the step
-def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
+def _loss(config: TrainConfig, plan: RunPlan, spec: ModelSpec,
           device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
     """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
     (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
-    chosen = config.resolved_from_data(classes)
-    weight, temperature = chosen["proxy_weight"], chosen["temperature"]
+    weight, temperature, classes = plan.proxy_weight, plan.temperature, plan.classes
     if config.loss == "supcon" and weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
         module = SupConWithProxies(classes, width, temperature, weight, generator).to(device)
@@ -357,14 +346,15 @@ def _loss(config: TrainConfig, spec: ModelSpec, classes: int,
     return module, module
 
 
-def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine,
-                  stop: StopRequest, step_lr: float, classes: int) -> Optimisation:
+def _optimisation(config: TrainConfig, plan: RunPlan, nets: Networks, sampler,
+                  machine: Machine, stop: StopRequest) -> Optimisation:
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    step_lr = plan.step_lr
     optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
-    loss_fn, loss_module = _loss(config, nets.spec, classes, machine.device)
+    loss_fn, loss_module = _loss(config, plan, nets.spec, machine.device)
     own = list(loss_module.parameters()) if loss_module is not None else []
     if own and machine.distributed.enabled and config.accumulation == "naive":
         raise ConfigError("{accumulation} naive would train the loss's own parameters "
@@ -374,9 +364,8 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
         optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
                                    "weight_decay": 0.0})
     warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
-    schedule = config.resolved_from_data(classes)["lr_schedule"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then(schedule, total_steps, warmup))
+        optimizer, warmup_then(plan.lr_schedule, total_steps, warmup))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
     # A single process abandons a step when asked to stop (under DDP every rank would have to
     # agree at each micro-batch, so there the step finishes first).
@@ -385,7 +374,7 @@ def _optimisation(config: TrainConfig, nets: Networks, sampler, machine: Machine
     step_options: dict[str, Any] = {"no_sync": nets.no_sync, "should_stop": should_stop}
     if distributed and config.accumulation == "cache":
         step_options["gather"] = gather_with_grad
-    decay = config.resolved_from_data(classes)["ema_decay"]
+    decay = plan.ema_decay
     return Optimisation(
         optimizer, scheduler, scaler, loss_fn, loss_module,
         cached_backward if config.accumulation == "cache" else accumulated_backward,

@@ -302,7 +302,7 @@ class Trainer:
         if not run.machine.distributed.is_main:
             return
         with applied(run.opt.average):  # the checkpoint's model is what validation measured
-            state = {**self.state_dict(progress), "epoch": epoch}
+            state = {**self.state_dict(progress), "epoch": epoch, "plan": run.plan.to_dict()}
             atomic_save(training_state(run.nets.model, run.nets.spec, to_plain(self.config),
                                        run.data.scan.classes, **state), path)
 

@@ -1,0 +1,151 @@
+"""A run's plan: every training setting that the options leave to the data, resolved once, each
+with the reason it took its value. The batch sizes fitted to the training set, the defaults
+that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``) and the step's LR are
+decided here and nowhere else: the run is built from the plan, ``config.yaml`` and every
+checkpoint record it, and a resume compares the checkpoint's plan with the new one field by
+field. A checkpoint written before the plan is planned again from its options, as it trained
+(``TRAINED_AS_BEFORE``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from ascension_cli.config import TrainConfig
+from ascension_cli.config.fields import DATA_DEFAULTS, classes_per_batch
+from ascension_cli.data.sampler import fit_batches
+from ascension_cli.data.splits import TrainData
+from ascension_cli.errors import CheckpointError, DataError
+from ascension_cli.train.schedule import scaled_lr
+
+# Options whose default came to mean something else: a checkpoint written before they existed
+# (and before the plan) trained as this value (SupCon alone, the LR decaying on a cosine, no
+# weight average).
+TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine", "ema_decay": 0.0}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The settings a run trains with, none left open."""
+
+    classes: int  # the dataset's classes, which the many-class rule reads
+    target_batch: int
+    batch_size: int
+    samples_per_class: int
+    temperature: float
+    proxy_weight: float
+    lr_schedule: str
+    ema_decay: float
+    step_lr: float
+    reasons: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Any) -> RunPlan:
+        """A plan a checkpoint recorded; ``ValueError`` names what is wrong with it."""
+        names = [item.name for item in fields(cls)]
+        if not isinstance(saved, dict) or sorted(saved) != sorted(names):
+            raise ValueError(f"a plan holds {', '.join(names)}")
+        plan = cls(**saved)
+        numbers = [getattr(plan, name) for name in names
+                   if name not in ("lr_schedule", "reasons")]
+        if (not all(isinstance(n, int | float) and not isinstance(n, bool) and n >= 0
+                    for n in numbers)
+                or not isinstance(plan.lr_schedule, str) or not isinstance(plan.reasons, dict)):
+            raise ValueError("a plan's settings are numbers from 0 and a schedule's name")
+        return plan
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The plan as the trainer prints it: each setting, its value and why."""
+        return [(name, f"{getattr(self, name)}  ({self.reasons[name]})")
+                for name in self.reasons]
+
+
+def many_classes(config: TrainConfig, classes: int) -> bool:
+    """Whether SupCon trains on more classes than a target batch holds."""
+    return config.loss == "supcon" and classes > classes_per_batch(
+        classes, config.target_batch, config.samples_per_class)
+
+
+def data_defaults(config: TrainConfig, classes: int) -> dict[str, tuple[Any, str]]:
+    """Each option whose default depends on the data (``DATA_DEFAULTS``): its value for a run
+    on ``classes`` classes, and why."""
+    many = many_classes(config, classes)
+    held = classes_per_batch(classes, config.target_batch, config.samples_per_class)
+    rule = (f"default: a target batch holds {held} of the {classes} classes" if many
+            else f"default: a target batch can hold every one of the {classes} classes")
+    chosen = {}
+    for name, (many_class_value, other_value) in DATA_DEFAULTS.items():
+        given = getattr(config, name)
+        chosen[name] = ((given, "given") if given is not None
+                        else (many_class_value if many else other_value, rule))
+    return chosen
+
+
+def fitted(config: TrainConfig, data: TrainData, world_size: int
+           ) -> tuple[TrainConfig, list[str]]:
+    """The batch options fitted to the training set before anything is allocated: options the
+    user gave that cannot fit are refused, defaults are reduced (``fit_batches``), with the
+    notes saying why."""
+    labels = data.train_labels
+    classes = len(np.unique(labels))
+    if classes < 2:
+        raise DataError(f"training needs at least two classes (found {classes} in "
+                        f"{config.data_root}): SupCon learns by contrasting classes")
+    if config.views == 1 and np.bincount(labels).max() < 2:
+        raise DataError("with {views} 1 some class needs two training images; use {views} 2",
+                        options=("views",))
+    fit = fit_batches(
+        np.unique(labels, return_counts=True)[1], config.target_batch, config.batch_size,
+        config.samples_per_class, world_size,
+        min_samples_per_class=2 if config.views == 1 else 1,
+        given=frozenset(config.model_fields_set),
+    )
+    return config.model_copy(update={
+        "target_batch": fit.target_batch, "batch_size": fit.micro_batch,
+        "samples_per_class": fit.samples_per_class}), list(fit.notes)
+
+
+def plan_run(config: TrainConfig, classes: int, notes: list[str] = (),
+             given: frozenset[str] | None = None) -> RunPlan:
+    """The plan of a run with ``config`` (its batch options fitted) on ``classes`` classes;
+    ``notes``: why the batch options were fitted as they were; ``given``: the options the user
+    gave (default: ``config``'s)."""
+    given = config.model_fields_set if given is None else given
+    batches = ("target_batch", "batch_size", "samples_per_class")
+    defaults = data_defaults(config, classes)
+    step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
+    reasons = {**{name: "; ".join(notes) or ("given" if name in given else "default")
+                  for name in batches},
+               **{name: why for name, (_, why) in defaults.items()},
+               "step_lr": f"--lr {config.lr:g} for 32 images, {config.lr_scaling} to the target "
+                          f"batch of {config.target_batch}"}
+    return RunPlan(classes=classes, target_batch=config.target_batch,
+                   batch_size=config.batch_size, samples_per_class=config.samples_per_class,
+                   step_lr=step_lr, reasons=reasons,
+                   **{name: value for name, (value, _) in defaults.items()})
+
+
+def planned_before(checkpoint: dict[str, Any], classes: int) -> RunPlan:
+    """The plan a checkpoint trained with: its own, or for one written before the plan, its
+    options planned again as they trained."""
+    if "plan" in checkpoint:
+        return RunPlan.from_dict(checkpoint["plan"])
+    options = {**TRAINED_AS_BEFORE, **checkpoint["config"]}
+    return plan_run(TrainConfig.model_construct(**options), classes)
+
+
+def check_plan(saved: RunPlan, plan: RunPlan) -> None:
+    """Refuse a resume whose plan differs from the checkpoint's, naming each setting."""
+    differences = [f"{item.name}: {getattr(saved, item.name)!r} -> {getattr(plan, item.name)!r}"
+                   for item in fields(RunPlan)
+                   if item.compare and getattr(saved, item.name) != getattr(plan, item.name)]
+    if differences:
+        raise CheckpointError(
+            "cannot resume: the plan differs from the checkpoint's (" + "; ".join(differences)
+            + "); resume with the original options or start a new --save-dir")
