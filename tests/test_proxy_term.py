@@ -102,7 +102,7 @@ def resolved(option: str, classes: int, **options) -> object:
     from ascension_cli.config import TrainConfig
     from ascension_cli.train.plan import plan_run
 
-    return getattr(plan_run(TrainConfig(data_root=".", **options), classes), option)
+    return getattr(plan_run(TrainConfig(data_root=".", **options), classes, 1000), option)
 
 
 def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_class():
@@ -167,7 +167,8 @@ def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_
     def resume(old: dict, current, classes: list[str]) -> None:
         checkpoint = {"config": old, "classes": classes}
         check_resumable(checkpoint, current, classes)
-        check_plan(planned_before(checkpoint, len(classes)), plan_run(current, len(classes)))
+        check_plan(planned_before(checkpoint, len(classes), 32),
+                   plan_run(current, len(classes), 32))
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
     # From before them (and before the plan): SupCon alone, on a cosine, no weight average.

@@ -114,8 +114,8 @@ def test_the_default_averages_only_where_a_batch_cannot_hold_every_class():
     assert TrainConfig(data_root=".").ema_decay is None
     from ascension_cli.train.plan import plan_run
 
-    assert plan_run(TrainConfig(data_root="."), 81).ema_decay == 0.9
-    assert plan_run(TrainConfig(data_root="."), 32).ema_decay == 0.0
-    assert plan_run(TrainConfig(data_root=".", ema_decay=0.99), 32).ema_decay == 0.99
+    assert plan_run(TrainConfig(data_root="."), 81, 1000).ema_decay == 0.9
+    assert plan_run(TrainConfig(data_root="."), 32, 1000).ema_decay == 0.0
+    assert plan_run(TrainConfig(data_root=".", ema_decay=0.99), 32, 1000).ema_decay == 0.99
     with pytest.raises(ValueError):
         TrainConfig(data_root=".", ema_decay=1.0)

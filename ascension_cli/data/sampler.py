@@ -76,7 +76,7 @@ class ClassBalancedBatchSampler:
 
     @property
     def batches_per_epoch(self) -> int:
-        return max(1, len(self.labels) // self.target_batch)
+        return steps_per_epoch(len(self.labels), self.target_batch)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -151,6 +151,12 @@ class ClassBalancedBatchSampler:
             keys = keys[self.rank * share : (self.rank + 1) * share]
             for start in range(0, len(keys), self.micro_batch):
                 yield keys[start : start + self.micro_batch]
+
+
+def steps_per_epoch(images: int, target_batch: int) -> int:
+    """Optimizer steps an epoch over ``images`` training images takes (at least one): each
+    step a target batch, the last partial one left out."""
+    return max(1, images // target_batch)
 
 
 def distinct_share(class_sizes: np.ndarray, target_batch: int, samples_per_class: int) -> float:

@@ -44,7 +44,7 @@ from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
 from ascension_cli.train.plan import RunPlan, check_plan, fitted, plan_run, planned_before
 from ascension_cli.train.reporter import Reporter
-from ascension_cli.train.schedule import adamw, warmup_steps, warmup_then
+from ascension_cli.train.schedule import adamw, warmup_then
 from ascension_cli.train.state import Recorded, finite_weights
 from ascension_cli.train.stopping import StopRequest
 
@@ -105,7 +105,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.loaders.sampler.batches_per_epoch
+        return self.plan.steps_per_epoch
 
     def stateful(self) -> dict[str, Any]:
         """The parts whose ``state_dict`` a checkpoint keeps, by checkpoint key."""
@@ -135,7 +135,7 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     config, notes = fitted(config, data, machine.distributed.world_size)
     for note in notes:
         reporter.message(note)
-    plan = plan_run(config, len(data.scan.classes), notes, given)
+    plan = plan_run(config, len(data.scan.classes), len(data.train_labels), notes, given)
     if checkpoint is not None:
         _check_resume(checkpoint, resumed_path(config, save_dir), config, data, plan)
     nets = _networks(config, checkpoint, machine, data, reporter)
@@ -202,7 +202,7 @@ def _check_resume(checkpoint: dict[str, Any], source: Path, config: TrainConfig,
     _check_entries(checkpoint, source)
     check_resumable(checkpoint, config, data.scan.classes)
     try:
-        saved = planned_before(checkpoint, len(data.scan.classes))
+        saved = planned_before(checkpoint, len(data.scan.classes), len(data.train_labels))
     except (ValueError, TypeError) as exc:
         raise damaged_entry(source, "plan", first_line(exc)) from None
     check_plan(saved, plan)
@@ -348,11 +348,7 @@ def _loss(config: TrainConfig, plan: RunPlan, spec: ModelSpec,
 
 def _optimisation(config: TrainConfig, plan: RunPlan, nets: Networks, sampler,
                   machine: Machine, stop: StopRequest) -> Optimisation:
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    step_lr = plan.step_lr
+    total_steps, step_lr = plan.total_steps, plan.step_lr
     optimizer = adamw(nets.model, step_lr, config.weight_decay, config.backbone_lr_scale)
     loss_fn, loss_module = _loss(config, plan, nets.spec, machine.device)
     own = list(loss_module.parameters()) if loss_module is not None else []
@@ -363,9 +359,8 @@ def _optimisation(config: TrainConfig, plan: RunPlan, nets: Networks, sampler,
     if own:  # proxies: their own LR (as PML's docs and the ProxyAnchor paper train them)
         optimizer.add_param_group({"params": own, "lr": step_lr * config.loss_lr_scale,
                                    "weight_decay": 0.0})
-    warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then(plan.lr_schedule, total_steps, warmup))
+        optimizer, warmup_then(plan.lr_schedule, total_steps, plan.warmup_steps))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.precision == "fp16")
     # A single process abandons a step when asked to stop (under DDP every rank would have to
     # agree at each micro-batch, so there the step finishes first).

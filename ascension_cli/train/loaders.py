@@ -18,7 +18,7 @@ from ascension_cli.config import TrainConfig
 from ascension_cli.data.augment import eval_transform, train_transform
 from ascension_cli.data.cache import DecodedImages, memory_share
 from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
-from ascension_cli.data.sampler import ClassBalancedBatchSampler
+from ascension_cli.data.sampler import ClassBalancedBatchSampler, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.data.stream import ShardTrainStream, stream_count
 from ascension_cli.errors import Wording
@@ -127,7 +127,7 @@ def _stream_loaders(config: TrainConfig, data: TrainData, spec: ModelSpec, machi
     sampler = ShardTrainStream(
         data.shards, train_transform(config.augment, spec.image_size, spec.mean, spec.std),
         config.views, config.batch_size, config.target_batch // (config.batch_size * world),
-        config.samples_per_class, max(1, data.shards.count // config.target_batch),
+        config.samples_per_class, steps_per_epoch(data.shards.count, config.target_batch),
         config.shuffle_buffer, config.seed, distributed.rank, world, config.max_image_pixels,
         min_side=2 * spec.image_size, mix=config.accumulation == "cache",
     )

@@ -16,10 +16,10 @@ import numpy as np
 
 from ascension_cli.config import TrainConfig
 from ascension_cli.config.fields import DATA_DEFAULTS, classes_per_batch
-from ascension_cli.data.sampler import fit_batches
+from ascension_cli.data.sampler import fit_batches, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.errors import CheckpointError, DataError
-from ascension_cli.train.schedule import scaled_lr
+from ascension_cli.train.schedule import scaled_lr, warmup_steps
 
 # Options whose default came to mean something else: a checkpoint written before they existed
 # (and before the plan) trained as this value (SupCon alone, the LR decaying on a cosine, no
@@ -40,6 +40,11 @@ class RunPlan:
     lr_schedule: str
     ema_decay: float
     step_lr: float
+    steps_per_epoch: int
+    # The run's length may change on a resume (--epochs, --max-steps and --warmup-epochs are
+    # resumable): not compared.
+    total_steps: int = field(compare=False)
+    warmup_steps: int = field(compare=False)
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,12 +116,30 @@ def fitted(config: TrainConfig, data: TrainData, world_size: int
         "samples_per_class": fit.samples_per_class}), list(fit.notes)
 
 
-def plan_run(config: TrainConfig, classes: int, notes: list[str] = (),
+def run_length(config: TrainConfig, images: int) -> dict[str, tuple[int, str]]:
+    """Steps an epoch, steps in all and warmup steps of a run over ``images`` training images,
+    each with why."""
+    per_epoch = steps_per_epoch(images, config.target_batch)
+    total = config.epochs * per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    warmup = warmup_steps(config.warmup_epochs, per_epoch, total)
+    return {
+        "steps_per_epoch": (per_epoch, f"{images} training images, {config.target_batch} a step"),
+        "total_steps": (total, f"--epochs {config.epochs}" + (
+            f", --max-steps {config.max_steps}" if config.max_steps is not None else "")),
+        "warmup_steps": (warmup, "default: 5 % of the run's steps"
+                         if config.warmup_epochs is None
+                         else f"given: --warmup-epochs {config.warmup_epochs:g}")}
+
+
+def plan_run(config: TrainConfig, classes: int, images: int, notes: list[str] = (),
              given: frozenset[str] | None = None) -> RunPlan:
-    """The plan of a run with ``config`` (its batch options fitted) on ``classes`` classes;
-    ``notes``: why the batch options were fitted as they were; ``given``: the options the user
-    gave (default: ``config``'s)."""
+    """The plan of a run with ``config`` (its batch options fitted) on ``classes`` classes and
+    ``images`` training images; ``notes``: why the batch options were fitted as they were;
+    ``given``: the options the user gave (default: ``config``'s)."""
     given = config.model_fields_set if given is None else given
+    length = run_length(config, images)
     batches = ("target_batch", "batch_size", "samples_per_class")
     defaults = data_defaults(config, classes)
     step_lr = scaled_lr(config.lr, config.target_batch, config.lr_scaling)
@@ -124,20 +147,22 @@ def plan_run(config: TrainConfig, classes: int, notes: list[str] = (),
                   for name in batches},
                **{name: why for name, (_, why) in defaults.items()},
                "step_lr": f"--lr {config.lr:g} for 32 images, {config.lr_scaling} to the target "
-                          f"batch of {config.target_batch}"}
+                          f"batch of {config.target_batch}",
+               **{name: why for name, (_, why) in length.items()}}
     return RunPlan(classes=classes, target_batch=config.target_batch,
                    batch_size=config.batch_size, samples_per_class=config.samples_per_class,
                    step_lr=step_lr, reasons=reasons,
-                   **{name: value for name, (value, _) in defaults.items()})
+                   **{name: value for name, (value, _) in defaults.items()},
+                   **{name: value for name, (value, _) in length.items()})
 
 
-def planned_before(checkpoint: dict[str, Any], classes: int) -> RunPlan:
+def planned_before(checkpoint: dict[str, Any], classes: int, images: int) -> RunPlan:
     """The plan a checkpoint trained with: its own, or for one written before the plan, its
-    options planned again as they trained."""
+    options planned again as they trained (on these ``classes`` and ``images``)."""
     if "plan" in checkpoint:
         return RunPlan.from_dict(checkpoint["plan"])
     options = {**TRAINED_AS_BEFORE, **checkpoint["config"]}
-    return plan_run(TrainConfig.model_construct(**options), classes)
+    return plan_run(TrainConfig.model_construct(**options), classes, images)
 
 
 def check_plan(saved: RunPlan, plan: RunPlan) -> None:
