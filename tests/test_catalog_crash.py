@@ -35,7 +35,7 @@ catalog, photo = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
 lookup = Lookup(catalog, json.loads(sys.argv[3]), 100_000_000)
 print("ready", flush=True)
 while True:
-    lookup.add([("a.png", photo), ("b.png", photo)], "added")
+    lookup.add(lookup.check_images([("a.png", photo), ("b.png", photo)]), "added")
 """
 
 
