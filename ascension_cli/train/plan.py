@@ -40,9 +40,10 @@ class RunPlan:
     lr_schedule: str
     ema_decay: float
     step_lr: float
-    steps_per_epoch: int
     # The run's length may change on a resume (--epochs, --max-steps and --warmup-epochs are
-    # resumable): not compared.
+    # resumable, and a resume has always been allowed on a folder that gained or lost photos
+    # of the same classes): recorded, not compared.
+    steps_per_epoch: int = field(compare=False)
     total_steps: int = field(compare=False)
     warmup_steps: int = field(compare=False)
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
