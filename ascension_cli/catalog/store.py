@@ -47,6 +47,7 @@ from ascension_cli.model.checkpoint import load_model_file, save_model_file
 from ascension_cli.paths import checked, not_ours
 from ascension_cli.retrieval.index import INDEX_KINDS, write_index
 from ascension_cli.strings import has_strings, packed, unpacked
+from ascension_cli.values import whole
 
 
 @dataclass
@@ -275,11 +276,11 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with catalog.json's fields (a file edited by hand), or None."""
     names = meta.get("class_names")
-    whole = {key: meta.get(key, 0) for key in ("count", "dimension", "generation")}
+    counts = {key: meta.get(key, 0) for key in ("count", "dimension", "generation")}
     if not (isinstance(names, list) and all(isinstance(name, str) for name in names)
             and len(set(names)) == len(names)):
         return "class_names must be distinct names"
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in whole.values()):
+    if not all(whole(value) for value in counts.values()):
         return "count, dimension and generation must be whole numbers from 0"
     if meta.get("feature_kind") not in ("backbone", "head"):
         return "feature_kind must be backbone or head"

@@ -25,6 +25,7 @@ from ascension_cli.data.folder import FolderScan
 from ascension_cli.errors import DataError
 from ascension_cli.formats import SHARD_FORMAT
 from ascension_cli.paths import is_url
+from ascension_cli.values import whole
 
 SIDECAR = "dataset.json"
 # Shards are untrusted input: a member is refused from its tar header past these sizes, so a
@@ -201,13 +202,9 @@ def _read_sidecar(url: str) -> dict:
 
 def _counts_problem(counts: object, classes: int, what: str) -> str | None:
     if not (isinstance(counts, list) and len(counts) == classes
-            and all(_count(c) for c in counts)):
+            and all(whole(c) for c in counts)):
         return f"{what} must be {classes} whole numbers (one per class), not {str(counts)[:60]}"
     return None
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _sidecar_problem(sidecar: dict) -> str | None:
@@ -231,7 +228,7 @@ def _sidecar_problem(sidecar: dict) -> str | None:
                 or name.startswith(".") or name in names):
             return f"shards[{number}].name must be a distinct plain file name"
         names.add(name)
-        if not _count(shard.get("count")) or shard["count"] > MAX_SHARD_SAMPLES:
+        if not whole(shard.get("count"), high=MAX_SHARD_SAMPLES):
             return f"shards[{number}].count must be a whole number up to {MAX_SHARD_SAMPLES}"
         if shard.get("class_counts") is not None:
             problem = _counts_problem(shard["class_counts"], len(classes),

@@ -16,14 +16,11 @@ from torch import nn
 
 from ascension_cli.errors import ConfigError, WeightsError
 from ascension_cli.paths import not_ours, why_unloadable
+from ascension_cli.values import number, whole
 
 WEIGHTS_OPTIONS = ("weights", "no_pretrained")  # what a user can do about missing weights
 
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
-
-
-def _whole(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -59,11 +56,11 @@ class ModelSpec:
         numbers = [*spec.mean, *spec.std, spec.crop_pct]
         checks = {"name": isinstance(spec.name, str) and bool(spec.name),
                   "head": spec.head in ("none", "mlp", "linear"),
-                  "image_size": _whole(spec.image_size, 16, 4096),
-                  "embedding_dim": _whole(spec.embedding_dim, 2, 65536),
-                  "num_features": _whole(spec.num_features, 1, 1 << 20),
+                  "image_size": whole(spec.image_size, 16, 4096),
+                  "embedding_dim": whole(spec.embedding_dim, 2, 65536),
+                  "num_features": whole(spec.num_features, 1, 1 << 20),
                   "mean, std and crop_pct": len(spec.mean) == len(spec.std) == 3 and all(
-                      isinstance(n, int | float) and 0 <= n <= 1000 for n in numbers)
+                      number(n, 0, 1000) for n in numbers)
                   and all(n > 0 for n in spec.std) and 0 < spec.crop_pct <= 1}
         wrong = [name for name, good in checks.items() if not good]
         if wrong:

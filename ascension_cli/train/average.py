@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ascension_cli.train.state import finite_weights
+from ascension_cli.values import whole
 
 # The average's share kept per step ramps up as (1 + n) / (WARMUP + n) after n steps, so the
 # starting weights fade within the first steps (as timm's ModelEmaV3 warmup does).
@@ -78,7 +79,7 @@ class WeightAverage:
         """Resume: the model, loaded from the checkpoint, holds the average; put the trained
         weights back into it."""
         steps, trained = payload["steps"], payload["trained"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        if not whole(steps):
             # A negative count would extrapolate (a kept share below 0) or divide by zero.
             raise ValueError(f"its step count must be a whole number from 0, not {steps!r:.40}")
         finite_weights(trained)

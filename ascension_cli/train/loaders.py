@@ -4,6 +4,7 @@ unreadable file (reported once, left out of later epochs)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ascension_cli.errors import Wording
 from ascension_cli.model.backbone import ModelSpec
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.stopping import StopRequest, ignore_sigint
+from ascension_cli.values import whole
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,8 @@ class Exclusions:
         return sorted(self.sampler.excluded)
 
     def load_state_dict(self, excluded: list[int]) -> None:
-        size = len(getattr(self.sampler, "labels", ()))
-        if not isinstance(excluded, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 and (not size or i < size)
-                for i in excluded):
+        size = len(getattr(self.sampler, "labels", ())) or math.inf
+        if not isinstance(excluded, list) or not all(whole(i, 0, size - 1) for i in excluded):
             raise ValueError("not a list of the training set's image numbers")
         self.sampler.exclude(excluded)
 

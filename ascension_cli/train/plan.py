@@ -20,6 +20,7 @@ from ascension_cli.data.sampler import fit_batches, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.errors import CheckpointError, DataError
 from ascension_cli.train.schedule import scaled_lr, warmup_steps
+from ascension_cli.values import number
 
 # Options whose default came to mean something else: a checkpoint written before they existed
 # (and before the plan) trained as this value (SupCon alone, the LR decaying on a cosine, no
@@ -60,8 +61,7 @@ class RunPlan:
         plan = cls(**saved)
         numbers = [getattr(plan, name) for name in names
                    if name not in ("lr_schedule", "reasons")]
-        if (not all(isinstance(n, int | float) and not isinstance(n, bool) and n >= 0
-                    for n in numbers)
+        if (not all(number(n, 0) for n in numbers)
                 or not isinstance(plan.lr_schedule, str) or not isinstance(plan.reasons, dict)):
             raise ValueError("a plan's settings are numbers from 0 and a schedule's name")
         return plan

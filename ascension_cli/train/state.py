@@ -8,7 +8,7 @@ lacks (``consecutive_nonfinite`` before it was saved) takes its fresh value.
 
 from __future__ import annotations
 
-import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,9 @@ import torch
 from ascension_cli.errors import first_line
 from ascension_cli.model.checkpoint import damaged_entry
 from ascension_cli.train.logbook import EpochRecord
+from ascension_cli.values import number, whole
+
+FINITE = sys.float_info.max  # the largest a float read back may be: infinity is no time or LR
 
 
 @dataclass
@@ -43,14 +46,13 @@ class DamagedEntry(ValueError):
 def count_entry(payload: dict[str, Any], key: str, default: int | None = None) -> int:
     """A whole number from 0 the checkpoint holds under ``key`` (``default`` where an older one
     lacks it; None: it must be there)."""
-    if key not in payload and default is not None:
-        return default
-    value = payload.get(key)
     if key not in payload:
-        raise DamagedEntry(key, "missing")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise DamagedEntry(key, f"must be a whole number from 0, not {str(value)[:40]}")
-    return value
+        if default is None:
+            raise DamagedEntry(key, "missing")
+        return default
+    if not whole(payload[key]):
+        raise DamagedEntry(key, f"must be a whole number from 0, not {str(payload[key])[:40]}")
+    return payload[key]
 
 
 def _number(value: Any, kind: str) -> bool:
@@ -59,9 +61,7 @@ def _number(value: Any, kind: str) -> bool:
         return "None" in kind
     if kind.startswith("bool"):
         return isinstance(value, bool)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return isinstance(value, int) if kind.startswith("int") else not math.isnan(value)
+    return whole(value) if kind.startswith("int") else number(value)
 
 
 def _record(entry: Any, number: int) -> EpochRecord:
@@ -99,17 +99,17 @@ def _progress(saved: Any) -> EpochProgress | None:
         raise DamagedEntry("epoch_progress", "not an epoch's progress") from None
     counts = (progress.batches_done, progress.images)
     times = (progress.seconds, progress.waited)
-    if (not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-            or not all(_number(t, "float") and 0 <= t < math.inf for t in times)
+    if (not all(whole(count) for count in counts)
+            or not all(number(time, 0, FINITE) for time in times)
             or not isinstance(progress.losses, list)
-            or not all(_number(loss, "float") for loss in progress.losses)):
+            or not all(number(loss) for loss in progress.losses)):
         raise DamagedEntry("epoch_progress", "a count, time or loss of the wrong kind")
     return progress
 
 
 def _best(payload: dict[str, Any]) -> float | None:
     best = payload.get("best_recall_at_1")
-    if best is not None and not (_number(best, "float") and 0 <= best <= 1):
+    if best is not None and not number(best, 0, 1):
         raise DamagedEntry("best_recall_at_1", f"must be a recall from 0 to 1, not {best!r:.40}")
     return best
 
@@ -200,13 +200,9 @@ def finite_weights(state: Any) -> None:
             raise ValueError(f"{name} holds NaN or infinity")
 
 
-def _number_from_0(value: Any) -> bool:
-    return _number(value, "float") and 0 <= value < math.inf
-
-
 def _check_scaler(payload: Any) -> None:
     """Before loading: a disabled scaler (bf16, fp32) ignores what it is given."""
-    if not isinstance(payload, dict) or not _number_from_0(payload.get("scale", 1.0)):
+    if not isinstance(payload, dict) or not number(payload.get("scale", 1.0), 0, FINITE):
         raise ValueError("not a loss scaler's state (a scale above 0)")
 
 
@@ -214,7 +210,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """After loading: LRs from 0, and each weight's moments of its weight's shape (torch checks
     the groups' sizes, not the moments')."""
     for group in optimizer.param_groups:
-        if not _number_from_0(group.get("lr")):
+        if not number(group.get("lr"), 0, FINITE):
             raise ValueError(f"a learning rate of {group.get('lr')!r:.40}")
         for weight in group["params"]:
             for name, value in optimizer.state.get(weight, {}).items():
@@ -230,10 +226,10 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
 def _check_scheduler(scheduler) -> None:
     """After loading: a step count from 0 and an LR from 0 for each group."""
     count, base = scheduler.last_epoch, scheduler.base_lrs
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    if not whole(count):
         raise ValueError(f"a step count of {count!r:.40}")
     if (not isinstance(base, list) or len(base) != len(scheduler.optimizer.param_groups)
-            or not all(_number_from_0(lr) for lr in base)):
+            or not all(number(lr, 0, FINITE) for lr in base)):
         raise ValueError("its base learning rates do not fit the optimizer's groups")
 
 
