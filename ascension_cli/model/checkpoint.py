@@ -89,24 +89,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _rebuild(path: Path, payload: dict[str, Any]) -> tuple[EmbeddingModel, ModelSpec]:
+def finite_weights(state: Any) -> None:
+    """A state dict of tensors, every float one finite (NaN weights train nothing)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError("not a state dict of tensors")
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or infinity")
+
+
+def rebuild_model(path: Path, payload: dict[str, Any]) -> tuple[EmbeddingModel, ModelSpec]:
+    """The model a checkpoint or model file describes (its spec, then its weights, which must
+    fit the spec and be finite), for inference or a resume; a damaged spec or weights is one
+    CheckpointError naming ``path`` and which of the two."""
     try:
         spec = ModelSpec.from_dict(payload["spec"])
-    except (KeyError, TypeError, ValueError):
+        model = model_from_spec(spec)
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise not_a_checkpoint(path, "its model spec is damaged") from None
-    model = model_from_spec(spec)
     try:
+        finite_weights(payload["model"])
         model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no weights"
-        raise CheckpointError(f"{path}: weights do not fit '{spec.name}': {detail}") from None
+        raise CheckpointError(f"{path}: its model weights do not fit '{spec.name}': {detail}"
+                              ) from None
     return model, spec
 
 
 def load_model(path: str | Path) -> tuple[EmbeddingModel, ModelSpec, dict[str, Any]]:
     """The model a training checkpoint describes, with its weights, for inference."""
     payload = load_checkpoint(path)
-    model, spec = _rebuild(Path(path), payload)
+    model, spec = rebuild_model(Path(path), payload)
     return model, spec, payload
 
 
@@ -125,4 +139,4 @@ def load_model_file(path: str | Path) -> EmbeddingModel:
         raise not_a_checkpoint(path, why_unloadable(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
         raise not_a_checkpoint(path, "it is not a catalogue's model file")
-    return _rebuild(path, payload)[0]
+    return rebuild_model(path, payload)[0]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ascension_cli.train.state import finite_weights
+from ascension_cli.model.checkpoint import finite_weights
 from ascension_cli.values import whole
 
 # The average's share kept per step ramps up as (1 + n) / (WARMUP + n) after n steps, so the

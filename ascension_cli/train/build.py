@@ -25,8 +25,8 @@ from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, Wording, first_line
 from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
-from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model, model_from_spec
-from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint
+from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model
+from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint, rebuild_model
 from ascension_cli.runtime import (
     DistributedContext,
     autocast_factory,
@@ -45,7 +45,7 @@ from ascension_cli.train.logbook import data_rows
 from ascension_cli.train.plan import RunPlan, check_plan, fitted, plan_run, planned_before
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.schedule import adamw, warmup_then
-from ascension_cli.train.state import Recorded, finite_weights
+from ascension_cli.train.state import Recorded
 from ascension_cli.train.stopping import StopRequest
 
 LAST, BEST, CONFIG = LAST_CHECKPOINT, BEST_CHECKPOINT, RUN_CONFIG
@@ -229,7 +229,7 @@ def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
 def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: Machine,
               data: TrainData, reporter: Reporter) -> Networks:
     if checkpoint is not None:
-        model, spec = _resumed_model(checkpoint, resumed_path(config, Path(config.save_dir)))
+        model, spec = rebuild_model(resumed_path(config, Path(config.save_dir)), checkpoint)
     else:
         model, spec = build_model(
             config.model, embedding_dim=config.embedding_dim, head=config.head,
@@ -262,22 +262,6 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
         reporter.message(Wording("{compile}: the first steps compile the model, which takes "
                                  "minutes", ("compile",)))
     return Networks(model, spec, trained, no_sync, compile_errors)
-
-
-def _resumed_model(checkpoint: dict[str, Any], source: Path) -> tuple[EmbeddingModel, ModelSpec]:
-    """The checkpoint's model, its spec and weights checked: one that does not fit is one
-    CheckpointError naming the entry."""
-    try:
-        spec = ModelSpec.from_dict(checkpoint["spec"])
-        model = model_from_spec(spec)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise damaged_entry(source, "spec", first_line(exc)) from None
-    try:
-        finite_weights(checkpoint["model"])
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise damaged_entry(source, "model", first_line(exc)) from None
-    return model, spec
 
 
 def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ascension_cli.errors import first_line
-from ascension_cli.model.checkpoint import damaged_entry
+from ascension_cli.model.checkpoint import damaged_entry, finite_weights
 from ascension_cli.train.logbook import EpochRecord
 from ascension_cli.values import number, whole
 
@@ -189,15 +189,6 @@ class Recorded:
         if not isinstance(values, dict):
             raise TypeError("not a record of choices")
         self.values = dict(values)
-
-
-def finite_weights(state: Any) -> None:
-    """A state dict of tensors, every float one finite (NaN weights train nothing)."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise TypeError("not a state dict of tensors")
-    for name, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{name} holds NaN or infinity")
 
 
 def _check_scaler(payload: Any) -> None:
