@@ -288,7 +288,7 @@ def test_a_photo_between_the_default_limit_and_the_service_s_own_is_decoded_once
 
     monkeypatch.setattr(lookup, "decode_image", counting)
     monkeypatch.setattr(folder, "decode_image", counting)
-    server = Server(root / "cat", max_pixels=120_000_000)
+    server = Server(root / "cat", max_pixels=120_000_000, token=TOKEN)
     try:
         answer = search(server, [("image", ("big.png", photo)),
                                  ("image", ("q.png", (data / "circle" / "000.png").read_bytes()))])
@@ -297,6 +297,9 @@ def test_a_photo_between_the_default_limit_and_the_service_s_own_is_decoded_once
         assert [r["query"] for r in results] == ["big.png", "q.png"]
         assert all(len(r["matches"]) == 5 for r in results)
         assert len(decoded) == 2  # each upload once
+        added = add(server, [("image", ("big.png", photo))], "big")  # an add too: once, kept
+        assert added.status_code == 200 and added.json()["added"] == 1, added.text
+        assert len(decoded) == 3
         refused = Server(root / "cat")  # the default limit: a 400 naming it, not a silent 200
         try:
             answer = search(refused, [("image", ("big.png", photo))])

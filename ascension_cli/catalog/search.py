@@ -102,11 +102,13 @@ class CatalogSearcher:
         """The short side to decode a query down to, as ``embed`` would."""
         return decode_side(self.catalog.spec, EmbedOptions.of(**embed_options))
 
-    def add(self, paths: list[Path], class_name: str, **embed_options) -> int:
-        """Embed the images at ``paths`` as items of ``class_name`` and write the catalogue;
-        how many were readable. Searches meanwhile use the catalogue as it was. The caller
-        holds ``catalog_lock`` and has read the catalogue under it."""
-        vectors, indices = self.embed(paths, **embed_options)
+    def add(self, images: list[np.ndarray], paths: list[Path], class_name: str,
+            **embed_options) -> int:
+        """Embed ``images`` (decoded already, by ``decode_image`` with ``decode_side``; kept at
+        ``paths``) as items of ``class_name`` and write the catalogue; how many were embedded.
+        Searches meanwhile use the catalogue as it was. The caller holds ``catalog_lock`` and
+        has read the catalogue under it."""
+        vectors, indices = self.embed_decoded(images, **embed_options)
         write_catalog(append_items(self.catalog, vectors, [class_name] * len(indices),
                                    [paths[i] for i in indices], classes=[class_name]), None)
         return len(indices)

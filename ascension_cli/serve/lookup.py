@@ -96,7 +96,8 @@ class Lookup:
             try:
                 for path, upload in zip(paths, images, strict=True):
                     atomic_write(path, lambda handle, data=upload.data: handle.write(data))
-                added = searcher.add(paths, class_name, **self.run_options)
+                added = searcher.add([upload.image for upload in images], paths, class_name,
+                                     **self.run_options)
             except BaseException:
                 _discard(paths, load_catalog(self.directory, with_vectors=False).paths)
                 raise
