@@ -363,8 +363,10 @@ def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | 
         labels=np.concatenate([catalog.labels, labels]), paths=catalog.paths + added,
         item_ids=None if catalog.item_ids is None and item_ids is None else catalog.items() + (
             item_ids or [name or path for name, path in zip(class_names, added, strict=True)]))
-    clash = item_in_two_classes(grown.items(), [grown.class_name(int(label))
-                                                for label in grown.labels])
+    # Without item ids each photo's item is its class: nothing can clash (no pass over every
+    # photo on each add to a folder-built catalogue).
+    clash = None if grown.item_ids is None else item_in_two_classes(
+        grown.item_ids, [grown.class_name(int(label)) for label in grown.labels])
     if clash is not None:
         raise ItemClash(f"item {clash[0]!r} would be filed under two classes, {clash[1]!r} "
                         f"and {clash[2]!r}: an item is one product of one class; give another "
