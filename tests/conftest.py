@@ -88,3 +88,12 @@ def dataset(tmp_path: Path) -> Path:
 def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never download: a pretrained request without --weights must fail fast and clearly.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def planned(config, classes: int, images: int = 1000):
+    """``plan_run`` of ``config`` on ``classes`` classes, with a fixed setup (image size,
+    workers, augmentation) that the data-dependent defaults do not read."""
+    from ascension_cli.train.plan import Setup, plan_run
+
+    setup = Setup((32, "test"), (0, "test"), ("color-agnostic", "test"))
+    return plan_run(config, classes, images, setup)

@@ -88,8 +88,31 @@ def test_a_run_records_its_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
     assert saved["augment"] == "auto" and saved["resolved_augment"] == "color-preserving"
     train(config(data, tmp_path / "run", resume="auto", **options))
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert checkpoint["augmentation"] == {"chosen": "color-preserving"}
+    assert checkpoint["plan"]["augmentation"] == "color-preserving"
+    assert checkpoint["plan"]["reasons"]["augmentation"] == (
+        "--augment auto: chosen when the run started")
     assert next(picks) == "color-agnostic"  # the resume did not measure again
+
+
+def test_a_checkpoint_from_before_the_plan_held_the_choice_resumes_with_it(tmp_path,
+                                                                           monkeypatch):
+    from ascension_cli.train import colour
+
+    data = colour_classes(tmp_path / "colours", per_class=8)
+    monkeypatch.setattr(colour, "choose_augmentation",
+                        lambda *a: ("color-agnostic", "--augment auto: measured"))
+    options = dict(augment="auto", epochs=2, samples_per_class=2)
+    train(config(data, tmp_path / "run", **options), stop_after_epoch=lambda epoch: epoch == 1)
+    path = tmp_path / "run" / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    # As an older run saved it: the choice in its own entry, a plan without the setup.
+    for name in ("augmentation", "image_size", "workers"):
+        del checkpoint["plan"][name]
+    torch.save({**checkpoint, "augmentation": {"chosen": "color-preserving"}}, path)
+    monkeypatch.setattr(colour, "choose_augmentation", lambda *a: pytest.fail("measured"))
+    train(config(data, tmp_path / "run", resume="auto", **options))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["resolved_augment"] == "color-preserving"
 
 
 @pytest.mark.parametrize("augment", ["color-preserving", "auto"])

@@ -100,9 +100,9 @@ def test_bad_proxy_options_end_in_one_line(dataset, tmp_path, arguments, message
 def resolved(option: str, classes: int, **options) -> object:
     """What the plan resolves ``option`` to on ``classes`` classes (``train/plan.py``)."""
     from ascension_cli.config import TrainConfig
-    from ascension_cli.train.plan import plan_run
+    from tests.conftest import planned
 
-    return getattr(plan_run(TrainConfig(data_root=".", **options), classes, 1000), option)
+    return getattr(planned(TrainConfig(data_root=".", **options), classes), option)
 
 
 def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_class():
@@ -162,13 +162,14 @@ def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight,
 def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
     from ascension_cli.config import check_resumable, to_plain
     from ascension_cli.errors import CheckpointError
-    from ascension_cli.train.plan import check_plan, plan_run, planned_before
+    from ascension_cli.train.plan import check_plan, planned_before
+    from tests.conftest import planned
 
     def resume(old: dict, current, classes: list[str]) -> None:
         checkpoint = {"config": old, "classes": classes}
         check_resumable(checkpoint, current, classes)
-        check_plan(planned_before(checkpoint, len(classes), 32),
-                   plan_run(current, len(classes), 32))
+        plan = planned(current, len(classes), 32)
+        check_plan(planned_before(checkpoint, plan, 32), plan)
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
     # From before them (and before the plan): SupCon alone, on a cosine, no weight average.

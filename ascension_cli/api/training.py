@@ -51,20 +51,21 @@ def run_training(settings: TrainConfig, reporter: Reporter | None = None,
 
 
 def _summary(save_dir: Path, history: list, best_recall: float | None) -> TrainSummary:
-    from ascension_cli.train.build import BEST, LAST
+    from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT
 
-    best = save_dir / BEST
+    best = save_dir / BEST_CHECKPOINT
     return TrainSummary(
         best_recall_at_1=best_recall,
         epochs_run=sum(record.loss is not None for record in history),
-        last_checkpoint=save_dir / LAST, best_checkpoint=best if best.is_file() else None,
+        last_checkpoint=save_dir / LAST_CHECKPOINT,
+        best_checkpoint=best if best.is_file() else None,
         history=history, save_dir=save_dir)
 
 
 def _train_with_torchrun(settings: TrainConfig, reporter: Reporter, nproc: int) -> TrainSummary:
+    from ascension_cli.formats import LAST_CHECKPOINT
     from ascension_cli.launch import launch_torchrun
     from ascension_cli.model.checkpoint import load_checkpoint
-    from ascension_cli.train.build import LAST
     from ascension_cli.train.logbook import EpochRecord
 
     reporter.message(f"launching {nproc} processes: torchrun --standalone "
@@ -75,7 +76,7 @@ def _train_with_torchrun(settings: TrainConfig, reporter: Reporter, nproc: int) 
         error.exit_code = code
         raise error
     save_dir = Path(settings.save_dir)
-    saved = load_checkpoint(save_dir / LAST)
+    saved = load_checkpoint(save_dir / LAST_CHECKPOINT)
     history = [EpochRecord(**record) for record in saved["history"]]
     return _summary(save_dir, history, saved.get("best_recall_at_1"))
 

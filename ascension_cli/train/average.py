@@ -69,11 +69,10 @@ class WeightAverage:
             self._trained = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The trained weights and the step count. Saved only inside ``applied``, where the
-        checkpoint's model is the average, so the average is not stored twice."""
-        if self._trained is None:
-            raise RuntimeError("save a checkpoint with the average applied")
-        return {"trained": self._trained, "steps": self.steps}
+        """The trained weights and the step count (a checkpoint's model is the average, so
+        the average is not stored twice), inside ``applied`` or out of it."""
+        trained = self._trained if self._trained is not None else _copy(self.model.state_dict())
+        return {"trained": trained, "steps": self.steps}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Resume: the model, loaded from the checkpoint, holds the average; put the trained

@@ -13,17 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import yaml
 
 from ascension_cli.atomic import atomic_write_text
 from ascension_cli.config import TrainConfig, check_resumable, to_plain
-from ascension_cli.config.fields import DATA_DEFAULTS, PML_PREFIX, Augment
+from ascension_cli.config.fields import DATA_DEFAULTS, PML_PREFIX
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, Wording, first_line
-from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
+from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint, rebuild_model
@@ -42,13 +42,19 @@ from ascension_cli.train.distributed import gather_with_grad, rank_seed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
 from ascension_cli.train.logbook import data_rows
-from ascension_cli.train.plan import RunPlan, check_plan, fitted, plan_run, planned_before
+from ascension_cli.train.plan import (
+    RunPlan,
+    check_plan,
+    fitted,
+    plan_run,
+    planned_augmentation,
+    planned_before,
+    recorded_augmentation,
+    settled,
+)
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.schedule import adamw, warmup_then
-from ascension_cli.train.state import Recorded
 from ascension_cli.train.stopping import StopRequest
-
-LAST, BEST, CONFIG = LAST_CHECKPOINT, BEST_CHECKPOINT, RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,6 @@ class Run:
     loaders: Loaders
     opt: Optimisation
     reporter: Reporter
-    augmentation: str  # the one the loaders apply (``--augment auto`` resolved)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -115,8 +120,6 @@ class Run:
             parts["loss"] = self.opt.loss_module  # the loss's proxies
         if self.opt.average is not None:
             parts["average"] = self.opt.average  # the trained weights (the model: the average)
-        if self.config.augment == "auto":  # kept, so that a resume augments the same way
-            parts["augmentation"] = Recorded({"chosen": self.augmentation})
         return parts
 
 
@@ -129,23 +132,30 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     torch.manual_seed(config.seed)
     save_dir = Path(config.save_dir)
     checkpoint = _checkpoint_to_resume(config, save_dir, reporter)
+    source = resumed_path(config, save_dir)
     data = training_data(config.data_root, config.val_root, config.val_fraction, config.seed,
                          "val_fraction" in config.model_fields_set, config.cache_images)
     given = frozenset(config.model_fields_set)
     config, notes = fitted(config, data, machine.distributed.world_size)
     for note in notes:
         reporter.message(note)
-    plan = plan_run(config, len(data.scan.classes), len(data.train_labels), notes, given)
-    if checkpoint is not None:
-        _check_resume(checkpoint, resumed_path(config, save_dir), config, data, plan)
+    if checkpoint is not None:  # the options fitted as the checkpoint's were
+        _check_entries(checkpoint, source)
+        check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
-    augmentation = _augmentation(config, checkpoint, data, nets, machine, reporter)
-    resolved = _write_config(config, plan, save_dir, machine, nets.spec, reporter, augmentation)
-    loaders = build_loaders(config.model_copy(update={"augment": augmentation}), data,
+    augmentation = planned_augmentation(config, checkpoint, partial(
+        _measure_colour, config, data, nets, machine, reporter))
+    setup = settled(config, nets.spec.image_size, machine.workers, machine.device.type,
+                    checkpoint is not None, augmentation)
+    plan = plan_run(config, len(data.scan.classes), len(data.train_labels), setup, notes, given)
+    if checkpoint is not None:
+        _check_plan(checkpoint, source, plan, len(data.train_labels))
+    resolved = _write_config(config, plan, save_dir, machine, reporter)
+    loaders = build_loaders(config.model_copy(update={"augment": plan.augmentation}), data,
                             nets.spec, machine, reporter, stop)
     opt = _optimisation(config, plan, nets, loaders.sampler, machine, stop)
     return Run(config, plan, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
-               reporter, augmentation)
+               reporter)
 
 
 # ---- the machine, the checkpoint, the options fitted to the data
@@ -171,7 +181,7 @@ def _machine(config: TrainConfig) -> Machine:
 
 def resumed_path(config: TrainConfig, save_dir: Path) -> Path:
     """The checkpoint ``--resume`` names (``auto``, or none: the run's own last.pt)."""
-    return save_dir / LAST if config.resume in (None, "auto") else Path(config.resume)
+    return save_dir / LAST_CHECKPOINT if config.resume in (None, "auto") else Path(config.resume)
 
 
 def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
@@ -179,7 +189,8 @@ def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
     path = resumed_path(config, save_dir)
     if config.resume is None:
         if path.exists():
-            raise CheckpointError(f"{save_dir} already holds a run ({LAST}); pass {{resume}} "
+            raise CheckpointError(f"{save_dir} already holds a run ({LAST_CHECKPOINT}); pass "
+                                  "{resume} "
                                   "auto to continue it or choose another {save_dir}",
                                   options=("resume", "save_dir"))
         return None
@@ -187,42 +198,35 @@ def _checkpoint_to_resume(config: TrainConfig, save_dir: Path,
         return load_checkpoint(path)
     if config.resume != "auto":
         raise CheckpointError(f"{{resume}}: checkpoint not found: {path}", options=("resume",))
-    reporter.message(f"no {LAST} in {save_dir} yet: starting a new run")
+    reporter.message(f"no {LAST_CHECKPOINT} in {save_dir} yet: starting a new run")
     return None
 
 
-# What ``--augment auto`` may have chosen, as a checkpoint records it.
-_CHOSEN = tuple(choice for choice in get_args(Augment) if choice != "auto")
-
-
-def _check_resume(checkpoint: dict[str, Any], source: Path, config: TrainConfig,
-                  data: TrainData, plan: RunPlan) -> None:
-    """A checkpoint's entries read before the run is built, its options and its plan against
-    the run's (``check_resumable``, ``check_plan``)."""
-    _check_entries(checkpoint, source)
-    check_resumable(checkpoint, config, data.scan.classes)
+def _check_plan(checkpoint: dict[str, Any], source: Path, plan: RunPlan, images: int) -> None:
+    """The checkpoint's plan against the run's (``check_plan``)."""
     try:
-        saved = planned_before(checkpoint, len(data.scan.classes), len(data.train_labels))
+        saved = planned_before(checkpoint, plan, images)
     except (ValueError, TypeError) as exc:
         raise damaged_entry(source, "plan", first_line(exc)) from None
     check_plan(saved, plan)
 
 
 def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
-    """The entries read before the run is built: what it was trained on and its augmentation
-    (the rest is checked where it is loaded, ``Trainer.load_state_dict``)."""
+    """The entries read before the run is built: what it was trained on and the augmentation
+    it chose (the rest is checked where it is loaded, ``Trainer.load_state_dict``)."""
     options = checkpoint.get("config")
     if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
         raise damaged_entry(source, "config", "not a record of options")
     classes = checkpoint.get("classes")
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise damaged_entry(source, "classes", "not a list of class names")
-    if "augmentation" in checkpoint:
-        record = checkpoint["augmentation"]
-        chosen = record.get("chosen") if isinstance(record, dict) else None
-        if chosen not in _CHOSEN:
-            raise damaged_entry(source, "augmentation", f"the choice must be one of "
-                                f"{', '.join(_CHOSEN)}, not {str(chosen)[:40]!r}")
+    if "plan" in checkpoint and not isinstance(checkpoint["plan"], dict):
+        raise damaged_entry(source, "plan", "not a run's plan")
+    try:
+        recorded_augmentation(checkpoint)
+    except ValueError as exc:
+        where = "plan" if "augmentation" in checkpoint.get("plan", {}) else "augmentation"
+        raise damaged_entry(source, where, first_line(exc)) from None
 
 
 # ---- the model and its wrappers; the configuration as run
@@ -264,44 +268,39 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
     return Networks(model, spec, trained, no_sync, compile_errors)
 
 
-def _augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None, data: TrainData,
-                  nets: Networks, machine: Machine, reporter: Reporter) -> str:
-    """The augmentation to train with: ``config.augment``, or for ``auto`` the one chosen from
-    the data (``train/colour.py``), or on a resume the one chosen then. Under DDP rank 0's
-    choice holds everywhere."""
-    if config.augment != "auto":
-        return config.augment
-    if checkpoint is not None and "augmentation" in checkpoint:
-        return str(checkpoint["augmentation"]["chosen"])
+def _measure_colour(config: TrainConfig, data: TrainData, nets: Networks, machine: Machine,
+                    reporter: Reporter) -> tuple[str, str]:
+    """``--augment auto``'s measurement of whether colour tells the classes apart
+    (``train/colour.py``), said once; under DDP rank 0's choice holds everywhere."""
     from ascension_cli.train.colour import choose_augmentation
 
     chosen, why = choose_augmentation(config, data, nets, machine)
     if machine.distributed.enabled:
-        shared = [chosen]
+        shared = [chosen, why]
         torch.distributed.broadcast_object_list(shared, src=0)
-        chosen = shared[0]
+        chosen, why = shared
     reporter.message(why)
-    return chosen
+    return chosen, why
 
 
 def _write_config(config: TrainConfig, plan: RunPlan, save_dir: Path, machine: Machine,
-                  spec: ModelSpec, reporter: Reporter, augmentation: str) -> dict[str, Any]:
+                  reporter: Reporter) -> dict[str, Any]:
     """config.yaml: the options as run, with what was resolved from the machine, the model and
     the data (the plan, printed once with its reasons)."""
     resolved = to_plain(config)
     if config.augment == "auto":
-        resolved.update(resolved_augment=augmentation)
+        resolved.update(resolved_augment=plan.augmentation)
     for option in DATA_DEFAULTS:
         if getattr(config, option) is None:
             resolved[f"resolved_{option}"] = getattr(plan, option)
-    resolved.update(image_size=spec.image_size, workers=machine.workers,
+    resolved.update(image_size=plan.image_size, workers=plan.workers,
                     resolved_device=str(machine.device), resolved_precision=machine.precision,
                     step_lr=plan.step_lr, plan=plan.to_dict())
     if machine.distributed.enabled:
         resolved.update(processes=machine.distributed.world_size)
     if machine.distributed.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(save_dir / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(save_dir / RUN_CONFIG, yaml.safe_dump(resolved, sort_keys=False))
     reporter.table("configuration", [(key, str(value)) for key, value in resolved.items()
                                       if key != "plan"])
     reporter.table("plan", plan.rows())

@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
@@ -21,11 +22,12 @@ import torch
 from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.embedding.inference import extract_features
 from ascension_cli.errors import TrainingError, Wording, first_line
+from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
 from ascension_cli.train.average import applied
-from ascension_cli.train.build import BEST, CONFIG, LAST, Run, build_run, resumed_path
+from ascension_cli.train.build import Run, build_run, resumed_path
 from ascension_cli.train.distributed import any_rank, rank_seed
 from ascension_cli.train.gradcache import StepAbandoned
 from ascension_cli.train.logbook import (
@@ -42,8 +44,7 @@ from ascension_cli.train.state import EpochProgress, TrainState, load_parts, loa
 from ascension_cli.train.stopping import StopRequest, interrupted
 from ascension_cli.train.trackers import Tracker, Trackers, open_trackers, require
 
-__all__ = ["BEST", "CONFIG", "LAST", "EpochProgress", "EpochRecord", "Reporter", "Trainer",
-           "TrainResult", "train"]
+__all__ = ["EpochProgress", "EpochRecord", "Reporter", "Trainer", "TrainResult", "train"]
 
 
 def train(
@@ -135,9 +136,8 @@ class Trainer:
             self._epochs(stop_after_epoch)
             finished = True
         finally:
-            best = run.save_dir / BEST
             self.trackers.close(finished, [run.save_dir / name for name in (
-                PLOT, METRICS, CONFIG)] + [best if best.is_file() else run.save_dir / LAST])
+                PLOT, METRICS, RUN_CONFIG)] + [kept_checkpoint(run.save_dir)])
         result.best_recall_at_1 = self.state.best
         if run.machine.distributed.enabled:
             torch.distributed.barrier()  # the others wait while rank 0 validates and saves
@@ -150,8 +150,8 @@ class Trainer:
             self.end_epoch(record)
             self.state.epoch = epoch
             if stop_agreed(self.stop, self.run_parts.machine) and epoch < config.epochs:
-                interrupted(self.stop.signal_number, self.run_parts.save_dir / LAST, epoch + 1,
-                            self.state.step)
+                interrupted(self.stop.signal_number, self.run_parts.save_dir / LAST_CHECKPOINT,
+                            epoch + 1, self.state.step)
             if reached_max_steps(self.config, self.state):
                 self.reporter.message(Wording(f"reached {{max_steps}} {config.max_steps}",
                                               ("max_steps",)))
@@ -282,9 +282,9 @@ class Trainer:
         """Save last.pt (and best.pt), rewrite metrics.jsonl and the plot, report."""
         save_dir = self.run_parts.save_dir
         self.state.history.append(record)
-        self.save(save_dir / LAST, record.epoch)
+        self.save(save_dir / LAST_CHECKPOINT, record.epoch)
         if record.best:
-            self.save(save_dir / BEST, record.epoch)
+            self.save(save_dir / BEST_CHECKPOINT, record.epoch)
         if self.run_parts.machine.distributed.is_main:
             write_metrics(save_dir, self.state.history)
             plot(save_dir, self.state.history)
@@ -310,9 +310,15 @@ class Trainer:
                        abandoned: str = "") -> NoReturn:
         """Save where epoch ``epoch`` stands, then raise Interrupted."""
         progress.seconds = time.perf_counter() - started
-        self.save(self.run_parts.save_dir / LAST, epoch - 1, progress)
-        interrupted(self.stop.signal_number, self.run_parts.save_dir / LAST, epoch,
+        self.save(self.run_parts.save_dir / LAST_CHECKPOINT, epoch - 1, progress)
+        interrupted(self.stop.signal_number, self.run_parts.save_dir / LAST_CHECKPOINT, epoch,
                     self.state.step, abandoned)
+
+
+def kept_checkpoint(save_dir: Path) -> Path:
+    """best.pt where validation wrote one, else last.pt: the checkpoint a tracker keeps."""
+    best = save_dir / BEST_CHECKPOINT
+    return best if best.is_file() else save_dir / LAST_CHECKPOINT
 
 
 def validation_recall(run: Run, stop: StopRequest) -> float | None:

@@ -1,21 +1,24 @@
 """A run's plan: every training setting that the options leave to the data, resolved once, each
 with the reason it took its value. The batch sizes fitted to the training set, the defaults
-that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``) and the step's LR are
-decided here and nowhere else: the run is built from the plan, ``config.yaml`` and every
-checkpoint record it, and a resume compares the checkpoint's plan with the new one field by
-field. A checkpoint written before the plan is planned again from its options, as it trained
-(``TRAINED_AS_BEFORE``).
+that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``), the step's LR, the
+run's length and warmup, and ``--augment auto``'s choice are decided here and nowhere else; the
+image size and the loader processes, which the model and the machine settle, are recorded with
+them (``Setup``). The run is built from the plan, ``config.yaml`` and every checkpoint record
+it, and a resume compares the checkpoint's plan with the new one field by field. A checkpoint
+written before the plan is planned again from its options, as it trained
+(``TRAINED_AS_BEFORE``); one written before the plan held the setup takes the new run's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from ascension_cli.config import TrainConfig
-from ascension_cli.config.fields import DATA_DEFAULTS, classes_per_batch
+from ascension_cli.config.fields import DATA_DEFAULTS, Augment, classes_per_batch
 from ascension_cli.data.sampler import fit_batches, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.errors import CheckpointError, DataError
@@ -26,6 +29,19 @@ from ascension_cli.values import number
 # (and before the plan) trained as this value (SupCon alone, the LR decaying on a cosine, no
 # weight average).
 TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine", "ema_decay": 0.0}
+
+# What ``--augment auto`` may choose.
+CHOSEN_AUGMENTATIONS = tuple(choice for choice in get_args(Augment) if choice != "auto")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the model, the machine and the photos settled before the plan, each (value, why):
+    the image size, the loader processes and the augmentation (``planned_augmentation``)."""
+
+    image_size: tuple[int, str]
+    workers: tuple[int, str]
+    augmentation: tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,11 @@ class RunPlan:
     lr_schedule: str
     ema_decay: float
     step_lr: float
+    augmentation: str  # --augment, or the one --augment auto chose when the run started
+    # The image size is the model's (a resume rebuilds the checkpoint's); --workers may change
+    # on a resume.
+    image_size: int = field(compare=False)
+    workers: int = field(compare=False)
     # The run's length may change on a resume (--epochs, --max-steps and --warmup-epochs are
     # resumable, and a resume has always been allowed on a folder that gained or lost photos
     # of the same classes): recorded, not compared.
@@ -52,24 +73,78 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def setup(self) -> Setup:
+        return Setup(**{name: (getattr(self, name), self.reasons.get(name, "recorded"))
+                        for name in SETUP_FIELDS})
+
     @classmethod
-    def from_dict(cls, saved: Any) -> RunPlan:
-        """A plan a checkpoint recorded; ``ValueError`` names what is wrong with it."""
+    def from_dict(cls, saved: Any, current: RunPlan) -> RunPlan:
+        """A plan a checkpoint recorded (one from before the plan held the setup takes
+        ``current``'s); ``ValueError`` names what is wrong with it."""
         names = [item.name for item in fields(cls)]
+        if isinstance(saved, dict):
+            saved = {**{name: getattr(current, name) for name in SETUP_FIELDS}, **saved}
         if not isinstance(saved, dict) or sorted(saved) != sorted(names):
             raise ValueError(f"a plan holds {', '.join(names)}")
         plan = cls(**saved)
-        numbers = [getattr(plan, name) for name in names
-                   if name not in ("lr_schedule", "reasons")]
+        words = ("lr_schedule", "augmentation", "reasons")
+        numbers = [getattr(plan, name) for name in names if name not in words]
         if (not all(number(n, 0) for n in numbers)
                 or not isinstance(plan.lr_schedule, str) or not isinstance(plan.reasons, dict)):
             raise ValueError("a plan's settings are numbers from 0 and a schedule's name")
+        if plan.augmentation not in CHOSEN_AUGMENTATIONS:
+            raise ValueError(f"its augmentation must be one of {', '.join(CHOSEN_AUGMENTATIONS)}")
         return plan
 
     def rows(self) -> list[tuple[str, str]]:
         """The plan as the trainer prints it: each setting, its value and why."""
         return [(name, f"{getattr(self, name)}  ({self.reasons[name]})")
                 for name in self.reasons]
+
+
+SETUP_FIELDS = tuple(item.name for item in fields(Setup))
+
+
+def settled(config: TrainConfig, image_size: int, workers: int, device: str, resumed: bool,
+            augmentation: tuple[str, str]) -> Setup:
+    """The setup of a run whose model takes ``image_size`` and whose machine (a ``device``)
+    loads with ``workers`` processes, with why each is so."""
+    size_why = ("the resumed checkpoint's model" if resumed
+                else "given" if config.image_size is not None else f"{config.model}'s default")
+    workers_why = ("given" if config.workers is not None
+                   else f"default: chosen for the {device} and its cores")
+    return Setup((image_size, size_why), (workers, workers_why), augmentation)
+
+
+def recorded_augmentation(checkpoint: dict[str, Any] | None) -> str | None:
+    """The augmentation ``--augment auto`` chose for the run a checkpoint continues: its plan's,
+    or (before the plan held it) its ``augmentation`` entry's; ``ValueError`` for a choice
+    that is not one."""
+    if checkpoint is None:
+        return None
+    plan, record = checkpoint.get("plan"), checkpoint.get("augmentation")
+    if isinstance(plan, dict) and "augmentation" in plan:
+        chosen = plan["augmentation"]
+    elif "augmentation" in checkpoint:
+        chosen = record.get("chosen") if isinstance(record, dict) else None
+    else:
+        return None
+    if chosen not in CHOSEN_AUGMENTATIONS:
+        raise ValueError(f"the choice must be one of {', '.join(CHOSEN_AUGMENTATIONS)}, not "
+                         f"{str(chosen)[:40]!r}")
+    return chosen
+
+
+def planned_augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None,
+                         choose: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+    """(the augmentation, why): ``--augment`` as given; for ``auto`` the choice the run made
+    when it started (a resume), or ``choose()``'s measurement (``train/colour.py``)."""
+    if config.augment != "auto":
+        return config.augment, "given"
+    recorded = recorded_augmentation(checkpoint)
+    if recorded is not None:
+        return recorded, "--augment auto: chosen when the run started"
+    return choose()
 
 
 def many_classes(config: TrainConfig, classes: int) -> bool:
@@ -134,11 +209,11 @@ def run_length(config: TrainConfig, images: int) -> dict[str, tuple[int, str]]:
                          else f"given: --warmup-epochs {config.warmup_epochs:g}")}
 
 
-def plan_run(config: TrainConfig, classes: int, images: int, notes: list[str] = (),
-             given: frozenset[str] | None = None) -> RunPlan:
+def plan_run(config: TrainConfig, classes: int, images: int, setup: Setup,
+             notes: list[str] = (), given: frozenset[str] | None = None) -> RunPlan:
     """The plan of a run with ``config`` (its batch options fitted) on ``classes`` classes and
-    ``images`` training images; ``notes``: why the batch options were fitted as they were;
-    ``given``: the options the user gave (default: ``config``'s)."""
+    ``images`` training images, with what ``setup`` settled; ``notes``: why the batch options
+    were fitted as they were; ``given``: the options the user gave (default: ``config``'s)."""
     given = config.model_fields_set if given is None else given
     length = run_length(config, images)
     batches = ("target_batch", "batch_size", "samples_per_class")
@@ -149,21 +224,25 @@ def plan_run(config: TrainConfig, classes: int, images: int, notes: list[str] = 
                **{name: why for name, (_, why) in defaults.items()},
                "step_lr": f"--lr {config.lr:g} for 32 images, {config.lr_scaling} to the target "
                           f"batch of {config.target_batch}",
-               **{name: why for name, (_, why) in length.items()}}
+               **{name: why for name, (_, why) in length.items()},
+               **{name: getattr(setup, name)[1] for name in SETUP_FIELDS}}
     return RunPlan(classes=classes, target_batch=config.target_batch,
                    batch_size=config.batch_size, samples_per_class=config.samples_per_class,
                    step_lr=step_lr, reasons=reasons,
                    **{name: value for name, (value, _) in defaults.items()},
-                   **{name: value for name, (value, _) in length.items()})
+                   **{name: value for name, (value, _) in length.items()},
+                   **{name: getattr(setup, name)[0] for name in SETUP_FIELDS})
 
 
-def planned_before(checkpoint: dict[str, Any], classes: int, images: int) -> RunPlan:
+def planned_before(checkpoint: dict[str, Any], current: RunPlan, images: int) -> RunPlan:
     """The plan a checkpoint trained with: its own, or for one written before the plan, its
-    options planned again as they trained (on these ``classes`` and ``images``)."""
+    options planned again as they trained (on ``images`` training images, and the classes and
+    setup of ``current``, the resumed run's plan)."""
     if "plan" in checkpoint:
-        return RunPlan.from_dict(checkpoint["plan"])
+        return RunPlan.from_dict(checkpoint["plan"], current)
     options = {**TRAINED_AS_BEFORE, **checkpoint["config"]}
-    return plan_run(TrainConfig.model_construct(**options), classes, images)
+    return plan_run(TrainConfig.model_construct(**options), current.classes, images,
+                    current.setup())
 
 
 def check_plan(saved: RunPlan, plan: RunPlan) -> None:

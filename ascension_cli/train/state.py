@@ -175,22 +175,6 @@ class TrainState:
         self.history, self.progress = history, progress
 
 
-class Recorded:
-    """A choice made once for a run (``--augment auto``'s), kept in its checkpoints: a stateful
-    part whose state is the choice, read back by ``train/build.py`` before the run is built."""
-
-    def __init__(self, values: dict[str, Any]):
-        self.values = dict(values)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.values)
-
-    def load_state_dict(self, values: dict[str, Any]) -> None:
-        if not isinstance(values, dict):
-            raise TypeError("not a record of choices")
-        self.values = dict(values)
-
-
 def _check_scaler(payload: Any) -> None:
     """Before loading: a disabled scaler (bf16, fp32) ignores what it is given."""
     if not isinstance(payload, dict) or not number(payload.get("scale", 1.0), 0, FINITE):
