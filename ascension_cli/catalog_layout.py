@@ -5,12 +5,18 @@ names of its generations. Imports nothing of Ascension, so the path checks can u
                         names, the index's kind, shape and measured recall against exact search,
                         and the live generation's file names
     model.pt            the model's weights and spec (weights_only-loadable), to embed queries
+    model-NNNNNN.pt     the model an upgrade switched to (catalog.json names the live one)
     items-NNNNNN.npz    vectors, labels, absolute paths and item ids of the catalogued images
                         (strings variable-length, ``strings.py``)
     index-NNNNNN.faiss  an inner-product FAISS index over the vectors: exact (flat), or hnsw,
                         ivf or ivfpq for millions of items
-    uploads/            photos added through ``serve`` (``POST /items``)
+    photos/             the photos the catalogue owns, named by their sha256 (``index
+                        --photos copy``, the default, and every add since)
+    uploads/            photos added through ``serve`` before the catalogue owned its photos
+    history.jsonl       one line per change: what, how many photos and items, when, by whom,
+                        from which generation to which (``catalog/history.py``)
     .write.lock         held by whoever changes the catalogue, across processes
+    .change.json        the photos a change in progress writes and drops, until it settles
 """
 
 from __future__ import annotations
@@ -29,33 +35,51 @@ CATALOG_JSON, MODEL_FILE, ITEMS_FILE, INDEX_FILE = (
     "catalog.json", "model.pt", "items.npz", "index.faiss")
 CATALOG_LOCK = ".write.lock"  # held by whoever changes the catalogue, across processes
 UPLOADS_FOLDER = "uploads"  # photos added through `serve`, one folder per class
-_GENERATION_NAME = re.compile(r"(items|index)-\d{6,}\.(npz|faiss)")
-_WRITER_TEMP = re.compile(r"\.(items-\d+\.npz|index-\d+\.faiss|catalog\.json|model\.pt)\..*\.tmp")
-UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.[a-z0-9]{2,4}")  # what `serve` names an added photo
+_GENERATION_NAME = re.compile(r"(items-\d{6,}\.npz|index-\d{6,}\.faiss|model-\d{6,}\.pt)")
+_WRITER_TEMP = re.compile(
+    r"\.(items-\d+\.npz|index-\d+\.faiss|model-\d+\.pt|catalog\.json|model\.pt"
+    r"|\.change\.json)\..*\.tmp")
+UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.[a-z0-9]{2,4}")  # what `serve` named an added photo
+PHOTOS_FOLDER = "photos"  # the photos a catalogue owns: photos/AB/SHA256.EXT
+STORED_NAME = re.compile(r"photos/[0-9a-f]{2}/[0-9a-f]{64}\.[a-z0-9]{2,5}")
+PHOTO_MODES = ("copy", "reference")  # index --photos: a copy inside, or a checked reference
+HISTORY_FILE = "history.jsonl"
+CHANGE_JOURNAL = ".change.json"
 
 
 def generation_file(name: str) -> bool:
-    """Whether ``name`` is one of the items or index files a catalogue writer makes (a live,
-    an old or a half-written generation), and nothing else a folder may hold."""
+    """Whether ``name`` is one of the items, index or model files a catalogue writer makes (a
+    live, an old or a half-written generation), and nothing else a folder may hold."""
     return bool(_GENERATION_NAME.fullmatch(name) or _WRITER_TEMP.fullmatch(name)
-                or name in (ITEMS_FILE, INDEX_FILE))
+                or name in (ITEMS_FILE, INDEX_FILE, MODEL_FILE))
 
 
 def generation_files(generation: int) -> dict[str, str]:
-    """The names of one generation's items and index files."""
+    """The names of one generation's items and index files (and its model's, for an upgrade:
+    ``model_file``)."""
     return {"items": f"items-{generation:06d}.npz", "index": f"index-{generation:06d}.faiss"}
 
 
+def model_file(generation: int) -> str:
+    return f"model-{generation:06d}.pt"
+
+
 def catalog_files(meta: dict) -> dict[str, str]:
-    """The live files a catalog.json names: its generation's, or version 1's fixed names.
-    A name that is not one Ascension writes (a path, say) is refused."""
+    """The live files a catalog.json names: its generation's items, index and model (model.pt
+    until an upgrade), or version 1's fixed names. A name that is not one Ascension writes (a
+    path, say) is refused."""
     files = meta.get("files") or {"items": ITEMS_FILE, "index": INDEX_FILE}
-    if not isinstance(files, dict) or not all(
-            isinstance(files.get(key), str) and (files[key] in (ITEMS_FILE, INDEX_FILE)
-                                                 or _GENERATION_NAME.fullmatch(files[key]))
-            for key in ("items", "index")):
+    if not isinstance(files, dict):
         raise ValueError(f"{CATALOG_JSON} names files that are not a catalogue's")
-    return {"items": files["items"], "index": files["index"]}
+    files = {"model": MODEL_FILE, **files}
+    prefixes = {"items": "items-", "index": "index-", "model": "model-"}
+    if not all(isinstance(files.get(key), str)
+               and (files[key] in (ITEMS_FILE, INDEX_FILE, MODEL_FILE)
+                    or (_GENERATION_NAME.fullmatch(files[key])
+                        and files[key].startswith(prefix)))
+               for key, prefix in prefixes.items()):
+        raise ValueError(f"{CATALOG_JSON} names files that are not a catalogue's")
+    return {key: files[key] for key in prefixes}
 
 
 def catalog_folder(path: Path) -> Path:
@@ -77,7 +101,7 @@ def catalog_folder(path: Path) -> Path:
         raise ValueError(f"{path} is a version-{meta.get('version')} catalogue; this Ascension "
                          f"reads versions {', '.join(map(str, CATALOG_READABLE))}: build it again "
                          "with `ascension index`")
-    names = [CATALOG_JSON, MODEL_FILE, *catalog_files(meta).values()]
+    names = [CATALOG_JSON, *catalog_files(meta).values()]
     missing = [name for name in names if kind_of(path / name) is not None
                or not (path / name).is_file()]
     if missing:

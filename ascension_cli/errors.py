@@ -109,9 +109,26 @@ class ImageDecodeError(AscensionError):
 class CatalogError(AscensionError):
     """A catalogue folder is damaged, incomplete, or of a version this Ascension cannot read."""
 
+    status = 503  # what the service answers: the catalogue cannot be read now
+
 
 class ItemClash(CatalogError):
     """A change would file one item id under two classes (the service answers 409)."""
+
+    status = 409
+
+
+class NotInCatalog(CatalogError):
+    """A change names a photo or item the catalogue does not hold (the service answers 404)."""
+
+    status = 404
+
+
+class Refused(CatalogError):
+    """A change the catalogue cannot take as asked: a file name several photos have, every
+    photo removed (the service answers 409)."""
+
+    status = 409
 
 
 class Interrupted(AscensionError):

@@ -11,6 +11,14 @@ measured sizes of each kind and states b.
 
     python benchmarks/bench_scale.py                 # 100k, 1M and 5M vectors, 256-d
     python benchmarks/bench_scale.py --quick         # 20k and 100k
+    python benchmarks/bench_scale.py --maintenance   # changes in place at 1M (--quick: 20k)
+
+``--maintenance`` measures a catalogue kept in place instead: a catalogue folder of that many
+vectors (ten photos an item, a thousand classes) is written once (the time to build it again
+from vectors already embedded: a lower bound of a rebuild, which would embed every photo too),
+then 1 % of its items are removed and 1 % relabelled through the store, each timed as a user
+waits for it (the new generation written and the onboarding check of what a relabel touched),
+and each compared with the rebuild measured in the same run.
 """
 
 from __future__ import annotations
@@ -110,7 +118,13 @@ def main() -> None:
     parser.add_argument("--recall-sample", type=int, default=500)
     parser.add_argument("--rows-from", type=Path, help="print and project the measured rows of "
                         "an earlier run's JSON instead of measuring")
+    parser.add_argument("--maintenance", action="store_true",
+                        help="time removing and relabelling 1 %% of the items against a rebuild")
     args = parser.parse_args()
+    if args.maintenance:
+        size = (args.sizes or [20_000 if args.quick else 1_000_000])[0]
+        maintenance(size, args.dim, args.kinds[0], args.json)
+        return
     sizes = args.sizes or ([20_000, 100_000] if args.quick else [100_000, 1_000_000, 5_000_000])
     if args.rows_from is not None:
         earlier = json.loads(args.rows_from.read_text())
@@ -168,6 +182,54 @@ def report(rows: list[dict], dim: int, sizes: list[int], json_path: Path | None)
                             "of each kind",
         "projected": projected,
     }, json_path)
+
+
+def maintenance(size: int, dim: int, kind: str, json_path: Path | None) -> None:
+    """Time a rebuild, a removal and a relabel of 1 % of the items, in one run."""
+    import tempfile
+
+    from ascension_cli.catalog.edit import Relabel, Selection
+    from ascension_cli.catalog.folder_store import FolderStore
+    from ascension_cli.catalog.history import change
+    from ascension_cli.catalog.store import Catalog, write_catalog
+    from ascension_cli.model.backbone import build_model
+
+    model, spec = build_model("test_convnext", pretrained=False, image_size=32)
+    vectors = clustered(size, dim)
+    items = [f"item-{row // 10}" for row in range(size)]
+    labels = np.array([(row // 10) % 1000 for row in range(size)], np.int64)
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(size // 10, 2 * (size // 1000), replace=False)
+    removed = tuple(f"item-{i}" for i in chosen[: size // 1000])
+    relabelled = tuple(f"item-{i}" for i in chosen[size // 1000:])
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        catalog = Catalog(Path(folder) / "cat", spec, "0" * 64, "backbone",
+                          [f"class-{c}" for c in range(1000)], vectors, labels,
+                          [f"/photos/{row}.jpg" for row in range(size)], dim,
+                          {"kind": kind}, item_ids=items)
+        started = time.perf_counter()
+        write_catalog(catalog, model, change("build", "bench", size, size // 10))
+        rebuild = time.perf_counter() - started
+        store = FolderStore(catalog.directory)
+        for name, run in (
+                ("remove 1 % of the items", lambda: store.remove(Selection(items=removed),
+                                                                  "bench")),
+                ("relabel 1 % of the items", lambda: store.relabel(
+                    [Relabel(Selection(items=relabelled), "class-new")], "bench"))):
+            started = time.perf_counter()
+            changed = run()
+            seconds = time.perf_counter() - started
+            rows.append({"change": name, "photos": changed.photos, "items": changed.items,
+                         "seconds": seconds, "rebuild_seconds": rebuild,
+                         "vs_rebuild": seconds / rebuild})
+    print_table(f"changes in place, {size:,} {dim}-d vectors, {kind} index (same run; ratio "
+                "against writing the catalogue again from its vectors)",
+                ["change", "photos", "items", "seconds", "rebuild s", "change/rebuild"],
+                [[r["change"], f"{r['photos']:,}", f"{r['items']:,}", f"{r['seconds']:.1f}",
+                  f"{r['rebuild_seconds']:.1f}", f"{r['vs_rebuild']:.2f}"] for r in rows])
+    write_json("bench_scale_maintenance", {"size": size, "dim": dim, "kind": kind,
+                                           "results": rows}, json_path)
 
 
 if __name__ == "__main__":

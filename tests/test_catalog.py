@@ -47,7 +47,8 @@ def test_index_then_search_finds_the_item_at_rank_1(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "32 items in 4 classes (32 added)" in result.output
     meta = json.loads((tmp_path / "cat" / "catalog.json").read_text())
-    assert meta["files"] == {"items": "items-000001.npz", "index": "index-000001.faiss"}
+    assert meta["files"] == {"items": "items-000001.npz", "index": "index-000001.faiss",
+                             "model": "model.pt"}
     for name in ("catalog.json", "model.pt", *meta["files"].values()):
         assert (tmp_path / "cat" / name).is_file()
 

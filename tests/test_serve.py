@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -377,7 +378,8 @@ def test_writes_need_the_token_and_land_atomically(tmp_path):
         assert requests.get(server.url + "/info", timeout=10).json()["items"] == before + 1
         found = post(server, photo, k="1").json()["results"][0]
         assert found["predicted"] == "cross" and found["matches"][0]["similarity"] > 0.999
-        assert len(list((tmp_path / "cat" / "uploads" / "cross").iterdir())) == 1
+        digest = hashlib.sha256(photo.read_bytes()).hexdigest()  # kept inside, by its digest
+        assert (tmp_path / "cat" / "photos" / digest[:2] / f"{digest}.png").is_file()
         # The same photo filed again under another label: confusable with "cross", said so.
         again = add("plus").json()
         assert again["confusable"] and again["confusable"][0]["nearest_item"] == "cross"

@@ -5,6 +5,7 @@ event loop free throughout."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 import time
@@ -178,8 +179,9 @@ def test_hostile_writes_are_4xx_and_leave_no_orphans(shop):
                ).status_code == 401
     stored = add(server, [("image", ("p." + "y" * 300, photo))], "\U0001f600" * 20)
     assert stored.status_code == 200 and stored.json()["added"] == 1, stored.text
-    names = [p.name for p in uploads.rglob("*") if p.is_file()]
-    assert len(names) == 1 and names[0].endswith(".png") and len(names[0]) == 36
+    digest = hashlib.sha256(photo).hexdigest()  # kept by its digest, never the client's name
+    assert (root / "cat" / "photos" / digest[:2] / f"{digest}.png").is_file()
+    assert not list((root / "cat").rglob("*yyyy*")) and not uploads.exists()
     as_file = search(server, [("image", ("q.png", photo)), ("k", ("k.txt", b"5"))])
     assert as_file.status_code == 400 and "text field" in as_file.json()["error"]
     broken = requests.post(server.url + "/search", data=b"--x\r\nnot a form",
@@ -260,8 +262,9 @@ def test_a_bounded_load_of_valid_bad_and_write_requests(tmp_path):
         server.stop()
     catalogue = load_catalog(tmp_path / "cat")
     assert len(catalogue) == 32 + tally["added"]  # every add landed, once
-    uploaded = [p for p in (tmp_path / "cat" / "uploads").rglob("*") if p.is_file()]
-    assert len(uploaded) == tally["added"]
+    kept = {p.relative_to(tmp_path / "cat").as_posix()
+            for p in (tmp_path / "cat" / "photos").rglob("*") if p.is_file()}
+    assert kept == set(catalogue.stored)  # each photo it holds, kept once, and no other
 
 
 def test_a_photo_between_the_default_limit_and_the_service_s_own_is_decoded_once_and_matched(

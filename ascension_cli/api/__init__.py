@@ -26,6 +26,22 @@ from ascension_cli.api.catalogue import (
     serve,
     serve_app,
 )
+from ascension_cli.api.changes import (
+    history,
+    relabel,
+    remove,
+    replace,
+    rollback,
+    run_history,
+    run_relabel,
+    run_remove,
+    run_replace,
+    run_rollback,
+    run_snapshot,
+    run_upgrade,
+    snapshot,
+    upgrade,
+)
 from ascension_cli.api.data import (
     Written,
     demo,
@@ -54,5 +70,7 @@ __all__ = [
     "evaluate", "export", "index", "manifest", "measure", "report", "run_demo", "run_embed",
     "run_eval", "run_export", "run_index", "run_manifest", "run_report", "run_search",
     "run_serve", "run_shard", "run_training", "search", "serve", "serve_app", "shard",
-    "train_supcon",
+    "train_supcon", "history", "relabel", "remove", "replace", "snapshot", "run_history",
+    "run_relabel", "run_remove", "run_replace", "run_snapshot", "rollback", "run_rollback",
+    "run_upgrade", "upgrade",
 ]

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ascension_cli.catalog.store import (
-    Catalog,
-    append_items,
-    catalog_lock,
-    load_catalog,
-    write_catalog,
-)
+from ascension_cli.catalog.edit import append_items
+from ascension_cli.catalog.folder_store import FolderStore
+from ascension_cli.catalog.history import change, local_user
+from ascension_cli.catalog.photos import begin, keep_files
+from ascension_cli.catalog.store import Catalog, load_catalog
 from ascension_cli.catalog_layout import (
     CATALOG_JSON,
 )
@@ -39,6 +37,8 @@ def build_catalog(
     progress: Progress | None = None,
     split: str | None = None,
     index_kind: str | None = None,
+    photos: str = "copy",
+    by: str | None = None,
     **embed_options,
 ) -> tuple[Catalog, int]:
     """Create a catalogue, or with ``add`` append the images it does not hold yet.
@@ -46,28 +46,36 @@ def build_catalog(
     Returns the catalogue and how many images were added. Labels come from class folders or a
     manifest (only ``split``'s rows when given; a flat folder gives -1); new class names are
     appended to the catalogue's list. ``index_kind`` (default: flat, or the catalogue's own with
-    ``add``) is checked against the memory available before anything is embedded.
+    ``add``) is checked against the memory available before anything is embedded. ``photos``:
+    ``copy`` keeps each photo inside the catalogue, ``reference`` only its path and digest
+    (``catalog/photos.py``); ``by``: who, for the history (default: this machine's user).
     ``embed_options`` are ``embed.pipeline.EmbedOptions``'.
     """
     directory = Path(directory)
     model, spec, _ = load_model(checkpoint)
-    with catalog_lock(directory):
+    store = FolderStore(directory)
+    with store.writing():
         catalog = _open_for_build(directory, spec, sha256_of(checkpoint), feature_kind, add)
         if index_kind is not None:
             catalog = replace(catalog, index={"kind": index_kind})
         before = len(catalog)
         catalog = _append_new(catalog, scan_any(gallery_root, split), model, spec, feature_kind,
-                              progress, embed_options)
+                              progress, embed_options, photos)
         if len(catalog) == 0:
             raise DataError(f"no readable images in {gallery_root}: the catalogue would be "
                             "empty")
-        return write_catalog(catalog, model if not add else None), len(catalog) - before
+        added = len(catalog) - before
+        entry = change("add" if add else "build", by or local_user(), added,
+                       len(set(catalog.items()[before:])), storage=photos)
+        return store.commit(catalog, entry, model if not add else None), added
 
 
 def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
-                feature_kind: str, progress: Progress | None, embed_options: dict) -> Catalog:
+                feature_kind: str, progress: Progress | None, embed_options: dict,
+                photos: str) -> Catalog:
     """``catalog`` with the images of ``scan`` it does not hold yet (and their classes), embedded
-    once the index they make is known to fit the memory available."""
+    once the index they make is known to fit the memory available, and kept as ``photos``
+    says."""
     known = set(catalog.paths)
     fresh = [i for i, path in enumerate(scan.paths) if path.resolve().as_posix() not in known]
     _check_memory(len(catalog) + len(fresh), spec.feature_dim(feature_kind), catalog.index_kind)
@@ -79,9 +87,12 @@ def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
     labels = scan.labels[fresh][indices]
     items = (None if scan.item_ids is None
              else [scan.item_ids[fresh[i]] for i in indices])  # a manifest's item_id column
+    readable = [paths[i] for i in indices]
+    begin(catalog.directory, photos == "copy")
     return append_items(catalog, vectors, [scan.classes[label] if label >= 0 else None
                                            for label in labels],
-                        [paths[i] for i in indices], classes=scan.classes, item_ids=items)
+                        readable, classes=scan.classes, item_ids=items,
+                        kept=keep_files(catalog.directory, readable, photos))
 
 
 def _open_for_build(

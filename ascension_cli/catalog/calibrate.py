@@ -6,16 +6,19 @@ what it measured. ``search`` and ``serve`` then use it unless told another thres
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ascension_cli.catalog.history import change, local_user, record
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import Catalog, catalog_lock, load_catalog, write_calibration
 from ascension_cli.data.manifest import scan_any
 from ascension_cli.errors import CatalogError, DataError
 from ascension_cli.progress import Progress
 from ascension_cli.retrieval.openset import (
+    OpenSetReport,
     calibrated_threshold,
     evaluate_open_set,
     held_out_classes,
@@ -54,6 +57,40 @@ def _warnings(report, catalog: Catalog, paths: list[Path], known: np.ndarray) ->
             "calibrate on photos it was not built from"]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """Labelled photos searched in a catalogue: the open-set report and the figures at the
+    threshold its unknowns give for the target FMR."""
+
+    report: OpenSetReport
+    figures: dict  # threshold, fmr, fnmr, recall_at_1_accepted, recall_at_1_known
+
+
+def measure(vectors: np.ndarray, labels: np.ndarray, gallery: np.ndarray,
+            gallery_labels: np.ndarray, unknown: np.ndarray, names: list[str],
+            target_fmr: float) -> Measured:
+    """Search the photos (``vectors``, ``labels`` numbered as ``names``) among ``gallery``,
+    the ``unknown`` classes held out, and choose the threshold for ``target_fmr``
+    (``retrieval.openset.calibrated_threshold``)."""
+    report = evaluate_open_set(vectors, labels, gallery, gallery_labels, unknown, names,
+                               target_fmr)
+    threshold = calibrated_threshold(report.unknown_scores, target_fmr)
+    fmr, fnmr, recall = rates_at(report.known_scores, report.known_correct,
+                                 report.unknown_scores, threshold)
+    known = float(np.mean(report.known_correct)) if len(report.known_correct) else 0.0
+    return Measured(report, {"threshold": threshold, "fmr": fmr, "fnmr": fnmr,
+                             "recall_at_1_accepted": recall, "recall_at_1_known": known})
+
+
+def labelled_photos(catalog: Catalog, images: str | Path, split: str | None = None):
+    """The labelled photos of ``images`` (class folders or a manifest): their scan."""
+    scan = scan_any(images, split)
+    if not len(scan.labels) or (scan.labels < 0).any():
+        raise DataError(f"{images}: calibration needs labelled photos (class folders or a "
+                        "manifest)")
+    return scan
+
+
 def calibrate_catalog(
     directory: str | Path, images: str | Path, target_fmr: float = 0.01,
     unknown_classes: float | None = None, seed: int = 0, split: str | None = None,
@@ -66,10 +103,7 @@ def calibrate_catalog(
     Returns the calibrated catalogue."""
     directory = Path(directory)
     catalog = load_catalog(directory)
-    scan = scan_any(images, split)
-    if not len(scan.labels) or (scan.labels < 0).any():
-        raise DataError(f"{images}: calibration needs labelled photos (class folders or a "
-                        "manifest)")
+    scan = labelled_photos(catalog, images, split)
     vectors, indices = CatalogSearcher(catalog).embed(scan.paths, progress, **embed_options)
     if len(indices) == 0:
         raise DataError(f"no readable images in {images}")
@@ -81,19 +115,26 @@ def calibrate_catalog(
     if not np.isin(labels, unknown).any():
         raise DataError("calibration needs photos of items the catalogue lacks: give images "
                         "of other classes too, or {unknown_classes}", options=("unknown_classes",))
-    report = evaluate_open_set(vectors, labels, catalog.vectors, catalog.labels,
-                               unknown, names, target_fmr)
-    threshold = calibrated_threshold(report.unknown_scores, target_fmr)
-    fmr, fnmr, recall = rates_at(report.known_scores, report.known_correct,
-                                 report.unknown_scores, threshold)
-    calibration = {**report.to_dict(), "threshold": threshold, "fmr": fmr, "fnmr": fnmr,
-                   "recall_at_1_accepted": recall, "images": str(images), "items": len(catalog),
-                   "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "warnings": _warnings(report, catalog, [scan.paths[i] for i in indices],
-                                         ~np.isin(labels, unknown))}
+    measured = measure(vectors, labels, catalog.vectors, catalog.labels, unknown, names,
+                       target_fmr)
+    calibration = calibration_record(measured, images, len(catalog), _warnings(
+        measured.report, catalog, [scan.paths[i] for i in indices], ~np.isin(labels, unknown)))
     with catalog_lock(directory):
         current = load_catalog(directory, with_vectors=False)
         if current.generation != catalog.generation:
             raise CatalogError(f"the catalogue in {directory} changed during calibration; run "
                                "`ascension calibrate` again")
-        return write_calibration(current, calibration)
+        written = write_calibration(current, calibration)
+        record(directory, change("calibrate", local_user(), len(indices), 0,
+                                 threshold=calibration["threshold"],
+                                 from_generation=current.generation,
+                                 to_generation=current.generation))
+        return written
+
+
+def calibration_record(measured: Measured, images: str | Path, items: int,
+                       warnings: list[str]) -> dict:
+    """What catalog.json keeps of a calibration."""
+    return {**measured.report.to_dict(), **measured.figures, "images": str(images),
+            "items": items, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "warnings": warnings}

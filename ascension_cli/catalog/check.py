@@ -34,12 +34,13 @@ def confusable_limit(catalog: Catalog) -> float:
     return CONFUSABLE_SIMILARITY if catalog.threshold is None else catalog.threshold
 
 
-def nearest_other_class(catalog: Catalog, first_new_row: int) -> list[dict]:
-    """For each item among the photos from ``first_new_row`` on: its nearest photo of another
-    class (of any item), the similarity, and whether that is confusable
-    (``confusable_limit``). Most similar first; an item whose first ``DEPTH`` neighbours are
-    all of its own class is left out."""
-    rows = np.arange(first_new_row, len(catalog))
+def nearest_other_class(catalog: Catalog, rows: int | np.ndarray) -> list[dict]:
+    """For each item among the photos at ``rows`` (a number: the rows from it on, those an add
+    appended): its nearest photo of another class (of any item), the similarity, and whether
+    that is confusable (``confusable_limit``). Most similar first; an item whose first
+    ``DEPTH`` neighbours are all of its own class is left out."""
+    if isinstance(rows, int):
+        rows = np.arange(rows, len(catalog))
     if not len(rows) or len(catalog) < 2:
         return []
     items = catalog.items()

@@ -8,13 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ascension_cli.catalog.store import (
-    Catalog,
-    append_items,
-    load_catalog_model,
-    load_index,
-    write_catalog,
-)
+from ascension_cli.catalog.store import Catalog, load_catalog_model, load_index
 from ascension_cli.embedding.pipeline import (
     EmbedOptions,
     decode_side,
@@ -101,17 +95,6 @@ class CatalogSearcher:
     def decode_side(self, **embed_options) -> int:
         """The short side to decode a query down to, as ``embed`` would."""
         return decode_side(self.catalog.spec, EmbedOptions.of(**embed_options))
-
-    def add(self, images: list[np.ndarray], paths: list[Path], class_name: str,
-            **embed_options) -> int:
-        """Embed ``images`` (decoded already, by ``decode_image`` with ``decode_side``; kept at
-        ``paths``) as items of ``class_name`` and write the catalogue; how many were embedded.
-        Searches meanwhile use the catalogue as it was. The caller holds ``catalog_lock`` and
-        has read the catalogue under it."""
-        vectors, indices = self.embed_decoded(images, **embed_options)
-        write_catalog(append_items(self.catalog, vectors, [class_name] * len(indices),
-                                   [paths[i] for i in indices], classes=[class_name]), None)
-        return len(indices)
 
     def match(self, vectors: np.ndarray, names: list[str], k: int = 5,
               threshold: float | None = None, group_by: str = "photo") -> list[SearchResult]:

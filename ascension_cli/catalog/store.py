@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from ascension_cli.atomic import atomic_write, atomic_write_json
+from ascension_cli.catalog.photos import pending, settle
 from ascension_cli.catalog_layout import (
     CATALOG_FORMAT,
     CATALOG_JSON,
@@ -33,15 +34,14 @@ from ascension_cli.catalog_layout import (
     INDEX_FILE,
     ITEMS_FILE,
     MODEL_FILE,
-    UPLOAD_NAME,
-    UPLOADS_FOLDER,
+    STORED_NAME,
     catalog_files,
     catalog_folder,
     generation_file,
     generation_files,
+    model_file,
 )
-from ascension_cli.data.folder import item_in_two_classes
-from ascension_cli.errors import CatalogError, CheckpointError, ItemClash
+from ascension_cli.errors import CatalogError, CheckpointError
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec
 from ascension_cli.model.checkpoint import load_model_file, save_model_file
 from ascension_cli.paths import checked, not_ours
@@ -71,6 +71,13 @@ class Catalog:
     calibration: dict | None = None
     # Why catalog.json's calibration is not used (edited by hand into something unusable).
     calibration_ignored: str | None = None
+    # Where the catalogue keeps each photo's bytes, relative to its folder ("" for a photo it
+    # only refers to, at its path), and each photo's sha256; None: a catalogue from before it
+    # kept them (its photos are where its paths say, unverified).
+    stored: list[str] | None = None
+    digests: list[str] | None = None
+    # The change that wrote this generation, as the history records it (``catalog/history.py``).
+    change: dict | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,6 +103,12 @@ class Catalog:
 
     def items(self) -> list[str]:
         return [self.item(row) for row in range(len(self))]
+
+    def photo_file(self, row: int) -> Path:
+        """Where the photo at ``row`` is read from: the catalogue's own copy, else its path."""
+        if self.stored is not None and self.stored[row]:
+            return self.directory / self.stored[row]
+        return Path(self.paths[row])
 
     @property
     def threshold(self) -> float | None:
@@ -131,6 +144,7 @@ def catalog_lock(directory: Path) -> Iterator[None]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             _remove_leftovers(directory)
+            _settle_photos(directory)
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
@@ -152,7 +166,9 @@ def _remove_leftovers(directory: Path) -> None:
     if meta is None:
         return
     try:
-        live = set(catalog_files(meta).values()) | set(meta.get("previous_files", {}).values())
+        kept = [meta, *([{"files": meta["previous_files"]}] if meta.get("previous_files")
+                        else []), *([meta["rollback"]] if meta.get("rollback") else [])]
+        live = {name for record in kept for name in catalog_files(record).values()}
     except (ValueError, AttributeError, TypeError):
         return
     for path in directory.iterdir():
@@ -160,44 +176,49 @@ def _remove_leftovers(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def remove_orphan_uploads(catalog: Catalog) -> int:
-    """Remove photos under uploads/ that the catalogue does not hold (an add interrupted
-    between writing them and committing); how many. Only files named as ``serve`` names an
-    added photo are touched, matched by name, so a moved catalogue keeps its photos."""
-    uploads = catalog.directory / UPLOADS_FOLDER
-    if not uploads.is_dir():
-        return 0
-    held = {Path(path).name for path in catalog.paths}
-    removed = 0
-    for path in uploads.rglob("*"):
-        orphan = UPLOAD_NAME.fullmatch(path.name) and path.name not in held
-        half_written = path.name.startswith(".") and path.name.endswith(".tmp")
-        if (orphan or half_written) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+def _settle_photos(directory: Path) -> None:
+    """Settle the photos of a change that stopped before it settled them (``photos.py``)."""
+    journal = pending(directory)
+    if journal is None:
+        return
+    meta, held = _live_meta(directory), set()
+    if meta is not None:
+        stored = _read_items(directory / catalog_files(meta)["items"], False)[3]["stored"]
+        held = set(stored or ())
+    settle(directory, held, journal)
 
 
-def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
+def write_catalog(catalog: Catalog, model: EmbeddingModel | None,
+                  change: dict | None = None, rollback: dict | None = None) -> Catalog:
     """Write the catalogue as a new generation, catalog.json last (atomically): a crash at any
     instant leaves the previous catalogue whole. The caller holds ``catalog_lock``. ``model``
-    None keeps the model file as it is. An approximate index's recall against exact search is
-    measured on held-out items and recorded. Returns the catalogue as written."""
+    None keeps the model file as it is (a new catalogue's goes to model.pt, a new model of an
+    existing one to model-NNNNNN.pt); ``change``: the history's entry for this change, kept in
+    catalog.json with the generation it made; ``rollback``: the catalog.json an upgrade
+    replaces, kept (with its files) until the next change. An approximate index's recall
+    against exact search is measured on held-out items and recorded. Returns the catalogue as
+    written."""
     directory = catalog.directory
     directory.mkdir(parents=True, exist_ok=True)
     catalog = catalog.with_vectors()
-    if model is not None:
-        save_model_file(directory / MODEL_FILE, model, catalog.spec)
     generation = catalog.generation + 1
-    files = generation_files(generation)
+    files = {**generation_files(generation), "model": catalog.files.get("model", MODEL_FILE)}
+    if model is not None:
+        exists = (directory / CATALOG_JSON).exists()
+        files["model"] = model_file(generation) if exists else MODEL_FILE
+        save_model_file(directory / files["model"], model, catalog.spec)
     atomic_write(directory / files["items"], lambda handle: np.savez(
         handle, vectors=catalog.vectors, labels=catalog.labels,
         **packed("paths", catalog.paths),
-        **({} if catalog.item_ids is None else packed("item_ids", catalog.item_ids))))
+        **{name: array for field_name in ("item_ids", "stored", "digests")
+           if (values := getattr(catalog, field_name)) is not None
+           for name, array in packed(field_name, values).items()}))
     catalog = replace(catalog, dim=int(catalog.vectors.shape[1]), generation=generation,
                       index=write_index(directory / files["index"], catalog.vectors,
                                         catalog.index_kind))
     previous = catalog.files if (directory / CATALOG_JSON).exists() else {}
+    if change is not None:
+        change = {**change, "from_generation": generation - 1, "to_generation": generation}
     # Written last: it names the generation, and its count vouches for the files.
     atomic_write_json(directory / CATALOG_JSON, {
         "format": CATALOG_FORMAT,
@@ -213,21 +234,27 @@ def write_catalog(catalog: Catalog, model: EmbeddingModel | None) -> Catalog:
         "files": files,
         "previous_files": previous,
         **({} if catalog.calibration is None else {"calibration": catalog.calibration}),
+        **({} if change is None else {"change": change}),
+        **({} if rollback is None else {"rollback": rollback}),
     })
     _remove_leftovers(directory)
-    return replace(catalog, files=files)
+    return replace(catalog, files=files, change=change)
+
+
+OPTIONAL_STRINGS = ("item_ids", "stored", "digests")  # lists an items file may lack
 
 
 def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, list,
-                                                   list | None]:
-    """(vectors or None, labels, paths, item ids or None) from an items file; npz members are
-    read only when asked. FileNotFoundError passes (a writer may have just replaced the
-    generation)."""
+                                                   dict[str, list | None]]:
+    """(vectors or None, labels, paths, {item_ids, stored, digests}: each a list or None) from
+    an items file; npz members are read only when asked. FileNotFoundError passes (a writer may
+    have just replaced the generation)."""
     try:
         with np.load(path, allow_pickle=False) as items:
             return (items["vectors"] if vectors else None, items["labels"],
                     unpacked(items, "paths"),
-                    unpacked(items, "item_ids") if has_strings(items, "item_ids") else None)
+                    {name: unpacked(items, name) if has_strings(items, name) else None
+                     for name in OPTIONAL_STRINGS})
     except FileNotFoundError:
         raise
     except Exception:  # numpy and zipfile raise many kinds for a damaged archive
@@ -254,11 +281,12 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
     except Exception:
         raise _damaged(directory / CATALOG_JSON) from None
     # A catalogue written before catalog.json recorded the dimension: read it off the vectors.
-    vectors, labels, paths, item_ids = _read_items(directory / files["items"],
-                                                   with_vectors or "dimension" not in meta)
+    vectors, labels, paths, lists = _read_items(directory / files["items"],
+                                                with_vectors or "dimension" not in meta)
     counts = {meta.get("count"), len(labels), len(paths)}
-    if item_ids is not None:
-        counts.add(len(item_ids))
+    counts.update(len(values) for values in lists.values() if values is not None)
+    if lists["stored"] is not None and any(not _own_photo(name) for name in lists["stored"]):
+        raise _damaged(directory / files["items"])
     if vectors is not None:
         counts.add(len(vectors))
     dim = meta["dimension"] if "dimension" in meta else vectors.shape[1]
@@ -270,7 +298,14 @@ def _load_catalog(directory: Path, with_vectors: bool) -> Catalog:
     return Catalog(directory, spec, meta["checkpoint_sha256"], meta["feature_kind"],
                    list(meta["class_names"]), vectors, labels, paths, int(dim),
                    dict(meta.get("index") or {"kind": "flat"}), int(meta.get("generation", 0)),
-                   files, item_ids, *_calibration(meta))
+                   files, lists["item_ids"], *_calibration(meta), lists["stored"],
+                   lists["digests"], meta.get("change"))
+
+
+def _own_photo(name: str) -> bool:
+    """Whether an items file's ``stored`` entry names a file the catalogue keeps (or none): a
+    name ``photos.py`` writes, never a path out of the folder."""
+    return name == "" or bool(STORED_NAME.fullmatch(name))
 
 
 def _meta_problem(meta: dict) -> str | None:
@@ -289,6 +324,8 @@ def _meta_problem(meta: dict) -> str | None:
     index = meta.get("index") or {}
     if not isinstance(index, dict) or index.get("kind", "flat") not in INDEX_KINDS:
         return f"index must name a kind of {', '.join(INDEX_KINDS)}"
+    if not isinstance(meta.get("change", {}), dict):
+        return "change must be a record of the last change"
     return None
 
 
@@ -322,7 +359,7 @@ def _damaged(path: Path) -> CatalogError:
 
 
 def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
-    path = catalog.directory / MODEL_FILE
+    path = catalog.directory / catalog.files.get("model", MODEL_FILE)
     try:
         return load_model_file(path)
     except CheckpointError:
@@ -340,35 +377,3 @@ def load_index(catalog: Catalog) -> faiss.Index:
     if index.ntotal != len(catalog) or index.d != catalog.dim:
         raise CatalogError(f"catalogue {catalog.directory} is inconsistent: rebuild it")
     return index
-
-
-def append_items(catalog: Catalog, vectors: np.ndarray, class_names: list[str | None],
-                 paths: list[Path], classes: list[str] = (),
-                 item_ids: list[str] | None = None) -> Catalog:
-    """``catalog`` with photos appended: their vectors, class names (None: unlabelled), paths
-    and items (None: each photo's default, its class). Class names it lacks (``classes``
-    first, in their order) are added at the end."""
-    names = list(catalog.class_names)
-    for name in [*classes, *class_names]:
-        if name is not None and name not in names:
-            names.append(name)
-    position = {name: label for label, name in enumerate(names)}
-    labels = np.array([-1 if name is None else position[name] for name in class_names],
-                      np.int64)
-    held = catalog.with_vectors().vectors
-    added = [Path(path).resolve().as_posix() for path in paths]
-    grown = replace(
-        catalog, class_names=names,
-        vectors=vectors if len(catalog) == 0 else np.concatenate([held, vectors]),
-        labels=np.concatenate([catalog.labels, labels]), paths=catalog.paths + added,
-        item_ids=None if catalog.item_ids is None and item_ids is None else catalog.items() + (
-            item_ids or [name or path for name, path in zip(class_names, added, strict=True)]))
-    # Without item ids each photo's item is its class: nothing can clash (no pass over every
-    # photo on each add to a folder-built catalogue).
-    clash = None if grown.item_ids is None else item_in_two_classes(
-        grown.item_ids, [grown.class_name(int(label)) for label in grown.labels])
-    if clash is not None:
-        raise ItemClash(f"item {clash[0]!r} would be filed under two classes, {clash[1]!r} "
-                        f"and {clash[2]!r}: an item is one product of one class; give another "
-                        "item id or class")
-    return grown

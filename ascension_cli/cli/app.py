@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from ascension_cli import __version__
 from ascension_cli.cli import console as out
+from ascension_cli.cli.catalog_group import catalog_app
 from ascension_cli.cli.console import ImageProgress, RichReporter, console, err_console, shown
 from ascension_cli.cli.guard import say_error, user_errors
 from ascension_cli.cli.options import extra_option, given, options_of
@@ -48,6 +49,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+app.add_typer(catalog_app)  # ascension catalog remove|relabel|replace|history|snapshot
 
 
 def _version(value: bool) -> None:
@@ -57,12 +59,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool | None,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = None,
-) -> None:
+def _root(version: Annotated[bool | None, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+          ) -> None:
     """Train image-embedding models with SupCon and measure how well they retrieve."""
 
 

@@ -21,6 +21,7 @@ from ascension_cli.config.fields import (
     IndexKind,
     OutputFile,
     OutputFolder,
+    PhotoMode,
     Precision,
     Split,
     check_device,
@@ -60,6 +61,11 @@ class IndexConfig(_RunOptions):
     json_file: OutputFile | None = Field(
         None, description="Write what was added (each new item's nearest item of another "
         "class) and the check to this JSON file.", json_schema_extra={"flags": ["--json"]})
+    photos: PhotoMode = Field(
+        "copy", description="copy: keep each photo inside the catalogue (photos/, by its "
+        "sha256), so it can be moved, backed up and embedded again on its own. reference: keep "
+        "only each photo's path and sha256 (for very large sets), checked before it is embedded "
+        "again. (with --add: for the photos added)")
     kind: IndexKind | None = Field(
         None, description="The FAISS index. flat: exact, 4 x dimension bytes a vector. ivfpq: "
         "inverted lists of compressed codes (a few dozen bytes a vector), for millions of items. "
@@ -144,8 +150,13 @@ class ServeConfig(BaseModel):
                          "loaded (on a GPU keep 1: batching already fills it).")
     allow_writes: bool = Field(False, description="Accept POST /items, which adds photos to the "
                                "catalogue; needs --token.")
-    token: str | None = Field(None, min_length=12, description="The secret POST /items must "
-                              "send as 'Authorization: Bearer TOKEN' (12 characters or more).")
+    token: str | None = Field(None, min_length=12, description="The secret the writing routes "
+                              "(POST /items, /items/remove, /items/relabel, /items/replace) "
+                              "must send as 'Authorization: Bearer TOKEN' (12 characters or "
+                              "more).")
+    token_name: str = Field("default", min_length=1, max_length=64, pattern=r"^[\w.@-]+$",
+                            description="Who the catalogue's history says made a write "
+                            "through this service (token:NAME), e.g. the till or shop.")
 
     _check_device = field_validator("device")(check_device)
 
@@ -166,4 +177,5 @@ class ServeConfig(BaseModel):
         return {"run_options": self.run_options(), "max_pixels": self.max_image_pixels,
                 "max_upload_bytes": int(self.max_upload_mb * 1e6),
                 "batch_window": self.batch_window_ms / 1000,
-                "token": self.token if self.allow_writes else None}
+                "token": self.token if self.allow_writes else None,
+                "token_name": self.token_name}

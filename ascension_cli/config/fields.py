@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from ascension_cli import paths
-from ascension_cli.catalog_layout import catalog_folder
+from ascension_cli.catalog_layout import PHOTO_MODES, catalog_folder
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Accumulation = Literal["cache", "naive"]
@@ -20,6 +20,7 @@ Head = Literal["none", "mlp", "linear"]
 LrScaling = Literal["linear", "sqrt", "none"]
 LrSchedule = Literal["constant", "cosine"]
 Tracker = Literal["tensorboard", "mlflow", "none"]
+PhotoMode = Literal[PHOTO_MODES]  # the choices live in catalog_layout.py
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 # Path options, each checked by paths.py before any work (one line, exit 2 when wrong).
@@ -30,12 +31,13 @@ FileOrFolder = Annotated[Path, AfterValidator(paths.existing_file_or_folder)]
 OutputFile = Annotated[Path, AfterValidator(paths.output_file)]
 OutputFolder = Annotated[Path, AfterValidator(paths.output_folder)]
 WeightsFile = Annotated[Path, AfterValidator(paths.existing_file)]
+ExistingFile = Annotated[Path, AfterValidator(paths.existing_file)]
 CheckpointFile = Annotated[Path, AfterValidator(paths.checkpoint_file)]
 VectorsFile = Annotated[Path, AfterValidator(paths.vectors_file)]
 CatalogFolder = Annotated[Path, AfterValidator(catalog_folder)]
 # Fields given as positional arguments: messages spell them as the help does (DATA_ROOT).
 POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root", "catalog",
-              "images"}
+              "images", "photo", "new_photo", "destination"}
 
 # --lr is the learning rate of a step over this many images (a plain loop's batch size).
 LR_REFERENCE_BATCH = 32

@@ -9,37 +9,34 @@ search`` (``embedding.pipeline.embed_decoded``), so a photo gets the same answer
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ascension_cli.catalog.check import confusable_of
+from ascension_cli.catalog.history import summary
 from ascension_cli.catalog_layout import CATALOG_VERSION
 from ascension_cli.errors import CatalogError
 from ascension_cli.retrieval.report import thumbnail
 from ascension_cli.serve.batching import Batcher, Pending
+from ascension_cli.serve.changes import writing_routes
 from ascension_cli.serve.forms import (
     failure,
-    label_problem,
     problem,
     read_images,
     search_options,
     search_problem,
-    token_matches,
     unreadable,
 )
 from ascension_cli.serve.lookup import Lookup
 from ascension_cli.serve.schemas import (
     ERRORS,
-    AddAnswer,
     ErrorAnswer,
+    HistoryAnswer,
     InfoAnswer,
-    ItemsForm,
     SearchAnswer,
     SearchForm,
     form_body,
@@ -68,7 +65,8 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
                 "dimension": found.dim, "index": found.index_kind, "items": len(found),
                 "classes": len(found.class_names), "catalog": found.directory.name,
                 "catalog_version": CATALOG_VERSION, "calibration": found.calibration,
-                "calibration_note": found.calibration_note()}
+                "calibration_note": found.calibration_note(),
+                "history": summary(lookup.directory)}
 
     @app.get("/items/{item}/image", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "A 256-pixel thumbnail."},
@@ -79,9 +77,13 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
         found = lookup.current().catalog
         if not 0 <= item < len(found):
             return problem(404, f"no item {item}: the catalogue holds {len(found)}")
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(thumbnail(Path(found.paths[item]), 256),
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(thumbnail(found.photo_file(item), 256),
                                                      cv2.COLOR_RGB2BGR))
         return Response(data.tobytes(), media_type="image/jpeg")
+
+    @app.get("/history", response_model=HistoryAnswer, responses={503: ERRORS[503]})
+    def history(last: int = Query(100, ge=1, le=10_000)) -> dict:
+        return summary(lookup.directory, last)
 
     @app.get("/favicon.ico")
     def favicon() -> Response:
@@ -96,8 +98,9 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
 
 def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
                max_upload_bytes: int, batch_window: float = 0.005, max_batch: int = 32,
-               token: str | None = None) -> FastAPI:
-    """The FastAPI application serving one catalogue; ``token`` None keeps writes off."""
+               token: str | None = None, token_name: str = "default") -> FastAPI:
+    """The FastAPI application serving one catalogue; ``token`` None keeps writes off, and
+    the history records writes as ``token:TOKEN_NAME``."""
     lookup = Lookup(catalog, run_options, max_pixels)
     batcher = Batcher(lookup, batch_window, max_batch)
     app = FastAPI(title="Ascension lookup", docs_url="/docs", redoc_url=None)
@@ -121,24 +124,5 @@ def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
                              "waited_ms": waited * 1000,
                              "results": results})
 
-    @app.post("/items", response_model=AddAnswer, responses=ERRORS,
-              openapi_extra=form_body(ItemsForm))
-    async def add_items(request: Request) -> Response:
-        if token is None:
-            return problem(403, "writes are off: start the service with --allow-writes and "
-                                 "--token")
-        if not token_matches(request.headers.get("authorization", ""), token):
-            return problem(401, "a wrong or missing token (Authorization: Bearer TOKEN)")
-        form, images = await read_images(request, lookup, max_upload_bytes, label_problem)
-        if isinstance(images, Response):
-            return images
-        try:
-            added, onboarding = await asyncio.to_thread(lookup.add, images,
-                                                        str(form.get("label")))
-        except Exception as exc:  # noqa: BLE001 - a JSON answer, never a traceback
-            return failure(exc)
-        return JSONResponse({"added": added, "items": len(lookup.current().catalog),
-                             "nearest": onboarding,
-                             "confusable": confusable_of(onboarding)})
-
+    writing_routes(app, lookup, token, token_name, max_upload_bytes)
     return app

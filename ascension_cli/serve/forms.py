@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile  # what form() gives (FastAPI's subclasses it)
 
 from ascension_cli.errors import (
     STORAGE_ERRNOS,
     CatalogError,
+    DataError,
     ImageDecodeError,
-    ItemClash,
     first_line,
 )
 from ascension_cli.serve.schemas import DEFAULT_K, K_RANGE, MAX_LABEL_BYTES
@@ -107,13 +108,15 @@ def unreadable(exc: Exception) -> JSONResponse:
 
 
 def failure(exc: Exception) -> JSONResponse:
-    """What a request that failed past its checks is told: 400 for its own image, 409 for an
-    item it would file under a second class, 503 while the catalogue cannot be read, 507 for a
-    full disk, else 500; always one JSON line."""
+    """What a request that failed past its checks is told: 400 for its own image, 404 for a
+    photo or item the catalogue lacks, 409 for an item it would file under a second class, 503
+    while the catalogue cannot be read, 507 for a full disk, else 500; always one JSON line."""
     if isinstance(exc, ImageDecodeError):
         return problem(400, str(exc))
-    if isinstance(exc, ItemClash):
-        return problem(409, str(exc))
+    if isinstance(exc, CatalogError) and exc.status != 503:  # an item clash, a missing photo
+        return problem(exc.status, str(exc))
+    if isinstance(exc, DataError):  # a new photo that cannot be read, a relabel of nothing
+        return problem(400, first_line(exc))
     if isinstance(exc, CatalogError):
         return unreadable(exc)
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
@@ -190,3 +193,25 @@ async def read_images(
         return form, await asyncio.to_thread(lookup.check_images, images)
     except ImageDecodeError as exc:
         return form, problem(400, str(exc))
+
+
+async def read_json(request: Request, model: type[BaseModel], limit: int) -> Any:
+    """A JSON body as ``model``, or the 4xx response saying what is wrong with it (read at most
+    ``limit`` bytes)."""
+    try:
+        size = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        return problem(400, "Content-Length is not a number")
+    if size > limit:
+        return _too_large(limit, size)
+    try:
+        body = await _limited(request, limit).body()
+    except _TooLarge:
+        return _too_large(limit)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"]) if errors else "body"
+        message = errors[0]["msg"] if errors else "not valid"
+        return problem(400, f"not a valid request: {where or 'body'}: {message}"[:300])

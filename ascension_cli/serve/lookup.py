@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ascension_cli.atomic import atomic_write
-from ascension_cli.catalog.check import nearest_other_class
+from ascension_cli.catalog.folder_store import Changed, FolderStore
+from ascension_cli.catalog.photos import remove_orphan_uploads
 from ascension_cli.catalog.search import CatalogSearcher
-from ascension_cli.catalog.store import catalog_lock, load_catalog, remove_orphan_uploads
+from ascension_cli.catalog.store import catalog_lock, load_catalog
 from ascension_cli.catalog_layout import CATALOG_JSON, UPLOADS_FOLDER
 from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
@@ -53,7 +52,7 @@ class Lookup:
         with catalog_lock(directory):  # read under the lock: no add lands meanwhile
             self._load()
             # An add that a kill interrupted left these behind.
-            removed = remove_orphan_uploads(self.searcher.catalog)
+            removed = remove_orphan_uploads(directory, self.searcher.catalog.paths)
         if removed:
             print(f"removed {removed} photo(s) of an interrupted add from "
                   f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
@@ -81,32 +80,22 @@ class Lookup:
                 self._load()
             return self.searcher
 
-    def add(self, images: list[Upload], class_name: str) -> tuple[int, list[dict]]:
-        """Keep the images under CATALOG/uploads/CLASS and add them as items of that class,
-        under the catalogue's write lock (one writer at a time, across processes). Searches see
-        the old catalogue until the new one is committed; if the add fails, its photos go. Returns
-        how many were added, and the new item's nearest item of another class
-        (``catalog.check.nearest_other_class``)."""
-        with catalog_lock(self.directory):
-            searcher = self.current()  # the catalogue as it is on disk now, under the lock
-            folder = self.directory / UPLOADS_FOLDER / class_name
-            folder.mkdir(parents=True, exist_ok=True)
-            paths = [folder / f"{uuid.uuid4().hex}{EXTENSIONS[image_format(upload.data)]}"
-                     for upload in images]
-            try:
-                for path, upload in zip(paths, images, strict=True):
-                    atomic_write(path, lambda handle, data=upload.data: handle.write(data))
-                added = searcher.add([upload.image for upload in images], paths, class_name,
-                                     **self.run_options)
-            except BaseException:
-                _discard(paths, load_catalog(self.directory, with_vectors=False).paths)
-                raise
-            with self.lock:
-                self._load()
-            catalog = self.searcher.catalog
-            _discard(paths, catalog.paths)  # those the embedder could not read
-            onboarding = nearest_other_class(catalog, len(catalog) - added)
-        return added, onboarding
+    def add(self, images: list[Upload], class_name: str, by: str) -> Changed:
+        """Keep the images in the catalogue and add them as photos of one item of that class
+        (``FolderStore.add_decoded``: under the write lock, one writer at a time across
+        processes; if the add fails, its photos go). Searches see the old catalogue until the
+        new one is committed."""
+        return self.change("add_decoded", [(upload.data, EXTENSIONS[image_format(upload.data)],
+                                            upload.image) for upload in images], class_name, by,
+                           **self.run_options)
+
+    def change(self, operation: str, *arguments, **options) -> Changed:
+        """Run one of the store's changes (``FolderStore``'s method ``operation``), then read
+        the catalogue again so the next search sees it."""
+        changed = getattr(FolderStore(self.directory), operation)(*arguments, **options)
+        with self.lock:
+            self._load()
+        return changed
 
     def check_images(self, images: list[tuple[str, bytes]]) -> list[Upload]:
         """Each image decoded, once, under the service's own pixel limit (what is not an image,
@@ -144,14 +133,6 @@ def _without_server_paths(result: dict) -> dict:
         match["path"] = names[match["path"]]
     result["item"] = names.get(result["item"], result["item"])
     return result
-
-
-def _discard(paths: list[Path], held: list[str]) -> None:
-    """Remove the photos of ``paths`` that the catalogue (its ``held`` paths) does not hold."""
-    kept = set(held)
-    for path in paths:
-        if path.resolve().as_posix() not in kept:
-            path.unlink(missing_ok=True)
 
 
 def printable(name: str) -> str:

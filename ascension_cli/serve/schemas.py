@@ -5,13 +5,16 @@ with the bounds declared here."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 K_RANGE = (1, 1000)  # matches a search may ask for
 DEFAULT_K = 5
-MAX_LABEL_BYTES = 200  # a label becomes a folder name: file systems allow 255 bytes
+MAX_LABEL_BYTES = 200  # a class name, kept to what a folder name may be
+MAX_SELECTED = 10_000  # photos or items one change may name
+MAX_SELECTOR_CHARS = 1024  # a photo's path or an item id, as a change names it
+MAX_CHANGE_BYTES = 4_000_000  # a change's JSON body
 
 
 class SearchForm(BaseModel):
@@ -70,6 +73,53 @@ class AddAnswer(BaseModel):
     confusable: list[dict[str, Any]] = Field(description="Those as similar as the threshold.")
 
 
+Name = Annotated[str, Field(min_length=1, max_length=MAX_SELECTOR_CHARS)]
+
+
+class SelectionForm(BaseModel):
+    """``POST /items/remove`` (JSON, with ``Authorization: Bearer TOKEN``): the photos (by the
+    file name a search shows, or the path the catalogue records) and whole items to remove."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    photos: list[Name] = Field(default_factory=list, max_length=MAX_SELECTED)
+    items: list[Name] = Field(default_factory=list, max_length=MAX_SELECTED)
+
+
+class RelabelForm(SelectionForm):
+    """``POST /items/relabel`` (JSON, with the token): the photos and items to file under a
+    new class and/or item id."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_: str | None = Field(None, alias="class", min_length=1,
+                               max_length=MAX_LABEL_BYTES, description="The new class.")
+    item: Name | None = Field(None, description="The new item id.")
+
+
+class ReplaceForm(BaseModel):
+    """``POST /items/replace``, multipart/form-data, with the token: a new photo in place of one
+    the catalogue holds, of the same class and item."""
+
+    photo: str = Field(description="The photo replaced, as a search names it.")
+    image: bytes = Field(description="The new photo.")
+
+
+class ChangeAnswer(BaseModel):
+    photos: int = Field(description="Photos the change touched.")
+    items: int = Field(description="Items the change touched.")
+    total: int = Field(description="Photos in the catalogue now.")
+    generation: int = Field(description="The catalogue's generation after the change.")
+    nearest: list[dict[str, Any]] = Field(description="Each touched item's nearest item of "
+                                          "another class.")
+    confusable: list[dict[str, Any]] = Field(description="Those as similar as the threshold.")
+
+
+class HistoryAnswer(BaseModel):
+    changes: int = Field(description="Changes recorded.")
+    last: list[dict[str, Any]] = Field(description="The latest changes, newest first.")
+
+
 class InfoAnswer(BaseModel):
     model: str
     feature_kind: str
@@ -81,16 +131,24 @@ class InfoAnswer(BaseModel):
     catalog_version: int
     calibration: dict[str, Any] | None
     calibration_note: str | None
+    history: HistoryAnswer = Field(description="How many changes, and the last few.")
 
 
 class ErrorAnswer(BaseModel):
     error: str
 
 
-ERRORS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 409, 413, 503, 507)}
+ERRORS = {status: {"model": ErrorAnswer}
+          for status in (400, 401, 403, 404, 409, 413, 503, 507)}
 
 
 def form_body(model: type[BaseModel]) -> dict[str, Any]:
     """The ``openapi_extra`` that documents a route's multipart form by ``model``."""
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": model.model_json_schema()}}}}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The ``openapi_extra`` that documents a route's JSON body by ``model``."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema(by_alias=True)}}}}
