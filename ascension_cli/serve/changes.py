@@ -59,6 +59,13 @@ async def _run(lookup: Lookup, operation: str, *arguments: Any, **options: Any) 
     return JSONResponse(changed.to_dict())
 
 
+async def _authorised_json(request: Request, token: str | None, model) -> Any:
+    """The request's JSON body as ``model`` once the token is right, or the 4xx answer."""
+    if (refused := _refused(request, token)) is not None:
+        return refused
+    return await read_json(request, model, MAX_CHANGE_BYTES)
+
+
 def _photo_problem(form: Any) -> str | None:
     try:
         photo = text_field(form, "photo")
@@ -91,9 +98,7 @@ def writing_routes(app: FastAPI, lookup: Lookup, token: str | None, token_name: 
     @app.post("/items/remove", response_model=ChangeAnswer, responses=ERRORS,
               openapi_extra=json_body(SelectionForm))
     async def remove_items(request: Request) -> Response:
-        if (refused := _refused(request, token)) is not None:
-            return refused
-        form = await read_json(request, SelectionForm, MAX_CHANGE_BYTES)
+        form = await _authorised_json(request, token, SelectionForm)
         if isinstance(form, Response):
             return form
         return await _run(lookup, "remove", _selection(form), by)
@@ -101,9 +106,7 @@ def writing_routes(app: FastAPI, lookup: Lookup, token: str | None, token_name: 
     @app.post("/items/relabel", response_model=ChangeAnswer, responses=ERRORS,
               openapi_extra=json_body(RelabelForm))
     async def relabel_items(request: Request) -> Response:
-        if (refused := _refused(request, token)) is not None:
-            return refused
-        form = await read_json(request, RelabelForm, MAX_CHANGE_BYTES)
+        form = await _authorised_json(request, token, RelabelForm)
         if isinstance(form, Response):
             return form
         if form.class_ is not None and (message := label_problem({"label": form.class_})):

@@ -151,14 +151,19 @@ def _too_large(limit: int, size: int | None = None) -> JSONResponse:
     return problem(413, f"{what} is over the limit of {limit} bytes (--max-upload-mb)")
 
 
-async def read_form(request: Request, limit: int) -> Any:
-    """The multipart form, or the 4xx response saying why it cannot be read."""
+def _declared_too_large(request: Request, limit: int) -> JSONResponse | None:
+    """The 4xx answer to a body whose Content-Length is not a number or is over ``limit``."""
     try:
         size = int(request.headers.get("content-length") or 0)
     except ValueError:
         return problem(400, "Content-Length is not a number")
-    if size > limit:
-        return _too_large(limit, size)
+    return _too_large(limit, size) if size > limit else None
+
+
+async def read_form(request: Request, limit: int) -> Any:
+    """The multipart form, or the 4xx response saying why it cannot be read."""
+    if (refused := _declared_too_large(request, limit)) is not None:
+        return refused
     try:
         return await _limited(request, limit).form()
     except _TooLarge:
@@ -198,12 +203,8 @@ async def read_images(
 async def read_json(request: Request, model: type[BaseModel], limit: int) -> Any:
     """A JSON body as ``model``, or the 4xx response saying what is wrong with it (read at most
     ``limit`` bytes)."""
-    try:
-        size = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        return problem(400, "Content-Length is not a number")
-    if size > limit:
-        return _too_large(limit, size)
+    if (refused := _declared_too_large(request, limit)) is not None:
+        return refused
     try:
         body = await _limited(request, limit).body()
     except _TooLarge:
