@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from ascension_cli.paths import existing_file, existing_folder, kind_of
+from ascension_cli.paths import existing_file, existing_folder, kind_of, output_folder
 
 # Version 2: items and index are written as a new generation of files at each change, and
 # catalog.json (written last, atomically) names the live one; version 1 had fixed names.
@@ -108,3 +109,50 @@ def catalog_folder(path: Path) -> Path:
         raise ValueError(f"catalogue {path} lacks {', '.join(missing)} (copied in part?); "
                          "build it again with `ascension index`")
     return path
+
+
+# A catalogue in a Milvus collection (``catalog/milvus_store.py``): milvus://HOST:PORT/COLLECTION.
+MILVUS_SCHEME = "milvus://"
+_MILVUS = re.compile(r"milvus://(?P<host>[A-Za-z0-9.-]{1,253}):(?P<port>[0-9]{1,5})"
+                     r"/(?P<collection>[A-Za-z_][A-Za-z0-9_]{0,200})")
+
+
+def is_milvus(location: object) -> bool:
+    return isinstance(location, str) and location.startswith(MILVUS_SCHEME)
+
+
+@dataclass(frozen=True)
+class MilvusLocation:
+    host: str
+    port: int
+    collection: str
+
+    @classmethod
+    def parse(cls, text: str) -> MilvusLocation:
+        match = _MILVUS.fullmatch(text)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"{text[:200]!r} is not a Milvus catalogue's location: give "
+                             "milvus://HOST:PORT/COLLECTION (a collection's name is letters, "
+                             "digits and _, starting with a letter or _)")
+        return cls(match["host"], int(match["port"]), match["collection"])
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{MILVUS_SCHEME}{self.host}:{self.port}/{self.collection}"
+
+
+def catalog_location(value: object) -> Path | str:
+    """A catalogue to read: a folder from ``ascension index``, or a Milvus location."""
+    if is_milvus(value):
+        return str(MilvusLocation.parse(value))
+    return catalog_folder(Path(value))
+
+
+def output_location(value: object) -> Path | str:
+    """Where ``index`` writes a catalogue: a folder, or a Milvus location."""
+    if is_milvus(value):
+        return str(MilvusLocation.parse(value))
+    return output_folder(Path(value))

@@ -84,7 +84,8 @@ def run_index(settings: IndexConfig, progress: Progress | None = None) -> IndexR
         catalog, added = build_catalog(
             settings.checkpoint, settings.gallery_root, settings.output, add=settings.add,
             feature_kind=settings.features, progress=progress, split=settings.split,
-            index_kind=settings.kind, photos=settings.photos, **settings.run_options())
+            index_kind=settings.kind, photos=settings.photos, shared=settings.shared,
+            **settings.run_options())
     else:
         catalog, added = load_catalog(settings.output), 0
     onboarding = nearest_other_class(catalog, len(catalog) - added) if settings.add else []

@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from ascension_cli.catalog.edit import append_items
-from ascension_cli.catalog.folder_store import FolderStore
+from ascension_cli.catalog.folder_store import store_of
 from ascension_cli.catalog.history import change, local_user
-from ascension_cli.catalog.photos import begin, keep_files
-from ascension_cli.catalog.store import Catalog, load_catalog
-from ascension_cli.catalog_layout import (
-    CATALOG_JSON,
-)
+from ascension_cli.catalog.photos import keep_files
+from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
 from ascension_cli.data.cache import available_memory
 from ascension_cli.data.manifest import scan_any
 from ascension_cli.embedding.pipeline import embed_images
@@ -39,6 +36,7 @@ def build_catalog(
     index_kind: str | None = None,
     photos: str = "copy",
     by: str | None = None,
+    shared: str | Path | None = None,
     **embed_options,
 ) -> tuple[Catalog, int]:
     """Create a catalogue, or with ``add`` append the images it does not hold yet.
@@ -49,18 +47,19 @@ def build_catalog(
     ``add``) is checked against the memory available before anything is embedded. ``photos``:
     ``copy`` keeps each photo inside the catalogue, ``reference`` only its path and digest
     (``catalog/photos.py``); ``by``: who, for the history (default: this machine's user).
+    ``directory`` may be a Milvus location; a new one keeps its model and photos in
+    ``shared``.
     ``embed_options`` are ``embed.pipeline.EmbedOptions``'.
     """
-    directory = Path(directory)
     model, spec, _ = load_model(checkpoint)
-    store = FolderStore(directory)
+    store = store_of(directory, shared)
     with store.writing():
-        catalog = _open_for_build(directory, spec, sha256_of(checkpoint), feature_kind, add)
+        catalog = _open_for_build(store, spec, sha256_of(checkpoint), feature_kind, add)
         if index_kind is not None:
             catalog = replace(catalog, index={"kind": index_kind})
         before = len(catalog)
-        catalog = _append_new(catalog, scan_any(gallery_root, split), model, spec, feature_kind,
-                              progress, embed_options, photos)
+        catalog = _append_new(store, catalog, scan_any(gallery_root, split), model, spec,
+                              feature_kind, progress, embed_options, photos)
         if len(catalog) == 0:
             raise DataError(f"no readable images in {gallery_root}: the catalogue would be "
                             "empty")
@@ -70,7 +69,7 @@ def build_catalog(
         return store.commit(catalog, entry, model if not add else None), added
 
 
-def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
+def _append_new(store, catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
                 feature_kind: str, progress: Progress | None, embed_options: dict,
                 photos: str) -> Catalog:
     """``catalog`` with the images of ``scan`` it does not hold yet (and their classes), embedded
@@ -88,7 +87,7 @@ def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
     items = (None if scan.item_ids is None
              else [scan.item_ids[fresh[i]] for i in indices])  # a manifest's item_id column
     readable = [paths[i] for i in indices]
-    begin(catalog.directory, photos == "copy")
+    store.begin(photos == "copy")
     return append_items(catalog, vectors, [scan.classes[label] if label >= 0 else None
                                            for label in labels],
                         readable, classes=scan.classes, item_ids=items,
@@ -96,16 +95,17 @@ def _append_new(catalog: Catalog, scan, model: EmbeddingModel, spec: ModelSpec,
 
 
 def _open_for_build(
-    directory: Path, spec: ModelSpec, checkpoint_sha: str, feature_kind: str, add: bool
+    store, spec: ModelSpec, checkpoint_sha: str, feature_kind: str, add: bool
 ) -> Catalog:
     """The catalogue to extend (same model and features required), or a new empty one."""
+    directory = store.name
     if not add:
-        if (directory / CATALOG_JSON).exists():
+        if store.exists():
             raise CatalogError(f"{directory} already holds a catalogue: pass {{add}} to extend "
                                "it, or choose another {output}", options=("add", "output"))
-        return Catalog(directory, spec, checkpoint_sha, feature_kind, [],
+        return Catalog(store.home(), spec, checkpoint_sha, feature_kind, [],
                        np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
-    catalog = load_catalog(directory)
+    catalog = store.read()
     if catalog.checkpoint_sha256 != checkpoint_sha:
         raise CatalogError(
             f"the catalogue in {directory} was built with another model (checkpoint sha256 "
@@ -120,6 +120,8 @@ def _open_for_build(
 
 def _check_memory(count: int, dim: int, index_kind: str) -> None:
     """Refuse, before embedding, an index that would not fit the memory available."""
+    if index_kind == MILVUS_INDEX:  # the server holds it
+        return
     try:
         check_fits(plan_index(count, dim, index_kind), available_memory())
     except ConfigError as exc:

@@ -40,6 +40,7 @@ from ascension_cli.catalog_layout import (
     HISTORY_FILE,
     MODEL_FILE,
     catalog_folder,
+    is_milvus,
 )
 from ascension_cli.errors import CatalogError, DataError, Refused
 
@@ -71,6 +72,26 @@ class FolderStore:
     def read(self, with_vectors: bool = True) -> Catalog:
         return load_catalog(self.directory, with_vectors)
 
+    @property
+    def name(self) -> str:
+        return str(self.directory)
+
+    def exists(self) -> bool:
+        return (self.directory / CATALOG_JSON).exists()
+
+    def stamp(self) -> tuple[int, int]:
+        """What changes at every change: catalog.json, written last, is rewritten."""
+        stat = (self.directory / CATALOG_JSON).stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def home(self, shared: Path | None = None) -> Path:
+        """Where a new catalogue keeps its model and photos: its folder."""
+        return self.directory
+
+    def begin(self, writes: bool, dropped: list[str] = ()) -> None:
+        """Journal the photos a change writes and drops (``photos.begin``)."""
+        begin(self.directory, writes, dropped)
+
     @contextmanager
     def writing(self) -> Iterator[None]:
         """The right to change the catalogue (one writer at a time, across processes); a
@@ -89,9 +110,11 @@ class FolderStore:
                 self.directory / CATALOG_JSON).exists() else None
             settle(self.directory, set(live.stored or ()) if live else set(), journal)
 
-    def commit(self, catalog: Catalog, entry: dict, model=None) -> Catalog:
-        """Write ``catalog`` as the next generation with its history ``entry``; the caller is
-        inside ``writing``."""
+    def commit(self, catalog: Catalog, entry: dict, model=None,
+               touched: np.ndarray | None = None) -> Catalog:
+        """Write ``catalog`` as the next generation with its history ``entry`` (a folder's
+        generation holds every row: ``touched``, the rows a change rewrote, is for stores that
+        write rows one by one); the caller is inside ``writing``."""
         written = write_catalog(catalog, model, entry)
         record_pending(self.directory)
         return written
@@ -106,7 +129,7 @@ class FolderStore:
                 raise Refused("a change cannot remove every photo: build another catalogue, "
                                 "or remove this folder")
             items = len({catalog.item(row) for row in rows})
-            begin(self.directory, False, _stored_at(catalog, rows))
+            self.begin(False, _stored_at(catalog, rows))
             written = self.commit(without_rows(catalog, rows),
                                   change("remove", by, len(rows), items))
         return Changed(written, len(rows), items, [])
@@ -123,7 +146,8 @@ class FolderStore:
                 key: value for key, value in (("class", changes[0].class_name),
                                               ("item", changes[0].item_id))
                 if value is not None}
-            written = self.commit(changed, change("relabel", by, len(rows), items, **details))
+            written = self.commit(changed, change("relabel", by, len(rows), items, **details),
+                                  touched=rows)
             return Changed(written, len(rows), items, nearest_other_class(written, rows))
 
     def add_decoded(self, uploads: list[tuple[bytes, str, np.ndarray]], class_name: str,
@@ -134,14 +158,15 @@ class FolderStore:
 
         with self.writing():
             searcher = CatalogSearcher(self.read())
-            begin(self.directory, True)
-            kept = [keep_bytes(self.directory, data, suffix) for data, suffix, _ in uploads]
+            home = searcher.catalog.directory  # where its photos are kept
+            self.begin(True)
+            kept = [keep_bytes(home, data, suffix) for data, suffix, _ in uploads]
             vectors, indices = searcher.embed_decoded([image for *_, image in uploads],
                                                       **embed_options)
             names = [kept[i][0] for i in indices]
             catalog = append_items(
                 searcher.catalog, vectors, [class_name] * len(indices),
-                [self.directory / name for name in names], classes=[class_name],
+                [home / name for name in names], classes=[class_name],
                 kept=(names, [kept[i][1] for i in indices]))
             written = self.commit(catalog, change("add", by, len(indices), 1 if len(indices)
                                                   else 0, **{"class": class_name}))
@@ -159,8 +184,8 @@ class FolderStore:
             rows = selected_rows(catalog, Selection(photos=(photo,)))
             row = int(rows[0])
             searcher = CatalogSearcher(catalog)
-            begin(self.directory, True, _stored_at(catalog, rows))
-            vectors, kept, path = _embedded_one(self.directory, searcher, new_photo,
+            self.begin(True, _stored_at(catalog, rows))
+            vectors, kept, path = _embedded_one(catalog.directory, searcher, new_photo,
                                                 embed_options)
             rest = without_rows(catalog, rows)
             grown = append_items(
@@ -223,8 +248,14 @@ def _copy(source: Path, target: Path) -> None:
     os.utime(target, (source.stat().st_atime, source.stat().st_mtime))
 
 
-def store_of(location: str | Path) -> FolderStore:
-    """The store a catalogue's location names (a folder: the one kind in this version)."""
+def store_of(location: str | Path, shared: str | Path | None = None):
+    """The store a catalogue's location names: a folder (``FolderStore``) or
+    milvus://HOST:PORT/COLLECTION (``MilvusStore``; ``shared``: where a new one keeps its
+    model and photos)."""
+    if is_milvus(location):
+        from ascension_cli.catalog.milvus_store import MilvusStore
+
+        return MilvusStore(str(location), shared)
     return FolderStore(location)
 
 

@@ -111,7 +111,6 @@ def record_pending(directory: Path) -> None:
         _append(directory, entry)
 
 
-def summary(directory: Path, last: int = 5) -> dict:
-    """What ``/info`` shows of the history: how many changes, and the last few."""
-    entries = read_history(directory)
+def summary(entries: list[dict], last: int = 5) -> dict:
+    """What ``/info`` shows of a history: how many changes, and the last few."""
     return {"changes": len(entries), "last": entries[-last:][::-1]}

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -39,6 +40,7 @@ from ascension_cli.catalog_layout import (
     catalog_folder,
     generation_file,
     generation_files,
+    is_milvus,
     model_file,
 )
 from ascension_cli.errors import CatalogError, CheckpointError
@@ -48,6 +50,8 @@ from ascension_cli.paths import checked, not_ours
 from ascension_cli.retrieval.index import INDEX_KINDS, write_index
 from ascension_cli.strings import has_strings, packed, unpacked
 from ascension_cli.values import whole
+
+MILVUS_INDEX = "milvus"  # the index kind of a catalogue its Milvus server searches
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Catalog:
     digests: list[str] | None = None
     # The change that wrote this generation, as the history records it (``catalog/history.py``).
     change: dict | None = None
+    # Where it is searched when not in a FAISS file of its folder: a Milvus store.
+    backend: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -262,8 +268,13 @@ def _read_items(path: Path, vectors: bool) -> tuple[np.ndarray | None, np.ndarra
 
 
 def load_catalog(directory: str | Path, with_vectors: bool = True) -> Catalog:
-    """Read and check a catalogue folder; ``with_vectors=False`` leaves the vectors on disk
-    (a search needs the index, labels and paths only)."""
+    """Read and check a catalogue folder (or a Milvus catalogue, by its location);
+    ``with_vectors=False`` leaves the vectors on disk (a search needs the index, labels and
+    paths only)."""
+    if is_milvus(directory):
+        from ascension_cli.catalog.milvus_store import MilvusStore
+
+        return MilvusStore(str(directory)).read(with_vectors)
     try:
         return _load_catalog(Path(directory), with_vectors)
     except FileNotFoundError:  # a writer replaced the generation between two reads: read again
@@ -367,6 +378,9 @@ def load_catalog_model(catalog: Catalog) -> EmbeddingModel:
 
 
 def load_index(catalog: Catalog) -> faiss.Index:
+    """The catalogue's index: its FAISS file, or what searches its Milvus collection."""
+    if catalog.backend is not None:
+        return catalog.backend.index(catalog)
     path = catalog.directory / catalog.files["index"]
     try:
         index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))

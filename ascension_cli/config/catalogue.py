@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ascension_cli.catalog_layout import catalog_folder
+from ascension_cli.catalog_layout import catalog_folder, is_milvus
 from ascension_cli.config.commands import _RunOptions
 from ascension_cli.config.fields import (
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     SHORT_O,
     CatalogFolder,
+    CatalogLocation,
+    CatalogOutput,
     CheckpointFile,
     Features,
     FileOrFolder,
@@ -20,7 +23,6 @@ from ascension_cli.config.fields import (
     ImageSource,
     IndexKind,
     OutputFile,
-    OutputFolder,
     PhotoMode,
     Precision,
     Split,
@@ -46,8 +48,12 @@ class IndexConfig(_RunOptions):
     )
     split: Split | None = split_field()
     features: Features = features_field()
-    output: OutputFolder = Field(description="Catalogue folder to write.",
-                                 json_schema_extra=SHORT_O)
+    output: CatalogOutput = Field(
+        description="Catalogue to write: a folder, or milvus://HOST:PORT/COLLECTION (then "
+        "--shared names where the model and photos go).", json_schema_extra=SHORT_O)
+    shared: Path | None = Field(
+        None, description="For a Milvus catalogue: a folder every service machine reaches, "
+        "where the model and the photos are kept (each checked by its sha256 when read).")
     add: bool = Field(
         False, description="Append the images the catalogue does not hold yet, without "
         "re-embedding the others (same checkpoint required)."
@@ -81,8 +87,15 @@ class IndexConfig(_RunOptions):
         if self.checkpoint is None and not self.check:
             raise ValueError("CHECKPOINT and GALLERY_ROOT are needed to build a catalogue "
                              "(without them, --check checks one as it is)")
-        if self.add or self.checkpoint is None:
+        if (self.add or self.checkpoint is None) and not is_milvus(self.output):
             check_path(catalog_folder, self.output, "output")
+        if is_milvus(self.output) and self.checkpoint is not None and not self.add and (
+                self.shared is None):
+            raise ValueError("a Milvus catalogue needs --shared DIR: where its model and "
+                             "photos are kept")
+        if is_milvus(self.output) and self.kind is not None:
+            raise ValueError("--kind chooses a FAISS index; a Milvus collection is searched "
+                             "exactly (FLAT) in this version")
         return self
 
     @property
@@ -94,7 +107,8 @@ class IndexConfig(_RunOptions):
 class SearchConfig(_RunOptions):
     """Options of ``ascension search``."""
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     images: list[FileOrFolder] = Field(min_length=1,
                                        description="Query images, or folders of them.")
     k: int = Field(5, ge=1, le=1000, description="Matches per query.")
@@ -132,7 +146,9 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION (any number of "
+                                     "services, on any machines, may answer from one).")
     host: str = Field("127.0.0.1", min_length=1, description="Address to listen on; 0.0.0.0 "
                       "opens the service to the network (put it behind a reverse proxy).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")

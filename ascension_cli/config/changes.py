@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ascension_cli.config.commands import _RunOptions
 from ascension_cli.config.fields import (
     CatalogFolder,
+    CatalogLocation,
     CheckpointFile,
     ExistingFile,
     ImageSource,
@@ -30,7 +31,8 @@ FROM_HELP = ("A JSON file of changes to review and apply in one step: a list of 
 class _Selecting(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     photos: list[Given] = Field(
         default_factory=list, description="A photo: its path as `search` shows it, or a file "
         "name only one photo has (repeat the option).", json_schema_extra={"flags": ["--photo"]})
@@ -82,7 +84,8 @@ class HistoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     last: int = Field(20, ge=1, description="Show the latest this many changes.")
     json_file: OutputFile | None = Field(None, description="Write the whole history to this "
                                          "JSON file.", json_schema_extra={"flags": ["--json"]})

@@ -11,7 +11,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from ascension_cli import paths
-from ascension_cli.catalog_layout import PHOTO_MODES, catalog_folder
+from ascension_cli.catalog_layout import (
+    PHOTO_MODES,
+    catalog_folder,
+    catalog_location,
+    output_location,
+)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Accumulation = Literal["cache", "naive"]
@@ -35,6 +40,9 @@ ExistingFile = Annotated[Path, AfterValidator(paths.existing_file)]
 CheckpointFile = Annotated[Path, AfterValidator(paths.checkpoint_file)]
 VectorsFile = Annotated[Path, AfterValidator(paths.vectors_file)]
 CatalogFolder = Annotated[Path, AfterValidator(catalog_folder)]
+# A folder, or milvus://HOST:PORT/COLLECTION (``catalog/milvus_store.py``).
+CatalogLocation = Annotated[Path | str, BeforeValidator(catalog_location)]
+CatalogOutput = Annotated[Path | str, BeforeValidator(output_location)]
 # Fields given as positional arguments: messages spell them as the help does (DATA_ROOT).
 POSITIONAL = {"data_root", "checkpoint", "image_root", "source", "gallery_root", "catalog",
               "images", "photo", "new_photo", "destination"}

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ascension_cli.catalog.history import summary
-from ascension_cli.catalog_layout import CATALOG_VERSION
+from ascension_cli.catalog_layout import CATALOG_VERSION, is_milvus
 from ascension_cli.errors import CatalogError
 from ascension_cli.retrieval.report import thumbnail
 from ascension_cli.serve.batching import Batcher, Pending
@@ -48,7 +48,8 @@ SETTINGS_VARIABLE = "ASCENSION_SERVE_SETTINGS"
 def app_from_environment() -> FastAPI:
     """The app each process of ``serve --workers N`` builds (uvicorn calls this factory)."""
     settings = json.loads(os.environ[SETTINGS_VARIABLE])
-    return create_app(Path(settings.pop("catalog")), **settings)
+    catalog = settings.pop("catalog")
+    return create_app(catalog if is_milvus(catalog) else Path(catalog), **settings)
 
 
 def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
@@ -63,10 +64,10 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
         found = lookup.current().catalog
         return {"model": found.spec.name, "feature_kind": found.feature_kind,
                 "dimension": found.dim, "index": found.index_kind, "items": len(found),
-                "classes": len(found.class_names), "catalog": found.directory.name,
+                "classes": len(found.class_names), "catalog": lookup.name,
                 "catalog_version": CATALOG_VERSION, "calibration": found.calibration,
                 "calibration_note": found.calibration_note(),
-                "history": summary(lookup.directory)}
+                "history": summary(lookup.store.history())}
 
     @app.get("/items/{item}/image", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "A 256-pixel thumbnail."},
@@ -83,7 +84,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
 
     @app.get("/history", response_model=HistoryAnswer, responses={503: ERRORS[503]})
     def history(last: int = Query(100, ge=1, le=10_000)) -> dict:
-        return summary(lookup.directory, last)
+        return summary(lookup.store.history(), last)
 
     @app.get("/favicon.ico")
     def favicon() -> Response:
@@ -96,7 +97,7 @@ def _reading_routes(app: FastAPI, lookup: Lookup) -> None:
         return PAGE
 
 
-def create_app(catalog: Path, run_options: dict[str, Any], max_pixels: int,
+def create_app(catalog: Path | str, run_options: dict[str, Any], max_pixels: int,
                max_upload_bytes: int, batch_window: float = 0.005, max_batch: int = 32,
                token: str | None = None, token_name: str = "default") -> FastAPI:
     """The FastAPI application serving one catalogue; ``token`` None keeps writes off, and

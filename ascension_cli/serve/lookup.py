@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ascension_cli.catalog.folder_store import Changed, FolderStore
+from ascension_cli.catalog.folder_store import Changed, store_of
 from ascension_cli.catalog.photos import remove_orphan_uploads
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import catalog_lock, load_catalog
-from ascension_cli.catalog_layout import CATALOG_JSON, UPLOADS_FOLDER
+from ascension_cli.catalog_layout import UPLOADS_FOLDER, is_milvus
 from ascension_cli.data.folder import decode_image
 from ascension_cli.data.image_header import EXTENSIONS, image_format
 from ascension_cli.embedding.pipeline import settled_options
@@ -41,12 +41,13 @@ class Upload:
 class Lookup:
     """The catalogue, its model and index, loaded once and re-read when the folder changes."""
 
-    def __init__(self, directory: Path, run_options: dict[str, Any], max_pixels: int):
-        self.directory = directory
+    def __init__(self, directory: Path | str, run_options: dict[str, Any], max_pixels: int):
+        self.directory = directory  # a folder, or a Milvus location
+        self.store = store_of(directory)
         self.run_options = settled_options(**run_options)  # decided once, before any load
         self.max_pixels = max_pixels
         self.lock = threading.Lock()  # guards the searcher's swap, never held while embedding
-        if not os.access(directory, os.W_OK):
+        if is_milvus(directory) or not os.access(directory, os.W_OK):
             self._load()
             return
         with catalog_lock(directory):  # read under the lock: no add lands meanwhile
@@ -57,9 +58,15 @@ class Lookup:
             print(f"removed {removed} photo(s) of an interrupted add from "
                   f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
 
-    def _stamp(self) -> tuple[int, int]:
-        stat = (self.directory / CATALOG_JSON).stat()
-        return stat.st_mtime_ns, stat.st_size
+    def _stamp(self):
+        return self.store.stamp()
+
+    @property
+    def name(self) -> str:
+        """What a client is told the catalogue is: its folder's name, or its collection."""
+        if is_milvus(self.directory):
+            return str(self.directory)
+        return Path(self.directory).name
 
     def _load(self) -> None:
         stamp = self._stamp()
@@ -92,7 +99,7 @@ class Lookup:
     def change(self, operation: str, *arguments, **options) -> Changed:
         """Run one of the store's changes (``FolderStore``'s method ``operation``), then read
         the catalogue again so the next search sees it."""
-        changed = getattr(FolderStore(self.directory), operation)(*arguments, **options)
+        changed = getattr(self.store, operation)(*arguments, **options)
         with self.lock:
             self._load()
         return changed

@@ -1,0 +1,352 @@
+"""A catalogue in a Milvus collection (``milvus://HOST:PORT/COLLECTION``), for a chain whose
+catalogue outgrows one machine: any number of services, on any machines, answer from one
+collection, and a write through one is seen by the next search through any other.
+
+What lives where:
+
+- the collection: one row per photo (its vector, path, item, class, where the shared store keeps
+  it and its sha256), keyed by the photo's content and item, so a write retried after a crash
+  adds nothing twice; and, in its properties, the catalogue's facts (model identity, feature
+  kind, classes, calibration) with a stamp that every write renews;
+- the shared store (``--shared``, a folder every service machine reaches): the model and the
+  photos, each checked by its sha256 when read (``catalog/photos.py`` names them);
+- the history: a second collection, ``COLLECTION_history``, one row per change.
+
+Reads are made at Strong consistency (a search waits until every write acknowledged before it
+is visible), which is what "the next search through any other service" needs. Every call to
+the server is bounded by ``TIMEOUT``; a server that is down, slow or restarting is a
+``CatalogError`` (the service answers 503) and the next call connects again. The credentials
+come from the environment (``ASCENSION_MILVUS_TOKEN``) and never appear in a message.
+
+Milvus has no lock that holds across machines: two writers at once each land whole, and the
+last one's stamp wins (a service reads the catalogue again at every new stamp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ascension_cli.catalog.folder_store import FolderStore
+from ascension_cli.catalog.history import ACTIONS
+from ascension_cli.catalog.photos import file_digest, verified
+from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
+from ascension_cli.catalog_layout import MilvusLocation
+from ascension_cli.errors import CatalogError, Refused
+from ascension_cli.model.backbone import ModelSpec
+from ascension_cli.model.checkpoint import save_model_file
+
+TIMEOUT = 10.0  # seconds a call to the server may take
+TOKEN_VARIABLE = "ASCENSION_MILVUS_TOKEN"
+META = "ascension"  # the collection property that holds the catalogue's facts
+FORMAT, VERSION = "ascension-milvus", 1
+BATCH = 1000  # rows a write sends at once
+MAX_LIMIT = 16384  # results one Milvus search returns, at most
+TEXT = {"key": 64, "path": 4096, "item": 1024, "label": 512, "stored": 128, "digest": 64}
+HISTORY_SUFFIX = "_history"
+
+
+def _released(exc: Exception) -> bool:
+    """Whether the server refused a call because the collection is not loaded."""
+    return getattr(exc, "code", None) == 101 or "call load()" in str(exc)
+
+
+def row_key(digest: str, item: str, path: str) -> str:
+    """A photo's key: its content and its item (its path, where its content is unknown)."""
+    return hashlib.sha256(f"{digest or path}\0{item}".encode("utf-8", "surrogatepass")
+                          ).hexdigest()
+
+
+class _Index:
+    """The collection searched as a FAISS index is (``retrieval.index.search`` calls
+    ``search(x, k)``): each hit's row in the catalogue as it was read, -1 for a row written
+    since (the service reads the catalogue again at the new stamp)."""
+
+    def __init__(self, store: MilvusStore, catalog: Catalog, keys: list[str]):
+        self.store, self.ntotal, self.d = store, len(catalog), catalog.dim
+        self.rows = {key: row for row, key in enumerate(keys)}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        hits = self.store.call("search", self.store.location.collection,
+                               data=[q.tolist() for q in queries], limit=min(k, MAX_LIMIT),
+                               output_fields=["key"], consistency_level="Strong",
+                               search_params={"metric_type": "IP"})
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        for number, found in enumerate(hits):
+            for rank, hit in enumerate(found[:k]):
+                ids[number, rank] = self.rows.get(hit["entity"]["key"], -1)
+                scores[number, rank] = hit["distance"]
+        return scores, ids
+
+
+class MilvusStore(FolderStore):
+    """A catalogue in a Milvus collection. It keeps ``FolderStore``'s changes (remove, relabel,
+    add, replace: functions from one catalogue to the next) and replaces where they are read
+    from and written to."""
+
+    def __init__(self, location: str, shared: str | Path | None = None):
+        self.location = MilvusLocation.parse(str(location))
+        self.directory = None  # no folder: the collection, and the shared store
+        self.shared = None if shared is None else Path(shared)
+        self._client = None
+        self._keys: list[str] = []  # each row's key, as the catalogue was last read
+
+    # ---- the connection
+    def client(self):
+        if self._client is None:
+            from pymilvus import MilvusClient
+
+            # pymilvus logs what it works around (a client-side timestamp for an iterator); the
+            # command line and the service say what matters in their own words.
+            for name in list(logging.root.manager.loggerDict):
+                if name.startswith("pymilvus"):
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
+            try:
+                self._client = MilvusClient(uri=self.location.uri, timeout=TIMEOUT,
+                                            token=os.environ.get(TOKEN_VARIABLE, ""))
+            except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds
+                raise self._unreachable(exc) from None
+        return self._client
+
+    def call(self, method: str, *args, **kwargs):
+        """One call to the server, bounded in time; a failure is one CatalogError (and the
+        next call connects again). A restarted server holds its collections released: they
+        are loaded again, once, and the call repeated."""
+        for attempt in (1, 2):
+            try:
+                return getattr(self.client(), method)(*args, timeout=TIMEOUT, **kwargs)
+            except CatalogError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - grpc and pymilvus errors alike
+                if attempt == 1 and _released(exc):
+                    self._load_collections()
+                    continue
+                self._client = None
+                raise self._unreachable(exc) from None
+        raise AssertionError("unreachable")
+
+    def _load_collections(self) -> None:
+        for name in (self.location.collection, self.location.collection + HISTORY_SUFFIX):
+            try:
+                self.client().load_collection(name, timeout=TIMEOUT)
+            except Exception:  # noqa: BLE001 - one that does not exist stays so
+                continue
+
+    def _unreachable(self, exc: Exception) -> CatalogError:
+        kind = type(exc).__name__
+        return CatalogError(f"the Milvus catalogue {self.location} cannot be read now "
+                            f"({kind}); is the server up?")
+
+    @property
+    def name(self) -> str:
+        return str(self.location)
+
+    def home(self) -> Path:
+        """Where a new catalogue keeps its model and photos: the shared store."""
+        if self.shared is None:
+            raise Refused("a Milvus catalogue needs --shared DIR: where its model and photos "
+                          "are kept")
+        self.shared.mkdir(parents=True, exist_ok=True)
+        return self.shared.resolve()
+
+    def begin(self, writes: bool, dropped: list[str] = ()) -> None:
+        """Photos in the shared store are named by their content: a write cut short leaves at
+        most a photo no row names, which the next write of it reuses."""
+
+    # ---- reading
+    def meta(self) -> dict:
+        if not self.call("has_collection", self.location.collection):
+            raise CatalogError(f"{self.location} holds no catalogue (no such collection); "
+                               "build one with `ascension index ... -o LOCATION --shared DIR`")
+        properties = self.call("describe_collection", self.location.collection).get(
+            "properties") or {}
+        try:
+            meta = json.loads(properties[META])
+            ours = meta["format"] == FORMAT and meta["version"] == VERSION
+        except (KeyError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise CatalogError(f"{self.location} is not an Ascension catalogue (or one of a "
+                               "version this Ascension does not read)")
+        return meta
+
+    def stamp(self) -> str:
+        """What changes at every write: a service reads the catalogue again when it does."""
+        return str(self.meta().get("stamp"))
+
+    def exists(self) -> bool:
+        return bool(self.call("has_collection", self.location.collection))
+
+    def _rows(self, with_vectors: bool) -> list[dict]:
+        fields = [*TEXT, *(["vector"] if with_vectors else [])]
+        iterator = self.call("query_iterator", self.location.collection, batch_size=BATCH,
+                             output_fields=fields, consistency_level="Strong")
+        rows = []
+        try:
+            while batch := iterator.next():
+                rows.extend(batch)
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable(exc) from None
+        finally:
+            iterator.close()
+        rows.sort(key=lambda row: row["key"])  # a stable order across reads
+        return rows
+
+    def read(self, with_vectors: bool = True) -> Catalog:
+        """The catalogue as it is in the collection now."""
+        meta = self.meta()
+        rows = self._rows(True)  # the vectors: the onboarding check and changes need them
+        names = list(meta["class_names"])
+        position = {name: label for label, name in enumerate(names)}
+        for row in rows:
+            if row["label"] and row["label"] not in position:
+                position[row["label"]] = len(names)
+                names.append(row["label"])
+        dim = int(meta["dimension"])
+        vectors = (np.array([row["vector"] for row in rows], np.float32).reshape(-1, dim))
+        catalog = Catalog(
+            Path(meta["shared"]), ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
+            meta["feature_kind"], names, vectors,
+            np.array([position[row["label"]] if row["label"] else -1 for row in rows],
+                     np.int64), [row["path"] for row in rows], dim, {"kind": MILVUS_INDEX},
+            0, {"model": meta["model_file"]}, [row["item"] for row in rows],
+            meta.get("calibration"), None, [row["stored"] for row in rows],
+            [row["digest"] for row in rows])
+        model = catalog.directory / catalog.files["model"]
+        if not verified(model, meta.get("model_sha256")):
+            raise CatalogError(f"{self.location}'s model in the shared store is missing or not "
+                               "the one the catalogue was built with (its sha256 differs)")
+        self._keys = [row["key"] for row in rows]
+        return replace(catalog, backend=self)  # searched on the server (``index``)
+
+    def index(self, catalog: Catalog) -> _Index:
+        return _Index(self, catalog, self._keys)
+
+    # ---- writing
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """No lock holds across machines: each write is idempotent and lands whole."""
+        yield
+
+    def _write_rows(self, catalog: Catalog, rows: np.ndarray) -> None:
+        items = catalog.items()
+        stored = catalog.stored or [""] * len(catalog)
+        digests = catalog.digests or [""] * len(catalog)
+        records = [{"key": row_key(digests[row], items[row], catalog.paths[row]),
+                    "vector": catalog.vectors[row].tolist(), "path": catalog.paths[row],
+                    "item": items[row], "label": catalog.class_name(int(catalog.labels[row]))
+                    or "", "stored": stored[row], "digest": digests[row]} for row in rows]
+        too_long = [name for record in records for name, limit in TEXT.items()
+                    if len(record[name].encode("utf-8", "surrogatepass")) > limit]
+        if too_long:
+            raise Refused(f"a photo's {too_long[0]} is longer than a Milvus catalogue keeps "
+                          f"({TEXT[too_long[0]]} bytes)")
+        for start in range(0, len(records), BATCH):
+            self.call("upsert", self.location.collection, records[start:start + BATCH])
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), BATCH):
+            self.call("delete", self.location.collection, ids=keys[start:start + BATCH])
+
+    def _write_meta(self, catalog: Catalog, **extra) -> None:
+        meta = {"format": FORMAT, "version": VERSION, "model": catalog.spec.to_dict(),
+                "checkpoint_sha256": catalog.checkpoint_sha256,
+                "feature_kind": catalog.feature_kind, "class_names": catalog.class_names,
+                "dimension": int(catalog.vectors.shape[1]), "shared": str(catalog.directory),
+                "model_file": catalog.files["model"],
+                "model_sha256": file_digest(catalog.directory / catalog.files["model"]),
+                "calibration": catalog.calibration,
+                "stamp": uuid.uuid4().hex, **extra}
+        self.call("alter_collection_properties", self.location.collection,
+                  properties={META: json.dumps(meta)})
+
+    def commit(self, catalog: Catalog, entry: dict, model=None,
+               touched: np.ndarray | None = None) -> Catalog:
+        """Write the rows the collection lacks (and the ``touched`` ones again), then drop the
+        rows ``catalog`` lacks, then the facts (a new stamp), then the history's row. Writes
+        before deletes: a write cut short leaves a row twice at worst, never none, and the
+        same write again (or the next change) puts it right."""
+        if model is not None:
+            name = f"models/{catalog.checkpoint_sha256}.pt"
+            save_model_file(catalog.directory / name, model, catalog.spec)
+            catalog = replace(catalog, files={"model": name})
+        if not self.exists():
+            _create(self, int(catalog.vectors.shape[1]))
+            self._keys = []
+        items, digests = catalog.items(), catalog.digests or [""] * len(catalog)
+        keys = [row_key(digests[r], items[r], catalog.paths[r]) for r in range(len(catalog))]
+        held = set(self._keys)
+        again = set() if touched is None else {int(row) for row in touched}
+        rows = np.array([r for r, key in enumerate(keys) if key not in held or r in again],
+                        np.int64)
+        self._write_rows(catalog, rows)
+        self._delete(sorted(held - set(keys)))
+        self._write_meta(catalog)
+        self._record(entry)
+        self._keys = keys
+        return replace(catalog, backend=self)
+
+    # ---- the history
+    def _record(self, entry: dict) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        name = self.location.collection + HISTORY_SUFFIX
+        if not self.call("has_collection", name):
+            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("at", DataType.DOUBLE)
+            schema.add_field("entry", DataType.VARCHAR, max_length=8192)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
+            index = self.client().prepare_index_params()
+            index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+            self.call("create_collection", name, schema=schema, index_params=index,
+                      consistency_level="Strong")
+        self.call("insert", name, [{"at": time.time(), "entry": json.dumps(entry)[:8192],
+                                    "vector": [0.0, 0.0]}])
+
+    def snapshot(self, destination: str | Path) -> Path:
+        raise Refused("a Milvus collection is backed up with Milvus's own tools (a backup of "
+                      "the collection and of the shared store), not `catalog snapshot`")
+
+    def history(self) -> list[dict]:
+        name = self.location.collection + HISTORY_SUFFIX
+        if not self.call("has_collection", name):
+            return []
+        rows = self.call("query", name, filter="id >= 0", output_fields=["at", "entry"],
+                         consistency_level="Strong")
+        entries = []
+        for row in sorted(rows, key=lambda row: row["at"]):
+            try:
+                entry = json.loads(row["entry"])
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("action") in ACTIONS:
+                entries.append(entry)
+        return entries
+
+
+def _create(store: MilvusStore, dim: int) -> None:
+    """The catalogue's collection: a row per photo, searched by inner product (FLAT)."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=TEXT["key"])
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    for name, length in TEXT.items():
+        if name != "key":
+            schema.add_field(name, DataType.VARCHAR, max_length=length)
+    index = store.client().prepare_index_params()
+    index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    store.call("create_collection", store.location.collection, schema=schema,
+               index_params=index, consistency_level="Strong")

@@ -1,0 +1,215 @@
+"""A catalogue in a Milvus collection, against a real Milvus Lite gRPC server on 127.0.0.1 at a
+free port: the same commands as on a folder give the same answers (flat search), writes are
+idempotent, two readers see a write at once, and a server that is down is one line, in bounded
+time, with no credential in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from ascension_cli import api  # noqa: E402
+from ascension_cli.catalog.store import load_catalog  # noqa: E402
+from ascension_cli.cli.app import app  # noqa: E402
+from tests.test_catalog import train_tiny  # noqa: E402
+
+runner = CliRunner()
+SERVER = Path(sys.executable).with_name("milvus-lite")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Milvus:
+    """A Milvus Lite server on 127.0.0.1, stopped by its pid."""
+
+    def __init__(self, data: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.process = subprocess.Popen(
+            [str(SERVER), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("Milvus Lite did not start")
+
+    def location(self, collection: str) -> str:
+        return f"milvus://127.0.0.1:{self.port}/{collection}"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory):
+    server = Milvus(tmp_path_factory.mktemp("milvus"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("milvus-model"))
+
+
+def one_class(data: Path, name: str, root: Path) -> Path:
+    """A gallery of one class folder of ``data``."""
+    shutil.copytree(data / name, root / "gallery" / name)
+    return root / "gallery"
+
+
+def cli(*args) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def answers(catalog, queries: list[Path]) -> list:
+    return [(r.predicted, [(m.path, m.class_name, m.item, round(m.similarity, 4))
+                           for m in r.matches])
+            for r in api.search(catalog, queries, k=5, workers=0)]
+
+
+def test_the_same_commands_give_the_same_answers_on_a_folder_and_on_milvus(
+        milvus, trained, tmp_path):
+    data, checkpoint = trained
+    folder, collection = tmp_path / "cat", milvus.location("shop")
+    cli("index", checkpoint, data, "-o", folder, "--workers", "0")
+    cli("index", checkpoint, data, "-o", collection, "--shared", tmp_path / "shared",
+        "--workers", "0")
+    queries = [data / "circle" / "001.png", data / "square" / "004.png",
+               data / "cross" / "006.png"]
+    assert answers(collection, queries) == answers(folder, queries)
+    assert len(load_catalog(collection)) == 32
+    # The photos and the model are in the shared store, named by their digests.
+    assert len(list((tmp_path / "shared" / "photos").rglob("*.png"))) == 32
+    assert list((tmp_path / "shared" / "models").glob("*.pt"))
+
+    photo = (data / "circle" / "002.png").resolve().as_posix()
+    for where in (folder, collection):
+        cli("catalog", "remove", where, "--photo", photo, "--item", "cross")
+        cli("catalog", "relabel", where, "--item", "triangle", "--class", "circle")
+    assert answers(collection, queries) == answers(folder, queries)
+    assert [e["action"] for e in api.history(collection)] == ["build", "remove", "relabel"]
+    out = cli("search", collection, queries[0], "--workers", "0")
+    assert "circle" in out
+
+
+def test_writes_are_idempotent_and_seen_by_every_reader(milvus, trained, tmp_path):
+    from ascension_cli.catalog.milvus_store import MilvusStore
+
+    data, checkpoint = trained
+    location = milvus.location("twice")
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        tmp_path / "s", "--workers", "0")
+    extra = tmp_path / "extra" / "square"
+    shutil.copytree(data / "square", extra)
+    for _ in range(2):  # the same add again (as after a crash): nothing twice
+        cli("index", checkpoint, tmp_path / "extra", "-o", location, "--add", "--workers", "0")
+    assert len(load_catalog(location)) == 16
+    reader = MilvusStore(location)  # another service's view of the same collection
+    before = reader.stamp()
+    api.remove(location, items=["square"])
+    assert reader.stamp() != before and len(reader.read()) == 8  # the next read sees it
+
+
+def test_a_server_that_is_down_is_one_line_in_bounded_time_without_the_token(
+        trained, tmp_path, monkeypatch):
+    data, checkpoint = trained
+    server = Milvus(tmp_path / "data")
+    location = server.location("gone")
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        tmp_path / "s",
+        "--workers", "0")
+    server.stop()
+    monkeypatch.setenv("ASCENSION_MILVUS_TOKEN", "root:very-secret-password")
+    started = time.perf_counter()
+    result = runner.invoke(app, ["search", location, str(data / "circle" / "001.png"),
+                                 "--workers", "0"])
+    assert time.perf_counter() - started < 60
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "cannot be read now" in result.output and "very-secret" not in result.output
+    bad = runner.invoke(app, ["search", "milvus://127.0.0.1:99999/x", str(data)])
+    assert bad.exit_code == 2 and "not a Milvus catalogue's location" in bad.output
+    os.environ.pop("ASCENSION_MILVUS_TOKEN", None)
+
+
+def test_two_services_answer_from_one_collection_and_see_each_others_writes(
+        milvus, trained, tmp_path):
+    pytest.importorskip("fastapi")
+    import requests
+
+    from tests.test_serve import Server, post
+
+    data, checkpoint = trained
+    location = milvus.location("chain")
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        tmp_path / "s",
+        "--workers", "0")
+    one = Server(location, token="a-long-enough-secret", token_name="shop-1")
+    two = Server(location)
+    try:
+        photo = data / "square" / "001.png"
+        assert post(two, photo, k="1").json()["results"][0]["predicted"] == "circle"
+        added = requests.post(one.url + "/items", files=[("image", ("p.png", photo.read_bytes()))],
+                              data={"label": "square"}, timeout=60,
+                              headers={"Authorization": "Bearer a-long-enough-secret"})
+        assert added.status_code == 200, added.text
+        found = post(two, photo, k="1").json()["results"][0]  # the other service, at once
+        assert found["predicted"] == "square" and found["matches"][0]["similarity"] > 0.999
+        info = requests.get(two.url + "/info", timeout=10).json()
+        assert info["history"]["last"][0]["by"] == "token:shop-1"
+        assert info["catalog"] == location
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_path):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import Server, post
+
+    data, checkpoint = trained
+    database = Milvus(tmp_path / "data")
+    location = database.location("restarts")
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        tmp_path / "s",
+        "--workers", "0")
+    service = Server(location)
+    photo = data / "circle" / "003.png"
+    try:
+        assert post(service, photo, k="1").status_code == 200
+        database.stop()
+        started = time.perf_counter()
+        down = post(service, photo, k="1")
+        assert down.status_code == 503 and "error" in down.json()
+        assert time.perf_counter() - started < 45
+        database = Milvus(tmp_path / "data", port=database.port)  # back, same data
+        deadline = time.time() + 60  # the service connects again by itself, at a request
+        while (back := post(service, photo, k="1")).status_code == 503 and (
+                time.time() < deadline):
+            time.sleep(1)
+        assert back.status_code == 200 and back.json()["results"][0]["predicted"] == "circle"
+    finally:
+        service.stop()
+        database.stop()
