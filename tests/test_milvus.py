@@ -213,3 +213,44 @@ def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_
     finally:
         service.stop()
         database.stop()
+
+
+def test_calibrate_and_check_give_what_they_give_on_a_folder(milvus, trained, tmp_path):
+    from tests.test_calibrate import split_photos
+
+    data, checkpoint = trained
+    known, held = split_photos(data, tmp_path)
+    folder, collection = tmp_path / "cat", milvus.location("calibrated")
+    cli("index", checkpoint, known, "-o", folder, "--workers", "0")
+    cli("index", checkpoint, known, "-o", collection, "--shared", tmp_path / "s",
+        "--workers", "0")
+    for where in (folder, collection):
+        cli("calibrate", where, held, "--target-fmr", "0.25", "--workers", "0")
+        cli("index", "--check", "-o", where, "--json", tmp_path / f"{where == folder}.json")
+    on_folder, on_milvus = load_catalog(folder).calibration, load_catalog(collection).calibration
+    assert on_milvus["threshold"] == pytest.approx(on_folder["threshold"], abs=1e-5)
+    assert on_milvus["fnmr"] == on_folder["fnmr"] and on_milvus["fmr"] == on_folder["fmr"]
+    assert api.history(collection)[-1]["action"] == "calibrate"
+    import json
+
+    checks = [json.loads((tmp_path / f"{flag}.json").read_text())["check"]
+              for flag in (True, False)]
+    assert [len(c["suspected_label_errors"]) for c in checks] == [
+        len(checks[0]["suspected_label_errors"])] * 2
+    assert [len(c["confusable_items"]) for c in checks] == [len(checks[0]["confusable_items"])] * 2
+
+
+def test_the_server_index_follows_kind_and_its_limits_are_one_line(milvus, trained, tmp_path):
+    data, checkpoint = trained
+    location = milvus.location("graph")
+    cli("index", checkpoint, data, "-o", location, "--shared", tmp_path / "s", "--kind", "hnsw",
+        "--workers", "0")
+    found = load_catalog(location)
+    assert found.index["type"] == "HNSW" and found.index["search"] == {"ef": 128}
+    query = data / "circle" / "001.png"
+    assert api.search(location, [query], k=1, workers=0)[0].matches[0].similarity > 0.999
+    result = runner.invoke(app, ["index", str(checkpoint), str(data), "-o",
+                                 milvus.location("compressed"), "--shared", str(tmp_path / "s"),
+                                 "--kind", "ivfpq", "--workers", "0"])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "ivfpq" in result.output and len(result.output.strip().splitlines()) == 1

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ascension_cli.catalog.history import change, local_user, record
+from ascension_cli.catalog.folder_store import store_of
+from ascension_cli.catalog.history import change, local_user
 from ascension_cli.catalog.search import CatalogSearcher
-from ascension_cli.catalog.store import Catalog, catalog_lock, load_catalog, write_calibration
+from ascension_cli.catalog.store import Catalog
 from ascension_cli.data.manifest import scan_any
-from ascension_cli.errors import CatalogError, DataError
+from ascension_cli.errors import DataError
 from ascension_cli.progress import Progress
 from ascension_cli.retrieval.openset import (
     OpenSetReport,
@@ -101,8 +102,8 @@ def calibrate_catalog(
     these. The unknown photos are those of classes the catalogue lacks, and with
     ``unknown_classes`` also a seeded share of the catalogue's classes held out of the search.
     Returns the calibrated catalogue."""
-    directory = Path(directory)
-    catalog = load_catalog(directory)
+    store = store_of(directory)
+    catalog = store.read()
     scan = labelled_photos(catalog, images, split)
     vectors, indices = CatalogSearcher(catalog).embed(scan.paths, progress, **embed_options)
     if len(indices) == 0:
@@ -119,17 +120,8 @@ def calibrate_catalog(
                        target_fmr)
     calibration = calibration_record(measured, images, len(catalog), _warnings(
         measured.report, catalog, [scan.paths[i] for i in indices], ~np.isin(labels, unknown)))
-    with catalog_lock(directory):
-        current = load_catalog(directory, with_vectors=False)
-        if current.generation != catalog.generation:
-            raise CatalogError(f"the catalogue in {directory} changed during calibration; run "
-                               "`ascension calibrate` again")
-        written = write_calibration(current, calibration)
-        record(directory, change("calibrate", local_user(), len(indices), 0,
-                                 threshold=calibration["threshold"],
-                                 from_generation=current.generation,
-                                 to_generation=current.generation))
-        return written
+    return store.calibrate(catalog, calibration, change(
+        "calibrate", local_user(), len(indices), 0, threshold=calibration["threshold"]))
 
 
 def calibration_record(measured: Measured, images: str | Path, items: int,

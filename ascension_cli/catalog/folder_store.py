@@ -32,9 +32,15 @@ from ascension_cli.catalog.edit import (
     selected_rows,
     without_rows,
 )
-from ascension_cli.catalog.history import change, read_history, record_pending
+from ascension_cli.catalog.history import change, read_history, record, record_pending
 from ascension_cli.catalog.photos import begin, keep_bytes, keep_files, pending, settle
-from ascension_cli.catalog.store import Catalog, catalog_lock, load_catalog, write_catalog
+from ascension_cli.catalog.store import (
+    Catalog,
+    catalog_lock,
+    load_catalog,
+    write_calibration,
+    write_catalog,
+)
 from ascension_cli.catalog_layout import (
     CATALOG_JSON,
     HISTORY_FILE,
@@ -193,6 +199,19 @@ class FolderStore:
                 item_ids=None if catalog.item_ids is None else [catalog.item(row)], kept=kept)
             written = self.commit(grown, change("replace", by, len(rows), 1))
             return Changed(written, len(rows), 1, nearest_other_class(written, len(written) - 1))
+
+    def calibrate(self, catalog: Catalog, calibration: dict, entry: dict) -> Catalog:
+        """Record a calibration measured on ``catalog`` (refused if it changed meanwhile) in
+        catalog.json, then in the history."""
+        with catalog_lock(self.directory):
+            current = load_catalog(self.directory, with_vectors=False)
+            if current.generation != catalog.generation:
+                raise CatalogError(f"the catalogue in {self.directory} changed during "
+                                   "calibration; run `ascension calibrate` again")
+            written = write_calibration(current, calibration)
+            record(self.directory, {**entry, "from_generation": current.generation,
+                                    "to_generation": current.generation})
+            return written
 
     # ---- reading the record, copying the whole
     def history(self) -> list[dict]:

@@ -56,6 +56,28 @@ TEXT = {"key": 64, "path": 4096, "item": 1024, "label": 512, "stored": 128, "dig
 HISTORY_SUFFIX = "_history"
 
 
+# The server's index for each --kind, its parameters from the catalogue's size (as a FAISS
+# index's are: ``retrieval.index.plan_index``), and how it is searched.
+SERVER_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ"}
+HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 200, 128
+
+
+def server_index(kind: str, count: int, dim: int) -> dict:
+    """The Milvus index ``--kind`` names for ``count`` vectors of ``dim``: its type, build and
+    search parameters."""
+    from ascension_cli.retrieval.index import plan_index
+
+    plan = plan_index(max(count, 1), dim, kind)
+    build, search = {}, {}
+    if kind == "hnsw":
+        build, search = {"M": HNSW_LINKS, "efConstruction": HNSW_BUILD}, {"ef": HNSW_SEARCH}
+    elif kind in ("ivf", "ivfpq"):
+        build, search = {"nlist": plan.lists}, {"nprobe": plan.probes}
+        if kind == "ivfpq":
+            build.update(m=plan.code_bytes, nbits=8)
+    return {"kind": kind, "type": SERVER_INDEX[kind], "build": build, "search": search}
+
+
 def _released(exc: Exception) -> bool:
     """Whether the server refused a call because the collection is not loaded."""
     return getattr(exc, "code", None) == 101 or "call load()" in str(exc)
@@ -75,12 +97,13 @@ class _Index:
     def __init__(self, store: MilvusStore, catalog: Catalog, keys: list[str]):
         self.store, self.ntotal, self.d = store, len(catalog), catalog.dim
         self.rows = {key: row for row, key in enumerate(keys)}
+        self.params = dict(catalog.index.get("search") or {})
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         hits = self.store.call("search", self.store.location.collection,
                                data=[q.tolist() for q in queries], limit=min(k, MAX_LIMIT),
                                output_fields=["key"], consistency_level="Strong",
-                               search_params={"metric_type": "IP"})
+                               search_params={"metric_type": "IP", "params": self.params})
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         for number, found in enumerate(hits):
@@ -219,7 +242,8 @@ class MilvusStore(FolderStore):
             Path(meta["shared"]), ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
             meta["feature_kind"], names, vectors,
             np.array([position[row["label"]] if row["label"] else -1 for row in rows],
-                     np.int64), [row["path"] for row in rows], dim, {"kind": MILVUS_INDEX},
+                     np.int64), [row["path"] for row in rows], dim,
+            {**meta.get("index", {}), "kind": MILVUS_INDEX},
             0, {"model": meta["model_file"]}, [row["item"] for row in rows],
             meta.get("calibration"), None, [row["stored"] for row in rows],
             [row["digest"] for row in rows])
@@ -267,6 +291,7 @@ class MilvusStore(FolderStore):
                 "model_file": catalog.files["model"],
                 "model_sha256": file_digest(catalog.directory / catalog.files["model"]),
                 "calibration": catalog.calibration,
+                "index": {key: value for key, value in catalog.index.items() if key != "kind"},
                 "stamp": uuid.uuid4().hex, **extra}
         self.call("alter_collection_properties", self.location.collection,
                   properties={META: json.dumps(meta)})
@@ -282,7 +307,10 @@ class MilvusStore(FolderStore):
             save_model_file(catalog.directory / name, model, catalog.spec)
             catalog = replace(catalog, files={"model": name})
         if not self.exists():
-            _create(self, int(catalog.vectors.shape[1]))
+            index = server_index(catalog.index.get("kind", "flat"), len(catalog),
+                                 int(catalog.vectors.shape[1]))
+            _create(self, int(catalog.vectors.shape[1]), index)
+            catalog = replace(catalog, index={**index, "kind": MILVUS_INDEX})
             self._keys = []
         items, digests = catalog.items(), catalog.digests or [""] * len(catalog)
         keys = [row_key(digests[r], items[r], catalog.paths[r]) for r in range(len(catalog))]
@@ -299,27 +327,21 @@ class MilvusStore(FolderStore):
 
     # ---- the history
     def _record(self, entry: dict) -> None:
-        from pymilvus import DataType, MilvusClient
+        _record(self, entry)
 
-        name = self.location.collection + HISTORY_SUFFIX
-        if not self.call("has_collection", name):
-            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
-            schema.add_field("id", DataType.INT64, is_primary=True)
-            schema.add_field("at", DataType.DOUBLE)
-            schema.add_field("entry", DataType.VARCHAR, max_length=8192)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
-            index = self.client().prepare_index_params()
-            index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-            self.call("create_collection", name, schema=schema, index_params=index,
-                      consistency_level="Strong")
-        self.call("insert", name, [{"at": time.time(), "entry": json.dumps(entry)[:8192],
-                                    "vector": [0.0, 0.0]}])
+    def calibrate(self, catalog: Catalog, calibration: dict, entry: dict) -> Catalog:
+        """Record a calibration in the collection's facts (a new stamp), then the history."""
+        calibrated = replace(catalog, calibration=calibration)
+        self._write_meta(calibrated)
+        self._record(entry)
+        return calibrated
 
     def snapshot(self, destination: str | Path) -> Path:
         raise Refused("a Milvus collection is backed up with Milvus's own tools (a backup of "
                       "the collection and of the shared store), not `catalog snapshot`")
 
     def history(self) -> list[dict]:
+        self.meta()  # a catalogue, or one line saying there is none
         name = self.location.collection + HISTORY_SUFFIX
         if not self.call("has_collection", name):
             return []
@@ -336,8 +358,9 @@ class MilvusStore(FolderStore):
         return entries
 
 
-def _create(store: MilvusStore, dim: int) -> None:
-    """The catalogue's collection: a row per photo, searched by inner product (FLAT)."""
+def _create(store: MilvusStore, dim: int, server: dict) -> None:
+    """The catalogue's collection: a row per photo, searched by inner product through the
+    ``server`` index (``server_index``)."""
     from pymilvus import DataType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -347,6 +370,26 @@ def _create(store: MilvusStore, dim: int) -> None:
         if name != "key":
             schema.add_field(name, DataType.VARCHAR, max_length=length)
     index = store.client().prepare_index_params()
-    index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    index.add_index(field_name="vector", index_type=server["type"], metric_type="IP",
+                    params=server["build"])
     store.call("create_collection", store.location.collection, schema=schema,
                index_params=index, consistency_level="Strong")
+
+
+def _record(store: MilvusStore, entry: dict) -> None:
+    """Append a change to the history collection (made on its first change)."""
+    from pymilvus import DataType, MilvusClient
+
+    name = store.location.collection + HISTORY_SUFFIX
+    if not store.call("has_collection", name):
+        schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("at", DataType.DOUBLE)
+        schema.add_field("entry", DataType.VARCHAR, max_length=8192)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
+        index = store.client().prepare_index_params()
+        index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        store.call("create_collection", name, schema=schema, index_params=index,
+                   consistency_level="Strong")
+    store.call("insert", name, [{"at": time.time(), "entry": json.dumps(entry)[:8192],
+                                 "vector": [0.0, 0.0]}])

@@ -13,7 +13,6 @@ from ascension_cli.config.fields import (
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     SHORT_O,
-    CatalogFolder,
     CatalogLocation,
     CatalogOutput,
     CheckpointFile,
@@ -93,9 +92,6 @@ class IndexConfig(_RunOptions):
                 self.shared is None):
             raise ValueError("a Milvus catalogue needs --shared DIR: where its model and "
                              "photos are kept")
-        if is_milvus(self.output) and self.kind is not None:
-            raise ValueError("--kind chooses a FAISS index; a Milvus collection is searched "
-                             "exactly (FLAT) in this version")
         return self
 
     @property
@@ -127,7 +123,8 @@ class SearchConfig(_RunOptions):
 class CalibrateConfig(_RunOptions):
     """Options of ``ascension calibrate``."""
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     images: ImageSource = Field(
         description="Labelled photos the catalogue was not built from (class folders or a "
         "manifest), some of classes it lacks: the unknowns a threshold must refuse.")
