@@ -144,6 +144,14 @@ class MilvusLocation:
         return f"{MILVUS_SCHEME}{self.host}:{self.port}/{self.collection}"
 
 
+def folder_only(value: object) -> object:
+    """Refuse a Milvus location where a command works on catalogue folders only."""
+    if str(value).startswith("milvus:"):  # a Path made of it has lost a slash
+        raise ValueError("this command works on a catalogue folder; it is not available for a "
+                         "Milvus catalogue in this version")
+    return value
+
+
 def catalog_location(value: object) -> Path | str:
     """A catalogue to read: a folder from ``ascension index``, or a Milvus location."""
     if is_milvus(value):

@@ -254,3 +254,21 @@ def test_the_server_index_follows_kind_and_its_limits_are_one_line(milvus, train
                                  "--kind", "ivfpq", "--workers", "0"])
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "ivfpq" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_photo_is_replaced_in_a_collection_as_in_a_folder(milvus, trained, tmp_path):
+    data, checkpoint = trained
+    folder, collection = tmp_path / "cat", milvus.location("replaced")
+    cli("index", checkpoint, data, "-o", folder, "--workers", "0")
+    cli("index", checkpoint, data, "-o", collection, "--shared", tmp_path / "s",
+        "--workers", "0")
+    old = (data / "circle" / "005.png").resolve().as_posix()
+    new = tmp_path / "better.png"  # a photo neither holds: no tie between equal photos
+    import cv2
+
+    cv2.imwrite(str(new), cv2.flip(cv2.imread(str(data / "square" / "007.png")), 1))
+    for where in (folder, collection):
+        cli("catalog", "replace", where, old, new, "--workers", "0")
+    queries = [new, data / "circle" / "001.png"]
+    assert answers(collection, queries) == answers(folder, queries)
+    assert len(load_catalog(collection)) == 32

@@ -73,7 +73,8 @@ class RelabelConfig(_Selecting):
 class ReplaceConfig(_RunOptions):
     """Options of ``ascension catalog replace``."""
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     photo: Given = Field(description="The photo to replace, as `search` shows it.")
     new_photo: ExistingFile = Field(description="The new photo: same class and item, new "
                                    "vector.")

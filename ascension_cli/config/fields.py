@@ -15,6 +15,7 @@ from ascension_cli.catalog_layout import (
     PHOTO_MODES,
     catalog_folder,
     catalog_location,
+    folder_only,
     output_location,
 )
 
@@ -39,7 +40,7 @@ WeightsFile = Annotated[Path, AfterValidator(paths.existing_file)]
 ExistingFile = Annotated[Path, AfterValidator(paths.existing_file)]
 CheckpointFile = Annotated[Path, AfterValidator(paths.checkpoint_file)]
 VectorsFile = Annotated[Path, AfterValidator(paths.vectors_file)]
-CatalogFolder = Annotated[Path, AfterValidator(catalog_folder)]
+CatalogFolder = Annotated[Path, BeforeValidator(folder_only), AfterValidator(catalog_folder)]
 # A folder, or milvus://HOST:PORT/COLLECTION (``catalog/milvus_store.py``).
 CatalogLocation = Annotated[Path | str, BeforeValidator(catalog_location)]
 CatalogOutput = Annotated[Path | str, BeforeValidator(output_location)]
