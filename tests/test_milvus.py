@@ -272,3 +272,31 @@ def test_a_photo_is_replaced_in_a_collection_as_in_a_folder(milvus, trained, tmp
     queries = [new, data / "circle" / "001.png"]
     assert answers(collection, queries) == answers(folder, queries)
     assert len(load_catalog(collection)) == 32
+
+
+def test_an_upgrade_moves_the_alias_and_a_rollback_moves_it_back(milvus, tmp_path):
+    from tests.test_calibrate import split_photos
+    from tests.test_catalog_upgrade import checkpoint
+
+    data = tmp_path / "data"
+    from tests.conftest import make_dataset
+
+    make_dataset(data, classes=4, per_class=8)
+    current = checkpoint(tmp_path, data, "current", 2)
+    longer = checkpoint(tmp_path, data, "longer", 6)
+    known, held = split_photos(data, tmp_path)
+    location = milvus.location("upgraded")
+    cli("index", current, known, "-o", location, "--shared", tmp_path / "s", "--workers", "0")
+    cli("calibrate", location, held, "--target-fmr", "0.25", "--workers", "0")
+    queries = sorted(held.glob("*/*.png"))[:5]
+    before = answers(location, queries)
+    out = cli("catalog", "upgrade", location, longer, "--workers", "0")
+    assert "new model: Recall@1" in out
+    assert answers(location, queries) != before
+    client = load_catalog(location).backend.client()
+    assert client.describe_alias("upgraded")["collection_name"] == "upgraded__2"
+    cli("catalog", "rollback", location)
+    assert answers(location, queries) == before  # the generation kept, untouched
+    assert client.describe_alias("upgraded")["collection_name"] == "upgraded__1"
+    assert [e["action"] for e in api.history(location)][-2:] == ["upgrade", "rollback"]
+    assert "nothing to roll back" in runner.invoke(app, ["catalog", "rollback", location]).output

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,12 +38,20 @@ import numpy as np
 
 from ascension_cli.catalog.folder_store import FolderStore
 from ascension_cli.catalog.history import ACTIONS
+from ascension_cli.catalog.milvus_collections import (
+    HISTORY_SUFFIX,
+    TEXT,
+    create,
+    generation_name,
+    keep_model,
+    record,
+    server_index,
+)
 from ascension_cli.catalog.photos import file_digest, verified
 from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
 from ascension_cli.catalog_layout import MilvusLocation
 from ascension_cli.errors import CatalogError, Refused
 from ascension_cli.model.backbone import ModelSpec
-from ascension_cli.model.checkpoint import save_model_file
 
 TIMEOUT = 10.0  # seconds a call to the server may take
 TOKEN_VARIABLE = "ASCENSION_MILVUS_TOKEN"
@@ -52,30 +59,6 @@ META = "ascension"  # the collection property that holds the catalogue's facts
 FORMAT, VERSION = "ascension-milvus", 1
 BATCH = 1000  # rows a write sends at once
 MAX_LIMIT = 16384  # results one Milvus search returns, at most
-TEXT = {"key": 64, "path": 4096, "item": 1024, "label": 512, "stored": 128, "digest": 64}
-HISTORY_SUFFIX = "_history"
-
-
-# The server's index for each --kind, its parameters from the catalogue's size (as a FAISS
-# index's are: ``retrieval.index.plan_index``), and how it is searched.
-SERVER_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ"}
-HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 200, 128
-
-
-def server_index(kind: str, count: int, dim: int) -> dict:
-    """The Milvus index ``--kind`` names for ``count`` vectors of ``dim``: its type, build and
-    search parameters."""
-    from ascension_cli.retrieval.index import plan_index
-
-    plan = plan_index(max(count, 1), dim, kind)
-    build, search = {}, {}
-    if kind == "hnsw":
-        build, search = {"M": HNSW_LINKS, "efConstruction": HNSW_BUILD}, {"ef": HNSW_SEARCH}
-    elif kind in ("ivf", "ivfpq"):
-        build, search = {"nlist": plan.lists}, {"nprobe": plan.probes}
-        if kind == "ivfpq":
-            build.update(m=plan.code_bytes, nbits=8)
-    return {"kind": kind, "type": SERVER_INDEX[kind], "build": build, "search": search}
 
 
 def _released(exc: Exception) -> bool:
@@ -263,7 +246,8 @@ class MilvusStore(FolderStore):
         """No lock holds across machines: each write is idempotent and lands whole."""
         yield
 
-    def _write_rows(self, catalog: Catalog, rows: np.ndarray) -> None:
+    def _write_rows(self, catalog: Catalog, rows: np.ndarray,
+                    collection: str | None = None) -> None:
         items = catalog.items()
         stored = catalog.stored or [""] * len(catalog)
         digests = catalog.digests or [""] * len(catalog)
@@ -277,13 +261,14 @@ class MilvusStore(FolderStore):
             raise Refused(f"a photo's {too_long[0]} is longer than a Milvus catalogue keeps "
                           f"({TEXT[too_long[0]]} bytes)")
         for start in range(0, len(records), BATCH):
-            self.call("upsert", self.location.collection, records[start:start + BATCH])
+            self.call("upsert", collection or self.location.collection,
+                      records[start:start + BATCH])
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), BATCH):
             self.call("delete", self.location.collection, ids=keys[start:start + BATCH])
 
-    def _write_meta(self, catalog: Catalog, **extra) -> None:
+    def _write_meta(self, catalog: Catalog, collection: str | None = None, **extra) -> None:
         meta = {"format": FORMAT, "version": VERSION, "model": catalog.spec.to_dict(),
                 "checkpoint_sha256": catalog.checkpoint_sha256,
                 "feature_kind": catalog.feature_kind, "class_names": catalog.class_names,
@@ -293,7 +278,7 @@ class MilvusStore(FolderStore):
                 "calibration": catalog.calibration,
                 "index": {key: value for key, value in catalog.index.items() if key != "kind"},
                 "stamp": uuid.uuid4().hex, **extra}
-        self.call("alter_collection_properties", self.location.collection,
+        self.call("alter_collection_properties", collection or self.location.collection,
                   properties={META: json.dumps(meta)})
 
     def commit(self, catalog: Catalog, entry: dict, model=None,
@@ -303,13 +288,14 @@ class MilvusStore(FolderStore):
         before deletes: a write cut short leaves a row twice at worst, never none, and the
         same write again (or the next change) puts it right."""
         if model is not None:
-            name = f"models/{catalog.checkpoint_sha256}.pt"
-            save_model_file(catalog.directory / name, model, catalog.spec)
-            catalog = replace(catalog, files={"model": name})
-        if not self.exists():
+            catalog = keep_model(catalog, model)
+        live = self.meta() if self.exists() else {}
+        if not live:
             index = server_index(catalog.index.get("kind", "flat"), len(catalog),
                                  int(catalog.vectors.shape[1]))
-            _create(self, int(catalog.vectors.shape[1]), index)
+            first = generation_name(self.location.collection, 1)
+            create(self, first, int(catalog.vectors.shape[1]), index)
+            self.call("create_alias", first, self.location.collection)
             catalog = replace(catalog, index={**index, "kind": MILVUS_INDEX})
             self._keys = []
         items, digests = catalog.items(), catalog.digests or [""] * len(catalog)
@@ -320,19 +306,23 @@ class MilvusStore(FolderStore):
                         np.int64)
         self._write_rows(catalog, rows)
         self._delete(sorted(held - set(keys)))
-        self._write_meta(catalog)
+        self._write_meta(catalog, generation=live.get("generation", 1))
+        if live.get("rollback"):  # a change ends the way back of an upgrade
+            self.call("drop_collection", live["rollback"]["collection"])
         self._record(entry)
         self._keys = keys
         return replace(catalog, backend=self)
 
     # ---- the history
     def _record(self, entry: dict) -> None:
-        _record(self, entry)
+        record(self, entry)
 
     def calibrate(self, catalog: Catalog, calibration: dict, entry: dict) -> Catalog:
         """Record a calibration in the collection's facts (a new stamp), then the history."""
         calibrated = replace(catalog, calibration=calibration)
-        self._write_meta(calibrated)
+        live = self.meta()
+        self._write_meta(calibrated, **{key: live[key] for key in ("generation", "rollback")
+                                        if key in live})
         self._record(entry)
         return calibrated
 
@@ -356,40 +346,3 @@ class MilvusStore(FolderStore):
             if isinstance(entry, dict) and entry.get("action") in ACTIONS:
                 entries.append(entry)
         return entries
-
-
-def _create(store: MilvusStore, dim: int, server: dict) -> None:
-    """The catalogue's collection: a row per photo, searched by inner product through the
-    ``server`` index (``server_index``)."""
-    from pymilvus import DataType, MilvusClient
-
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=TEXT["key"])
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    for name, length in TEXT.items():
-        if name != "key":
-            schema.add_field(name, DataType.VARCHAR, max_length=length)
-    index = store.client().prepare_index_params()
-    index.add_index(field_name="vector", index_type=server["type"], metric_type="IP",
-                    params=server["build"])
-    store.call("create_collection", store.location.collection, schema=schema,
-               index_params=index, consistency_level="Strong")
-
-
-def _record(store: MilvusStore, entry: dict) -> None:
-    """Append a change to the history collection (made on its first change)."""
-    from pymilvus import DataType, MilvusClient
-
-    name = store.location.collection + HISTORY_SUFFIX
-    if not store.call("has_collection", name):
-        schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("at", DataType.DOUBLE)
-        schema.add_field("entry", DataType.VARCHAR, max_length=8192)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
-        index = store.client().prepare_index_params()
-        index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-        store.call("create_collection", name, schema=schema, index_params=index,
-                   consistency_level="Strong")
-    store.call("insert", name, [{"at": time.time(), "entry": json.dumps(entry)[:8192],
-                                 "vector": [0.0, 0.0]}])

@@ -27,12 +27,13 @@ from ascension_cli.catalog.calibrate import (
     labelled_photos,
     measure,
 )
-from ascension_cli.catalog.folder_store import FolderStore
+from ascension_cli.catalog.folder_store import FolderStore, store_of
 from ascension_cli.catalog.history import change, record_pending
+from ascension_cli.catalog.milvus_collections import rollback, switch
 from ascension_cli.catalog.photos import verified
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import Catalog, write_catalog
-from ascension_cli.catalog_layout import CATALOG_JSON, catalog_files
+from ascension_cli.catalog_layout import CATALOG_JSON, catalog_files, is_milvus
 from ascension_cli.embedding.pipeline import EmbedOptions, embed_images, embed_source
 from ascension_cli.embedding.vectors import sha256_of
 from ascension_cli.errors import CatalogError, Refused
@@ -75,11 +76,17 @@ def _photo_files(catalog: Catalog) -> list[Path]:
     return files
 
 
-def _embedded_again(catalog: Catalog, checkpoint: Path, files: list[Path],
+def _work(store, catalog: Catalog) -> Path:
+    """Where an upgrade keeps its parts: the catalogue folder's .upgrade/, or in the shared
+    store one for each Milvus catalogue."""
+    suffix = f"-{store.location.collection}" if is_milvus(store.name) else ""
+    return catalog.directory / f"{UPGRADE_FOLDER}{suffix}"
+
+
+def _embedded_again(catalog: Catalog, checkpoint: Path, files: list[Path], work: Path,
                     progress: Progress | None, embed_options: dict) -> np.ndarray:
     """Every photo's vector under the new model, in the catalogue's order, through the chunked
-    pipeline (parts under .upgrade/, so an interrupted upgrade resumes)."""
-    work = catalog.directory / UPGRADE_FOLDER
+    pipeline (parts under ``work``, so an interrupted upgrade resumes)."""
     work.mkdir(exist_ok=True)
     unique = sorted({path.resolve().as_posix() for path in files})
     listing = "path,label\n" + "".join(f"{_csv(path)},photo\n" for path in unique)
@@ -145,14 +152,16 @@ def upgrade_catalog(directory: str | Path, checkpoint: str | Path, by: str, forc
                     progress: Progress | None = None, **embed_options) -> tuple[Catalog, Gate]:
     """Switch the catalogue in ``directory`` to the model of ``checkpoint`` (see the module
     notes); ``Refused`` names why not, with both figures when the gate refuses."""
-    store = FolderStore(directory)
-    catalog = store.read()
+    store = store_of(directory)
+    stamp, catalog = store.stamp(), store.read()
     new_model, new_spec, _ = load_model(checkpoint)
     sha = sha256_of(checkpoint)
     if sha == catalog.checkpoint_sha256:
         raise Refused("the catalogue already answers with this model")
     files = _photo_files(catalog)
-    new_vectors = _embedded_again(catalog, Path(checkpoint), files, progress, embed_options)
+    work = _work(store, catalog)
+    new_vectors = _embedded_again(catalog, Path(checkpoint), files, work, progress,
+                                  embed_options)
     gate, calibration = _gate(catalog, new_vectors, new_model, new_spec, photos, tolerance,
                               embed_options)
     if gate is None and not force:
@@ -161,22 +170,31 @@ def upgrade_catalog(directory: str | Path, checkpoint: str | Path, by: str, forc
     if gate is not None and gate.worse and not force:
         raise Refused(f"the new model is worse on {' and '.join(gate.worse)} of "
                       f"{gate.photos}: {_figures(gate)}; pass --force to switch anyway")
+    upgraded = replace(catalog, vectors=new_vectors, spec=new_spec, checkpoint_sha256=sha,
+                       calibration=calibration, calibration_ignored=None)
+    entry = change("upgrade", by, len(catalog), len(set(catalog.items())),
+                   from_checkpoint=catalog.checkpoint_sha256[:16], to_checkpoint=sha[:16],
+                   **({} if gate is None else {"gate": gate.to_dict()}))
     with store.writing():
-        live = json.loads((store.directory / CATALOG_JSON).read_text(encoding="utf-8"))
-        if live.get("generation") != catalog.generation:
+        if store.stamp() != stamp:
             raise CatalogError("the catalogue changed during the upgrade; run it again (what "
                                "was embedded is reused)")
-        upgraded = replace(catalog, vectors=new_vectors, spec=new_spec,
-                           checkpoint_sha256=sha, calibration=calibration,
-                           calibration_ignored=None)
-        entry = change("upgrade", by, len(catalog), len(set(catalog.items())),
-                       from_checkpoint=catalog.checkpoint_sha256[:16], to_checkpoint=sha[:16],
-                       **({} if gate is None else {"gate": gate.to_dict()}))
-        written = write_catalog(upgraded, new_model, entry, rollback={
-            key: value for key, value in live.items() if key not in KEPT_OUT})
-        record_pending(store.directory)
-    shutil.rmtree(store.directory / UPGRADE_FOLDER, ignore_errors=True)
+        if is_milvus(store.name):
+            written = switch(store, upgraded, new_model, entry)
+        else:
+            written = _switch_folder(store, upgraded, new_model, entry)
+    shutil.rmtree(work, ignore_errors=True)
     return written, gate
+
+
+def _switch_folder(store: FolderStore, upgraded: Catalog, model, entry: dict) -> Catalog:
+    """The upgraded generation, written with the catalog.json it replaces kept for a
+    rollback."""
+    live = json.loads((store.directory / CATALOG_JSON).read_text(encoding="utf-8"))
+    written = write_catalog(upgraded, model, entry, rollback={
+        key: value for key, value in live.items() if key not in KEPT_OUT})
+    record_pending(store.directory)
+    return written
 
 
 def _figures(gate: Gate) -> str:
@@ -187,7 +205,10 @@ def _figures(gate: Gate) -> str:
 
 def rollback_catalog(directory: str | Path, by: str) -> Catalog:
     """Return the catalogue to the model, vectors and calibration it had before its last
-    upgrade, exactly (their files were kept); possible until the next change."""
+    upgrade, exactly (their files, or its generation's collection, were kept); possible until
+    the next change."""
+    if is_milvus(directory):
+        return rollback(store_of(directory), by)
     store = FolderStore(directory)
     with store.writing():
         path = store.directory / CATALOG_JSON

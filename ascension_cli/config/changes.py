@@ -104,7 +104,8 @@ class SnapshotConfig(BaseModel):
 class UpgradeConfig(_RunOptions):
     """Options of ``ascension catalog upgrade``."""
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
     checkpoint: CheckpointFile = Field(description="The new model: a checkpoint from "
                                        "`ascension train`.")
     gate_photos: ImageSource | None = Field(
@@ -125,4 +126,5 @@ class RollbackConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    catalog: CatalogFolder = Field(description="A catalogue folder from `ascension index`.")
+    catalog: CatalogLocation = Field(description="A catalogue from `ascension index`: its "
+                                     "folder, or milvus://HOST:PORT/COLLECTION.")
