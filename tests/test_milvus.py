@@ -101,6 +101,8 @@ def test_the_same_commands_give_the_same_answers_on_a_folder_and_on_milvus(
                data / "cross" / "006.png"]
     assert answers(collection, queries) == answers(folder, queries)
     assert len(load_catalog(collection)) == 32
+    served = load_catalog(collection, with_vectors=False)  # what a service holds: no vectors
+    assert served.vectors is None and served.with_vectors().vectors.shape == (32, served.dim)
     # The photos and the model are in the shared store, named by their digests.
     assert len(list((tmp_path / "shared" / "photos").rglob("*.png"))) == 32
     assert list((tmp_path / "shared" / "models").glob("*.pt"))
@@ -300,3 +302,77 @@ def test_an_upgrade_moves_the_alias_and_a_rollback_moves_it_back(milvus, tmp_pat
     assert client.describe_alias("upgraded")["collection_name"] == "upgraded__1"
     assert [e["action"] for e in api.history(location)][-2:] == ["upgrade", "rollback"]
     assert "nothing to roll back" in runner.invoke(app, ["catalog", "rollback", location]).output
+
+
+class Service:
+    """`ascension serve` on a Milvus catalogue, in its own process on 127.0.0.1."""
+
+    def __init__(self, location: str, *options: str):
+        import requests
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ascension_cli", "serve", location, "--port", str(self.port),
+             "--device", "cpu", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.3)
+        self.kill()
+        raise RuntimeError("the service did not start")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def test_two_service_processes_a_writer_killed_mid_add_and_the_retry(milvus, trained,
+                                                                     tmp_path):
+    pytest.importorskip("fastapi")
+    import threading
+
+    import requests
+
+    data, checkpoint = trained
+    location = milvus.location("processes")
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        tmp_path / "s", "--workers", "0")
+    token = ("--allow-writes", "--token", "a-long-enough-secret")
+    reader = Service(location, *token)
+    photos = sorted((data / "square").glob("*.png"))[:3]
+    files = [("image", (p.name, p.read_bytes())) for p in photos]
+    headers = {"Authorization": "Bearer a-long-enough-secret"}
+    try:
+        for life, pause in enumerate((0.05, 0.3, 0.8)):
+            writer = Service(location, *token)
+            thread = threading.Thread(target=lambda w=writer: _quietly(
+                requests.post, w.url + "/items", files=files, data={"label": "square"},
+                headers=headers, timeout=60))
+            thread.start()
+            time.sleep(pause)
+            writer.kill()  # kill -9, wherever the add stands
+            thread.join(timeout=60)
+            retried = requests.post(reader.url + "/items", files=files, headers=headers,
+                                    data={"label": "square"}, timeout=60)
+            assert retried.status_code == 200, retried.text
+            found = load_catalog(location, with_vectors=False)
+            squares = [row for row in range(len(found))
+                       if found.class_name(int(found.labels[row])) == "square"]
+            assert len(squares) == len(photos), f"life {life}: {len(squares)} square rows"
+            answer = requests.post(reader.url + "/search", timeout=60,
+                                   files=[("image", (photos[0].name, photos[0].read_bytes()))],
+                                   data={"k": "1"}).json()["results"][0]
+            assert answer["predicted"] == "square"
+    finally:
+        reader.kill()
+
+
+def _quietly(call, *args, **kwargs) -> None:
+    import contextlib
+
+    with contextlib.suppress(Exception):  # the service is killed under it
+        call(*args, **kwargs)

@@ -212,7 +212,7 @@ class MilvusStore(FolderStore):
     def read(self, with_vectors: bool = True) -> Catalog:
         """The catalogue as it is in the collection now."""
         meta = self.meta()
-        rows = self._rows(True)  # the vectors: the onboarding check and changes need them
+        rows = self._rows(with_vectors)  # a service searches on the server: none needed
         names = list(meta["class_names"])
         position = {name: label for label, name in enumerate(names)}
         for row in rows:
@@ -220,7 +220,8 @@ class MilvusStore(FolderStore):
                 position[row["label"]] = len(names)
                 names.append(row["label"])
         dim = int(meta["dimension"])
-        vectors = (np.array([row["vector"] for row in rows], np.float32).reshape(-1, dim))
+        vectors = (np.array([row["vector"] for row in rows], np.float32).reshape(-1, dim)
+                   if with_vectors else None)
         catalog = Catalog(
             Path(meta["shared"]), ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
             meta["feature_kind"], names, vectors,
@@ -272,7 +273,8 @@ class MilvusStore(FolderStore):
         meta = {"format": FORMAT, "version": VERSION, "model": catalog.spec.to_dict(),
                 "checkpoint_sha256": catalog.checkpoint_sha256,
                 "feature_kind": catalog.feature_kind, "class_names": catalog.class_names,
-                "dimension": int(catalog.vectors.shape[1]), "shared": str(catalog.directory),
+                "dimension": catalog.dim if catalog.vectors is None
+                else int(catalog.vectors.shape[1]), "shared": str(catalog.directory),
                 "model_file": catalog.files["model"],
                 "model_sha256": file_digest(catalog.directory / catalog.files["model"]),
                 "calibration": catalog.calibration,

@@ -96,6 +96,8 @@ class Catalog:
         """This catalogue with its vectors read from items.npz if it was loaded without them."""
         if self.vectors is not None:
             return self
+        if self.backend is not None:  # the same rows, in the same order, with their vectors
+            return self.backend.read(with_vectors=True)
         return replace(self, vectors=_read_items(self.directory / self.files["items"], True)[0])
 
     def class_name(self, label: int) -> str | None:
