@@ -12,6 +12,7 @@ measured sizes of each kind and states b.
     python benchmarks/bench_scale.py                 # 100k, 1M and 5M vectors, 256-d
     python benchmarks/bench_scale.py --quick         # 20k and 100k
     python benchmarks/bench_scale.py --maintenance   # changes in place at 1M (--quick: 20k)
+    python benchmarks/bench_scale.py --store milvus  # a folder and Milvus at 1M (--quick: 20k)
 
 ``--maintenance`` measures a catalogue kept in place instead: a catalogue folder of that many
 vectors (ten photos an item, a thousand classes) is written once (the time to build it again
@@ -120,7 +121,17 @@ def main() -> None:
                         "an earlier run's JSON instead of measuring")
     parser.add_argument("--maintenance", action="store_true",
                         help="time removing and relabelling 1 %% of the items against a rebuild")
+    parser.add_argument("--store", choices=["milvus"],
+                        help="compare a folder catalogue with one in Milvus (a Milvus Lite "
+                        "server started here): build, latency, queries/s, service memory")
+    parser.add_argument("--milvus", metavar="HOST:PORT",
+                        help="with --store milvus: a Milvus server to measure instead of a "
+                        "Milvus Lite one started here")
     args = parser.parse_args()
+    if args.store == "milvus":
+        size = (args.sizes or [20_000 if args.quick else 1_000_000])[0]
+        stores(size, args.dim, args.queries, args.json, args.milvus)
+        return
     if args.maintenance:
         size = (args.sizes or [20_000 if args.quick else 1_000_000])[0]
         maintenance(size, args.dim, args.kinds[0], args.json)
@@ -182,6 +193,26 @@ def report(rows: list[dict], dim: int, sizes: list[int], json_path: Path | None)
                             "of each kind",
         "projected": projected,
     }, json_path)
+
+
+def stores(size: int, dim: int, queries: int, json_path: Path | None,
+           server_at: str | None = None) -> None:
+    """A folder catalogue and a Milvus one of the same vectors, in one run (``_stores.py``)."""
+    from _stores import compare_stores
+
+    rows = compare_stores(size, dim, clustered(queries, dim, seed=1), clustered(size, dim),
+                          latency, server_at=server_at)
+    folder = rows[0]
+    print_table(f"a catalogue of {size:,} {dim}-d vectors in a folder and in Milvus Lite (same "
+                "run; ratios against the folder)",
+                ["store", "build s", "ms median / p95", "q/s 1 client", "q/s 16 clients",
+                 "service MiB", "service memory / folder"],
+                [[r["store"], f"{r['build_seconds']:.1f}",
+                  f"{r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f}",
+                  f"{r['qps_1']:.0f}", f"{r['qps_16']:.0f}", f"{r['service_mib']:.0f}",
+                  f"{r['service_mib'] / folder['service_mib']:.2f}"] for r in rows])
+    write_json("bench_scale_stores", {"size": size, "dim": dim, "server": server_at or
+                                      "Milvus Lite, started here", "results": rows}, json_path)
 
 
 def maintenance(size: int, dim: int, kind: str, json_path: Path | None) -> None:

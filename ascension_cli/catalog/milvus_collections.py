@@ -108,7 +108,7 @@ def switch(store, upgraded, model, entry: dict):
     dim = int(upgraded.vectors.shape[1])
     server = server_index(live.get("index", {}).get("server_kind", "flat"), len(upgraded), dim)
     create(store, target, dim, server)
-    store._write_rows(upgraded, np.arange(len(upgraded)), target)
+    store._write_rows(upgraded, np.arange(len(upgraded)), target, new=True)
     store._write_meta(replace(upgraded, index=server), target, generation=generation + 1,
                       rollback={"collection": generation_name(alias, generation)})
     store.call("alter_alias", target, alias)

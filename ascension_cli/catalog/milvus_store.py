@@ -248,7 +248,9 @@ class MilvusStore(FolderStore):
         yield
 
     def _write_rows(self, catalog: Catalog, rows: np.ndarray,
-                    collection: str | None = None) -> None:
+                    collection: str | None = None, new: bool = False) -> None:
+        """Write ``rows`` of ``catalog``: upserted (a row written twice is held once), or into
+        a ``new`` collection, which no one else writes yet, inserted (far faster)."""
         items = catalog.items()
         stored = catalog.stored or [""] * len(catalog)
         digests = catalog.digests or [""] * len(catalog)
@@ -262,7 +264,7 @@ class MilvusStore(FolderStore):
             raise Refused(f"a photo's {too_long[0]} is longer than a Milvus catalogue keeps "
                           f"({TEXT[too_long[0]]} bytes)")
         for start in range(0, len(records), BATCH):
-            self.call("upsert", collection or self.location.collection,
+            self.call("insert" if new else "upsert", collection or self.location.collection,
                       records[start:start + BATCH])
 
     def _delete(self, keys: list[str]) -> None:
@@ -306,7 +308,7 @@ class MilvusStore(FolderStore):
         again = set() if touched is None else {int(row) for row in touched}
         rows = np.array([r for r, key in enumerate(keys) if key not in held or r in again],
                         np.int64)
-        self._write_rows(catalog, rows)
+        self._write_rows(catalog, rows, new=not live)
         self._delete(sorted(held - set(keys)))
         self._write_meta(catalog, generation=live.get("generation", 1))
         if live.get("rollback"):  # a change ends the way back of an upgrade
