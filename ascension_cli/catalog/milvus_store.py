@@ -136,18 +136,11 @@ class MilvusStore(FolderStore):
                 raise
             except Exception as exc:  # noqa: BLE001 - grpc and pymilvus errors alike
                 if attempt == 1 and _released(exc):
-                    self._load_collections()
+                    _load_collections(self)
                     continue
                 self._client = None
                 raise self._unreachable(exc) from None
         raise AssertionError("unreachable")
-
-    def _load_collections(self) -> None:
-        for name in (self.location.collection, self.location.collection + HISTORY_SUFFIX):
-            try:
-                self.client().load_collection(name, timeout=TIMEOUT)
-            except Exception:  # noqa: BLE001 - one that does not exist stays so
-                continue
 
     def _unreachable(self, exc: Exception) -> CatalogError:
         kind = type(exc).__name__
@@ -350,3 +343,12 @@ class MilvusStore(FolderStore):
             if isinstance(entry, dict) and entry.get("action") in ACTIONS:
                 entries.append(entry)
         return entries
+
+
+def _load_collections(store: MilvusStore) -> None:
+    """Load the catalogue's collections again (a restarted server holds them released)."""
+    for name in (store.location.collection, store.location.collection + HISTORY_SUFFIX):
+        try:
+            store.client().load_collection(name, timeout=TIMEOUT)
+        except Exception:  # noqa: BLE001 - one that does not exist stays so
+            continue

@@ -32,8 +32,8 @@ def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return ""
     default = field.get_default(call_default_factory=True)
-    if default is None:
-        return ""  # the description says what happens
+    if default is None or default == []:
+        return ""  # the description says what happens (a repeated option given no times)
     if isinstance(default, bool):
         default = "on" if default else "off"
     return f" (default: {default})"
@@ -66,6 +66,14 @@ def _choices(annotation: Any) -> str | None:
     return None
 
 
+def _repeated(parsed: Any) -> str | None:
+    """``TEXT`` or ``PATH`` for an option given once per value (``--photo A --photo B``),
+    where Typer would show the Python type."""
+    if typing.get_origin(parsed) is not list:
+        return None
+    return "PATH" if typing.get_args(parsed)[0] is Path else "TEXT"
+
+
 def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     parsed = _cli_type(field.annotation)
     # Rich markup would take "[mlflow]" in a help text for a style tag and drop it.
@@ -78,7 +86,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
         if parsed is bool:
             flags = [f"{flags[0]}/--no-{flags[0].removeprefix('--')}", *flags[1:]]
         info = typer.Option(*flags, help=help_text, show_default=False,
-                            metavar=_choices(field.annotation))
+                            metavar=_choices(field.annotation) or _repeated(parsed))
         default = ... if field.is_required() else None
     annotation = Annotated[parsed if default is ... else parsed | None, info]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
