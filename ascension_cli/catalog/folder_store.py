@@ -33,11 +33,12 @@ from ascension_cli.catalog.edit import (
     without_rows,
 )
 from ascension_cli.catalog.history import change, read_history, record, record_pending
-from ascension_cli.catalog.photos import begin, keep_bytes, keep_files, pending, settle
+from ascension_cli.catalog.photos import begin, keep_bytes, keep_files
 from ascension_cli.catalog.store import (
     Catalog,
     catalog_lock,
     load_catalog,
+    settle_photos,
     write_calibration,
     write_catalog,
 )
@@ -110,11 +111,7 @@ class FolderStore:
                 self._settle()
 
     def _settle(self) -> None:
-        journal = pending(self.directory)
-        if journal is not None:
-            live = load_catalog(self.directory, False) if (
-                self.directory / CATALOG_JSON).exists() else None
-            settle(self.directory, set(live.stored or ()) if live else set(), journal)
+        settle_photos(self.directory)
 
     def commit(self, catalog: Catalog, entry: dict, model=None,
                touched: np.ndarray | None = None) -> Catalog:
@@ -157,21 +154,21 @@ class FolderStore:
             return Changed(written, len(rows), items, nearest_other_class(written, rows))
 
     def add_decoded(self, uploads: list[tuple[bytes, str, np.ndarray]], class_name: str,
-                    by: str, **embed_options) -> Changed:
+                    by: str, searcher=None, **embed_options) -> Changed:
         """Keep each upload (its bytes, a suffix, the image decoded from them) as a photo of
-        ``class_name`` and add it; what the model could not embed is dropped."""
-        from ascension_cli.catalog.search import CatalogSearcher
-
+        ``class_name`` and add it; what the model could not embed is dropped. ``searcher``: one
+        already loaded (a service's), used when its model is the catalogue's."""
         with self.writing():
-            searcher = CatalogSearcher(self.read())
-            home = searcher.catalog.directory  # where its photos are kept
+            catalog = self.read()
+            searcher = _searcher_for(catalog, searcher)
+            home = catalog.directory  # where its photos are kept
             self.begin(True)
             kept = [keep_bytes(home, data, suffix) for data, suffix, _ in uploads]
             vectors, indices = searcher.embed_decoded([image for *_, image in uploads],
                                                       **embed_options)
             names = [kept[i][0] for i in indices]
             catalog = append_items(
-                searcher.catalog, vectors, [class_name] * len(indices),
+                catalog, vectors, [class_name] * len(indices),
                 [home / name for name in names], classes=[class_name],
                 kept=(names, [kept[i][1] for i in indices]))
             written = self.commit(catalog, change("add", by, len(indices), 1 if len(indices)
@@ -180,16 +177,15 @@ class FolderStore:
                            nearest_other_class(written, len(written) - len(indices)))
 
     def replace(self, photo: str, new_photo: Path | tuple[bytes, str, np.ndarray], by: str,
-                **embed_options) -> Changed:
+                searcher=None, **embed_options) -> Changed:
         """Put a new photo (a file, or an upload's bytes, suffix and decoded image) in place of
-        ``photo``: the same class and item, the new photo's vector."""
-        from ascension_cli.catalog.search import CatalogSearcher
-
+        ``photo``: the same class and item, the new photo's vector (``searcher`` as for
+        ``add_decoded``)."""
         with self.writing():
             catalog = self.read()
             rows = selected_rows(catalog, Selection(photos=(photo,)))
             row = int(rows[0])
-            searcher = CatalogSearcher(catalog)
+            searcher = _searcher_for(catalog, searcher)
             self.begin(True, _stored_at(catalog, rows))
             vectors, kept, path = _embedded_one(catalog.directory, searcher, new_photo,
                                                 embed_options)
@@ -234,6 +230,17 @@ class FolderStore:
             _copy(self.directory / CATALOG_JSON, destination / CATALOG_JSON)
         catalog_folder(destination)
         return destination
+
+
+def _searcher_for(catalog: Catalog, loaded=None):
+    """What embeds a change's new photos: ``loaded`` (a service's searcher, its model in
+    memory) when it has the catalogue's model and features, else one loaded now."""
+    from ascension_cli.catalog.search import CatalogSearcher
+
+    if loaded is not None and (loaded.catalog.checkpoint_sha256, loaded.catalog.feature_kind) == (
+            catalog.checkpoint_sha256, catalog.feature_kind):
+        return loaded
+    return CatalogSearcher(catalog)
 
 
 def _stored_at(catalog: Catalog, rows: np.ndarray) -> list[str]:

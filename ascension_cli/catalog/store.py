@@ -152,7 +152,7 @@ def catalog_lock(directory: Path) -> Iterator[None]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             _remove_leftovers(directory)
-            _settle_photos(directory)
+            settle_photos(directory)
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
@@ -184,8 +184,9 @@ def _remove_leftovers(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _settle_photos(directory: Path) -> None:
-    """Settle the photos of a change that stopped before it settled them (``photos.py``)."""
+def settle_photos(directory: Path) -> None:
+    """Settle the photos of a change that has ended, or stopped before it settled them
+    (``photos.py``): those the live generation does not hold go."""
     journal = pending(directory)
     if journal is None:
         return

@@ -129,7 +129,7 @@ def writing_routes(app: FastAPI, lookup: Lookup, token: str | None, token_name: 
         upload = images[0]
         new = (upload.data, EXTENSIONS[image_format(upload.data)], upload.image)
         return await _run(lookup, "replace", str(form.get("photo")), new, by,
-                          **lookup.run_options)
+                          searcher=lookup.current(), **lookup.run_options)
 
 
 def _selection(form: SelectionForm) -> Selection:

@@ -94,7 +94,7 @@ class Lookup:
         new one is committed."""
         return self.change("add_decoded", [(upload.data, EXTENSIONS[image_format(upload.data)],
                                             upload.image) for upload in images], class_name, by,
-                           **self.run_options)
+                           searcher=self.current(), **self.run_options)
 
     def change(self, operation: str, *arguments, **options) -> Changed:
         """Run one of the store's changes (``FolderStore``'s method ``operation``), then read
