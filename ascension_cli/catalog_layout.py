@@ -113,6 +113,7 @@ def catalog_folder(path: Path) -> Path:
 
 # A catalogue in a Milvus collection (``catalog/milvus_store.py``): milvus://HOST:PORT/COLLECTION.
 MILVUS_SCHEME = "milvus://"
+SERVER_ONLY_KINDS = ("diskann",)  # `index --kind`s a Milvus server builds and FAISS has not
 _MILVUS = re.compile(r"milvus://(?P<host>[A-Za-z0-9.-]{1,253}):(?P<port>[0-9]{1,5})"
                      r"/(?P<collection>[A-Za-z_][A-Za-z0-9_]{0,200})")
 
@@ -135,10 +136,6 @@ class MilvusLocation:
                              "milvus://HOST:PORT/COLLECTION (a collection's name is letters, "
                              "digits and _, starting with a letter or _)")
         return cls(match["host"], int(match["port"]), match["collection"])
-
-    @property
-    def uri(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def __str__(self) -> str:
         return f"{MILVUS_SCHEME}{self.host}:{self.port}/{self.collection}"

@@ -97,3 +97,36 @@ def planned(config, classes: int, images: int = 1000):
 
     setup = Setup((32, "test"), (0, "test"), ("color-agnostic", "test"))
     return plan_run(config, classes, images, setup)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A Milvus Lite server for the session (``tests/stores.py``): required under CI, whose
+    .ci/run installs the dev extra, skipped elsewhere when pymilvus or milvus-lite is absent.
+    ``ASCENSION_TEST_MILVUS=HOST:PORT`` runs the suite against a server you started instead."""
+    import importlib.util
+
+    from tests.stores import GivenMilvus, Milvus
+
+    if os.environ.get("ASCENSION_TEST_MILVUS"):
+        yield GivenMilvus(os.environ["ASCENSION_TEST_MILVUS"])
+        return
+
+    missing = [name for name in ("pymilvus", "milvus_lite")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing[0]} is required here (.ci/run installs the dev extra)")
+        pytest.skip(f"{missing[0]} is not installed (pip install -e '.[dev]')")
+    server = Milvus(tmp_path_factory.mktemp("milvus"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["folder", "milvus"])
+def place(request, tmp_path):
+    """Where the test's catalogues live: run once in folders, once on a Milvus server."""
+    from tests.stores import Place
+
+    server = request.getfixturevalue("milvus_server") if request.param == "milvus" else None
+    return Place(request.param, tmp_path, server)

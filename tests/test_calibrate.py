@@ -29,23 +29,25 @@ def split_photos(data, root):
     return known, held
 
 
-def test_calibrate_records_a_threshold_that_search_uses(tmp_path):
+def test_calibrate_records_a_threshold_that_search_uses(place, tmp_path):
     data, checkpoint = train_tiny(tmp_path)
     known, held = split_photos(data, tmp_path)
-    api.index(checkpoint, known, tmp_path / "cat", workers=0)
-    result = runner.invoke(app, ["calibrate", str(tmp_path / "cat"), str(held), "--target-fmr",
+    catalog = place("cat")
+    api.index(checkpoint, known, catalog, workers=0, **place.options)
+    result = runner.invoke(app, ["calibrate", catalog, str(held), "--target-fmr",
                                  "0.25", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "written into the catalogue" in result.output
-    saved = json.loads((tmp_path / "cat" / "catalog.json").read_text())["calibration"]
+    saved = load_catalog(catalog).calibration
+    if place.folder:  # kept in catalog.json (on Milvus: in the collection's properties)
+        assert json.loads((tmp_path / "cat" / "catalog.json").read_text())["calibration"] == saved
     assert saved["unknown_classes"] == ["cross"] and saved["unknown_queries"] == 8
     assert saved["known_queries"] == 9 and saved["fmr"] <= 0.25 and saved["items"] == 15
-    catalog = load_catalog(tmp_path / "cat")
-    assert catalog.threshold == saved["threshold"]
+    assert load_catalog(catalog).threshold == saved["threshold"]
 
     # For FMR 25 % on new photos, of 8 unknowns it refuses the round(0.25 x 9) = 2nd highest
     # and all below: it accepts 1.
-    searched = api.search(tmp_path / "cat", held / "cross", k=1, workers=0,
+    searched = api.search(catalog, held / "cross", k=1, workers=0,
                           threshold=-1.0)
     best = np.sort([r.matches[0].similarity for r in searched])
     assert np.sum(best >= saved["threshold"]) <= 1  # the margin keeps float noise out
@@ -53,19 +55,18 @@ def test_calibrate_records_a_threshold_that_search_uses(tmp_path):
 
     # search uses it by default; an explicit --threshold wins.
     out = tmp_path / "r.json"
-    runner.invoke(app, ["search", str(tmp_path / "cat"), str(held / "cross"), "--json", str(out),
+    runner.invoke(app, ["search", catalog, str(held / "cross"), "--json", str(out),
                         "--workers", "0"])
     assert json.loads(out.read_text())["threshold"] == saved["threshold"]
-    runner.invoke(app, ["search", str(tmp_path / "cat"), str(held / "cross"), "--json", str(out),
+    runner.invoke(app, ["search", catalog, str(held / "cross"), "--json", str(out),
                         "--workers", "0", "--threshold", "0.5"])
     assert json.loads(out.read_text())["threshold"] == 0.5
 
     # A catalogue grown since its calibration says so, and keeps the calibration.
-    api.index(checkpoint, held / "circle", tmp_path / "cat", add=True, workers=0)
-    grown = load_catalog(tmp_path / "cat")
+    api.index(checkpoint, held / "circle", catalog, add=True, workers=0)
+    grown = load_catalog(catalog)
     assert grown.threshold == saved["threshold"] and "calibrated" in grown.calibration_note()
-    result = runner.invoke(app, ["search", str(tmp_path / "cat"), str(held / "cross"),
-                                 "--workers", "0"])
+    result = runner.invoke(app, ["search", catalog, str(held / "cross"), "--workers", "0"])
     assert "run `ascension calibrate` again" in result.output
 
 

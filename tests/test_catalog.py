@@ -41,22 +41,24 @@ def trained(tmp_path_factory):
     return root, data, checkpoint
 
 
-def test_index_then_search_finds_the_item_at_rank_1(trained, tmp_path):
+def test_index_then_search_finds_the_item_at_rank_1(trained, place, tmp_path):
     root, data, checkpoint = trained
-    result = invoke("index", checkpoint, data, "-o", tmp_path / "cat", "--workers", "0")
+    result = invoke("index", checkpoint, data, "-o", place("cat"), *place.shared,
+                    "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "32 items in 4 classes (32 added)" in result.output
-    meta = json.loads((tmp_path / "cat" / "catalog.json").read_text())
-    assert meta["files"] == {"items": "items-000001.npz", "index": "index-000001.faiss",
-                             "model": "model.pt"}
-    for name in ("catalog.json", "model.pt", *meta["files"].values()):
-        assert (tmp_path / "cat" / name).is_file()
+    if place.folder:
+        meta = json.loads((tmp_path / "cat" / "catalog.json").read_text())
+        assert meta["files"] == {"items": "items-000001.npz", "index": "index-000001.faiss",
+                                 "model": "model.pt"}
+        for name in ("catalog.json", "model.pt", *meta["files"].values()):
+            assert (tmp_path / "cat" / name).is_file()
 
     # The same item photographed again: a catalogued image, slightly noisier.
     image = cv2.imread(str(data / "triangle" / "003.png")).astype(np.int16)
     noisy = np.clip(image + np.random.default_rng(0).integers(-6, 7, image.shape), 0, 255)
     cv2.imwrite(str(tmp_path / "query.png"), noisy.astype(np.uint8))
-    result = invoke("search", tmp_path / "cat", tmp_path / "query.png", "--k", "3",
+    result = invoke("search", place("cat"), tmp_path / "query.png", "--k", "3",
                     "--json", tmp_path / "r.json", "--workers", "0")
     assert result.exit_code == 0, result.output
     found = json.loads((tmp_path / "r.json").read_text())["results"][0]
@@ -67,16 +69,16 @@ def test_index_then_search_finds_the_item_at_rank_1(trained, tmp_path):
     assert len(found["matches"]) == 3
 
 
-def test_search_a_folder_and_the_unknown_threshold(trained, tmp_path):
+def test_search_a_folder_and_the_unknown_threshold(trained, place, tmp_path):
     root, data, checkpoint = trained
-    assert invoke("index", checkpoint, data, "-o", tmp_path / "cat",
+    assert invoke("index", checkpoint, data, "-o", place("cat"), *place.shared,
                   "--workers", "0").exit_code == 0
     queries = tmp_path / "queries"
     queries.mkdir()
     shutil.copy(data / "circle" / "001.png", queries / "known.png")
     noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     cv2.imwrite(str(queries / "stranger.png"), noise)
-    result = invoke("search", tmp_path / "cat", queries, "--threshold", "0.999",
+    result = invoke("search", place("cat"), queries, "--threshold", "0.999",
                     "--json", tmp_path / "r.json", "--workers", "0")
     assert result.exit_code == 0, result.output
     by_name = {r["query"].rsplit("/", 1)[-1]: r
@@ -87,55 +89,67 @@ def test_search_a_folder_and_the_unknown_threshold(trained, tmp_path):
     assert by_name["stranger.png"]["predicted"] is None
 
 
-def test_add_appends_without_re_embedding_the_old_items(trained, tmp_path):
+def by_path(catalog) -> dict:
+    """Each photo's vector and class, by its path (a Milvus catalogue reads in key order)."""
+    return {path: (catalog.vectors[row].tobytes(), catalog.class_name(int(catalog.labels[row])))
+            for row, path in enumerate(catalog.paths)}
+
+
+def test_add_appends_without_re_embedding_the_old_items(trained, place, tmp_path):
     root, data, checkpoint = trained
     part = tmp_path / "part"
     for name in ("circle", "cross"):
         shutil.copytree(data / name, part / name)
-    assert invoke("index", checkpoint, part, "-o", tmp_path / "cat",
+    assert invoke("index", checkpoint, part, "-o", place("cat"), *place.shared,
                   "--workers", "0").exit_code == 0
-    before = load_catalog(tmp_path / "cat")
+    before = load_catalog(place("cat"))
     assert len(before) == 16 and before.class_names == ["circle", "cross"]
 
     shutil.copytree(data / "square", part / "square")
-    result = invoke("index", checkpoint, part, "-o", tmp_path / "cat", "--add", "--workers", "0")
+    result = invoke("index", checkpoint, part, "-o", place("cat"), "--add", "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "(8 added)" in result.output
-    after = load_catalog(tmp_path / "cat")
+    after = load_catalog(place("cat"))
     assert len(after) == 24 and after.class_names == ["circle", "cross", "square"]
-    assert np.array_equal(after.vectors[:16], before.vectors)
-    assert after.paths[:16] == before.paths
-    assert set(after.labels[16:].tolist()) == {2}
+    old, new = by_path(before), by_path(after)
+    assert {path: new[path] for path in old} == old  # the same vectors, not embedded again
+    assert {new[path][1] for path in set(new) - set(old)} == {"square"}
+    if place.folder:  # a folder's rows in the order they came
+        assert after.paths[:16] == before.paths
 
-    again = invoke("index", checkpoint, part, "-o", tmp_path / "cat", "--add", "--workers", "0")
+    again = invoke("index", checkpoint, part, "-o", place("cat"), "--add", "--workers", "0")
     assert again.exit_code == 0 and "(0 added)" in again.output
 
 
-def test_bad_input_ends_in_one_line(trained, tmp_path):
+def test_bad_input_ends_in_one_line(trained, place, tmp_path):
     root, data, checkpoint = trained
-    assert invoke("index", checkpoint, data, "-o", tmp_path / "cat",
+    assert invoke("index", checkpoint, data, "-o", place("cat"), *place.shared,
                   "--workers", "0").exit_code == 0
     cases = []
     other_root = tmp_path / "other"
     _, other_checkpoint = train_tiny(other_root, seed=1)
-    cases.append((invoke("index", other_checkpoint, data, "-o", tmp_path / "cat", "--add"),
+    cases.append((invoke("index", other_checkpoint, data, "-o", place("cat"), "--add"),
                   "built with another model"))
-    cases.append((invoke("index", checkpoint, data, "-o", tmp_path / "cat"),
+    cases.append((invoke("index", checkpoint, data, "-o", place("cat"), *place.shared),
                   "already holds a catalogue"))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    cases.append((invoke("search", tmp_path / "cat", tmp_path / "broken.png", "--workers", "0"),
+    cases.append((invoke("search", place("cat"), tmp_path / "broken.png", "--workers", "0"),
                   "broken.png"))
-    cases.append((invoke("search", tmp_path / "nowhere", tmp_path / "broken.png"),
-                  "CATALOG: folder not found"))
-    cases.append((invoke("search", other_root, tmp_path / "broken.png"),
-                  "not an Ascension catalogue"))
-    cases.append((invoke("search", tmp_path / "cat", tmp_path / "missing.png"),
+    if place.folder:
+        cases.append((invoke("search", tmp_path / "nowhere", tmp_path / "broken.png"),
+                      "CATALOG: folder not found"))
+        cases.append((invoke("search", other_root, tmp_path / "broken.png"),
+                      "not an Ascension catalogue"))
+    else:
+        cases.append((invoke("search", place("nowhere"), tmp_path / "broken.png"),
+                      "holds no catalogue (no such collection)"))
+    cases.append((invoke("search", place("cat"), tmp_path / "missing.png"),
                   "IMAGES: not found"))
     bad_gallery = tmp_path / "bad_gallery" / "x"
     bad_gallery.mkdir(parents=True)
     (bad_gallery / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    cases.append((invoke("index", checkpoint, bad_gallery.parent, "-o", tmp_path / "empty",
-                         "--workers", "0"), "catalogue would be empty"))
+    cases.append((invoke("index", checkpoint, bad_gallery.parent, "-o", place("empty"),
+                         *place.shared, "--workers", "0"), "catalogue would be empty"))
     for result, message in cases:
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
@@ -146,7 +160,7 @@ def test_bad_input_ends_in_one_line(trained, tmp_path):
 
 
 def test_a_manifest_s_item_ids_name_matches_and_group_by_item_counts_each_item_once(
-        trained, tmp_path):
+        trained, place, tmp_path):
     from ascension_cli import api
 
     root, data, checkpoint = trained
@@ -156,24 +170,27 @@ def test_a_manifest_s_item_ids_name_matches_and_group_by_item_counts_each_item_o
             f"sku-{p.parent.name}-{int(p.stem) // 2}" for p in photos]
     (tmp_path / "m.csv").write_text("path,label,item_id\n" + "\n".join(rows) + "\n")
     shutil.copytree(data, tmp_path / data.name)
-    catalog = api.index(checkpoint, tmp_path / "m.csv", tmp_path / "cat", workers=0).catalog
+    catalog = api.index(checkpoint, tmp_path / "m.csv", place("cat"), workers=0,
+                        **place.options).catalog
     assert catalog.items()[0].startswith("sku-") and len(set(catalog.items())) == 16
-    assert load_catalog(tmp_path / "cat").items() == catalog.items()  # kept on disk
+    kept = load_catalog(place("cat"))  # read back: each photo's item (in the store's order)
+    assert sorted(zip(kept.paths, kept.items(), strict=True)) == sorted(
+        zip(catalog.paths, catalog.items(), strict=True))
 
     query = data / "square" / "002.png"
-    by_photo = api.search(tmp_path / "cat", query, k=6, workers=0)[0]
-    by_item = api.search(tmp_path / "cat", query, k=6, workers=0, group_by="item")[0]
+    by_photo = api.search(place("cat"), query, k=6, workers=0)[0]
+    by_item = api.search(place("cat"), query, k=6, workers=0, group_by="item")[0]
     assert all(m.item and m.item.startswith("sku-") for m in by_photo.matches)
     items = [m.item for m in by_item.matches]
     assert len(items) == len(set(items)) == 6  # each item once, by its best photo
     # The best photo of each item, in order: the photo ranking with repeats removed.
-    deep = api.search(tmp_path / "cat", query, k=32, workers=0)[0].matches
+    deep = api.search(place("cat"), query, k=32, workers=0)[0].matches
     firsts = [m for i, m in enumerate(deep) if m.item not in {d.item for d in deep[:i]}]
     assert [(m.item, m.id) for m in by_item.matches] == [(m.item, m.id) for m in firsts[:6]]
     assert by_item.item == by_item.matches[0].item == by_photo.item
     assert by_item.to_dict()["matches"][0]["item"] == by_item.item
 
-    result = invoke("search", tmp_path / "cat", query, "--group-by", "item", "--k", "3",
+    result = invoke("search", place("cat"), query, "--group-by", "item", "--k", "3",
                     "--workers", "0", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "sku-" in result.output
@@ -181,42 +198,55 @@ def test_a_manifest_s_item_ids_name_matches_and_group_by_item_counts_each_item_o
     assert saved["group_by"] == "item" and saved["results"][0]["item"] == by_item.item
 
 
-def test_a_folder_catalogue_s_items_are_its_classes(trained, tmp_path):
+def test_a_folder_catalogue_s_items_are_its_classes(trained, place, tmp_path):
     from ascension_cli import api
 
     _, data, checkpoint = trained
-    catalog = api.index(checkpoint, data, tmp_path / "cat", workers=0).catalog
-    assert catalog.item_ids is None  # nothing stored: the default
+    catalog = api.index(checkpoint, data, place("cat"), workers=0, **place.options).catalog
+    if place.folder:
+        assert catalog.item_ids is None  # nothing stored: the default
     assert catalog.items() == [catalog.class_names[label] for label in catalog.labels]
-    result = api.search(tmp_path / "cat", data / "circle" / "001.png", k=3, workers=0,
+    result = api.search(place("cat"), data / "circle" / "001.png", k=3, workers=0,
                         group_by="item")[0]
     assert len({m.item for m in result.matches}) == 3 <= len(catalog.class_names)
     assert all(m.item == m.class_name for m in result.matches)
 
 
-def test_an_add_warns_of_new_items_confusable_with_another_class(trained, tmp_path):
+def test_an_add_warns_of_new_items_confusable_with_another_class(trained, place, tmp_path):
     from ascension_cli import api
 
     root, data, checkpoint = trained
-    api.index(checkpoint, data, tmp_path / "cat", workers=0)
+    api.index(checkpoint, data, place("cat"), workers=0, **place.options)
     # Copies of the circles filed as a new class: each the twin of a circle.
     shutil.copytree(data / "circle", tmp_path / "extra" / "disc")
-    result = invoke("index", checkpoint, tmp_path / "extra", "-o", tmp_path / "cat", "--add",
+    result = invoke("index", checkpoint, tmp_path / "extra", "-o", place("cat"), "--add",
                     "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "warning: 1 new item(s) as similar to an item of another class" in result.output
     assert "disc [disc] ~ circle [circle]: 1.000" in result.output
-    added = api.index(checkpoint, data / "square", tmp_path / "cat", add=True, workers=0)
+    added = api.index(checkpoint, data / "square", place("cat"), add=True, workers=0)
     assert added.added == 0 and added.onboarding == []  # nothing new, nothing to warn of
 
 
-def test_check_lists_a_photo_filed_under_two_classes_and_a_mislabelled_one(trained, tmp_path):
+def unordered(check: dict) -> dict:
+    """A check's report with each pair's two photos in path order (which comes first follows
+    the rows' order, a folder's as added, a Milvus collection's by key)."""
+    def pair(entry: dict) -> dict:
+        first, second = sorted([entry["photo"], entry["other_photo"]], key=str)
+        return {**entry, "photo": first, "other_photo": second}
+
+    return {**check, "cross_class_duplicates": [pair(e) for e in check["cross_class_duplicates"]],
+            "confusable_items": [pair(e) for e in check["confusable_items"]]}
+
+
+def test_check_lists_a_photo_filed_under_two_classes_and_a_mislabelled_one(trained, place,
+                                                                           tmp_path):
     _, data, checkpoint = trained
     messy = tmp_path / "messy"
     shutil.copytree(data, messy)
     shutil.copy(messy / "circle" / "002.png", messy / "square" / "circle-copy.png")
-    built = invoke("index", checkpoint, messy, "-o", tmp_path / "cat", "--workers", "0",
-                   "--check", "--json", tmp_path / "check.json")
+    built = invoke("index", checkpoint, messy, "-o", place("cat"), *place.shared,
+                   "--workers", "0", "--check", "--json", tmp_path / "check.json")
     assert built.exit_code == 0, built.output
     assert "near-duplicate photos filed under different classes: 1:" in built.output
     check = json.loads((tmp_path / "check.json").read_text())["check"]
@@ -229,13 +259,14 @@ def test_check_lists_a_photo_filed_under_two_classes_and_a_mislabelled_one(train
                                     for p in check["confusable_items"]]
 
     # A catalogue checked as it is, without a checkpoint: the same lists.
-    again = invoke("index", "--check", "-o", tmp_path / "cat", "--json", tmp_path / "2.json")
+    again = invoke("index", "--check", "-o", place("cat"), "--json", tmp_path / "2.json")
     assert again.exit_code == 0, again.output
     assert "added" not in again.output.splitlines()[0]
-    assert json.loads((tmp_path / "2.json").read_text())["check"] == check
-    for args, message in (((checkpoint, "-o", tmp_path / "cat"), "give both CHECKPOINT and"),
-                          (("-o", tmp_path / "cat"), "--check checks one as it is"),
-                          (("--check", "-o", tmp_path / "none"), "folder not found")):
+    assert unordered(json.loads((tmp_path / "2.json").read_text())["check"]) == unordered(check)
+    nowhere = "folder not found" if place.folder else "holds no catalogue"
+    for args, message in (((checkpoint, "-o", place("cat")), "give both CHECKPOINT and"),
+                          (("-o", place("cat")), "--check checks one as it is"),
+                          (("--check", "-o", place("none")), nowhere)):
         refused = invoke("index", *args)
         assert refused.exit_code == 2 and message in refused.output, refused.output
         assert "Traceback" not in refused.output

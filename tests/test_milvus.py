@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,48 +21,16 @@ pytest.importorskip("milvus_lite")
 from ascension_cli import api  # noqa: E402
 from ascension_cli.catalog.store import load_catalog  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
+from tests.stores import Milvus, free_port  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 
 runner = CliRunner()
-SERVER = Path(sys.executable).with_name("milvus-lite")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Milvus:
-    """A Milvus Lite server on 127.0.0.1, stopped by its pid."""
-
-    def __init__(self, data: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.process = subprocess.Popen(
-            [str(SERVER), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("Milvus Lite did not start")
-
-    def location(self, collection: str) -> str:
-        return f"milvus://127.0.0.1:{self.port}/{collection}"
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def milvus(tmp_path_factory):
-    server = Milvus(tmp_path_factory.mktemp("milvus"))
-    yield server
-    server.stop()
+def milvus(milvus_server):
+    """The session's Milvus server (``conftest.py``; ``ASCENSION_TEST_MILVUS`` names another)."""
+    return milvus_server
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +101,17 @@ def test_writes_are_idempotent_and_seen_by_every_reader(milvus, trained, tmp_pat
     assert reader.stamp() != before and len(reader.read()) == 8  # the next read sees it
 
 
+def own_lite_server(monkeypatch) -> None:
+    """A test that starts its own Milvus Lite server speaks to it without TLS or a credential,
+    whatever ASCENSION_TEST_MILVUS's server needs."""
+    for variable in ("ASCENSION_MILVUS_TLS", "ASCENSION_MILVUS_TOKEN", "ASCENSION_MILVUS_CERT",
+                     "ASCENSION_MILVUS_KEY", "ASCENSION_MILVUS_TOKEN_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 def test_a_server_that_is_down_is_one_line_in_bounded_time_without_the_token(
         trained, tmp_path, monkeypatch):
+    own_lite_server(monkeypatch)
     data, checkpoint = trained
     server = Milvus(tmp_path / "data")
     location = server.location("gone")
@@ -187,10 +162,12 @@ def test_two_services_answer_from_one_collection_and_see_each_others_writes(
         two.stop()
 
 
-def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_path):
+def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_path,
+                                                                   monkeypatch):
     pytest.importorskip("fastapi")
     from tests.test_serve import Server, post
 
+    own_lite_server(monkeypatch)
     data, checkpoint = trained
     database = Milvus(tmp_path / "data")
     location = database.location("restarts")
@@ -256,6 +233,15 @@ def test_the_server_index_follows_kind_and_its_limits_are_one_line(milvus, train
                                  "--kind", "ivfpq", "--workers", "0"])
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "ivfpq" in result.output and len(result.output.strip().splitlines()) == 1
+    # DISKANN: a server's index (its graph's parameters the server's own), not FAISS's.
+    disk = milvus.location("disk")
+    cli("index", checkpoint, data, "-o", disk, "--shared", tmp_path / "s", "--kind", "diskann",
+        "--workers", "0")
+    assert load_catalog(disk).index["type"] == "DISKANN"
+    assert api.search(disk, [query], k=40, workers=0)[0].matches[0].similarity > 0.999
+    folder = runner.invoke(app, ["index", str(checkpoint), str(data), "-o",
+                                 str(tmp_path / "cat"), "--kind", "diskann", "--workers", "0"])
+    assert folder.exit_code == 2 and "index of a Milvus server" in folder.output
 
 
 def test_a_photo_is_replaced_in_a_collection_as_in_a_folder(milvus, trained, tmp_path):
@@ -296,10 +282,11 @@ def test_an_upgrade_moves_the_alias_and_a_rollback_moves_it_back(milvus, tmp_pat
     assert "new model: Recall@1" in out
     assert answers(location, queries) != before
     client = load_catalog(location).backend.client()
-    assert client.describe_alias("upgraded")["collection_name"] == "upgraded__2"
+    alias = location.rsplit("/", 1)[1]
+    assert client.describe_alias(alias)["collection_name"] == f"{alias}__2"
     cli("catalog", "rollback", location)
     assert answers(location, queries) == before  # the generation kept, untouched
-    assert client.describe_alias("upgraded")["collection_name"] == "upgraded__1"
+    assert client.describe_alias(alias)["collection_name"] == f"{alias}__1"
     assert [e["action"] for e in api.history(location)][-2:] == ["upgrade", "rollback"]
     assert "nothing to roll back" in runner.invoke(app, ["catalog", "rollback", location]).output
 
@@ -376,3 +363,46 @@ def _quietly(call, *args, **kwargs) -> None:
 
     with contextlib.suppress(Exception):  # the service is killed under it
         call(*args, **kwargs)
+
+
+def test_credentials_and_tls_come_from_the_environment_and_are_never_said(tmp_path):
+    from ascension_cli.catalog.milvus_connection import connection_options
+    from ascension_cli.errors import ConfigError
+
+    assert connection_options("db", 19530, {}) == {"uri": "http://db:19530", "token": ""}
+    secret = tmp_path / "token"
+    secret.write_text("root:hunter2-secret\n")
+    given = connection_options("db", 1, {"ASCENSION_MILVUS_TOKEN_FILE": str(secret)})
+    assert given["token"] == "root:hunter2-secret"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    tls = connection_options("db", 1, {"ASCENSION_MILVUS_TLS": str(ca)})
+    assert tls["uri"] == "https://db:1" and tls["secure"] and tls["server_pem_path"] == str(ca)
+    system = connection_options("db", 1, {"ASCENSION_MILVUS_TLS": "1"})
+    assert system["secure"] and "server_pem_path" not in system
+    mutual = connection_options("db", 1, {"ASCENSION_MILVUS_TLS": str(ca),
+                                          "ASCENSION_MILVUS_CERT": str(ca),
+                                          "ASCENSION_MILVUS_KEY": str(secret)})
+    assert mutual["ca_pem_path"] == str(ca) and mutual["client_key_path"] == str(secret)
+    for environ, words in (
+            ({"ASCENSION_MILVUS_TOKEN_FILE": str(secret)}, "not both"),
+            ({"ASCENSION_MILVUS_CERT": str(ca)}, "set ASCENSION_MILVUS_TLS too"),
+            ({"ASCENSION_MILVUS_TLS": "1", "ASCENSION_MILVUS_CERT": str(ca),
+              "ASCENSION_MILVUS_KEY": str(ca)}, "to name the authority's PEM"),
+            ({"ASCENSION_MILVUS_TLS": str(ca), "ASCENSION_MILVUS_CERT": str(ca)}, "needs both")):
+        with pytest.raises(ConfigError, match=words) as error:
+            connection_options("db", 1, {"ASCENSION_MILVUS_TOKEN": "root:hunter2-secret",
+                                         **environ})
+        assert "hunter2" not in str(error.value)
+    with pytest.raises(ConfigError, match="names no readable file"):
+        connection_options("db", 1, {"ASCENSION_MILVUS_TOKEN_FILE": str(tmp_path / "none")})
+
+
+def test_a_bad_tls_setting_is_one_line_before_any_connection(trained, tmp_path, monkeypatch):
+    data, _ = trained
+    monkeypatch.setenv("ASCENSION_MILVUS_TLS", str(tmp_path / "missing-ca.pem"))
+    result = runner.invoke(app, ["search", "milvus://127.0.0.1:1/shop",
+                                 str(data / "circle" / "001.png"), "--workers", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: ASCENSION_MILVUS_TLS names no readable file")

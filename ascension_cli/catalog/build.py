@@ -14,6 +14,7 @@ from ascension_cli.catalog.folder_store import store_of
 from ascension_cli.catalog.history import change, local_user
 from ascension_cli.catalog.photos import keep_files
 from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
+from ascension_cli.catalog_layout import SERVER_ONLY_KINDS
 from ascension_cli.data.cache import available_memory
 from ascension_cli.data.manifest import scan_any
 from ascension_cli.embedding.pipeline import embed_images
@@ -120,7 +121,7 @@ def _open_for_build(
 
 def _check_memory(count: int, dim: int, index_kind: str) -> None:
     """Refuse, before embedding, an index that would not fit the memory available."""
-    if index_kind == MILVUS_INDEX:  # the server holds it
+    if index_kind == MILVUS_INDEX or index_kind in SERVER_ONLY_KINDS:  # the server holds it
         return
     try:
         check_fits(plan_index(count, dim, index_kind), available_memory())

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ascension_cli.catalog.history import change
+from ascension_cli.catalog.history import ACTIONS, change
 from ascension_cli.errors import Refused
 from ascension_cli.model.checkpoint import save_model_file
 
@@ -30,8 +30,11 @@ def generation_name(alias: str, generation: int) -> str:
 
 # The server's index for each --kind, its parameters from the catalogue's size (as a FAISS
 # index's are: ``retrieval.index.plan_index``), and how it is searched.
-SERVER_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ"}
+SERVER_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ",
+                "diskann": "DISKANN"}
 HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 200, 128
+DISKANN_SEARCH = 128  # candidates a DISKANN search keeps (at least the results asked for)
+SEARCH_BREADTH = ("ef", "search_list")  # search parameters that must be at least the limit
 
 
 def server_index(kind: str, count: int, dim: int) -> dict:
@@ -39,6 +42,9 @@ def server_index(kind: str, count: int, dim: int) -> dict:
     search parameters."""
     from ascension_cli.retrieval.index import plan_index
 
+    if kind == "diskann":  # its graph's parameters are the server's own defaults
+        return {"server_kind": kind, "type": SERVER_INDEX[kind], "build": {},
+                "search": {"search_list": DISKANN_SEARCH}}
     plan = plan_index(max(count, 1), dim, kind)
     build, search = {}, {}
     if kind == "hnsw":
@@ -86,6 +92,37 @@ def record(store, entry: dict) -> None:
                    consistency_level="Strong")
     store.call("insert", name, [{"at": time.time(), "entry": json.dumps(entry)[:8192],
                                  "vector": [0.0, 0.0]}])
+
+
+def read_history(store) -> list[dict]:
+    """The catalogue's changes, oldest first (none before its first change)."""
+    name = store.location.collection + HISTORY_SUFFIX
+    if not store.call("has_collection", name):
+        return []
+    rows = store.call("query", name, filter="id >= 0", output_fields=["at", "entry"],
+                      consistency_level="Strong")
+    entries = []
+    for row in sorted(rows, key=lambda row: row["at"]):
+        try:
+            entry = json.loads(row["entry"])
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("action") in ACTIONS:
+            entries.append(entry)
+    return entries
+
+
+def last_write(store, collection: str) -> int:
+    """The server's timestamp of the last write this process made to ``collection`` (what
+    pymilvus keeps for Session consistency); 0 where the server gives none (Milvus Lite)."""
+    try:
+        from pymilvus.client import ts_utils
+
+        written = ts_utils.get_collection_ts(
+            collection, store.client()._get_connection().server_address, "")
+    except Exception:  # noqa: BLE001 - a pymilvus without it: searches stay Strong
+        written = 0
+    return int(written or 0)
 
 
 def keep_model(catalog, model):

@@ -5,18 +5,23 @@ collection, and a write through one is seen by the next search through any other
 What lives where:
 
 - the collection: one row per photo (its vector, path, item, class, where the shared store keeps
-  it and its sha256), keyed by the photo's content and item, so a write retried after a crash
-  adds nothing twice; and, in its properties, the catalogue's facts (model identity, feature
-  kind, classes, calibration) with a stamp that every write renews;
+  it and its sha256), keyed by the photo's content, item and path, so a write retried after a
+  crash adds nothing twice; and, in its properties, the catalogue's facts (model identity,
+  feature kind, classes, calibration) with a stamp that every write renews;
 - the shared store (``--shared``, a folder every service machine reaches): the model and the
   photos, each checked by its sha256 when read (``catalog/photos.py`` names them);
 - the history: a second collection, ``COLLECTION_history``, one row per change.
 
-Reads are made at Strong consistency (a search waits until every write acknowledged before it
-is visible), which is what "the next search through any other service" needs. Every call to
+A write records, with its new stamp, the server's timestamp of its last row written; a search
+asks the server for the rows as of that timestamp (Milvus's "customized" consistency): every
+write acknowledged before the facts it read is visible, which is what "the next search through
+any other service" needs, without Strong consistency's wait for the server's next time tick
+(about 0.3 s a search on a Milvus 2.3 standalone; see docs/scale.md). A server that does not
+say its timestamps (Milvus Lite) is searched at Strong consistency. Every call to
 the server is bounded by ``TIMEOUT``; a server that is down, slow or restarting is a
 ``CatalogError`` (the service answers 503) and the next call connects again. The credentials
-come from the environment (``ASCENSION_MILVUS_TOKEN``) and never appear in a message.
+and TLS settings come from the environment (``catalog/milvus_connection.py``) and never appear
+in a message.
 
 Milvus has no lock that holds across machines: two writers at once each land whole, and the
 last one's stamp wins (a service reads the catalogue again at every new stamp).
@@ -27,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,27 +41,33 @@ from pathlib import Path
 import numpy as np
 
 from ascension_cli.catalog.folder_store import FolderStore
-from ascension_cli.catalog.history import ACTIONS
 from ascension_cli.catalog.milvus_collections import (
     HISTORY_SUFFIX,
+    SEARCH_BREADTH,
     TEXT,
     create,
     generation_name,
     keep_model,
+    last_write,
+    read_history,
     record,
     server_index,
+)
+from ascension_cli.catalog.milvus_connection import (
+    TLS_VARIABLE,
+    TOKEN_VARIABLE,
+    connection_options,
 )
 from ascension_cli.catalog.photos import file_digest, verified
 from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
 from ascension_cli.catalog_layout import MilvusLocation
-from ascension_cli.errors import CatalogError, Refused
+from ascension_cli.errors import CatalogError, ConfigError, Refused
 from ascension_cli.model.backbone import ModelSpec
 
 TIMEOUT = 10.0  # seconds a call to the server may take
-TOKEN_VARIABLE = "ASCENSION_MILVUS_TOKEN"
 META = "ascension"  # the collection property that holds the catalogue's facts
 FORMAT, VERSION = "ascension-milvus", 1
-BATCH = 1000  # rows a write sends at once
+BATCH = 5000  # rows a write sends (and a read asks for) at once
 MAX_LIMIT = 16384  # results one Milvus search returns, at most
 
 
@@ -67,8 +77,11 @@ def _released(exc: Exception) -> bool:
 
 
 def row_key(digest: str, item: str, path: str) -> str:
-    """A photo's key: its content and its item (its path, where its content is unknown)."""
-    return hashlib.sha256(f"{digest or path}\0{item}".encode("utf-8", "surrogatepass")
+    """A photo's key: its content, its item and its path. The same add again (a retry after a
+    crash: the same files, or the same uploads, which are kept under their content's name)
+    gives the same keys and adds nothing twice; copies of a photo at two paths are two rows,
+    as in a folder catalogue."""
+    return hashlib.sha256(f"{digest}\0{item}\0{path}".encode("utf-8", "surrogatepass")
                           ).hexdigest()
 
 
@@ -77,16 +90,23 @@ class _Index:
     ``search(x, k)``): each hit's row in the catalogue as it was read, -1 for a row written
     since (the service reads the catalogue again at the new stamp)."""
 
-    def __init__(self, store: MilvusStore, catalog: Catalog, keys: list[str]):
+    def __init__(self, store: MilvusStore, catalog: Catalog, keys: list[str],
+                 written_at: int = 0):
         self.store, self.ntotal, self.d = store, len(catalog), catalog.dim
         self.rows = {key: row for row, key in enumerate(keys)}
         self.params = dict(catalog.index.get("search") or {})
+        self.consistency = ({"consistency_level": "Customized",
+                             "guarantee_timestamp": written_at} if written_at > 0
+                            else {"consistency_level": "Strong"})
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        limit = min(k, MAX_LIMIT)
+        params = {key: max(value, limit) if key in SEARCH_BREADTH else value
+                  for key, value in self.params.items()}  # a graph searched at least k wide
         hits = self.store.call("search", self.store.location.collection,
-                               data=[q.tolist() for q in queries], limit=min(k, MAX_LIMIT),
-                               output_fields=["key"], consistency_level="Strong",
-                               search_params={"metric_type": "IP", "params": self.params})
+                               data=[q.tolist() for q in queries], limit=limit,
+                               output_fields=["key"], **self.consistency,
+                               search_params={"metric_type": "IP", "params": params})
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         for number, found in enumerate(hits):
@@ -107,6 +127,7 @@ class MilvusStore(FolderStore):
         self.shared = None if shared is None else Path(shared)
         self._client = None
         self._keys: list[str] = []  # each row's key, as the catalogue was last read
+        self._written_at = 0  # the server's timestamp of the last row written (0: unknown)
 
     # ---- the connection
     def client(self):
@@ -118,11 +139,11 @@ class MilvusStore(FolderStore):
             for name in list(logging.root.manager.loggerDict):
                 if name.startswith("pymilvus"):
                     logging.getLogger(name).setLevel(logging.CRITICAL)
+            options = connection_options(self.location.host, self.location.port)
             try:
-                self._client = MilvusClient(uri=self.location.uri, timeout=TIMEOUT,
-                                            token=os.environ.get(TOKEN_VARIABLE, ""))
+                self._client = MilvusClient(timeout=TIMEOUT, **options)
             except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds
-                raise self._unreachable(exc) from None
+                raise self._unreachable(exc, connecting=True) from None
         return self._client
 
     def call(self, method: str, *args, **kwargs):
@@ -132,7 +153,7 @@ class MilvusStore(FolderStore):
         for attempt in (1, 2):
             try:
                 return getattr(self.client(), method)(*args, timeout=TIMEOUT, **kwargs)
-            except CatalogError:
+            except (CatalogError, ConfigError):
                 raise
             except Exception as exc:  # noqa: BLE001 - grpc and pymilvus errors alike
                 if attempt == 1 and _released(exc):
@@ -142,10 +163,14 @@ class MilvusStore(FolderStore):
                 raise self._unreachable(exc) from None
         raise AssertionError("unreachable")
 
-    def _unreachable(self, exc: Exception) -> CatalogError:
+    def _unreachable(self, exc: Exception, connecting: bool = False) -> CatalogError:
+        """One line, naming no credential: a refused connection looks the same from here
+        whether the server is down or refused this machine's credential or TLS settings."""
         kind = type(exc).__name__
+        hint = (f"is the server up, and are {TOKEN_VARIABLE} and {TLS_VARIABLE} right for "
+                "it?" if connecting else "is the server up?")
         return CatalogError(f"the Milvus catalogue {self.location} cannot be read now "
-                            f"({kind}); is the server up?")
+                            f"({kind}); {hint}")
 
     @property
     def name(self) -> str:
@@ -221,7 +246,8 @@ class MilvusStore(FolderStore):
             np.array([position[row["label"]] if row["label"] else -1 for row in rows],
                      np.int64), [row["path"] for row in rows], dim,
             {**meta.get("index", {}), "kind": MILVUS_INDEX},
-            0, {"model": meta["model_file"]}, [row["item"] for row in rows],
+            int(meta.get("generation", 1)), {"model": meta["model_file"]},
+            [row["item"] for row in rows],
             meta.get("calibration"), None, [row["stored"] for row in rows],
             [row["digest"] for row in rows])
         model = catalog.directory / catalog.files["model"]
@@ -229,10 +255,14 @@ class MilvusStore(FolderStore):
             raise CatalogError(f"{self.location}'s model in the shared store is missing or not "
                                "the one the catalogue was built with (its sha256 differs)")
         self._keys = [row["key"] for row in rows]
+        self._written_at = int(meta.get("written_at") or 0)
         return replace(catalog, backend=self)  # searched on the server (``index``)
 
     def index(self, catalog: Catalog) -> _Index:
-        return _Index(self, catalog, self._keys)
+        return _Index(self, catalog, self._keys, self._written_at)
+
+    def _wrote(self, collection: str) -> None:
+        self._written_at = max(self._written_at, last_write(self, collection))
 
     # ---- writing
     @contextmanager
@@ -247,22 +277,27 @@ class MilvusStore(FolderStore):
         items = catalog.items()
         stored = catalog.stored or [""] * len(catalog)
         digests = catalog.digests or [""] * len(catalog)
-        records = [{"key": row_key(digests[row], items[row], catalog.paths[row]),
-                    "vector": catalog.vectors[row].tolist(), "path": catalog.paths[row],
-                    "item": items[row], "label": catalog.class_name(int(catalog.labels[row]))
-                    or "", "stored": stored[row], "digest": digests[row]} for row in rows]
-        too_long = [name for record in records for name, limit in TEXT.items()
-                    if len(record[name].encode("utf-8", "surrogatepass")) > limit]
+        texts = [{"key": row_key(digests[row], items[row], catalog.paths[row]),
+                  "path": catalog.paths[row], "item": items[row],
+                  "label": catalog.class_name(int(catalog.labels[row])) or "",
+                  "stored": stored[row], "digest": digests[row]} for row in rows]
+        too_long = [name for text in texts for name, limit in TEXT.items()
+                    if len(text[name].encode("utf-8", "surrogatepass")) > limit]
         if too_long:
             raise Refused(f"a photo's {too_long[0]} is longer than a Milvus catalogue keeps "
                           f"({TEXT[too_long[0]]} bytes)")
-        for start in range(0, len(records), BATCH):
-            self.call("insert" if new else "upsert", collection or self.location.collection,
-                      records[start:start + BATCH])
+        collection = collection or self.location.collection
+        for start in range(0, len(texts), BATCH):  # vectors as lists one batch at a time
+            vectors = catalog.vectors[rows[start:start + BATCH]].tolist()
+            self.call("insert" if new else "upsert", collection,
+                      [{**text, "vector": vector}
+                       for text, vector in zip(texts[start:start + BATCH], vectors, strict=True)])
+            self._wrote(collection)
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), BATCH):
             self.call("delete", self.location.collection, ids=keys[start:start + BATCH])
+            self._wrote(self.location.collection)
 
     def _write_meta(self, catalog: Catalog, collection: str | None = None, **extra) -> None:
         meta = {"format": FORMAT, "version": VERSION, "model": catalog.spec.to_dict(),
@@ -274,7 +309,7 @@ class MilvusStore(FolderStore):
                 "model_sha256": file_digest(catalog.directory / catalog.files["model"]),
                 "calibration": catalog.calibration,
                 "index": {key: value for key, value in catalog.index.items() if key != "kind"},
-                "stamp": uuid.uuid4().hex, **extra}
+                "stamp": uuid.uuid4().hex, "written_at": self._written_at, **extra}
         self.call("alter_collection_properties", collection or self.location.collection,
                   properties={META: json.dumps(meta)})
 
@@ -287,6 +322,7 @@ class MilvusStore(FolderStore):
         if model is not None:
             catalog = keep_model(catalog, model)
         live = self.meta() if self.exists() else {}
+        self._written_at = max(self._written_at, int(live.get("written_at") or 0))
         if not live:
             index = server_index(catalog.index.get("kind", "flat"), len(catalog),
                                  int(catalog.vectors.shape[1]))
@@ -318,8 +354,8 @@ class MilvusStore(FolderStore):
         """Record a calibration in the collection's facts (a new stamp), then the history."""
         calibrated = replace(catalog, calibration=calibration)
         live = self.meta()
-        self._write_meta(calibrated, **{key: live[key] for key in ("generation", "rollback")
-                                        if key in live})
+        self._write_meta(calibrated, **{key: live[key] for key in
+                                        ("generation", "rollback", "written_at") if key in live})
         self._record(entry)
         return calibrated
 
@@ -329,20 +365,7 @@ class MilvusStore(FolderStore):
 
     def history(self) -> list[dict]:
         self.meta()  # a catalogue, or one line saying there is none
-        name = self.location.collection + HISTORY_SUFFIX
-        if not self.call("has_collection", name):
-            return []
-        rows = self.call("query", name, filter="id >= 0", output_fields=["at", "entry"],
-                         consistency_level="Strong")
-        entries = []
-        for row in sorted(rows, key=lambda row: row["at"]):
-            try:
-                entry = json.loads(row["entry"])
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("action") in ACTIONS:
-                entries.append(entry)
-        return entries
+        return read_history(self)
 
 
 def _load_collections(store: MilvusStore) -> None:

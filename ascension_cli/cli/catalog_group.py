@@ -98,7 +98,9 @@ def history(**options: Any) -> None:
         for entry in entries:
             detail = ", ".join(f"{key} {shown(entry[key])}" for key in ("class", "item")
                                if key in entry)
-            say(f"{shown(entry.get('at'))}  generation {entry.get('to_generation')}  "
+            generation = ("" if entry.get("to_generation") is None  # a folder's changes
+                          else f"generation {entry['to_generation']}  ")
+            say(f"{shown(entry.get('at'))}  {generation}"
                 f"{shown(entry.get('action'))} {entry.get('photos')} photo(s) of "
                 f"{entry.get('items')} item(s)" + (f" ({detail})" if detail else "")
                 + f"  by {shown(entry.get('by'))}")

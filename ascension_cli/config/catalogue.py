@@ -7,12 +7,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ascension_cli.catalog_layout import catalog_folder, is_milvus
+from ascension_cli.catalog_layout import SERVER_ONLY_KINDS, catalog_folder, is_milvus
 from ascension_cli.config.commands import _RunOptions
 from ascension_cli.config.fields import (
     CHANNELS_LAST_HELP,
     DEVICE_HELP,
     SHORT_O,
+    CatalogIndexKind,
     CatalogLocation,
     CatalogOutput,
     CheckpointFile,
@@ -20,7 +21,6 @@ from ascension_cli.config.fields import (
     FileOrFolder,
     GroupBy,
     ImageSource,
-    IndexKind,
     OutputFile,
     PhotoMode,
     Precision,
@@ -71,13 +71,14 @@ class IndexConfig(_RunOptions):
         "sha256), so it can be moved, backed up and embedded again on its own. reference: keep "
         "only each photo's path and sha256 (for very large sets), checked before it is embedded "
         "again. (with --add: for the photos added)")
-    kind: IndexKind | None = Field(
-        None, description="The FAISS index. flat: exact, 4 x dimension bytes a vector. ivfpq: "
-        "inverted lists of compressed codes (a few dozen bytes a vector), for millions of items. "
-        "hnsw: a graph over the full vectors, fast and accurate, more memory. ivf: lists of full "
-        "vectors. Lists, probes and code size follow the catalogue's size; the recall against "
-        "exact search is measured on held-out items. (default: flat; with --add, the "
-        "catalogue's)")
+    kind: CatalogIndexKind | None = Field(
+        None, description="The index (FAISS's, or on Milvus the server's). flat: exact, 4 x "
+        "dimension bytes a vector. ivfpq: inverted lists of compressed codes (a few dozen bytes "
+        "a vector), for millions of items. hnsw: a graph over the full vectors, fast and "
+        "accurate, more memory. ivf: lists of full vectors. diskann (Milvus only): a graph "
+        "kept on the server's disk, for catalogues past its memory. Lists, probes and code size "
+        "follow the catalogue's size; the recall against exact search is measured on held-out "
+        "items. (default: flat; with --add, the catalogue's)")
 
     @model_validator(mode="after")
     def _check_catalog(self) -> IndexConfig:
@@ -88,6 +89,9 @@ class IndexConfig(_RunOptions):
                              "(without them, --check checks one as it is)")
         if (self.add or self.checkpoint is None) and not is_milvus(self.output):
             check_path(catalog_folder, self.output, "output")
+        if self.kind in SERVER_ONLY_KINDS and not is_milvus(self.output):
+            raise ValueError(f"--kind {self.kind} is an index of a Milvus server; a folder "
+                             "catalogue has flat, hnsw, ivf or ivfpq")
         if is_milvus(self.output) and self.checkpoint is not None and not self.add and (
                 self.shared is None):
             raise ValueError("a Milvus catalogue needs --shared DIR: where its model and "

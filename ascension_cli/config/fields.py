@@ -90,6 +90,7 @@ Split = Literal["train", "validation", "test"]
 def split_field() -> Any:
     return Field(None, description="With a manifest: only its rows of this split.")
 IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
+CatalogIndexKind = Literal["flat", "hnsw", "ivf", "ivfpq", "diskann"]  # diskann: Milvus only
 GroupBy = Literal["photo", "item"]
 
 

@@ -42,7 +42,8 @@ class Lookup:
     """The catalogue, its model and index, loaded once and re-read when the folder changes."""
 
     def __init__(self, directory: Path | str, run_options: dict[str, Any], max_pixels: int):
-        self.directory = directory  # a folder, or a Milvus location
+        # a folder (as a Path, however it was given), or a Milvus location
+        self.directory = directory if is_milvus(directory) else Path(directory)
         self.store = store_of(directory)
         self.run_options = settled_options(**run_options)  # decided once, before any load
         self.max_pixels = max_pixels
@@ -50,10 +51,10 @@ class Lookup:
         if is_milvus(directory) or not os.access(directory, os.W_OK):
             self._load()
             return
-        with catalog_lock(directory):  # read under the lock: no add lands meanwhile
+        with catalog_lock(self.directory):  # read under the lock: no add lands meanwhile
             self._load()
             # An add that a kill interrupted left these behind.
-            removed = remove_orphan_uploads(directory, self.searcher.catalog.paths)
+            removed = remove_orphan_uploads(self.directory, self.searcher.catalog.paths)
         if removed:
             print(f"removed {removed} photo(s) of an interrupted add from "
                   f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)

@@ -1,0 +1,77 @@
+"""How a Milvus catalogue reaches its server: the credential and TLS settings, read from the
+environment only. A command line is visible to every user of the machine (``ps``) and kept in
+shell histories, so a credential never goes there; a secret mounted as a file (a Kubernetes or
+Docker secret) is named by ``ASCENSION_MILVUS_TOKEN_FILE``.
+
+- ``ASCENSION_MILVUS_TOKEN``: ``user:password`` or an API key (``ASCENSION_MILVUS_TOKEN_FILE``:
+  a file holding it);
+- ``ASCENSION_MILVUS_TLS``: ``1`` for TLS checked against the system's certificate authorities,
+  or the path of the PEM of the authority that signed the server's certificate;
+- ``ASCENSION_MILVUS_CERT`` and ``ASCENSION_MILVUS_KEY``: this machine's certificate and key,
+  where the server asks for them (mutual TLS; ``ASCENSION_MILVUS_TLS`` then names the
+  authority's PEM).
+
+No message names a credential's value: an error says which variable to look at.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ascension_cli.errors import ConfigError
+
+TOKEN_VARIABLE = "ASCENSION_MILVUS_TOKEN"
+TOKEN_FILE_VARIABLE = "ASCENSION_MILVUS_TOKEN_FILE"
+TLS_VARIABLE = "ASCENSION_MILVUS_TLS"
+CERT_VARIABLE, KEY_VARIABLE = "ASCENSION_MILVUS_CERT", "ASCENSION_MILVUS_KEY"
+SYSTEM_ROOTS = ("1", "true", "yes")
+MAX_TOKEN_BYTES = 4096
+
+
+def _readable(variable: str, environ: Mapping[str, str]) -> Path:
+    path = Path(environ[variable])
+    if not path.is_file():
+        raise ConfigError(f"{variable} names no readable file")
+    return path
+
+
+def _token(environ: Mapping[str, str]) -> str:
+    if environ.get(TOKEN_VARIABLE) and environ.get(TOKEN_FILE_VARIABLE):
+        raise ConfigError(f"set {TOKEN_VARIABLE} or {TOKEN_FILE_VARIABLE}, not both")
+    if not environ.get(TOKEN_FILE_VARIABLE):
+        return environ.get(TOKEN_VARIABLE, "")
+    path = _readable(TOKEN_FILE_VARIABLE, environ)
+    try:
+        if path.stat().st_size > MAX_TOKEN_BYTES:
+            raise ConfigError(f"the file {TOKEN_FILE_VARIABLE} names is too long for a credential")
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"the file {TOKEN_FILE_VARIABLE} names cannot be read as text") from None
+
+
+def connection_options(host: str, port: int, environ: Mapping[str, str] | None = None) -> dict:
+    """``MilvusClient``'s arguments for the server at ``host:port``, from ``environ`` (the
+    process's environment by default)."""
+    environ = os.environ if environ is None else environ
+    options = {"uri": f"http://{host}:{port}", "token": _token(environ)}
+    tls = environ.get(TLS_VARIABLE, "").strip()
+    mutual = [name for name in (CERT_VARIABLE, KEY_VARIABLE) if environ.get(name)]
+    if mutual and not tls:
+        raise ConfigError(f"{mutual[0]} is for TLS: set {TLS_VARIABLE} too (the authority's PEM)")
+    if not tls:
+        return options
+    options.update(uri=f"https://{host}:{port}", secure=True)
+    if tls.lower() in SYSTEM_ROOTS:
+        if mutual:
+            raise ConfigError(f"mutual TLS needs {TLS_VARIABLE} to name the authority's PEM file")
+        return options
+    authority = str(_readable(TLS_VARIABLE, environ))
+    if not mutual:
+        return {**options, "server_pem_path": authority}
+    if len(mutual) == 1:
+        raise ConfigError(f"mutual TLS needs both {CERT_VARIABLE} and {KEY_VARIABLE}")
+    return {**options, "ca_pem_path": authority,
+            "client_pem_path": str(_readable(CERT_VARIABLE, environ)),
+            "client_key_path": str(_readable(KEY_VARIABLE, environ))}
