@@ -90,6 +90,33 @@ def test_train_end_to_end_through_the_cli(dataset, tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
+def test_the_starting_weights_stay_best_when_no_epoch_beats_them(dataset, tmp_path,
+                                                                 monkeypatch):
+    """Do no harm: the starting weights are a candidate like any epoch (validation figures
+    made up here, so that both epochs retrieve worse than the start)."""
+    import torch
+
+    from ascension_cli.train import loop
+
+    figures = iter([0.9, 0.5, 0.6])
+    monkeypatch.setattr(loop, "validation_recall", lambda run, stop: next(figures))
+    result = invoke(
+        "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
+        "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
+        "--warmup-epochs", "0", "--workers", "0", "--val-fraction", "0.25",
+        "--save-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # as the console wrapped it, unwrapped
+    assert "training did not beat the starting model (validation recall@1 0.9000 before " \
+           "training, 0.6000 at best after); best.pt holds the starting weights" in said
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0 and last["epoch"] == 2 and best["best_recall_at_1"] == 0.9
+    assert any(not torch.equal(best["model"][name], last["model"][name])
+               for name in best["model"])  # trained weights differ: best.pt is the start
+    assert "(best" not in said.split("before training")[1]  # no epoch marked best
+
+
 def test_module_entry_point_and_console_script_help():
     result = subprocess.run(
         [sys.executable, "-m", "ascension_cli", "train", "--help"],

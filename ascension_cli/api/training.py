@@ -23,7 +23,7 @@ def _default(field: str) -> Any:
 class TrainSummary:
     """What ``train_supcon`` returns."""
 
-    best_recall_at_1: float | None  # best validation Recall@1 of a trained epoch
+    best_recall_at_1: float | None  # best.pt's validation Recall@1 (the start's included)
     epochs_run: int  # epochs trained by this call (a resumed run counts only its own)
     last_checkpoint: Path
     best_checkpoint: Path | None  # None without a validation split
@@ -33,6 +33,12 @@ class TrainSummary:
     @property
     def untrained_recall_at_1(self) -> float | None:
         return self.history[0].val_recall_at_1 if self.history else None
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch best.pt holds: 0 where no epoch beat the starting weights."""
+        kept = [record.epoch for record in self.history if record.best]
+        return kept[-1] if kept else None
 
 
 def run_training(settings: TrainConfig, reporter: Reporter | None = None,

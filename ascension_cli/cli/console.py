@@ -345,9 +345,12 @@ def print_training_summary(result: TrainSummary) -> None:
         shown(f"done: {len(trained)} epoch(s) this run, best validation recall@1 "
               f"{best_text}; checkpoints in {result.save_dir}"),
     )
-    if best is not None and untrained is not None and best <= untrained:
+    if result.best_epoch == 0 and untrained is not None:
+        reached = max((r.val_recall_at_1 for r in trained if r.val_recall_at_1 is not None),
+                      default=None)
+        after = "" if reached is None else f", {reached:.4f} at best after"
         console.print(
-            f"note: training has not yet beaten the untrained model (validation recall@1 "
-            f"{untrained:.4f} before training); best.pt holds the best trained epoch. Train "
-            "longer, or lower --lr.",
+            f"note: training did not beat the starting model (validation recall@1 "
+            f"{untrained:.4f} before training{after}); best.pt holds the starting weights. "
+            "Train longer, or lower --lr.",
         )

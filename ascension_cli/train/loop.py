@@ -98,15 +98,16 @@ class Trainer:
         self.reporter.message(f"resumed from {where} (step {state.step})")
 
     def _measure_untrained(self) -> None:
+        # The starting weights are a candidate like any epoch (best.pt until one is better).
         started = time.perf_counter()
-        # The untrained model's figure, for comparison; best.pt tracks trained epochs only.
         recall = self.validate()
         self.state.history.append(EpochRecord(
             0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], recall, None,
-            time.perf_counter() - started,
-        ))
+            time.perf_counter() - started, best=recall is not None))
         self.result.history = self.state.history
         if recall is not None:
+            self.state.best = recall
+            self.save(self.run_parts.save_dir / BEST_CHECKPOINT, 0)
             self.reporter.message(f"before training: validation recall@1 {recall:.4f}")
         elif self.run_parts.loaders.val is not None:
             self.reporter.message(Wording(

@@ -142,7 +142,7 @@ class TrainState:
 
     epoch: int = 0
     step: int = 0
-    best: float | None = None  # best validation Recall@1 of a trained epoch
+    best: float | None = None  # best validation Recall@1 so far, the starting weights' included
     nonfinite_total: int = 0
     consecutive_nonfinite: int = 0
     history: list[EpochRecord] = field(default_factory=list)
