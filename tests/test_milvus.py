@@ -406,3 +406,60 @@ def test_a_bad_tls_setting_is_one_line_before_any_connection(trained, tmp_path, 
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.output.strip().splitlines()[-1] == (
         "error: ASCENSION_MILVUS_TLS names no readable file")
+
+
+def test_a_service_machine_reads_the_shared_store_over_http_or_elsewhere(
+        milvus, trained, tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    from ascension_cli.errors import CatalogError
+
+    data, checkpoint = trained
+    location = milvus.location("remote")
+    store = tmp_path / "store"
+    cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
+        store, "--workers", "0")
+    query = data / "circle" / "001.png"
+    expected = answers(location, [query])
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(Quiet, directory=str(store)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ASCENSION_MILVUS_SHARED",
+                           f"http://reader:pa55word@127.0.0.1:{web.server_port}/")
+        monkeypatch.setenv("ASCENSION_CACHE", str(tmp_path / "cache"))
+        found = load_catalog(location, with_vectors=False)
+        assert found.directory.is_relative_to(tmp_path / "cache")  # fetched, checked, cached
+        assert answers(location, [query]) == expected
+        # Over HTTP the store is read-only: a change that keeps photos is refused in one line.
+        extra = tmp_path / "extra" / "square"
+        shutil.copytree(data / "square", extra)
+        refused = runner.invoke(app, ["index", str(checkpoint), str(extra.parent), "-o",
+                                      location, "--add", "--workers", "0"])
+        assert refused.exit_code != 0 and "read-only" in refused.output, refused.output
+        # A model on the store that is not the catalogue's: one line, no password in it.
+        shutil.rmtree(tmp_path / "cache")
+        original = (store / found.files["model"]).read_bytes()
+        (store / found.files["model"]).write_bytes(b"not the model")
+        with pytest.raises(CatalogError, match="sha256 differs") as error:
+            load_catalog(location, with_vectors=False)
+        assert "pa55word" not in str(error.value) and "reader" not in str(error.value)
+        assert not list((tmp_path / "cache").rglob("*.pt"))  # nothing half-fetched kept
+    finally:
+        web.shutdown()
+    # The same store mounted at another path on this machine.
+    (store / found.files["model"]).write_bytes(original)
+    moved = tmp_path / "mounted-elsewhere"
+    shutil.move(store, moved)
+    monkeypatch.setenv("ASCENSION_MILVUS_SHARED", str(moved))
+    assert answers(location, [query]) == expected
+    (moved / found.files["model"]).unlink()
+    with pytest.raises(CatalogError, match="missing or not the one"):
+        load_catalog(location, with_vectors=False)

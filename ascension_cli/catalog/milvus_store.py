@@ -58,6 +58,7 @@ from ascension_cli.catalog.milvus_connection import (
     TOKEN_VARIABLE,
     connection_options,
 )
+from ascension_cli.catalog.milvus_shared import refuse_writes_over_http, shared_home
 from ascension_cli.catalog.photos import file_digest, verified
 from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
 from ascension_cli.catalog_layout import MilvusLocation
@@ -187,6 +188,8 @@ class MilvusStore(FolderStore):
     def begin(self, writes: bool, dropped: list[str] = ()) -> None:
         """Photos in the shared store are named by their content: a write cut short leaves at
         most a photo no row names, which the next write of it reuses."""
+        if writes:
+            refuse_writes_over_http()
 
     # ---- reading
     def meta(self) -> dict:
@@ -241,7 +244,8 @@ class MilvusStore(FolderStore):
         vectors = (np.array([row["vector"] for row in rows], np.float32).reshape(-1, dim)
                    if with_vectors else None)
         catalog = Catalog(
-            Path(meta["shared"]), ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
+            shared_home(meta["shared"], meta["model_file"], meta.get("model_sha256")),
+            ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
             meta["feature_kind"], names, vectors,
             np.array([position[row["label"]] if row["label"] else -1 for row in rows],
                      np.int64), [row["path"] for row in rows], dim,

@@ -30,6 +30,7 @@ from ascension_cli.catalog.calibrate import (
 from ascension_cli.catalog.folder_store import FolderStore, store_of
 from ascension_cli.catalog.history import change, record_pending
 from ascension_cli.catalog.milvus_collections import rollback, switch
+from ascension_cli.catalog.milvus_shared import refuse_writes_over_http
 from ascension_cli.catalog.photos import verified
 from ascension_cli.catalog.search import CatalogSearcher
 from ascension_cli.catalog.store import Catalog, write_catalog
@@ -79,8 +80,10 @@ def _photo_files(catalog: Catalog) -> list[Path]:
 def _work(store, catalog: Catalog) -> Path:
     """Where an upgrade keeps its parts: the catalogue folder's .upgrade/, or in the shared
     store one for each Milvus catalogue."""
-    suffix = f"-{store.location.collection}" if is_milvus(store.name) else ""
-    return catalog.directory / f"{UPGRADE_FOLDER}{suffix}"
+    if not is_milvus(store.name):
+        return catalog.directory / UPGRADE_FOLDER
+    refuse_writes_over_http()
+    return catalog.directory / f"{UPGRADE_FOLDER}-{store.location.collection}"
 
 
 def _embedded_again(catalog: Catalog, checkpoint: Path, files: list[Path], work: Path,
@@ -158,8 +161,8 @@ def upgrade_catalog(directory: str | Path, checkpoint: str | Path, by: str, forc
     sha = sha256_of(checkpoint)
     if sha == catalog.checkpoint_sha256:
         raise Refused("the catalogue already answers with this model")
+    work = _work(store, catalog)  # refused first where the shared store is read-only
     files = _photo_files(catalog)
-    work = _work(store, catalog)
     new_vectors = _embedded_again(catalog, Path(checkpoint), files, work, progress,
                                   embed_options)
     gate, calibration = _gate(catalog, new_vectors, new_model, new_spec, photos, tolerance,
