@@ -92,6 +92,21 @@ def _served_mib(location: str) -> float:
     return json.loads(found.stdout.strip().splitlines()[-1])["mib"]
 
 
+def _strong(index, queries: np.ndarray, latency) -> dict:
+    """A Milvus index's latency at Strong consistency too, beside the guarantee timestamp a
+    catalogue's searches use (``milvus_store._Index``); nothing for a folder, or for a server
+    that gives no timestamps (Milvus Lite: searched at Strong already)."""
+    if getattr(index, "consistency", {}).get("consistency_level") != "Customized":
+        return {}
+    chosen = index.consistency
+    index.consistency = {"consistency_level": "Strong"}
+    try:
+        p50, p95 = latency(index, queries[:50])
+    finally:
+        index.consistency = chosen
+    return {"strong_latency_ms_median": p50, "strong_latency_ms_p95": p95}
+
+
 def compare_stores(size: int, dim: int, queries: np.ndarray, vectors: np.ndarray,
                    latency, seconds: float = 5.0, server_at: str | None = None) -> list[dict]:
     """Both stores built from ``vectors`` and measured in one run (see the module notes);
@@ -122,7 +137,8 @@ def compare_stores(size: int, dim: int, queries: np.ndarray, vectors: np.ndarray
                              "latency_ms_median": p50, "latency_ms_p95": p95,
                              "qps_1": _throughput(index, queries, 1, seconds),
                              "qps_16": _throughput(index, queries, 16, seconds),
-                             "service_mib": _served_mib(target)})
+                             "service_mib": _served_mib(target), **_strong(index, queries,
+                                                                            latency)})
                 print(f"{store:7} built in {built:.1f} s", flush=True)
         finally:
             if server is not None:

@@ -203,12 +203,15 @@ def stores(size: int, dim: int, queries: int, json_path: Path | None,
     rows = compare_stores(size, dim, clustered(queries, dim, seed=1), clustered(size, dim),
                           latency, server_at=server_at)
     folder = rows[0]
-    print_table(f"a catalogue of {size:,} {dim}-d vectors in a folder and in Milvus Lite (same "
+    server = f"the Milvus server at {server_at}" if server_at else "Milvus Lite"
+    print_table(f"a catalogue of {size:,} {dim}-d vectors in a folder and in {server} (same "
                 "run; ratios against the folder)",
-                ["store", "build s", "ms median / p95", "q/s 1 client", "q/s 16 clients",
-                 "service MiB", "service memory / folder"],
+                ["store", "build s", "ms median / p95", "at Strong", "q/s 1 client",
+                 "q/s 16 clients", "service MiB", "service memory / folder"],
                 [[r["store"], f"{r['build_seconds']:.1f}",
                   f"{r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f}",
+                  f"{r['strong_latency_ms_median']:.2f} / {r['strong_latency_ms_p95']:.2f}"
+                  if "strong_latency_ms_median" in r else "-",
                   f"{r['qps_1']:.0f}", f"{r['qps_16']:.0f}", f"{r['service_mib']:.0f}",
                   f"{r['service_mib'] / folder['service_mib']:.2f}"] for r in rows])
     write_json("bench_scale_stores", {"size": size, "dim": dim, "server": server_at or
