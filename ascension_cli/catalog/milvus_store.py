@@ -165,13 +165,7 @@ class MilvusStore(FolderStore):
         raise AssertionError("unreachable")
 
     def _unreachable(self, exc: Exception, connecting: bool = False) -> CatalogError:
-        """One line, naming no credential: a refused connection looks the same from here
-        whether the server is down or refused this machine's credential or TLS settings."""
-        kind = type(exc).__name__
-        hint = (f"is the server up, and are {TOKEN_VARIABLE} and {TLS_VARIABLE} right for "
-                "it?" if connecting else "is the server up?")
-        return CatalogError(f"the Milvus catalogue {self.location} cannot be read now "
-                            f"({kind}); {hint}")
+        return unreachable(self.location, exc, connecting)
 
     @property
     def name(self) -> str:
@@ -370,6 +364,15 @@ class MilvusStore(FolderStore):
     def history(self) -> list[dict]:
         self.meta()  # a catalogue, or one line saying there is none
         return read_history(self)
+
+
+def unreachable(location: MilvusLocation, exc: Exception, connecting: bool) -> CatalogError:
+    """One line, naming no credential: a refused connection looks the same from here whether
+    the server is down or refused this machine's credential or TLS settings."""
+    hint = (f"is the server up, and are {TOKEN_VARIABLE} and {TLS_VARIABLE} right for it?"
+            if connecting else "is the server up?")
+    return CatalogError(f"the Milvus catalogue {location} cannot be read now "
+                        f"({type(exc).__name__}); {hint}")
 
 
 def _load_collections(store: MilvusStore) -> None:
