@@ -26,7 +26,9 @@ def test_train_embed_and_evaluate_through_the_api(dataset, tmp_path):
                        image_size=32, samples_per_class=2, workers=0, val_fraction=0.25)
     assert run.epochs_run == 2 and [r.epoch for r in run.history] == [0, 1, 2]
     assert run.last_checkpoint.is_file() and run.best_checkpoint.is_file()
-    assert run.best_recall_at_1 == max(r.val_recall_at_1 for r in run.history[1:])
+    # best.pt: the best of every candidate, the starting weights (epoch 0) included.
+    assert run.best_recall_at_1 == max(r.val_recall_at_1 for r in run.history)
+    assert run.best_epoch == max((r for r in run.history), key=lambda r: r.val_recall_at_1).epoch
 
     vectors = embed(run.last_checkpoint, dataset, tmp_path / "v.npz", workers=0)
     assert len(vectors) == 32 and (tmp_path / "v.npz").is_file()

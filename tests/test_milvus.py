@@ -21,7 +21,7 @@ pytest.importorskip("milvus_lite")
 from ascension_cli import api  # noqa: E402
 from ascension_cli.catalog.store import load_catalog  # noqa: E402
 from ascension_cli.cli.app import app  # noqa: E402
-from tests.stores import Milvus, free_port  # noqa: E402
+from tests.stores import GivenMilvus, Milvus, free_port  # noqa: E402
 from tests.test_catalog import train_tiny  # noqa: E402
 
 runner = CliRunner()
@@ -233,12 +233,19 @@ def test_the_server_index_follows_kind_and_its_limits_are_one_line(milvus, train
                                  "--kind", "ivfpq", "--workers", "0"])
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "ivfpq" in result.output and len(result.output.strip().splitlines()) == 1
-    # DISKANN: a server's index (its graph's parameters the server's own), not FAISS's.
+    # DISKANN: a server's index (its graph's parameters the server's own), not FAISS's; Milvus
+    # Lite builds no DISKANN (nor IVF_PQ): refused there before anything is made.
     disk = milvus.location("disk")
-    cli("index", checkpoint, data, "-o", disk, "--shared", tmp_path / "s", "--kind", "diskann",
-        "--workers", "0")
-    assert load_catalog(disk).index["type"] == "DISKANN"
-    assert api.search(disk, [query], k=40, workers=0)[0].matches[0].similarity > 0.999
+    built = runner.invoke(app, ["index", str(checkpoint), str(data), "-o", disk, "--shared",
+                                str(tmp_path / "s"), "--kind", "diskann", "--workers", "0"])
+    if isinstance(milvus, GivenMilvus):  # a server you started (ASCENSION_TEST_MILVUS)
+        assert built.exit_code == 0, built.output
+        assert load_catalog(disk).index["type"] == "DISKANN"
+        assert api.search(disk, [query], k=40, workers=0)[0].matches[0].similarity > 0.999
+    else:
+        assert built.exit_code == 2 and "Milvus Lite" in built.output, built.output
+        assert "has no DISKANN index" in built.output and "Traceback" not in built.output
+        assert "holds no catalogue" in runner.invoke(app, ["search", disk, str(query)]).output
     folder = runner.invoke(app, ["index", str(checkpoint), str(data), "-o",
                                  str(tmp_path / "cat"), "--kind", "diskann", "--workers", "0"])
     assert folder.exit_code == 2 and "index of a Milvus server" in folder.output

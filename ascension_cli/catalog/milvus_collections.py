@@ -35,6 +35,7 @@ SERVER_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF
 HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 32, 200, 128
 DISKANN_SEARCH = 128  # candidates a DISKANN search keeps (at least the results asked for)
 SEARCH_BREADTH = ("ef", "search_list")  # search parameters that must be at least the limit
+LITE_VERSION, LITE_LACKS = "milvus_lite", ("IVF_PQ", "DISKANN")  # Milvus Lite builds neither
 
 
 def server_index(kind: str, count: int, dim: int) -> dict:
@@ -59,8 +60,14 @@ def server_index(kind: str, count: int, dim: int) -> dict:
 
 def create(store, name: str, dim: int, server: dict) -> None:
     """A collection ``name`` of the catalogue's rows, one per photo, searched by inner product
-    through the ``server`` index (``server_index``)."""
+    through the ``server`` index (``server_index``); refused, before anything is made, where
+    the server lacks that index."""
     from pymilvus import DataType, MilvusClient
+
+    version = str(store.call("get_server_version"))
+    if version.startswith(LITE_VERSION) and server["type"] in LITE_LACKS:
+        raise Refused(f"Milvus Lite ({version}) has no {server['type']} index (it would fail "
+                      "when it builds one): use a Milvus server, or --kind flat, hnsw or ivf")
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=TEXT["key"])
