@@ -80,12 +80,18 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
         "--json", tmp_path / "quality.json", timeout=600,
     )
     by_system = result["results"]["shapes"]
-    assert list(by_system) == ["frozen", "plain", "proxyanchor", "multisim", "ascension", "linear"]
+    systems = ["frozen", "plain", "proxyanchor", "multisim", "ascension", "linear"]
+    assert list(by_system) == [f"{s}{budget}" for s in systems for budget in ("", " @passes")]
     for system, summary in by_system.items():
         figures = summary["mean"]
         assert 0 <= figures["recall_at_1"] <= figures["recall_at_5"] <= 1, system
         assert {"map_at_r", "recall_at_1_hue90", "recall_at_1_grayscale"} <= set(figures)
-        assert (figures["train_seconds"] > 0) == (system != "frozen")
+        assert (figures["train_seconds"] > 0) == (not system.startswith("frozen"))
+    # Equal image passes: plain sees two views of a photo an epoch, the others one.
+    epochs = {system: summary["mean"]["epochs"] for system, summary in by_system.items()}
+    assert epochs == {s: 2 if s.endswith("@passes") and s.split()[0] not in (
+        "frozen", "plain") else 1 for s in by_system}
+    assert by_system["plain @passes"] == by_system["plain"]  # the same run, not trained twice
     assert result["variants"] == {"linear": {"head": "linear", "lr": 0.001}}
     assert isinstance(result["defaults_win_everywhere"], bool)
 
@@ -171,6 +177,18 @@ def test_bench_scale_measures_every_kind_against_flat_and_projects(tmp_path):
     again = run_benchmark("bench_scale", "--rows-from", tmp_path / "scale.json",
                           "--json", tmp_path / "again.json")
     assert again["projected"] == result["projected"]
+
+
+def test_bench_scale_compares_a_folder_and_a_milvus_catalogue(milvus_server, tmp_path):
+    result = run_benchmark("bench_scale", "--store", "milvus", "--sizes", "2000", "--dim", "32",
+                           "--queries", "10", "--milvus", milvus_server.address,
+                           "--json", tmp_path / "stores.json")
+    rows = {row["store"]: row for row in result["results"]}
+    assert set(rows) == {"folder", "milvus"} and result["size"] == 2000
+    for row in rows.values():
+        assert row["count"] == 2000 and row["build_seconds"] > 0
+        assert 0 < row["latency_ms_median"] <= row["latency_ms_p95"]
+        assert row["qps_1"] > 0 and row["qps_16"] > 0 and row["service_mib"] > 0
 
 
 def test_bench_shards_compares_shards_with_the_folder(dataset, tmp_path):
