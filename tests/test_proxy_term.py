@@ -185,3 +185,48 @@ def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_
     as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1,
                         lr_schedule="cosine", ema_decay=0)
     resume(old, as_trained, many)
+
+
+def test_the_proxies_start_at_their_classes_mean_features(dataset, tmp_path):
+    """--proxy-start means: each proxy points where its class's photos are under the starting
+    weights (its length the random start's, so a step at the proxies' LR moves it as before);
+    the default keeps the random start."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from ascension_cli.data.augment import eval_transform
+    from ascension_cli.data.dataset import EvalDataset, collate
+    from ascension_cli.embedding.inference import extract_features
+    from ascension_cli.train.build import build_run
+    from ascension_cli.train.reporter import Reporter
+    from ascension_cli.train.stopping import StopRequest
+
+    said = []
+
+    class Heard(Reporter):
+        def message(self, text: str) -> None:
+            said.append(text)
+
+    run = build_run(config(dataset, tmp_path / "run", proxy_weight=0.5, proxy_start="means"),
+                    Heard(), StopRequest())
+    proxies = run.opt.loss_module.proxies.detach()
+    data, spec = run.data, run.nets.spec
+    paths = [data.scan.paths[row] for row in data.train_index]  # 6 a class: each one chosen
+    photos = EvalDataset(paths, data.train_labels, eval_transform(
+        spec.image_size, spec.mean, spec.std, spec.crop_pct))
+    features, labels, _ = extract_features(run.nets.model, DataLoader(
+        photos, batch_size=4, collate_fn=collate), torch.device("cpu"), "backbone",
+        channels_last=False)
+    random_start = SupConWithProxies(4, spec.num_features, 0.1, 0.5,
+                                     torch.Generator().manual_seed(0)).proxies.detach()
+    for label in range(4):
+        mean = torch.from_numpy(features[labels == label].mean(axis=0))
+        cosine = torch.nn.functional.cosine_similarity(mean, proxies[label], dim=0)
+        assert float(cosine) > 0.999
+        assert float(proxies[label].norm()) == pytest.approx(float(random_start[label].norm()),
+                                                             rel=1e-5)
+    assert any("proxies start at their classes' mean features (4 classes" in s for s in said)
+    assert np.isfinite(features).all()
+    default = build_run(config(dataset, tmp_path / "other", proxy_weight=0.5), Reporter(),
+                        StopRequest())
+    assert torch.equal(default.opt.loss_module.proxies.detach(), random_start)

@@ -91,6 +91,7 @@ def split_field() -> Any:
     return Field(None, description="With a manifest: only its rows of this split.")
 IndexKind = Literal["flat", "hnsw", "ivf", "ivfpq"]
 CatalogIndexKind = Literal["flat", "hnsw", "ivf", "ivfpq", "diskann"]  # diskann: Milvus only
+ProxyStart = Literal["means", "random"]
 GroupBy = Literal["photo", "item"]
 
 

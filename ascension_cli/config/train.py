@@ -34,6 +34,7 @@ from ascension_cli.config.fields import (
     LrSchedule,
     OutputFolder,
     Precision,
+    ProxyStart,
     StreamSource,
     Tracker,
     WeightsFile,
@@ -104,6 +105,11 @@ class TrainConfig(BaseModel):
         "proxy per class, margin 0.1, alpha 32) to SupCon, over the same batch; 0: SupCon "
         f"alone. (default: {AUTO_PROXY_WEIGHT} when a target batch cannot hold every class, "
         "the proxies standing for the classes it leaves out; else 0)")
+    proxy_start: ProxyStart = Field(
+        "random", description="Where --proxy-weight's proxies start: random, the Proxy-Anchor "
+        "paper's Kaiming start; means, each at its class's mean feature under the starting "
+        "weights (a few training photos a class, embedded once).",
+        json_schema_extra=RESUMABLE)  # placed before the first step: a resume keeps its proxies
     model: str = Field("tf_efficientnetv2_m", min_length=1, description="Any timm model name.")
     image_size: int | None = Field(
         None, ge=16, le=4096,

@@ -52,6 +52,7 @@ from ascension_cli.train.plan import (
     recorded_augmentation,
     settled,
 )
+from ascension_cli.train.proxy_start import PHOTOS_PER_CLASS, start_proxies
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.schedule import adamw, warmup_then
 from ascension_cli.train.stopping import StopRequest
@@ -154,8 +155,12 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     loaders = build_loaders(config.model_copy(update={"augment": plan.augmentation}), data,
                             nets.spec, machine, reporter, stop)
     opt = _optimisation(config, plan, nets, loaders.sampler, machine, stop)
-    return Run(config, plan, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
-               reporter)
+    run = Run(config, plan, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
+              reporter)
+    if checkpoint is None and (placed := start_proxies(run)):  # a resume has its proxies
+        reporter.message(f"the proxies start at their classes' mean features ({placed} "
+                         f"classes, up to {PHOTOS_PER_CLASS} photos each)")
+    return run
 
 
 # ---- the machine, the checkpoint, the options fitted to the data
