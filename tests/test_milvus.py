@@ -97,6 +97,8 @@ def test_writes_are_idempotent_and_seen_by_every_reader(milvus, trained, tmp_pat
     assert len(load_catalog(location)) == 16
     reader = MilvusStore(location)  # another service's view of the same collection
     before = reader.stamp()
+    # One connection a process: a client a read would pile up channels pinging the server.
+    assert reader.client() is MilvusStore(location).client()
     api.remove(location, items=["square"])
     assert reader.stamp() != before and len(reader.read()) == 8  # the next read sees it
 

@@ -12,11 +12,17 @@ Docker secret) is named by ``ASCENSION_MILVUS_TOKEN_FILE``.
   authority's PEM).
 
 No message names a credential's value: an error says which variable to look at.
+
+A process keeps one client per server and settings (``client_for``): each holds a gRPC channel
+that pings its server, and a client made for every read would pile channels up until the
+server refuses them (``too_many_pings``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +34,12 @@ TLS_VARIABLE = "ASCENSION_MILVUS_TLS"
 CERT_VARIABLE, KEY_VARIABLE = "ASCENSION_MILVUS_CERT", "ASCENSION_MILVUS_KEY"
 SYSTEM_ROOTS = ("1", "true", "yes")
 MAX_TOKEN_BYTES = 4096
+_CLIENTS: dict[tuple, object] = {}  # the process's clients, by their settings
+CONNECT_PAUSE = 0.5  # seconds before a second try at connecting
+# No keepalive pings while no call is in flight: a gRPC server's default policy answers an idle
+# connection's pings with GOAWAY (too_many_pings); the next call connects again if need be.
+QUIET = {"grpc.keepalive_permit_without_calls": 0}
+_CLIENTS_LOCK = threading.Lock()
 
 
 def _readable(variable: str, environ: Mapping[str, str]) -> Path:
@@ -75,3 +87,28 @@ def connection_options(host: str, port: int, environ: Mapping[str, str] | None =
     return {**options, "ca_pem_path": authority,
             "client_pem_path": str(_readable(CERT_VARIABLE, environ)),
             "client_key_path": str(_readable(KEY_VARIABLE, environ))}
+
+
+def client_for(host: str, port: int, timeout: float):
+    """The process's ``MilvusClient`` for the server at ``host:port`` with this environment's
+    settings, made (and connected) on first use."""
+    options = connection_options(host, port)
+    key = tuple(sorted(options.items()))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            from pymilvus import MilvusClient
+
+            try:
+                _CLIENTS[key] = MilvusClient(timeout=timeout, grpc_options=QUIET, **options)
+            except Exception:  # noqa: BLE001 - once more: a server may have just closed an
+                time.sleep(CONNECT_PAUSE)  # idle connection under us (GOAWAY)
+                _CLIENTS[key] = MilvusClient(timeout=timeout, grpc_options=QUIET, **options)
+        return _CLIENTS[key]
+
+
+def forget(client) -> None:
+    """Drop ``client`` (its server failed a call): the next ``client_for`` connects again. It
+    is not closed here: another thread may be using it; it goes with its last user."""
+    with _CLIENTS_LOCK:
+        for key in [key for key, held in _CLIENTS.items() if held is client]:
+            del _CLIENTS[key]

@@ -56,7 +56,8 @@ from ascension_cli.catalog.milvus_collections import (
 from ascension_cli.catalog.milvus_connection import (
     TLS_VARIABLE,
     TOKEN_VARIABLE,
-    connection_options,
+    client_for,
+    forget,
 )
 from ascension_cli.catalog.milvus_shared import refuse_writes_over_http, shared_home
 from ascension_cli.catalog.photos import file_digest, verified
@@ -133,16 +134,15 @@ class MilvusStore(FolderStore):
     # ---- the connection
     def client(self):
         if self._client is None:
-            from pymilvus import MilvusClient
-
             # pymilvus logs what it works around (a client-side timestamp for an iterator); the
             # command line and the service say what matters in their own words.
             for name in list(logging.root.manager.loggerDict):
                 if name.startswith("pymilvus"):
                     logging.getLogger(name).setLevel(logging.CRITICAL)
-            options = connection_options(self.location.host, self.location.port)
             try:
-                self._client = MilvusClient(timeout=TIMEOUT, **options)
+                self._client = client_for(self.location.host, self.location.port, TIMEOUT)
+            except ConfigError:
+                raise
             except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds
                 raise self._unreachable(exc, connecting=True) from None
         return self._client
@@ -160,6 +160,7 @@ class MilvusStore(FolderStore):
                 if attempt == 1 and _released(exc):
                     _load_collections(self)
                     continue
+                forget(self._client)  # the next call connects again
                 self._client = None
                 raise self._unreachable(exc) from None
         raise AssertionError("unreachable")
