@@ -111,11 +111,27 @@ def own_lite_server(monkeypatch) -> None:
         monkeypatch.delenv(variable, raising=False)
 
 
-def test_a_server_that_is_down_is_one_line_in_bounded_time_without_the_token(
-        trained, tmp_path, monkeypatch):
+@pytest.fixture
+def own_servers(monkeypatch):
+    """Start Milvus Lite servers of the test's own (spoken to without TLS or a credential),
+    each stopped when the test ends, whatever happened in it."""
     own_lite_server(monkeypatch)
+    started: list[Milvus] = []
+
+    def start(data: Path, port: int | None = None) -> Milvus:
+        started.append(Milvus(data, port))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def test_a_server_that_is_down_is_one_line_in_bounded_time_without_the_token(
+        trained, tmp_path, monkeypatch, own_servers):
     data, checkpoint = trained
-    server = Milvus(tmp_path / "data")
+    server = own_servers(tmp_path / "data")
     location = server.location("gone")
     cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
         tmp_path / "s",
@@ -165,13 +181,12 @@ def test_two_services_answer_from_one_collection_and_see_each_others_writes(
 
 
 def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_path,
-                                                                   monkeypatch):
+                                                                   own_servers):
     pytest.importorskip("fastapi")
     from tests.test_serve import Server, post
 
-    own_lite_server(monkeypatch)
     data, checkpoint = trained
-    database = Milvus(tmp_path / "data")
+    database = own_servers(tmp_path / "data")
     location = database.location("restarts")
     cli("index", checkpoint, one_class(data, "circle", tmp_path), "-o", location, "--shared",
         tmp_path / "s",
@@ -185,7 +200,7 @@ def test_the_service_answers_503_while_milvus_is_down_and_recovers(trained, tmp_
         down = post(service, photo, k="1")
         assert down.status_code == 503 and "error" in down.json()
         assert time.perf_counter() - started < 45
-        database = Milvus(tmp_path / "data", port=database.port)  # back, same data
+        database = own_servers(tmp_path / "data", port=database.port)  # back, same data
         deadline = time.time() + 60  # the service connects again by itself, at a request
         while (back := post(service, photo, k="1")).status_code == 503 and (
                 time.time() < deadline):
