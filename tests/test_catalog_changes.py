@@ -289,3 +289,18 @@ def test_the_service_changes_items_in_place_behind_the_token(trained, place, tmp
     served = answers(catalog, queries)
     assert [a[:2] for a in served] == [a[:2] for a in answers(twin, queries)]
     photos_kept(catalog, place)
+
+
+def test_a_service_given_its_folder_as_text_clears_an_interrupted_add(trained, tmp_path):
+    """The service's catalogue named by a string, as the Python API may name it: an add a kill
+    interrupted (a photo under uploads/ the catalogue does not hold) is cleared at start."""
+    from ascension_cli.serve.lookup import Lookup
+
+    data, checkpoint = trained
+    catalog = build(checkpoint, rows_of(data), tmp_path / "cat")
+    orphan = Path(catalog) / "uploads" / "circle" / f"{'a' * 32}.png"
+    orphan.parent.mkdir(parents=True)
+    shutil.copy(data / "circle" / "001.png", orphan)
+    lookup = Lookup(str(catalog), {"workers": 0, "device": "cpu", "precision": "auto",
+                                   "channels_last": True, "batch_size": 64}, 100_000_000)
+    assert isinstance(lookup.directory, Path) and not orphan.exists()

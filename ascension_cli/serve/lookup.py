@@ -43,7 +43,8 @@ class Lookup:
 
     def __init__(self, directory: Path | str, run_options: dict[str, Any], max_pixels: int):
         # a folder (as a Path, however it was given), or a Milvus location
-        self.directory = directory if is_milvus(directory) else Path(directory)
+        directory = directory if is_milvus(directory) else Path(directory)
+        self.directory = directory
         self.store = store_of(directory)
         self.run_options = settled_options(**run_options)  # decided once, before any load
         self.max_pixels = max_pixels
@@ -51,10 +52,10 @@ class Lookup:
         if is_milvus(directory) or not os.access(directory, os.W_OK):
             self._load()
             return
-        with catalog_lock(self.directory):  # read under the lock: no add lands meanwhile
+        with catalog_lock(directory):  # read under the lock: no add lands meanwhile
             self._load()
             # An add that a kill interrupted left these behind.
-            removed = remove_orphan_uploads(self.directory, self.searcher.catalog.paths)
+            removed = remove_orphan_uploads(directory, self.searcher.catalog.paths)
         if removed:
             print(f"removed {removed} photo(s) of an interrupted add from "
                   f"{directory / UPLOADS_FOLDER}", file=sys.stderr, flush=True)
