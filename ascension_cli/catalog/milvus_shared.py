@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ascension_cli.atomic import atomic_write
-from ascension_cli.catalog.photos import file_digest
+from ascension_cli.catalog.photos import verified
 from ascension_cli.errors import CatalogError, Refused
 
 SHARED_VARIABLE = "ASCENSION_MILVUS_SHARED"
@@ -73,25 +73,26 @@ def request(url: str) -> urllib.request.Request:
     return asked
 
 
-def shared_home(recorded: str, model_file: str, model_sha256: str | None,
+def shared_home(owner: str, recorded: str, model_file: str, model_sha256: str | None,
                 environ: Mapping[str, str] | None = None) -> Path:
-    """The folder this machine reads the catalogue's model (and photos) from: the one the
-    catalogue recorded, the one ``ASCENSION_MILVUS_SHARED`` names, or a cache of the model
-    fetched from its URL."""
+    """The folder this machine reads the catalogue ``owner``'s model (and photos) from: the one
+    the catalogue recorded, the one ``ASCENSION_MILVUS_SHARED`` names, or a cache of the model
+    fetched from its URL; its model checked by sha256 here, once a read."""
     environ = os.environ if environ is None else environ
     given = environ.get(SHARED_VARIABLE, "").strip()
-    if not given:
-        return Path(recorded)
-    if not over_http(environ):
-        return Path(given)
-    if not MODEL_FILE.fullmatch(model_file) or not model_sha256:
-        raise CatalogError("the catalogue's model is not named by its sha256: it cannot be "
-                           "fetched over HTTP (build the catalogue again with this version)")
-    cache = Path(environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "ascension")
-    home = cache / "shared" / hashlib.sha256(given.encode("utf-8")).hexdigest()[:16]
-    target = home / model_file
-    if not (target.is_file() and file_digest(target) == model_sha256):
-        fetch(f"{given.rstrip('/')}/{model_file}", target, model_sha256)
+    if over_http(environ):
+        if not MODEL_FILE.fullmatch(model_file) or not model_sha256:
+            raise CatalogError("the catalogue's model is not named by its sha256: it cannot be "
+                               "fetched over HTTP (build the catalogue again with this version)")
+        cache = Path(environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "ascension")
+        home = cache / "shared" / hashlib.sha256(given.encode("utf-8")).hexdigest()[:16]
+        if not verified(home / model_file, model_sha256):
+            fetch(f"{given.rstrip('/')}/{model_file}", home / model_file, model_sha256)
+        return home
+    home = Path(given or recorded)
+    if not verified(home / model_file, model_sha256):
+        raise CatalogError(f"{owner}'s model in the shared store is missing or not the one the "
+                           "catalogue was built with (its sha256 differs)")
     return home
 
 

@@ -60,7 +60,7 @@ from ascension_cli.catalog.milvus_connection import (
     forget,
 )
 from ascension_cli.catalog.milvus_shared import refuse_writes_over_http, shared_home
-from ascension_cli.catalog.photos import file_digest, verified
+from ascension_cli.catalog.photos import file_digest
 from ascension_cli.catalog.store import MILVUS_INDEX, Catalog
 from ascension_cli.catalog_layout import MilvusLocation
 from ascension_cli.errors import CatalogError, ConfigError, Refused
@@ -239,7 +239,8 @@ class MilvusStore(FolderStore):
         vectors = (np.array([row["vector"] for row in rows], np.float32).reshape(-1, dim)
                    if with_vectors else None)
         catalog = Catalog(
-            shared_home(meta["shared"], meta["model_file"], meta.get("model_sha256")),
+            shared_home(str(self.location), meta["shared"], meta["model_file"],
+                        meta.get("model_sha256")),
             ModelSpec.from_dict(meta["model"]), meta["checkpoint_sha256"],
             meta["feature_kind"], names, vectors,
             np.array([position[row["label"]] if row["label"] else -1 for row in rows],
@@ -249,10 +250,6 @@ class MilvusStore(FolderStore):
             [row["item"] for row in rows],
             meta.get("calibration"), None, [row["stored"] for row in rows],
             [row["digest"] for row in rows])
-        model = catalog.directory / catalog.files["model"]
-        if not verified(model, meta.get("model_sha256")):
-            raise CatalogError(f"{self.location}'s model in the shared store is missing or not "
-                               "the one the catalogue was built with (its sha256 differs)")
         self._keys = [row["key"] for row in rows]
         self._written_at = int(meta.get("written_at") or 0)
         return replace(catalog, backend=self)  # searched on the server (``index``)
@@ -291,12 +288,12 @@ class MilvusStore(FolderStore):
             self.call("insert" if new else "upsert", collection,
                       [{**text, "vector": vector}
                        for text, vector in zip(texts[start:start + BATCH], vectors, strict=True)])
-            self._wrote(collection)
+        self._wrote(collection)  # the last write's timestamp: every batch's is below it
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), BATCH):
             self.call("delete", self.location.collection, ids=keys[start:start + BATCH])
-            self._wrote(self.location.collection)
+        self._wrote(self.location.collection)
 
     def _write_meta(self, catalog: Catalog, collection: str | None = None, **extra) -> None:
         meta = {"format": FORMAT, "version": VERSION, "model": catalog.spec.to_dict(),
