@@ -103,19 +103,14 @@ def test_writes_are_idempotent_and_seen_by_every_reader(milvus, trained, tmp_pat
     assert reader.stamp() != before and len(reader.read()) == 8  # the next read sees it
 
 
-def own_lite_server(monkeypatch) -> None:
-    """A test that starts its own Milvus Lite server speaks to it without TLS or a credential,
-    whatever ASCENSION_TEST_MILVUS's server needs."""
+@pytest.fixture
+def own_servers(monkeypatch):
+    """Start Milvus Lite servers of the test's own (spoken to without TLS or a credential,
+    whatever ASCENSION_TEST_MILVUS's server needs), each stopped when the test ends, whatever
+    happened in it."""
     for variable in ("ASCENSION_MILVUS_TLS", "ASCENSION_MILVUS_TOKEN", "ASCENSION_MILVUS_CERT",
                      "ASCENSION_MILVUS_KEY", "ASCENSION_MILVUS_TOKEN_FILE"):
         monkeypatch.delenv(variable, raising=False)
-
-
-@pytest.fixture
-def own_servers(monkeypatch):
-    """Start Milvus Lite servers of the test's own (spoken to without TLS or a credential),
-    each stopped when the test ends, whatever happened in it."""
-    own_lite_server(monkeypatch)
     started: list[Milvus] = []
 
     def start(data: Path, port: int | None = None) -> Milvus:
