@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import ROOT, SHARED_DATA, benchmark_parser, print_table, write_json
+from _common import ROOT, benchmark_parser, print_table, write_json
+from _sets import suite
 
 RECOLOURED = ("hue90", "hue180", "grayscale")
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
@@ -333,7 +334,8 @@ def training_parser(doc: str, script: str):
     size, epochs and split (with ``--quick`` and ``--json``)."""
     parser = benchmark_parser(doc, script)
     parser.add_argument("--sets", nargs="+", type=Path,
-                        help="class-per-folder trees (default: every set under ../shared/data)")
+                        help="class-per-folder trees (default: the suite, every set under "
+                        "../shared/data and those get_*.py built in benchmarks/cache)")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", type=Path, default=WEIGHTS if WEIGHTS.is_file() else None,
                         help="timm weights file (default: ../shared/weights' lite0; 'none' "
@@ -355,7 +357,11 @@ def training_args(parser) -> tuple[object, list[Path]]:
         args.weights = None
     args.epochs = args.epochs or (2 if args.quick else 5)
     args.max_per_class = args.max_per_class or (150 if args.quick else None)
-    return args, args.sets or sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())
+    sets = args.sets or suite()
+    if not sets:
+        parser.error("no sets: none under ../shared/data or benchmarks/cache (run "
+                     "benchmarks/get_grocery.py, get_trashnet.py), and no --sets given")
+    return args, sets
 
 
 def settings_of(args, sets: list[Path]) -> dict:

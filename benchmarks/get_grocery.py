@@ -17,17 +17,13 @@ and renamed into place, so an interrupted build leaves nothing half made.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from _common import ROOT
+from _sets import build_set
 
 URL = "https://github.com/marcusklasson/GroceryStoreDataset.git"
-CACHE = ROOT / "benchmarks" / "cache"
 NAME = "grocery-store-81"
 
 
@@ -67,27 +63,7 @@ def build(checkout: Path, destination: Path) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=URL,
-                        help="the repository to clone: its URL, a clone or a bare mirror")
-    parser.add_argument("--output", type=Path, default=CACHE / NAME)
-    args = parser.parse_args()
-    if args.output.exists():
-        print(f"{args.output} exists already: remove it to build it again")
-        return
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".grocery-") as work:
-        checkout = Path(work) / "checkout"
-        cloned = subprocess.run(["git", "clone", "--quiet", "--depth", "1", str(args.source),
-                                 str(checkout)], capture_output=True, text=True)
-        if cloned.returncode != 0:
-            raise SystemExit(f"error: cannot clone {args.source}: "
-                             f"{cloned.stderr.strip().splitlines()[-1:]}")
-        built = Path(work) / NAME
-        counts = build(checkout, built)
-        built.rename(args.output)
-    print(f"{args.output}: {sum(counts.values())} photos in {len(counts)} classes "
-          f"({min(counts.values())}-{max(counts.values())} a class)")
+    build_set(__doc__, URL, NAME, build)
 
 
 if __name__ == "__main__":

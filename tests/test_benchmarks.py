@@ -197,3 +197,41 @@ def test_bench_shards_compares_shards_with_the_folder(dataset, tmp_path):
     assert result["images"] == 32 and result["shards"] >= 1
     assert result["shards_vs_folder"] == pytest.approx(
         result["shard_images_per_second"] / result["folder_images_per_second"])
+
+
+def fake_repository(root: Path, files: dict[str, bytes]) -> Path:
+    """A git repository holding ``files`` (path -> content), as a get_*.py script clones it."""
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "photos"], check=True)
+    return root
+
+
+def test_get_trashnet_builds_a_class_tree_or_nothing(tmp_path):
+    classes = ("cardboard", "glass", "metal", "paper", "plastic", "trash")
+    photos = {f"dataset-resized/{c}/{c}{i}.jpg": f"{c}{i}".encode() for c in classes
+              for i in (1, 2)}
+    source = fake_repository(tmp_path / "repo", {**photos, "README.md": b"notebooks"})
+    script = [sys.executable, str(ROOT / "benchmarks" / "get_trashnet.py"), "--source", source]
+    built = subprocess.run([*script, "--output", tmp_path / "trash"], capture_output=True,
+                           text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    assert "12 photos in 6 classes" in built.stdout
+    tree = tmp_path / "trash"
+    assert sorted(p.name for p in tree.iterdir() if p.is_dir()) == list(classes)
+    assert (tree / "glass" / "glass2.jpg").read_bytes() == b"glass2"
+    assert "MIT" in (tree / "SOURCE.txt").read_text()
+    # A copy without one of the classes: one line, exit 1, and no half-made tree left.
+    subprocess.run(["git", "-C", str(source), "rm", "-rqf", "dataset-resized/trash"], check=True)
+    subprocess.run(["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-qm", "less"], check=True)
+    failed = subprocess.run([*script, "--output", tmp_path / "half"], capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and "no photos of 'trash'" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "half").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trashnet")]

@@ -1,0 +1,63 @@
+"""Development photo sets built from public repositories into ``benchmarks/cache/``.
+
+One place for what every ``get_*.py`` script shares: where the sets go, cloning a repository
+(its URL, a clone or a bare mirror), building the class-per-folder tree in a temporary folder
+beside the destination and renaming it into place (an interrupted build leaves nothing half
+made), and the one-line summary. ``suite()`` lists the sets a benchmark runs by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from _common import ROOT, SHARED_DATA
+
+CACHE = ROOT / "benchmarks" / "cache"
+
+
+def suite() -> list[Path]:
+    """Every set under ../shared/data, then every set a get_*.py script built into the cache."""
+    found = []
+    for parent in (SHARED_DATA, CACHE):
+        if parent.is_dir():
+            found += sorted(p for p in parent.iterdir() if p.is_dir() and not
+                            p.name.startswith("."))
+    return found
+
+
+def clone(source: str, checkout: Path) -> None:
+    """A shallow clone of ``source``; one line and exit 1 when git cannot."""
+    cloned = subprocess.run(["git", "clone", "--quiet", "--depth", "1", source, str(checkout)],
+                            capture_output=True, text=True)
+    if cloned.returncode != 0:
+        last = (cloned.stderr.strip().splitlines() or ["git failed"])[-1]
+        raise SystemExit(f"error: cannot clone {source}: {last}")
+
+
+def build_set(doc: str, url: str, name: str,
+              build: Callable[[Path, Path], dict[str, int]]) -> None:
+    """The command line of a get_*.py script: clone, ``build(checkout, tree)`` (photos a class),
+    rename the tree into ``benchmarks/cache/<name>`` (or ``--output``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--source", default=url,
+                        help="the repository to clone: its URL, a clone or a bare mirror")
+    parser.add_argument("--output", type=Path, default=CACHE / name)
+    args = parser.parse_args()
+    if args.output.exists():
+        print(f"{args.output} exists already: remove it to build it again")
+        return
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=f".{name}-") as work:
+        checkout = Path(work) / "checkout"
+        clone(str(args.source), checkout)
+        built = Path(work) / name
+        counts = build(checkout, built)
+        if not counts:
+            raise SystemExit(f"error: no photos found in {args.source}")
+        built.rename(args.output)
+    print(f"{args.output}: {sum(counts.values())} photos in {len(counts)} classes "
+          f"({min(counts.values())}-{max(counts.values())} a class)")
