@@ -199,15 +199,20 @@ def test_bench_shards_compares_shards_with_the_folder(dataset, tmp_path):
         result["shard_images_per_second"] / result["folder_images_per_second"])
 
 
+def git(root: Path, *args: str) -> None:
+    """``git`` in ``root``, as a test's own committer."""
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True)
+
+
 def fake_repository(root: Path, files: dict[str, bytes]) -> Path:
     """A git repository holding ``files`` (path -> content), as a get_*.py script clones it."""
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(content)
-    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "photos"], check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "photos")
     return root
 
 
@@ -226,9 +231,8 @@ def test_get_trashnet_builds_a_class_tree_or_nothing(tmp_path):
     assert (tree / "glass" / "glass2.jpg").read_bytes() == b"glass2"
     assert "MIT" in (tree / "SOURCE.txt").read_text()
     # A copy without one of the classes: one line, exit 1, and no half-made tree left.
-    subprocess.run(["git", "-C", str(source), "rm", "-rqf", "dataset-resized/trash"], check=True)
-    subprocess.run(["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@t",
-                    "commit", "-qm", "less"], check=True)
+    git(source, "rm", "-rqf", "dataset-resized/trash")
+    git(source, "commit", "-qm", "less")
     failed = subprocess.run([*script, "--output", tmp_path / "half"], capture_output=True,
                             text=True, timeout=60)
     assert failed.returncode == 1 and "no photos of 'trash'" in failed.stderr
