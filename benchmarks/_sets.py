@@ -9,6 +9,8 @@ made), and the one-line summary. ``suite()`` lists the sets a benchmark runs by 
 from __future__ import annotations
 
 import argparse
+import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 from _common import ROOT, SHARED_DATA
 
 CACHE = ROOT / "benchmarks" / "cache"
+MAX_PHOTO_BYTES = 64 << 20  # a photo of these sets is well under 1 MiB
 
 
 def suite() -> list[Path]:
@@ -36,6 +39,19 @@ def clone(source: str, checkout: Path) -> None:
     if cloned.returncode != 0:
         last = (cloned.stderr.strip().splitlines() or ["git failed"])[-1]
         raise SystemExit(f"error: cannot clone {source}: {last}")
+
+
+def copy_photo(photo: Path, checkout: Path, target: Path) -> None:
+    """Copy one photo of a cloned repository: a regular file inside the clone (not a link, a
+    device or a path out of it, which a hostile repository or list could name), of bounded
+    size; one line and exit 1 otherwise."""
+    inside = photo.resolve().is_relative_to(checkout.resolve())
+    found = photo.lstat() if inside and photo.exists() else None
+    if found is None or not stat.S_ISREG(found.st_mode) or found.st_size > MAX_PHOTO_BYTES:
+        raise SystemExit(f"error: {photo.relative_to(checkout)} is not a photo file of the "
+                         f"repository (a link, a missing or special file, or over "
+                         f"{MAX_PHOTO_BYTES >> 20} MiB)")
+    shutil.copyfile(photo, target)
 
 
 def build_set(doc: str, url: str, name: str,

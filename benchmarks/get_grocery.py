@@ -21,7 +21,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from _sets import build_set
+from _sets import build_set, copy_photo
 
 URL = "https://github.com/marcusklasson/GroceryStoreDataset.git"
 NAME = "grocery-store-81"
@@ -56,7 +56,7 @@ def build(checkout: Path, destination: Path) -> dict[str, int]:
         folder = destination / names[label]
         folder.mkdir(parents=True, exist_ok=True)
         part = photo.relative_to(dataset).parts[0]
-        shutil.copyfile(photo, folder / f"{part}_{photo.name}")
+        copy_photo(photo, checkout, folder / f"{part}_{photo.name}")
         counts[names[label]] = counts.get(names[label], 0) + 1
     shutil.copyfile(checkout / "LICENSE", destination / "LICENSE")
     return counts

@@ -15,10 +15,9 @@ from and under which licence.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from _sets import build_set
+from _sets import build_set, copy_photo
 
 URL = "https://github.com/congduytran12/Trash-Classification-.git"
 NAME = "trashnet-6"
@@ -39,7 +38,7 @@ def build(checkout: Path, destination: Path) -> dict[str, int]:
             raise SystemExit(f"error: no photos of {name!r} in {checkout}/dataset-resized")
         (destination / name).mkdir(parents=True)
         for photo in photos:
-            shutil.copyfile(photo, destination / name / photo.name)
+            copy_photo(photo, checkout, destination / name / photo.name)
         counts[name] = len(photos)
     (destination / "SOURCE.txt").write_text(SOURCE.format(source=URL), encoding="utf-8")
     return counts

@@ -239,3 +239,19 @@ def test_get_trashnet_builds_a_class_tree_or_nothing(tmp_path):
     assert "Traceback" not in failed.stderr
     assert not (tmp_path / "half").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trashnet")]
+
+
+def test_get_trashnet_refuses_a_link_where_a_photo_should_be(tmp_path):
+    """A hostile copy of the set: a "photo" that links to a device would hang the copy."""
+    classes = ("cardboard", "glass", "metal", "paper", "plastic", "trash")
+    source = fake_repository(tmp_path / "repo", {f"dataset-resized/{c}/{c}1.jpg": b"x"
+                                                 for c in classes})
+    (source / "dataset-resized" / "glass" / "glass2.jpg").symlink_to("/dev/zero")
+    git(source, "add", "-A")
+    git(source, "commit", "-qm", "a link")
+    failed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "get_trashnet.py"),
+                             "--source", source, "--output", tmp_path / "trash"],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1, failed.stderr
+    assert "glass2.jpg is not a photo file" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (tmp_path / "trash").exists()
