@@ -22,7 +22,10 @@ reports it instead of test); the test split is never used for a choice. Systems:
 Reported per set and system: Recall@1/5, MAP@R, Recall@1 of hue-rotated (90 and 180 degrees) and
 grayscale queries against the clean gallery, training wall time, and the ratios of Recall@1 and
 time to ``plain``. With several ``--seeds`` (training seeds; the split stays fixed) each figure
-is a mean, with its spread in the JSON.
+is a mean, with its spread in the JSON. A second table puts the defaults (and each variant)
+against every other system query by query: the difference in points and its 95 % bootstrap
+interval over the queries (``_stats.py``), so a lead smaller than the split's luck shows as an
+interval that spans zero.
 
 ``--budget`` says what the systems are compared at: ``epochs`` (each trains ``--epochs``),
 ``passes`` (each sees as many augmented images as ``plain`` does in ``--epochs``, two views of
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 from _common import ROOT, benchmark_parser, print_table, write_json
 from _sets import suite
+from _stats import beyond_noise, compare, interval
 
 RECOLOURED = ("hue90", "hue180", "grayscale")
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
@@ -120,10 +124,14 @@ def score(model, spec, kind: str, split: Split, on: str, batch_size: int) -> dic
     figures = {}
     for recolor in (None, *RECOLOURED):
         queries, query_labels = vectors(on, recolor)
-        report = evaluate(queries, query_labels, gallery, gallery_labels, ks=(1, 5)).report
+        evaluation = evaluate(queries, query_labels, gallery, gallery_labels, ks=(1, 5))
+        report, scores = evaluation.report, evaluation.scores
         if recolor is None:
             figures.update(recall_at_1=report.recall_at_k[1], recall_at_5=report.recall_at_k[5],
-                           map_at_r=report.map_at_r)
+                           map_at_r=report.map_at_r, per_query={
+                               "recall_at_1": scores.recall_at_k[1].tolist(),
+                               "recall_at_5": scores.recall_at_k[5].tolist(),
+                               "map_at_r": scores.map_at_r.round(6).tolist()})
         else:
             figures[f"recall_at_1_{recolor}"] = report.recall_at_k[1]
     return figures
@@ -442,7 +450,15 @@ def main() -> None:
         ["set", "system", "epochs", "R@1", "R@5", "MAP@R", "R@1 hue180", "R@1 gray", "recolour gap",
          "train s", "R@1 / plain", "time / plain"], rows,
     )
-    # The defaults win a set when they beat every other system there in Recall@1 and MAP@R.
+    paired = {name: compare(by_system, set(variants)) for name, by_system in results.items()}
+    print_table(
+        f"paired on the same {args.on} queries: Ascension minus each system, points, 95 % "
+        "interval over the queries", ["set", "ours", "against", "R@1", "R@5", "MAP@R"],
+        [[name, ours, theirs, *(interval(by_figure[f]) for f in ("recall_at_1", "recall_at_5",
+                                                                   "map_at_r"))]
+         for name, by_ours in paired.items() for ours, against in by_ours.items()
+         for theirs, by_figure in against.items()])
+    # The defaults win a set when they beat every other system there in all three figures.
     compared = [by for by in results.values() if "ascension" in by and len(by) > 1]
     wins = [all(by[ours]["mean"][key] > summary["mean"][key]
                 for ours in by if ours.split(" ")[0] == "ascension"
@@ -453,6 +469,9 @@ def main() -> None:
         "settings": settings_of(args, sets),
         "variants": variants, "results": results,
         "defaults_win_everywhere": all(wins) if len(compared) == len(results) else None,
+        "paired": paired,
+        "defaults_win_beyond_noise": (all(beyond_noise(by) for by in paired.values())
+                                      if len(compared) == len(results) else None),
     }, args.json)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,49 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
     assert by_system["plain @passes"] == by_system["plain"]  # the same run, not trained twice
     assert result["variants"] == {"linear": {"head": "linear", "lr": 0.001}}
     assert isinstance(result["defaults_win_everywhere"], bool)
+    # Paired on the same queries: the defaults against every baseline at the same budget, the
+    # variant against the defaults too; each difference the mean of its per-query differences.
+    paired = result["paired"]["shapes"]
+    assert set(paired["ascension"]) == {"frozen", "plain", "proxyanchor", "multisim"}
+    assert set(paired["linear @passes"]) == {
+        f"{s} @passes" for s in ("frozen", "plain", "proxyanchor", "multisim", "ascension")}
+    ours, theirs = by_system["ascension"]["runs"][0], by_system["plain"]["runs"][0]
+    figures = paired["ascension"]["plain"]["map_at_r"]
+    assert figures["mean"] == pytest.approx(
+        np.mean(ours["per_query"]["map_at_r"]) - np.mean(theirs["per_query"]["map_at_r"]))
+    assert figures["low"] <= figures["mean"] <= figures["high"]
+    assert isinstance(result["defaults_win_beyond_noise"], bool)
+
+
+def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _stats import beyond_noise, compare, paired_difference
+
+    rng = np.random.default_rng(0)
+    theirs = rng.random(400) < 0.7
+    ours = [theirs | (rng.random(400) < 0.1), theirs | (rng.random(400) < 0.2)]
+    mean, low, high = paired_difference(ours, [theirs])
+    assert mean == pytest.approx((ours[0].mean() + ours[1].mean()) / 2 - theirs.mean())
+    assert 0 < low < mean < high  # every query gained or stayed: the interval is above zero
+    assert paired_difference([theirs], [theirs]) == (0.0, 0.0, 0.0)
+    coin = [rng.random(400) < 0.5 for _ in range(2)]
+    _, low, high = paired_difference([coin[0]], [coin[1]])
+    assert low < 0 < high  # two coins: no lead beyond the luck of the queries
+    with pytest.raises(ValueError, match="same"):
+        paired_difference([theirs], [theirs[:-1]])
+
+    def system(*runs):
+        return {"runs": [{"per_query": {f: run for f in ("recall_at_1", "recall_at_5",
+                                                         "map_at_r")}} for run in runs]}
+
+    by_system = {"frozen": system(ours[0] | ours[1]), "ascension": system(*ours),
+                 "plain": system(theirs), "lr3": system(coin[1])}
+    paired = compare(by_system, {"lr3"})
+    assert set(paired) == {"ascension", "lr3"} and set(paired["ascension"]) == {"frozen",
+                                                                                "plain"}
+    assert set(paired["lr3"]) == {"frozen", "plain", "ascension"}
+    assert not beyond_noise(paired)  # the frozen features find every query ours find
+    assert beyond_noise(compare({"ascension": system(*ours), "plain": system(theirs)}))
 
 
 def test_bench_openset_calibrates_on_val_and_measures_on_test(tmp_path):

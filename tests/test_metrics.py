@@ -21,8 +21,8 @@ def make_data(n: int, classes: int, dim: int, clustered: bool, seed: int):
     return unit(vectors), labels
 
 
-def brute_force(queries, query_labels, gallery, gallery_labels, same_set, ks):
-    """Every metric from a full similarity matrix and per-query Python loops."""
+def brute_force_per_query(queries, query_labels, gallery, gallery_labels, same_set, ks):
+    """Each answerable query's metrics from a full similarity matrix, one Python loop each."""
     similarity = queries.astype(np.float64) @ gallery.astype(np.float64).T
     if same_set:
         np.fill_diagonal(similarity, -np.inf)
@@ -42,11 +42,32 @@ def brute_force(queries, query_labels, gallery, gallery_labels, same_set, ks):
         r_precision.append(hits[:relevant].sum() / relevant)
         precisions = [hits[: j + 1].sum() / (j + 1) for j in range(relevant) if hits[j]]
         map_at_r.append(sum(precisions) / relevant)
+    return recall, first, r_precision, map_at_r
+
+
+def brute_force(queries, query_labels, gallery, gallery_labels, same_set, ks):
+    """Every metric: the means of ``brute_force_per_query``."""
+    recall, first, r_precision, map_at_r = brute_force_per_query(
+        queries, query_labels, gallery, gallery_labels, same_set, ks)
     return (
         {k: float(np.mean(v)) for k, v in recall.items()},
         float(np.mean(first)), float(np.mean(r_precision)), float(np.mean(map_at_r)),
         len(first),
     )
+
+
+def test_each_querys_scores_equal_brute_force():
+    """The per-query figures a paired comparison of two models reads (bench_quality)."""
+    queries, query_labels = make_data(200, 14, 10, True, seed=3)
+    gallery, gallery_labels = make_data(300, 12, 10, True, seed=4)
+    scores = evaluate(queries, query_labels, gallery, gallery_labels, ks=(1, 5)).scores
+    recall, _, r_precision, map_at_r = brute_force_per_query(
+        queries, query_labels, gallery, gallery_labels, False, (1, 5))
+    assert scores.excluded == len(queries) - len(map_at_r) > 0  # classes the gallery lacks
+    for k in (1, 5):
+        assert scores.recall_at_k[k].tolist() == [bool(hit) for hit in recall[k]]
+    assert np.allclose(scores.r_precision, r_precision)
+    assert np.allclose(scores.map_at_r, map_at_r)
 
 
 @pytest.mark.parametrize("clustered", [False, True])

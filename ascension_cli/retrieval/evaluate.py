@@ -10,7 +10,13 @@ import numpy as np
 from ascension_cli.embedding.vectors import Vectors
 from ascension_cli.errors import VectorsError
 from ascension_cli.retrieval.index import MIN_IVFPQ, nearest_neighbours
-from ascension_cli.retrieval.metrics import RetrievalReport, relevant_counts, retrieval_metrics
+from ascension_cli.retrieval.metrics import (
+    QueryScores,
+    RetrievalReport,
+    query_scores,
+    relevant_counts,
+    report_of,
+)
 
 _MISSING = np.iinfo(np.int64).min  # label of a missing neighbour (id -1): matches no query
 
@@ -20,6 +26,7 @@ class Evaluation:
     report: RetrievalReport
     index_kind: str
     neighbour_ids: np.ndarray  # (queries, depth) gallery ids, best first; -1 where none
+    scores: QueryScores  # each answerable query's figures (the report's are their means)
     approximate_recall: float | None = None  # overlap of approximate and exact top-k, sampled
 
 
@@ -69,8 +76,8 @@ def evaluate(
     ids, _ = nearest_neighbours(
         query_vectors, gallery_vectors, depth, index_kind, chunk, on_progress, exclude, own_ids
     )
-    report = retrieval_metrics(_neighbour_labels(ids, gallery_labels), query_labels, relevant, ks)
-    evaluation = Evaluation(report, index_kind, ids)
+    scores = query_scores(_neighbour_labels(ids, gallery_labels), query_labels, relevant, (*ks, 1))
+    evaluation = Evaluation(report_of(scores, ks), index_kind, ids, scores)
     if index_kind != "flat" and len(query_vectors):
         rng = np.random.default_rng(seed)
         sample = rng.choice(len(query_vectors), min(approximate_sample, len(query_vectors)),

@@ -48,13 +48,25 @@ def relevant_counts(
     return r - 1 if same_set else r
 
 
-def retrieval_metrics(
+@dataclass
+class QueryScores:
+    """Each answerable query's own figures (the report's are their means), for paired
+    comparisons of two models on the same queries."""
+
+    labels: np.ndarray  # (n,) the answerable queries' labels
+    recall_at_k: dict[int, np.ndarray]  # k -> (n,) bool: a relevant item among the first k
+    r_precision: np.ndarray  # (n,)
+    map_at_r: np.ndarray  # (n,)
+    excluded: int  # queries with no relevant gallery item, left out
+
+
+def query_scores(
     neighbour_labels: np.ndarray,
     query_labels: np.ndarray,
     relevant: np.ndarray,
     ks: tuple[int, ...] = (1, 5, 10),
-) -> RetrievalReport:
-    """Recall@k, Precision@1, R-Precision and MAP@R from ranked neighbour labels.
+) -> QueryScores:
+    """Recall@k, R-Precision and MAP@R of each query from ranked neighbour labels.
 
     Args:
         neighbour_labels: (n, K) labels of each query's gallery neighbours, best first; K must
@@ -70,30 +82,44 @@ def retrieval_metrics(
     answerable = np.asarray(relevant) > 0
     hits = np.asarray(neighbour_labels)[answerable] == query_labels[answerable, None]
     r = np.minimum(np.asarray(relevant)[answerable], hits.shape[1])
-    labels = query_labels[answerable]
-    n = int(answerable.sum())
-    excluded = int((~answerable).sum())
-    if n == 0:
-        nan = float("nan")
-        return RetrievalReport({k: nan for k in ks}, nan, nan, nan, {}, 0, excluded)
-
-    recall = {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
     ranks = np.arange(1, hits.shape[1] + 1)
     within_r = ranks[None, :] <= r[:, None]
-    cumulative = np.cumsum(hits, axis=1)
-    r_precision = (hits & within_r).sum(axis=1) / r
-    precision_at_rank = cumulative / ranks[None, :]
-    map_at_r = (precision_at_rank * (hits & within_r)).sum(axis=1) / r
-    first = hits[:, 0]
+    precision_at_rank = np.cumsum(hits, axis=1) / ranks[None, :]
+    return QueryScores(
+        labels=query_labels[answerable],
+        recall_at_k={k: hits[:, :k].any(axis=1) for k in ks},
+        r_precision=(hits & within_r).sum(axis=1) / np.maximum(r, 1),
+        map_at_r=(precision_at_rank * (hits & within_r)).sum(axis=1) / np.maximum(r, 1),
+        excluded=int((~answerable).sum()),
+    )
+
+
+def retrieval_metrics(
+    neighbour_labels: np.ndarray,
+    query_labels: np.ndarray,
+    relevant: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> RetrievalReport:
+    """Recall@k, Precision@1, R-Precision and MAP@R over the answerable queries."""
+    return report_of(query_scores(neighbour_labels, query_labels, relevant, (*ks, 1)), ks)
+
+
+def report_of(scores: QueryScores, ks: tuple[int, ...]) -> RetrievalReport:
+    """The means of ``query_scores`` (computed for ``ks`` and 1), and Recall@1 of each class."""
+    if len(scores.labels) == 0:
+        nan = float("nan")
+        return RetrievalReport({k: nan for k in ks}, nan, nan, nan, {}, 0, scores.excluded)
+    first = scores.recall_at_k[1]
     per_class = {
-        int(label): float(first[labels == label].mean()) for label in np.unique(labels)
+        int(label): float(first[scores.labels == label].mean())
+        for label in np.unique(scores.labels)
     }
     return RetrievalReport(
-        recall_at_k=recall,
+        recall_at_k={k: float(scores.recall_at_k[k].mean()) for k in ks},
         precision_at_1=float(first.mean()),
-        r_precision=float(r_precision.mean()),
-        map_at_r=float(map_at_r.mean()),
+        r_precision=float(scores.r_precision.mean()),
+        map_at_r=float(scores.map_at_r.mean()),
         per_class_recall_at_1=per_class,
-        queries=n,
-        excluded_queries=excluded,
+        queries=len(scores.labels),
+        excluded_queries=scores.excluded,
     )
