@@ -66,6 +66,19 @@ def build_set(doc: str, url: str, name: str,
     if args.output.exists():
         print(f"{args.output} exists already: remove it to build it again")
         return
+    try:
+        counts = _build_in_place(args, name, build)
+    except OSError as error:  # an unwritable --output, a full disk: one line, nothing left
+        where = f" ({error.filename})" if error.filename else ""
+        raise SystemExit(f"error: cannot build {args.output}: "
+                         f"{error.strerror or error}{where}") from None
+    print(f"{args.output}: {sum(counts.values())} photos in {len(counts)} classes "
+          f"({min(counts.values())}-{max(counts.values())} a class)")
+
+
+def _build_in_place(args, name: str, build: Callable[[Path, Path], dict[str, int]]
+                    ) -> dict[str, int]:
+    """Clone and build in a temporary folder beside ``--output``, then rename it there."""
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=f".{name}-") as work:
         checkout = Path(work) / "checkout"
@@ -75,5 +88,4 @@ def build_set(doc: str, url: str, name: str,
         if not counts:
             raise SystemExit(f"error: no photos found in {args.source}")
         built.rename(args.output)
-    print(f"{args.output}: {sum(counts.values())} photos in {len(counts)} classes "
-          f"({min(counts.values())}-{max(counts.values())} a class)")
+    return counts

@@ -299,3 +299,10 @@ def test_get_trashnet_refuses_a_link_where_a_photo_should_be(tmp_path):
     assert failed.returncode == 1, failed.stderr
     assert "glass2.jpg is not a photo file" in failed.stderr and "Traceback" not in failed.stderr
     assert not (tmp_path / "trash").exists()
+    # An --output that cannot be made (its parent is a file): one line, no traceback.
+    (tmp_path / "a-file").write_text("not a folder")
+    failed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "get_trashnet.py"),
+                             "--source", source, "--output", tmp_path / "a-file" / "trash"],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "cannot build" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr and len(failed.stderr.splitlines()) == 1

@@ -98,11 +98,14 @@ def client_for(host: str, port: int, timeout: float):
         if key not in _CLIENTS:
             from pymilvus import MilvusClient
 
+            def connect():
+                return MilvusClient(timeout=timeout, grpc_options=QUIET, **options)
+
             try:
-                _CLIENTS[key] = MilvusClient(timeout=timeout, grpc_options=QUIET, **options)
+                _CLIENTS[key] = connect()
             except Exception:  # noqa: BLE001 - once more: a server may have just closed an
                 time.sleep(CONNECT_PAUSE)  # idle connection under us (GOAWAY)
-                _CLIENTS[key] = MilvusClient(timeout=timeout, grpc_options=QUIET, **options)
+                _CLIENTS[key] = connect()
         return _CLIENTS[key]
 
 
