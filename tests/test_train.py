@@ -321,3 +321,21 @@ def test_a_default_target_batch_past_the_data_is_reduced_with_the_reason(dataset
     # The same options resume: the fitted batch is the checkpoint's.
     result = train(TrainConfig(**{**options, "epochs": 2, "resume": "auto"}))
     assert [record.epoch for record in result.history] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_batchnorm_keeps_its_statistics_while_its_weights_train(dataset, tmp_path,
+                                                                       freeze_bn):
+    from ascension_cli.formats import LAST_CHECKPOINT
+    from ascension_cli.model.checkpoint import load_model
+
+    train(config(dataset, tmp_path / "run", model="test_efficientnet", epochs=1,
+                 freeze_bn=freeze_bn, precision="fp32"))
+    model, _, _ = load_model(tmp_path / "run" / LAST_CHECKPOINT)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    # A new layer's statistics are 0 and 1: a step in train mode moves them, a frozen one not.
+    unmoved = all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+                  and torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert unmoved == freeze_bn
+    assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)

@@ -169,6 +169,9 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     sync_bn: bool = Field(False, description="Under DDP, BatchNorm statistics over all "
                           "processes.")
+    freeze_bn: bool = Field(False, description=(
+        "Keep BatchNorm layers as the starting weights have them: their running statistics "
+        "are not updated and each batch is normalised by them (its weights still train)."))
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1,
         description="Refuse images with more pixels than this (decompression bombs).",

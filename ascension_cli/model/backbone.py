@@ -262,3 +262,14 @@ def model_from_spec(spec: ModelSpec) -> EmbeddingModel:
     _check_name(spec.name)
     backbone = timm.create_model(spec.name, pretrained=False, num_classes=0)
     return EmbeddingModel(backbone, spec.embedding_dim, spec.head)
+
+
+def training_mode(model: nn.Module, freeze_bn: bool = False) -> None:
+    """``model.train()``; with ``freeze_bn`` every BatchNorm layer stays in eval mode: it
+    normalises by the running statistics it has and no longer updates them, while its weight
+    and bias still train."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()

@@ -23,6 +23,7 @@ from ascension_cli.config import TrainConfig, to_plain
 from ascension_cli.embedding.inference import extract_features
 from ascension_cli.errors import TrainingError, Wording, first_line
 from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
+from ascension_cli.model.backbone import training_mode
 from ascension_cli.model.checkpoint import atomic_save, training_state
 from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
@@ -167,7 +168,7 @@ class Trainer:
         config, run, state = self.config, self.run_parts, self.state
         device, loaders, should_stop = run.machine.device, run.loaders, run.opt.should_stop
         progress, state.progress = state.progress or EpochProgress(), None
-        run.nets.trained.train()
+        training_mode(run.nets.trained, config.freeze_bn)
         loaders.sampler.set_epoch(epoch, skip=progress.batches_done)
         self.reporter.epoch_start(epoch, config.epochs,
                                   run.steps_per_epoch - progress.batches_done)
