@@ -113,6 +113,8 @@ def write_json(name: str, data: dict, path: Path | None = None) -> Path:
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "machine": machine(), **data}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")  # whole or not at all, as a reader sees it
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
     print(f"wrote {path}")
     return path

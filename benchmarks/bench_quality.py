@@ -386,6 +386,24 @@ def row_name(system: str, budget: str, chosen: str) -> str:
     return f"{system} @passes" if chosen == "both" and budget == "passes" else system
 
 
+def measure(split: Split, args, system: str, options: dict | None) -> dict[str, dict]:
+    """One system's rows on one set: its summary over the seeds at each budget asked (a
+    budget that asks the epochs another did reuses that run)."""
+    rows, done = {}, {}
+    for budget in BUDGETS[args.budget]:
+        epochs = epochs_at(budget, system, options, args.epochs)
+        if epochs not in done:
+            done[epochs] = summarise([
+                {"seed": seed, "epochs": epochs,
+                 **run_system(split, args, system, options, seed, epochs)}
+                for seed in (args.seeds if system != "frozen" else args.seeds[:1])])
+            print(f"  {system}, {epochs} epochs: R@1 "
+                  f"{done[epochs]['mean']['recall_at_1']:.4f} in "
+                  f"{done[epochs]['mean']['train_seconds']:.0f} s", flush=True)
+        rows[row_name(system, budget, args.budget)] = done[epochs]
+    return rows
+
+
 def main() -> None:
     parser = training_parser(__doc__, __file__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -414,18 +432,11 @@ def main() -> None:
         print(f"{split.name}: {len(split.classes)} classes, train {len(split.train)}, "
               f"val {len(split.val)}, test {len(split.test)}", flush=True)
         for system, options in systems.items():
-            done: dict[int, dict] = {}  # by epochs: a budget that asks the same reuses it
-            for budget in BUDGETS[args.budget]:
-                epochs = epochs_at(budget, system, options, args.epochs)
-                if epochs not in done:
-                    done[epochs] = summarise([
-                        {"seed": seed, "epochs": epochs,
-                         **run_system(split, args, system, options, seed, epochs)}
-                        for seed in (args.seeds if system != "frozen" else args.seeds[:1])])
-                    print(f"  {system}, {epochs} epochs: R@1 "
-                          f"{done[epochs]['mean']['recall_at_1']:.4f} in "
-                          f"{done[epochs]['mean']['train_seconds']:.0f} s", flush=True)
-                results[split.name][row_name(system, budget, args.budget)] = done[epochs]
+            results[split.name].update(measure(split, args, system, options))
+            # What is measured so far is kept: a crash or Ctrl-C an hour in loses one system.
+            write_json("bench_quality", {"settings": settings_of(args, sets),
+                                         "variants": variants, "results": results,
+                                         "complete": False}, args.json)
 
     rows = []
     for name, by_system in results.items():
@@ -469,7 +480,7 @@ def main() -> None:
         "settings": settings_of(args, sets),
         "variants": variants, "results": results,
         "defaults_win_everywhere": all(wins) if len(compared) == len(results) else None,
-        "paired": paired,
+        "complete": True, "paired": paired,
         "defaults_win_beyond_noise": (all(beyond_noise(by) for by in paired.values())
                                       if len(compared) == len(results) else None),
     }, args.json)

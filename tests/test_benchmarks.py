@@ -106,7 +106,7 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
     assert figures["mean"] == pytest.approx(
         np.mean(ours["per_query"]["map_at_r"]) - np.mean(theirs["per_query"]["map_at_r"]))
     assert figures["low"] <= figures["mean"] <= figures["high"]
-    assert isinstance(result["defaults_win_beyond_noise"], bool)
+    assert isinstance(result["defaults_win_beyond_noise"], bool) and result["complete"]
 
 
 def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_it():
