@@ -462,13 +462,13 @@ def main() -> None:
          "train s", "R@1 / plain", "time / plain"], rows,
     )
     paired = {name: compare(by_system, set(variants)) for name, by_system in results.items()}
-    print_table(
-        f"paired on the same {args.on} queries: Ascension minus each system, points, 95 % "
-        "interval over the queries", ["set", "ours", "against", "R@1", "R@5", "MAP@R"],
-        [[name, ours, theirs, *(interval(by_figure[f]) for f in ("recall_at_1", "recall_at_5",
-                                                                   "map_at_r"))]
-         for name, by_ours in paired.items() for ours, against in by_ours.items()
-         for theirs, by_figure in against.items()])
+    if pairs := [[name, ours, theirs, *(interval(by_figure[f]) for f in (
+            "recall_at_1", "recall_at_5", "map_at_r"))]
+            for name, by_ours in paired.items() for ours, against in by_ours.items()
+            for theirs, by_figure in against.items()]:  # none without Ascension and another
+        print_table(f"paired on the same {args.on} queries: Ascension minus each system, "
+                    "points, 95 % interval over the queries",
+                    ["set", "ours", "against", "R@1", "R@5", "MAP@R"], pairs)
     # The defaults win a set when they beat every other system there in all three figures.
     compared = [by for by in results.values() if "ascension" in by and len(by) > 1]
     wins = [all(by[ours]["mean"][key] > summary["mean"][key]

@@ -109,6 +109,18 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
     assert isinstance(result["defaults_win_beyond_noise"], bool) and result["complete"]
 
 
+def test_bench_quality_without_ascension_has_nothing_to_pair(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=3, per_class=6)
+    result = run_benchmark(
+        "bench_quality", "--sets", data, "--model", "test_efficientnet", "--weights", "none",
+        "--image-size", "32", "--systems", "frozen", "--json", tmp_path / "q.json",
+        timeout=300)
+    assert result["complete"] and result["paired"] == {"shapes": {}}
+    assert result["defaults_win_beyond_noise"] is None
+
+
 def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _stats import beyond_noise, compare, paired_difference
