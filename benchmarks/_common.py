@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ascension_cli.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a checkout
 RESULTS = ROOT / "benchmarks" / "results"
@@ -113,8 +115,6 @@ def write_json(name: str, data: dict, path: Path | None = None) -> Path:
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "machine": machine(), **data}
-    partial = path.with_name(f".{path.name}.partial")  # whole or not at all, as a reader sees it
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")  # whole or not at all
     print(f"wrote {path}")
     return path

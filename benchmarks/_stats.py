@@ -56,11 +56,12 @@ def compare(by_system: dict[str, dict], variants: set[str] = frozenset()
     for ours in by_system:
         if base(ours) != "ascension" and base(ours) not in variants:
             continue
+        mine = queries(by_system[ours])
         for theirs in by_system:
             if (base(theirs) == base(ours) or base(theirs) in variants
                     or theirs.endswith("@passes") != ours.endswith("@passes")):
                 continue
-            mine, other = queries(by_system[ours]), queries(by_system[theirs])
+            other = queries(by_system[theirs])
             found.setdefault(ours, {})[theirs] = {
                 figure: dict(zip(("mean", "low", "high"),
                                  paired_difference(mine[figure], other[figure]), strict=True))

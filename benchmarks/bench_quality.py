@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from _common import ROOT, benchmark_parser, print_table, write_json
 from _sets import suite
-from _stats import beyond_noise, compare, interval
+from _stats import base, beyond_noise, compare, interval
 
 RECOLOURED = ("hue90", "hue180", "grayscale")
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
@@ -472,8 +472,8 @@ def main() -> None:
     # The defaults win a set when they beat every other system there in all three figures.
     compared = [by for by in results.values() if "ascension" in by and len(by) > 1]
     wins = [all(by[ours]["mean"][key] > summary["mean"][key]
-                for ours in by if ours.split(" ")[0] == "ascension"
-                for system, summary in by.items() if system.split(" ")[0] != "ascension"
+                for ours in by if base(ours) == "ascension"
+                for system, summary in by.items() if base(system) != "ascension"
                 and system.endswith("@passes") == ours.endswith("@passes")
                 for key in ("recall_at_1", "recall_at_5", "map_at_r")) for by in compared]
     write_json("bench_quality", {

@@ -76,7 +76,7 @@ def evaluate(
     ids, _ = nearest_neighbours(
         query_vectors, gallery_vectors, depth, index_kind, chunk, on_progress, exclude, own_ids
     )
-    scores = query_scores(_neighbour_labels(ids, gallery_labels), query_labels, relevant, (*ks, 1))
+    scores = query_scores(_neighbour_labels(ids, gallery_labels), query_labels, relevant, ks)
     evaluation = Evaluation(report_of(scores, ks), index_kind, ids, scores)
     if index_kind != "flat" and len(query_vectors):
         rng = np.random.default_rng(seed)

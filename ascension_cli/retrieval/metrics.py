@@ -66,7 +66,8 @@ def query_scores(
     relevant: np.ndarray,
     ks: tuple[int, ...] = (1, 5, 10),
 ) -> QueryScores:
-    """Recall@k, R-Precision and MAP@R of each query from ranked neighbour labels.
+    """Recall@k (for ``ks`` and 1), R-Precision and MAP@R of each query from ranked neighbour
+    labels.
 
     Args:
         neighbour_labels: (n, K) labels of each query's gallery neighbours, best first; K must
@@ -87,7 +88,7 @@ def query_scores(
     precision_at_rank = np.cumsum(hits, axis=1) / ranks[None, :]
     return QueryScores(
         labels=query_labels[answerable],
-        recall_at_k={k: hits[:, :k].any(axis=1) for k in ks},
+        recall_at_k={k: hits[:, :k].any(axis=1) for k in (*ks, 1)},
         r_precision=(hits & within_r).sum(axis=1) / np.maximum(r, 1),
         map_at_r=(precision_at_rank * (hits & within_r)).sum(axis=1) / np.maximum(r, 1),
         excluded=int((~answerable).sum()),
@@ -101,11 +102,11 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
 ) -> RetrievalReport:
     """Recall@k, Precision@1, R-Precision and MAP@R over the answerable queries."""
-    return report_of(query_scores(neighbour_labels, query_labels, relevant, (*ks, 1)), ks)
+    return report_of(query_scores(neighbour_labels, query_labels, relevant, ks), ks)
 
 
 def report_of(scores: QueryScores, ks: tuple[int, ...]) -> RetrievalReport:
-    """The means of ``query_scores`` (computed for ``ks`` and 1), and Recall@1 of each class."""
+    """The means of ``query_scores`` (computed for ``ks``), and Recall@1 of each class."""
     if len(scores.labels) == 0:
         nan = float("nan")
         return RetrievalReport({k: nan for k in ks}, nan, nan, nan, {}, 0, scores.excluded)
