@@ -69,6 +69,46 @@ def test_index_then_search_finds_the_item_at_rank_1(trained, place, tmp_path):
     assert len(found["matches"]) == 3
 
 
+def test_threads_sharing_a_searcher_embed_one_batch_at_a_time(trained, tmp_path):
+    """A service's search batches and its adds embed with one searcher's model; a forward pass
+    that overlaps another's first use of the model computed wrong vectors (1 call in ~300
+    under four threads), so the searcher lets one batch run at a time. The catalogue's model
+    loads in eval mode: nothing switches it between train and eval under another thread."""
+    import threading
+    import time
+
+    from ascension_cli.catalog.search import CatalogSearcher
+    from ascension_cli.data.folder import decode_image
+
+    root, data, checkpoint = trained
+    result = invoke("index", checkpoint, data, "-o", tmp_path / "cat", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    searcher = CatalogSearcher(load_catalog(tmp_path / "cat", with_vectors=False))
+    assert not searcher.model.training
+    features, running, overlaps = searcher.model.features, [0], []
+
+    def features_watched(images):
+        running[0] += 1
+        overlaps.append(running[0])
+        time.sleep(0.02)  # long enough for another thread to come in, were it let in
+        try:
+            return features(images)
+        finally:
+            running[0] -= 1
+
+    searcher.model.features = features_watched
+    image = decode_image((data / "triangle" / "003.png").read_bytes(), "q", min_side=64)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(
+        searcher.embed_decoded([image], workers=0)[0])) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(found) == 4 and max(overlaps) == 1
+    assert all(np.allclose(vectors, found[0], atol=1e-5) for vectors in found)
+
+
 def test_search_a_folder_and_the_unknown_threshold(trained, place, tmp_path):
     root, data, checkpoint = trained
     assert invoke("index", checkpoint, data, "-o", place("cat"), *place.shared,

@@ -131,7 +131,8 @@ def save_model_file(path: str | Path, model: EmbeddingModel, spec: ModelSpec) ->
 
 
 def load_model_file(path: str | Path) -> EmbeddingModel:
-    """Read a file ``save_model_file`` wrote; a damaged one is a CheckpointError naming it."""
+    """Read a file ``save_model_file`` wrote, in eval mode (a catalogue's model only embeds);
+    a damaged one is a CheckpointError naming it."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,4 +140,4 @@ def load_model_file(path: str | Path) -> EmbeddingModel:
         raise not_a_checkpoint(path, why_unloadable(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
         raise not_a_checkpoint(path, "it is not a catalogue's model file")
-    return rebuild_model(path, payload)[0]
+    return rebuild_model(path, payload)[0].eval()
