@@ -71,10 +71,11 @@ def vote(matches: list[Match]) -> tuple[str | None, float]:
 class CatalogSearcher:
     """A catalogue with its model and index loaded once, for many searches (``serve``).
 
-    Threads share it: a service's search batches and its adds embed with the same model. The
-    first embedding moves the model's weights to the device and layout it runs in, and a
-    forward pass that reads them meanwhile computes wrong vectors (measured: about 1 call in
-    300 under four threads), so the model embeds one batch at a time.
+    Threads share it: a service's search batches and its adds embed with the same model. Each
+    embedding sets the model's device, memory layout and mode before its forward pass, and a
+    pass that overlapped another thread's computed wrong vectors (about 1 call in 300 under
+    four threads, none once the model was set up before any thread used it), so the model
+    embeds one batch at a time.
     """
 
     def __init__(self, catalog: Catalog):
