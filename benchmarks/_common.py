@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ascension_cli.atomic import atomic_write_text
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from a checkout
+
+from ascension_cli.atomic import atomic_write_text  # noqa: E402  (this checkout's)
+
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # The command line, started by this interpreter: `ascension` is on PATH only in an activated
