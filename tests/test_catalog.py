@@ -70,10 +70,11 @@ def test_index_then_search_finds_the_item_at_rank_1(trained, place, tmp_path):
 
 
 def test_threads_sharing_a_searcher_embed_one_batch_at_a_time(trained, tmp_path):
-    """A service's search batches and its adds embed with one searcher's model; a forward pass
-    that overlaps another's first use of the model computed wrong vectors (1 call in ~300
-    under four threads), so the searcher lets one batch run at a time. The catalogue's model
-    loads in eval mode: nothing switches it between train and eval under another thread."""
+    """A service's search batches and its adds embed with one searcher's model; each embedding
+    sets the model's device, layout and mode, and a forward pass that overlapped another
+    thread's computed wrong vectors (1 call in ~300 under four threads), so the searcher lets
+    one batch run at a time. The catalogue's model loads in eval mode: nothing switches it
+    between train and eval under another thread."""
     import threading
     import time
 
