@@ -310,6 +310,8 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
         history = result.history
         return {"train_seconds": seconds, "steps": history[-1].step,
                 "val_recall_at_1_by_epoch": [r.val_recall_at_1 for r in history],
+                "val_recall_at_5_by_epoch": [r.val_recall_at_5 for r in history],
+                "val_map_at_r_by_epoch": [r.val_map_at_r for r in history],
                 "epoch_seconds": [r.seconds for r in history],
                 "images_per_second": [r.images_per_second for r in history],
                 "data_wait_fraction": [r.data_wait_fraction for r in history], **figures}

@@ -99,7 +99,8 @@ def test_the_starting_weights_stay_best_when_no_epoch_beats_them(dataset, tmp_pa
     from ascension_cli.train import loop
 
     figures = iter([0.9, 0.5, 0.6])
-    monkeypatch.setattr(loop, "validation_recall", lambda run, stop: next(figures))
+    monkeypatch.setattr(loop, "validation_figures",
+                        lambda run, stop: {"val_recall_at_1": next(figures)})
     result = invoke(
         "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
         "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
@@ -115,6 +116,55 @@ def test_the_starting_weights_stay_best_when_no_epoch_beats_them(dataset, tmp_pa
     assert any(not torch.equal(best["model"][name], last["model"][name])
                for name in best["model"])  # trained weights differ: best.pt is the start
     assert "(best" not in said.split("before training")[1]  # no epoch marked best
+
+
+def test_a_run_says_where_best_pt_validates_below_the_starting_model(dataset, tmp_path,
+                                                                    monkeypatch):
+    """best.pt is chosen by recall@1; where it finds fewer classes among its first five, or
+    ranks them lower, than the starting weights, the run says so (figures made up here: the
+    second epoch gains recall@1 and loses recall@5, as on TrashNet's validation split)."""
+    from ascension_cli.train import loop
+
+    figures = iter([(0.70, 0.94, 0.30), (0.72, 0.95, 0.40), (0.75, 0.88, 0.45)])
+
+    def measured(run, stop):
+        return dict(zip(("val_recall_at_1", "val_recall_at_5", "val_map_at_r"), next(figures),
+                        strict=True))
+
+    monkeypatch.setattr(loop, "validation_figures", measured)
+    result = invoke(
+        "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
+        "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
+        "--warmup-epochs", "0", "--workers", "0", "--val-fraction", "0.25",
+        "--save-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "before training: validation recall@1 0.7000, recall@5 0.9400, MAP@R 0.3000" in said
+    assert "val recall@1 0.7500, recall@5 0.8800, MAP@R 0.4500 (best)" in said
+    assert ("note: best.pt (epoch 2, chosen by validation recall@1) validates below the "
+            "starting model in recall@5 (0.9400 before training, 0.8800 at best.pt)") in said
+    assert "MAP@R (" not in said  # MAP@R rose: not named
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["val_recall_at_5"] for r in records] == [0.94, 0.95, 0.88]
+    assert [r["val_map_at_r"] for r in records] == [0.30, 0.40, 0.45]
+
+
+def test_no_note_where_best_pt_validates_at_or_above_the_start_in_every_figure():
+    from ascension_cli.train.logbook import EpochRecord, lost_to_start
+
+    def record(epoch, best, r1, r5, mapr):
+        return EpochRecord(epoch, epoch, None if epoch == 0 else 1.0, 1e-3, r1, None, 1.0,
+                           best=best, val_recall_at_5=r5, val_map_at_r=mapr)
+
+    start = record(0, True, 0.7, 0.9, 0.3)
+    assert lost_to_start([start, record(1, True, 0.8, 0.9, 0.5)]) == []
+    # the last epoch marked best is best.pt: a later epoch below the start does not count
+    assert lost_to_start([start, record(1, True, 0.8, 0.95, 0.5),
+                          record(2, False, 0.75, 0.5, 0.1)]) == []
+    assert lost_to_start([start, record(1, True, 0.8, 0.95, 0.2)]) == [("MAP@R", 0.3, 0.2)]
+    assert lost_to_start([start, record(1, False, 0.6, 0.5, 0.1)]) == []  # best.pt: the start
+    older = EpochRecord(0, 0, None, 1e-3, 0.7, None, 1.0, best=True)  # before recall@5 was kept
+    assert lost_to_start([older, record(1, True, 0.8, 0.5, 0.1)]) == []
 
 
 def test_module_entry_point_and_console_script_help():

@@ -125,6 +125,7 @@ def test_report_command_writes_a_page_a_browser_shows(tmp_path):
     assert "report written to" in result.output
     page = (tmp_path / "report.html").read_text()
     assert "Training run" in page and "validation Recall@1" in page and "target_batch" in page
+    assert "validation Recall@5" in page and "validation MAP@R" in page
     assert page.count("data:image/jpeg;base64,") >= 10
 
     browser = chromium()

@@ -118,3 +118,18 @@ def test_each_damaged_entry_is_one_error_naming_it(saved, tmp_path, entry, damag
     assert entry in message or (entry in ("classes", "config") and "cannot resume" in message), (
         message)
     assert "\n" not in message
+
+
+def test_a_history_from_before_recall_at_5_was_kept_resumes(saved, tmp_path):
+    """Records written before validation kept recall@5 and MAP@R lack both: the run resumes,
+    its older epochs without them and its new ones with them."""
+    data, payload = saved
+    older = [{key: value for key, value in record.items()
+              if key not in ("val_recall_at_5", "val_map_at_r")} for record in payload["history"]]
+    path = tmp_path / "older.pt"
+    torch.save({**payload, "history": older}, path)
+    result = train(config(data, tmp_path / "again", epochs=2, resume=str(path), **OPTIONS))
+    assert [record.epoch for record in result.history] == [0, 1, 2]
+    assert [record.val_recall_at_5 for record in result.history[:2]] == [None, None]
+    latest = result.history[2]
+    assert latest.val_recall_at_1 <= latest.val_recall_at_5 <= 1 and 0 <= latest.val_map_at_r <= 1

@@ -36,8 +36,9 @@ def test_tensorboard_holds_the_epoch_figures_and_every_step(dataset, tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     written = metrics(run)
-    recalls = [(e.step, e.value) for e in events.Scalars("epoch/val_recall_at_1")]
-    assert recalls == [(r["epoch"], pytest.approx(r["val_recall_at_1"])) for r in written]
+    for figure in ("val_recall_at_1", "val_recall_at_5", "val_map_at_r"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"epoch/{figure}")]
+        assert logged == [(r["epoch"], pytest.approx(r[figure])) for r in written]
     losses = [e.value for e in events.Scalars("epoch/loss")]
     assert losses == [pytest.approx(r["loss"]) for r in written if r["loss"] is not None]
     assert len(events.Scalars("train/lr")) == written[-1]["step"]
@@ -55,9 +56,10 @@ def test_mlflow_run_continues_on_resume_and_keeps_the_artefacts(dataset, tmp_pat
     assert (run / "mlflow-run-id.txt").read_text().strip() == run_id  # the same run
 
     client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
-    history = client.get_metric_history(run_id, "val_recall_at_1")
-    assert [(m.step, m.value) for m in history] == [
-        (r["epoch"], pytest.approx(r["val_recall_at_1"])) for r in metrics(run)]
+    for figure in ("val_recall_at_1", "val_recall_at_5", "val_map_at_r"):
+        history = client.get_metric_history(run_id, figure)
+        assert [(m.step, m.value) for m in history] == [
+            (r["epoch"], pytest.approx(r[figure])) for r in metrics(run)]
     assert len(client.get_metric_history(run_id, "lr")) == metrics(run)[-1]["step"]
     logged = client.get_run(run_id)
     assert logged.data.params["target_batch"] == "8" and logged.info.status == "FINISHED"

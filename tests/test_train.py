@@ -72,6 +72,8 @@ def test_training_writes_checkpoints_metrics_plot_and_config(dataset, tmp_path):
     assert records[0]["loss"] is None and records[0]["val_recall_at_1"] is not None
     for record in records[1:]:
         assert record["loss"] > 0 and 0 <= record["val_recall_at_1"] <= 1
+        assert record["val_recall_at_1"] <= record["val_recall_at_5"] <= 1
+        assert 0 <= record["val_map_at_r"] <= 1
         assert record["images_per_second"] > 0 and record["seconds"] > 0
         assert set(record) >= {"epoch", "step", "loss", "lr", "val_recall_at_1",
                                "images_per_second", "seconds"}

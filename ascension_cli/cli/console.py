@@ -135,8 +135,11 @@ class RichReporter:
             self.task = None
 
     def epoch_end(self, record: EpochRecord) -> None:
+        from ascension_cli.train.logbook import figures_of, shown_figures
+
         self.work_end()
-        recall = "-" if record.val_recall_at_1 is None else f"{record.val_recall_at_1:.4f}"
+        recall = "recall@1 -" if record.val_recall_at_1 is None else shown_figures(
+            figures_of(record))
         loss = "-" if record.loss is None else f"{record.loss:.4f}"
         speed = "-" if record.images_per_second is None else f"{record.images_per_second:.1f}"
         wait = (
@@ -149,7 +152,7 @@ class RichReporter:
         mark = f" ({', '.join(marks)})" if marks else ""
         self.console.print(
             f"epoch {record.epoch:>3}  step {record.step:>6}  loss {loss}  lr {record.lr:.2e}  "
-            f"val recall@1 {recall}{mark}  {speed} img/s  "
+            f"val {recall}{mark}  {speed} img/s  "
             f"{record.seconds:.1f}s{wait}",
             soft_wrap=True,
         )
@@ -354,3 +357,18 @@ def print_training_summary(result: TrainSummary) -> None:
             f"{untrained:.4f} before training{after}); best.pt holds the starting weights. "
             "Train longer, or lower --lr.",
         )
+    print_losses_to_start(result)
+
+
+def print_losses_to_start(result: TrainSummary) -> None:
+    """Say where best.pt, chosen by recall@1, validates below the starting weights."""
+    from ascension_cli.train.logbook import METRICS, lost_to_start
+
+    lost = lost_to_start(result.history)
+    if lost:
+        figures = " and ".join(f"{name} ({before:.4f} before training, {after:.4f} at best.pt)"
+                               for name, before, after in lost)
+        console.print(shown(
+            f"note: best.pt (epoch {result.best_epoch}, chosen by validation recall@1) "
+            f"validates below the starting model in {figures}; each epoch's figures are in "
+            f"{result.save_dir / METRICS}."), soft_wrap=True)

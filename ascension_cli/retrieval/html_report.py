@@ -146,7 +146,11 @@ def _run_section(run_dir: Path | None) -> str:
                      for title, key, colour in (("SupCon loss", "loss", "#2e86c1"),
                                                 ("learning rate", "lr", "#e67e22"),
                                                 ("validation Recall@1", "val_recall_at_1",
-                                                 "#27ae60")))
+                                                 "#27ae60"),
+                                                ("validation Recall@5", "val_recall_at_5",
+                                                 "#8e44ad"),
+                                                ("validation MAP@R", "val_map_at_r",
+                                                 "#c0392b")))
     options = ""
     config = run_dir / "config.yaml"
     if config.is_file():

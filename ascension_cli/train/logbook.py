@@ -14,6 +14,9 @@ from ascension_cli.data.folder import FolderScan
 
 METRICS = "metrics.jsonl"
 PLOT = "training.png"
+# What validation measures each epoch: EpochRecord's field, and how a person reads it.
+VALIDATION_FIGURES = (("val_recall_at_1", "recall@1"), ("val_recall_at_5", "recall@5"),
+                      ("val_map_at_r", "MAP@R"))
 
 
 @dataclass
@@ -29,6 +32,8 @@ class EpochRecord:
     nonfinite_steps: int = 0
     best: bool = False
     below_untrained: bool = False  # validation recall@1 not above the untrained model's
+    val_recall_at_5: float | None = None  # None in the records of runs before 2026-12-06
+    val_map_at_r: float | None = None
 
 
 @dataclass
@@ -48,6 +53,30 @@ class TrainResult:
 def below(recall: float | None, untrained: float | None) -> bool:
     """Validation recall not above the untrained model's."""
     return recall is not None and untrained is not None and recall <= untrained
+
+
+def figures_of(record: EpochRecord) -> dict[str, float | None]:
+    """A record's validation figures under their field names."""
+    return {key: getattr(record, key) for key, _ in VALIDATION_FIGURES}
+
+
+def shown_figures(figures: dict[str, float | None]) -> str:
+    """"recall@1 0.8000, recall@5 0.9100, MAP@R 0.4660": the figures measured, as read."""
+    return ", ".join(f"{name} {figures[key]:.4f}" for key, name in VALIDATION_FIGURES
+                     if figures.get(key) is not None) or "-"
+
+
+def lost_to_start(history: list[EpochRecord]) -> list[tuple[str, float, float]]:
+    """The validation figures in which best.pt's epoch (chosen by recall@1) is below the
+    starting model's (epoch 0): (name, before, best.pt's), where both were measured."""
+    start = history[0] if history and history[0].epoch == 0 else None
+    kept = [record for record in history if record.best]
+    if start is None or not kept or kept[-1].epoch == 0:
+        return []
+    best = kept[-1]
+    return [(name, getattr(start, key), getattr(best, key)) for key, name in VALIDATION_FIGURES
+            if getattr(start, key) is not None and getattr(best, key) is not None
+            and getattr(best, key) < getattr(start, key)]
 
 
 def data_rows(scan: FolderScan, train: int, val: int) -> list[tuple[str, str]]:
@@ -83,18 +112,20 @@ def plot(save_dir: Path, history: list[EpochRecord]) -> None:
     import matplotlib.pyplot as plt
 
     trained = [r for r in history if r.loss is not None]
-    validated = [r for r in history if r.val_recall_at_1 is not None]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r.epoch for r in trained], [r.loss for r in trained], marker="o")
     axes[0].set(title="SupCon loss", xlabel="epoch")
     axes[1].plot([r.epoch for r in trained], [r.lr for r in trained], marker="o", color="C1")
     axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    axes[2].plot(
-        [r.epoch for r in validated], [r.val_recall_at_1 for r in validated],
-        marker="o", color="C2",
-    )
-    axes[2].set(title="validation recall@1", xlabel="epoch", ylim=(0, 1.02))
+    for number, (key, name) in enumerate(VALIDATION_FIGURES):
+        validated = [r for r in history if getattr(r, key) is not None]
+        if validated:
+            axes[2].plot([r.epoch for r in validated], [getattr(r, key) for r in validated],
+                         marker="o", color=f"C{2 + number}", label=name)
+    axes[2].set(title="validation", xlabel="epoch", ylim=(0, 1.02))
+    if axes[2].lines:
+        axes[2].legend(loc="lower right", fontsize="small")
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -38,6 +38,7 @@ from ascension_cli.train.logbook import (
     TrainResult,
     below,
     plot,
+    shown_figures,
     write_metrics,
 )
 from ascension_cli.train.reporter import Reporter
@@ -101,15 +102,16 @@ class Trainer:
     def _measure_untrained(self) -> None:
         # The starting weights are a candidate like any epoch (best.pt until one is better).
         started = time.perf_counter()
-        recall = self.validate()
+        figures = self.validate()
+        recall = figures.get("val_recall_at_1")
         self.state.history.append(EpochRecord(
-            0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], recall, None,
-            time.perf_counter() - started, best=recall is not None))
+            0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], images_per_second=None,
+            seconds=time.perf_counter() - started, best=recall is not None, **figures))
         self.result.history = self.state.history
         if recall is not None:
             self.state.best = recall
             self.save(self.run_parts.save_dir / BEST_CHECKPOINT, 0)
-            self.reporter.message(f"before training: validation recall@1 {recall:.4f}")
+            self.reporter.message(f"before training: validation {shown_figures(figures)}")
         elif self.run_parts.loaders.val is not None:
             self.reporter.message(Wording(
                 "validation recall cannot be measured: no validation class has two readable "
@@ -263,16 +265,17 @@ class Trainer:
         state = self.state
         train_seconds = time.perf_counter() - started
         try:
-            recall = self.validate()
+            figures = self.validate()
         except StepAbandoned:  # resumed, the epoch has no steps left and validates first
             self.stop_mid_epoch(epoch, progress, started, "validation was abandoned; ")
+        recall = figures.get("val_recall_at_1")
         improved = recall is not None and (state.best is None or recall > state.best)
         if improved:
             state.best = recall
         return EpochRecord(
             epoch=epoch, step=state.step,
             loss=float(np.mean(progress.losses)) if progress.losses else None,
-            lr=self.run_parts.opt.scheduler.get_last_lr()[0], val_recall_at_1=recall,
+            lr=self.run_parts.opt.scheduler.get_last_lr()[0], **figures,
             images_per_second=progress.images / train_seconds if train_seconds > 0 else None,
             seconds=time.perf_counter() - started,
             data_wait_fraction=progress.waited / train_seconds if train_seconds > 0 else None,
@@ -293,8 +296,8 @@ class Trainer:
         self.trackers.epoch(record)
         self.reporter.epoch_end(record)
 
-    def validate(self) -> float | None:
-        return validation_recall(self.run_parts, self.stop)
+    def validate(self) -> dict[str, float | None]:
+        return validation_figures(self.run_parts, self.stop)
 
     # ---- saving and stopping
     def save(self, path, epoch: int, progress: EpochProgress | None = None) -> None:
@@ -323,12 +326,16 @@ def kept_checkpoint(save_dir: Path) -> Path:
     return best if best.is_file() else save_dir / LAST_CHECKPOINT
 
 
-def validation_recall(run: Run, stop: StopRequest) -> float | None:
-    """Validation recall@1. Rank 0 embeds the whole validation split with the plain model (no
-    collectives), so the figure is the same whatever the number of processes. A stop asked for
-    meanwhile abandons it (a single process only), as it abandons a step."""
+def validation_figures(run: Run, stop: StopRequest) -> dict[str, float | None]:
+    """Validation recall@1, recall@5 and MAP@R, each photo of the validation split searched
+    among the others, under ``EpochRecord``'s field names (recall@1 None, and nothing else,
+    where there is nothing to measure). Rank 0 embeds the whole validation split with the
+    plain model (no collectives), so the figures are the same whatever the number of
+    processes. A stop asked for meanwhile abandons it (a single process only), as it abandons
+    a step."""
+    nothing: dict[str, float | None] = {"val_recall_at_1": None}
     if run.loaders.val is None or not run.machine.distributed.is_main:
-        return None
+        return nothing
     should_stop = run.opt.should_stop
 
     def abandon_if_asked(_: int) -> None:
@@ -342,10 +349,13 @@ def validation_recall(run: Run, stop: StopRequest) -> float | None:
             channels_last=run.config.channels_last,
         )
     if len(labels) == 0:
-        return None
-    # The same evaluator as `ascension eval`, so training and eval report the same figure.
-    recall = evaluate(features, labels, ks=(1,)).report.recall_at_k[1]
-    return None if math.isnan(recall) else recall
+        return nothing
+    # The same evaluator as `ascension eval`, so training and eval report the same figures.
+    report = evaluate(features, labels, ks=(1, 5)).report
+    if math.isnan(report.recall_at_k[1]):  # no class with two readable photos
+        return nothing
+    return {"val_recall_at_1": report.recall_at_k[1], "val_recall_at_5": report.recall_at_k[5],
+            "val_map_at_r": report.map_at_r}
 
 
 def stop_agreed(stop: StopRequest, machine) -> bool:

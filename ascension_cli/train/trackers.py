@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ascension_cli.errors import ConfigError
-from ascension_cli.train.logbook import EpochRecord
+from ascension_cli.train.logbook import VALIDATION_FIGURES, EpochRecord, figures_of
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
@@ -62,7 +62,7 @@ class TensorBoard(Tracker):
         self.writer.add_scalar("train/images_per_second", images_per_second, step)
 
     def epoch(self, record: EpochRecord) -> None:
-        for name in ("loss", "val_recall_at_1", "images_per_second"):
+        for name in ("loss", *(key for key, _ in VALIDATION_FIGURES), "images_per_second"):
             value = getattr(record, name)
             if value is not None:
                 self.writer.add_scalar(f"epoch/{name}", value, record.epoch)
@@ -112,8 +112,7 @@ class MLflow(Tracker):
         self._log({"loss": loss, "lr": lr, "images_per_second": images_per_second}, step)
 
     def epoch(self, record: EpochRecord) -> None:
-        self._log({"epoch_loss": record.loss, "val_recall_at_1": record.val_recall_at_1},
-                  record.epoch)
+        self._log({"epoch_loss": record.loss, **figures_of(record)}, record.epoch)
 
     def close(self, finished: bool, artefacts: list[Path]) -> None:
         for path in artefacts:
