@@ -35,10 +35,33 @@ class TrainSummary:
         return self.history[0].val_recall_at_1 if self.history else None
 
     @property
+    def lost_to_start(self) -> list[tuple[str, float, float]]:
+        """The validation figures in which best.pt (chosen by recall@1) is below the starting
+        weights: (name, before training, at best.pt)."""
+        from ascension_cli.train.logbook import lost_to_start
+
+        return lost_to_start(self.history)
+
+    @property
+    def metrics_file(self) -> Path | None:
+        """metrics.jsonl: each epoch's figures."""
+        from ascension_cli.train.logbook import METRICS
+
+        return None if self.save_dir is None else self.save_dir / METRICS
+
+    @property
     def best_epoch(self) -> int | None:
         """The epoch best.pt holds: 0 where no epoch beat the starting weights."""
         kept = [record.epoch for record in self.history if record.best]
         return kept[-1] if kept else None
+
+
+def validation_text(record: EpochRecord) -> str:
+    """An epoch's validation figures as a run prints them: "recall@1 0.8000, recall@5 0.9100,
+    MAP@R 0.4660" (those measured)."""
+    from ascension_cli.train.logbook import figures_of, shown_figures
+
+    return shown_figures(figures_of(record))
 
 
 def run_training(settings: TrainConfig, reporter: Reporter | None = None,

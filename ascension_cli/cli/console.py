@@ -135,11 +135,10 @@ class RichReporter:
             self.task = None
 
     def epoch_end(self, record: EpochRecord) -> None:
-        from ascension_cli.train.logbook import figures_of, shown_figures
+        from ascension_cli.api.training import validation_text
 
         self.work_end()
-        recall = "recall@1 -" if record.val_recall_at_1 is None else shown_figures(
-            figures_of(record))
+        recall = "recall@1 -" if record.val_recall_at_1 is None else validation_text(record)
         loss = "-" if record.loss is None else f"{record.loss:.4f}"
         speed = "-" if record.images_per_second is None else f"{record.images_per_second:.1f}"
         wait = (
@@ -362,13 +361,11 @@ def print_training_summary(result: TrainSummary) -> None:
 
 def print_losses_to_start(result: TrainSummary) -> None:
     """Say where best.pt, chosen by recall@1, validates below the starting weights."""
-    from ascension_cli.train.logbook import METRICS, lost_to_start
-
-    lost = lost_to_start(result.history)
+    lost = result.lost_to_start
     if lost:
         figures = " and ".join(f"{name} ({before:.4f} before training, {after:.4f} at best.pt)"
                                for name, before, after in lost)
         console.print(shown(
             f"note: best.pt (epoch {result.best_epoch}, chosen by validation recall@1) "
             f"validates below the starting model in {figures}; each epoch's figures are in "
-            f"{result.save_dir / METRICS}."), soft_wrap=True)
+            f"{result.metrics_file}."), soft_wrap=True)

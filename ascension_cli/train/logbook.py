@@ -32,7 +32,7 @@ class EpochRecord:
     nonfinite_steps: int = 0
     best: bool = False
     below_untrained: bool = False  # validation recall@1 not above the untrained model's
-    val_recall_at_5: float | None = None  # None in the records of runs before 2026-12-06
+    val_recall_at_5: float | None = None  # None in the records of older runs
     val_map_at_r: float | None = None
 
 

@@ -102,7 +102,7 @@ class Trainer:
     def _measure_untrained(self) -> None:
         # The starting weights are a candidate like any epoch (best.pt until one is better).
         started = time.perf_counter()
-        figures = self.validate()
+        figures = validation_figures(self.run_parts, self.stop)
         recall = figures.get("val_recall_at_1")
         self.state.history.append(EpochRecord(
             0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], images_per_second=None,
@@ -265,7 +265,7 @@ class Trainer:
         state = self.state
         train_seconds = time.perf_counter() - started
         try:
-            figures = self.validate()
+            figures = validation_figures(self.run_parts, self.stop)
         except StepAbandoned:  # resumed, the epoch has no steps left and validates first
             self.stop_mid_epoch(epoch, progress, started, "validation was abandoned; ")
         recall = figures.get("val_recall_at_1")
@@ -295,9 +295,6 @@ class Trainer:
             plot(save_dir, self.state.history)
         self.trackers.epoch(record)
         self.reporter.epoch_end(record)
-
-    def validate(self) -> dict[str, float | None]:
-        return validation_figures(self.run_parts, self.stop)
 
     # ---- saving and stopping
     def save(self, path, epoch: int, progress: EpochProgress | None = None) -> None:
