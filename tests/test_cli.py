@@ -90,6 +90,15 @@ def test_train_end_to_end_through_the_cli(dataset, tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
+def train_two_epochs(dataset, save_dir):
+    """A two-epoch run of the tiny model: what the tests of validation figures made up need."""
+    return invoke(
+        "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
+        "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
+        "--warmup-epochs", "0", "--workers", "0", "--val-fraction", "0.25", "--save-dir",
+        save_dir)
+
+
 def test_the_starting_weights_stay_best_when_no_epoch_beats_them(dataset, tmp_path,
                                                                  monkeypatch):
     """Do no harm: the starting weights are a candidate like any epoch (validation figures
@@ -101,11 +110,7 @@ def test_the_starting_weights_stay_best_when_no_epoch_beats_them(dataset, tmp_pa
     figures = iter([0.9, 0.5, 0.6])
     monkeypatch.setattr(loop, "validation_figures",
                         lambda run, stop: {"val_recall_at_1": next(figures)})
-    result = invoke(
-        "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
-        "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
-        "--warmup-epochs", "0", "--workers", "0", "--val-fraction", "0.25",
-        "--save-dir", tmp_path / "run")
+    result = train_two_epochs(dataset, tmp_path / "run")
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # as the console wrapped it, unwrapped
     assert "training did not beat the starting model (validation recall@1 0.9000 before " \
@@ -132,11 +137,7 @@ def test_a_run_says_where_best_pt_validates_below_the_starting_model(dataset, tm
                         strict=True))
 
     monkeypatch.setattr(loop, "validation_figures", measured)
-    result = invoke(
-        "train", dataset, "--model", "test_convnext", "--no-pretrained", "--image-size", "32",
-        "--batch-size", "4", "--target-batch", "8", "--samples-per-class", "2", "--epochs", "2",
-        "--warmup-epochs", "0", "--workers", "0", "--val-fraction", "0.25",
-        "--save-dir", tmp_path / "run")
+    result = train_two_epochs(dataset, tmp_path / "run")
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "before training: validation recall@1 0.7000, recall@5 0.9400, MAP@R 0.3000" in said
