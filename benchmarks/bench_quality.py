@@ -297,6 +297,7 @@ def train_ascension(train_root: Path, val_root: Path, args, seed: int, save_dir:
 
 def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
     from ascension_cli.model.checkpoint import load_model
+    from ascension_cli.train.logbook import VALIDATION_FIGURES
 
     options = dict(options)
     features = options.pop("features", "backbone")  # which vectors are evaluated
@@ -309,9 +310,8 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
         figures = score(model, spec, features, split, args.on, 64)
         history = result.history
         return {"train_seconds": seconds, "steps": history[-1].step,
-                "val_recall_at_1_by_epoch": [r.val_recall_at_1 for r in history],
-                "val_recall_at_5_by_epoch": [r.val_recall_at_5 for r in history],
-                "val_map_at_r_by_epoch": [r.val_map_at_r for r in history],
+                **{f"{key}_by_epoch": [getattr(r, key) for r in history]
+                   for key, _ in VALIDATION_FIGURES},
                 "epoch_seconds": [r.seconds for r in history],
                 "images_per_second": [r.images_per_second for r in history],
                 "data_wait_fraction": [r.data_wait_fraction for r in history], **figures}

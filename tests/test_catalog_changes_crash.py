@@ -140,8 +140,9 @@ def test_kill_9_at_random_instants_of_a_change_leaves_it_before_or_after(shop, t
         seen, lives = set(), 0
         while lives < LIVES or (operation != "switch" and len(seen) < 2
                                 and lives < LIVES + SWEEP):
-            swept = (lives - LIVES + 0.5) / SWEEP  # past LIVES: evenly across the cycle
-            _life(zygote, operation, 1.5 * cycle * (rng.random() if lives < LIVES else swept))
+            # past LIVES: evenly across the cycle
+            share = rng.random() if lives < LIVES else (lives - LIVES + 0.5) / SWEEP
+            _life(zygote, operation, 1.5 * cycle * share)
             lives += 1
             found = load_catalog(catalog)  # whole: every file agrees
             assert len(found) == len(found.vectors) == len(found.labels) == len(found.paths)

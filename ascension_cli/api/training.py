@@ -52,8 +52,10 @@ class TrainSummary:
     @property
     def best_epoch(self) -> int | None:
         """The epoch best.pt holds: 0 where no epoch beat the starting weights."""
-        kept = [record.epoch for record in self.history if record.best]
-        return kept[-1] if kept else None
+        from ascension_cli.train.logbook import best_record
+
+        best = best_record(self.history)
+        return None if best is None else best.epoch
 
 
 def validation_text(record: EpochRecord) -> str:

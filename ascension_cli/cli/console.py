@@ -138,7 +138,7 @@ class RichReporter:
         from ascension_cli.api.training import validation_text
 
         self.work_end()
-        recall = "recall@1 -" if record.val_recall_at_1 is None else validation_text(record)
+        recall = validation_text(record)
         loss = "-" if record.loss is None else f"{record.loss:.4f}"
         speed = "-" if record.images_per_second is None else f"{record.images_per_second:.1f}"
         wait = (

@@ -61,19 +61,25 @@ def figures_of(record: EpochRecord) -> dict[str, float | None]:
 
 
 def shown_figures(figures: dict[str, float | None]) -> str:
-    """"recall@1 0.8000, recall@5 0.9100, MAP@R 0.4660": the figures measured, as read."""
+    """"recall@1 0.8000, recall@5 0.9100, MAP@R 0.4660": the figures measured, as read
+    ("recall@1 -" where none was)."""
     return ", ".join(f"{name} {figures[key]:.4f}" for key, name in VALIDATION_FIGURES
-                     if figures.get(key) is not None) or "-"
+                     if figures.get(key) is not None) or "recall@1 -"
+
+
+def best_record(history: list[EpochRecord]) -> EpochRecord | None:
+    """The epoch best.pt holds: the last one marked best (epoch 0 where none beat the start)."""
+    kept = [record for record in history if record.best]
+    return kept[-1] if kept else None
 
 
 def lost_to_start(history: list[EpochRecord]) -> list[tuple[str, float, float]]:
     """The validation figures in which best.pt's epoch (chosen by recall@1) is below the
     starting model's (epoch 0): (name, before, best.pt's), where both were measured."""
     start = history[0] if history and history[0].epoch == 0 else None
-    kept = [record for record in history if record.best]
-    if start is None or not kept or kept[-1].epoch == 0:
+    best = best_record(history)
+    if start is None or best is None or best.epoch == 0:
         return []
-    best = kept[-1]
     return [(name, getattr(start, key), getattr(best, key)) for key, name in VALIDATION_FIGURES
             if getattr(start, key) is not None and getattr(best, key) is not None
             and getattr(best, key) < getattr(start, key)]
