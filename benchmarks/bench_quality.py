@@ -17,7 +17,10 @@ reports it instead of test); the test split is never used for a choice. Systems:
 - ``ascension``: ``TrainConfig`` defaults through the Python API (``train``), evaluated from
   ``best.pt`` (chosen on val) with the features ``ascension embed`` gives by default;
 - ``--variant NAME:key=value,key=value``: Ascension with those ``TrainConfig`` options changed
-  (and ``features=head`` to evaluate the projection head's output instead of the backbone's).
+  (and ``features=head`` to evaluate the projection head's output instead of the backbone's);
+- ``--mix-start SHARE ...``: each Ascension run's ``best.pt`` also scored with its trunk's
+  weights mixed with the starting ones (share s of the trained weights, 1 - s of the pretrained:
+  a weight-space ensemble, as WiSE-FT does), a row ``ascension~s`` each, from the same training.
 
 Reported per set and system: Recall@1/5, MAP@R, Recall@1 of hue-rotated (90 and 180 degrees) and
 grayscale queries against the clean gallery, training wall time, and the ratios of Recall@1 and
@@ -308,15 +311,44 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
             args, seed, work / "run", options)
         model, spec, _ = load_model(checkpoint)
         figures = score(model, spec, features, split, args.on, 64)
+        mixes = score_mixes(model, spec, features, split, args) if args.mix_start else {}
         history = result.history
         return {"train_seconds": seconds, "steps": history[-1].step,
                 **{f"{key}_by_epoch": [getattr(r, key) for r in history]
                    for key, _ in VALIDATION_FIGURES},
                 "epoch_seconds": [r.seconds for r in history],
                 "images_per_second": [r.images_per_second for r in history],
-                "data_wait_fraction": [r.data_wait_fraction for r in history], **figures}
+                "data_wait_fraction": [r.data_wait_fraction for r in history], **figures,
+                **({"mixes": mixes} if mixes else {})}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def score_mixes(model, spec, kind: str, split: Split, args) -> dict[str, dict]:
+    """``model`` (best.pt's) scored with each ``--mix-start`` share s: every floating-point
+    weight of its trunk s x the trained one + (1 - s) x the starting model's (the head stays as
+    trained); {share: figures}. The model keeps the last mix."""
+    start = backbone_model(args)[0].state_dict()
+    trained = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    mixes = {}
+    for share in args.mix_start:
+        model.load_state_dict({
+            key: (start[key].to(value.dtype).lerp(value, share)
+                  if key.startswith("backbone.") and value.is_floating_point() else value)
+            for key, value in trained.items()})
+        mixes[f"{share:g}"] = score(model, spec, kind, split, args.on, 64)
+    return mixes
+
+
+def mix_rows(system: str, runs: list[dict]) -> dict[str, list[dict]]:
+    """The mixes ``run_ascension`` scored, taken out of ``runs`` into rows of their own:
+    {'ascension~0.5': [one run per seed], ...}, each with its training's seed, epochs and time."""
+    rows: dict[str, list[dict]] = {}
+    for run in runs:
+        for share, figures in run.pop("mixes", {}).items():
+            rows.setdefault(f"{system}~{share}", []).append({
+                key: run[key] for key in ("seed", "epochs", "train_seconds")} | figures)
+    return rows
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -395,14 +427,16 @@ def measure(split: Split, args, system: str, options: dict | None) -> dict[str, 
     for budget in BUDGETS[args.budget]:
         epochs = epochs_at(budget, system, options, args.epochs)
         if epochs not in done:
-            done[epochs] = summarise([
-                {"seed": seed, "epochs": epochs,
-                 **run_system(split, args, system, options, seed, epochs)}
-                for seed in (args.seeds if system != "frozen" else args.seeds[:1])])
-            print(f"  {system}, {epochs} epochs: R@1 "
-                  f"{done[epochs]['mean']['recall_at_1']:.4f} in "
-                  f"{done[epochs]['mean']['train_seconds']:.0f} s", flush=True)
-        rows[row_name(system, budget, args.budget)] = done[epochs]
+            runs = [{"seed": seed, "epochs": epochs,
+                     **run_system(split, args, system, options, seed, epochs)}
+                    for seed in (args.seeds if system != "frozen" else args.seeds[:1])]
+            done[epochs] = {name: summarise(named) for name, named in
+                            {system: runs, **mix_rows(system, runs)}.items()}
+            for name, summary in done[epochs].items():
+                print(f"  {name}, {epochs} epochs: R@1 {summary['mean']['recall_at_1']:.4f} in "
+                      f"{summary['mean']['train_seconds']:.0f} s", flush=True)
+        for name, summary in done[epochs].items():
+            rows[row_name(name, budget, args.budget)] = summary
     return rows
 
 
@@ -418,7 +452,15 @@ def main() -> None:
                         help="NAME:key=value,... Ascension with these TrainConfig options")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="both",
                         help="compare at equal epochs, equal image passes, or both")
+    parser.add_argument("--mix-start", type=float, nargs="+", default=[], metavar="SHARE",
+                        help="also score each Ascension best.pt with its trunk mixed with the "
+                        "starting weights: SHARE of the trained, 1 - SHARE of the pretrained "
+                        "(rows ascension~SHARE)")
     args, sets = training_args(parser)
+    if args.mix_start and args.weights is None:
+        parser.error("--mix-start needs --weights: a run from scratch starts from random weights")
+    if not all(0 <= share <= 1 for share in args.mix_start):
+        parser.error("--mix-start: each share lies between 0 and 1")
     variants = dict(parse_variant(text) for text in args.variant)
     if taken := sorted(set(variants) & {"frozen", *BASELINES}):
         parser.error(f"--variant {taken[0]}: that name is a baseline's; name it otherwise")
@@ -463,7 +505,9 @@ def main() -> None:
         ["set", "system", "epochs", "R@1", "R@5", "MAP@R", "R@1 hue180", "R@1 gray", "recolour gap",
          "train s", "R@1 / plain", "time / plain"], rows,
     )
-    paired = {name: compare(by_system, set(variants)) for name, by_system in results.items()}
+    # A mix is paired like a variant: against the defaults and every baseline.
+    paired = {name: compare(by_system, set(variants) | {base(s) for s in by_system if "~" in s})
+              for name, by_system in results.items()}
     if pairs := [[name, ours, theirs, *(interval(by_figure[f]) for f in (
             "recall_at_1", "recall_at_5", "map_at_r"))]
             for name, by_ours in paired.items() for ours, against in by_ours.items()

@@ -121,6 +121,70 @@ def test_bench_quality_without_ascension_has_nothing_to_pair(tmp_path):
     assert result["defaults_win_beyond_noise"] is None
 
 
+def test_bench_quality_mixes_best_pt_with_the_starting_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=3, per_class=8)
+    weights = tmp_path / "start.safetensors"  # a 'pretrained' trunk for the run to start from
+    save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), str(weights))
+    result = run_benchmark(
+        "bench_quality", "--sets", data, "--model", "test_efficientnet", "--weights", weights,
+        "--image-size", "32", "--epochs", "2", "--systems", "frozen", "ascension",
+        "--budget", "epochs", "--mix-start", "0", "0.5", "1", "--json", tmp_path / "q.json",
+        timeout=300)
+    by_system = result["results"]["shapes"]
+    assert list(by_system) == ["frozen", "ascension", "ascension~0", "ascension~0.5",
+                               "ascension~1"]
+
+    def per_query(system: str) -> dict:
+        return by_system[system]["runs"][0]["per_query"]
+
+    # Share 1 is best.pt as trained; share 0 is the starting trunk, which the frozen row scores.
+    assert per_query("ascension~1") == per_query("ascension")
+    assert np.allclose(per_query("ascension~0")["map_at_r"], per_query("frozen")["map_at_r"],
+                       atol=1e-5)
+    assert by_system["ascension~0.5"]["mean"]["train_seconds"] == \
+        by_system["ascension"]["mean"]["train_seconds"]  # one training, scored three ways
+    paired = result["paired"]["shapes"]
+    assert set(paired["ascension~0.5"]) == {"frozen", "ascension"}
+    assert set(paired["ascension"]) == {"frozen"}
+
+
+def test_a_mix_is_the_share_of_the_trained_trunk_and_the_rest_of_the_start(monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    trained = torch.nn.ModuleDict({"backbone": torch.nn.BatchNorm1d(3),
+                                   "head": torch.nn.Linear(3, 2)})
+    start = torch.nn.ModuleDict({"backbone": torch.nn.BatchNorm1d(3)})
+    with torch.no_grad():
+        trained.backbone.weight.fill_(4.0)
+        trained.backbone.num_batches_tracked.fill_(7)
+        start.backbone.weight.fill_(2.0)
+    head = trained.head.weight.detach().clone()
+    monkeypatch.setattr(bench_quality, "backbone_model", lambda args: (start, None))
+    monkeypatch.setattr(bench_quality, "score", lambda model, *rest: {
+        "weight": model.backbone.weight.tolist(), "head": model.head.weight.clone(),
+        "tracked": int(model.backbone.num_batches_tracked)})
+    args = type("Args", (), {"mix_start": [0.0, 0.25, 1.0], "on": "test"})()
+    mixes = bench_quality.score_mixes(trained, None, "backbone", None, args)
+    assert [mixes[share]["weight"] for share in ("0", "0.25", "1")] == [
+        [2.0] * 3, [2.5] * 3, [4.0] * 3]
+    assert all(torch.equal(m["head"], head) and m["tracked"] == 7 for m in mixes.values())
+
+
+def test_bench_quality_refuses_a_mix_without_starting_weights(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--sets", str(tmp_path),
+         "--weights", "none", "--mix-start", "0.5"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--mix-start needs --weights" in done.stderr
+
+
 def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _stats import beyond_noise, compare, paired_difference
