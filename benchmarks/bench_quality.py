@@ -56,6 +56,7 @@ from _sets import suite
 from _stats import base, beyond_noise, compare, interval
 
 RECOLOURED = ("hue90", "hue180", "grayscale")
+MIXED = "~"  # a mix's row: the system, MIXED, its share (ascension~0.75)
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 
 
@@ -346,7 +347,7 @@ def mix_rows(system: str, runs: list[dict]) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for run in runs:
         for share, figures in run.pop("mixes", {}).items():
-            rows.setdefault(f"{system}~{share}", []).append({
+            rows.setdefault(f"{system}{MIXED}{share}", []).append({
                 key: run[key] for key in ("seed", "epochs", "train_seconds")} | figures)
     return rows
 
@@ -506,7 +507,7 @@ def main() -> None:
          "train s", "R@1 / plain", "time / plain"], rows,
     )
     # A mix is paired like a variant: against the defaults and every baseline.
-    paired = {name: compare(by_system, set(variants) | {base(s) for s in by_system if "~" in s})
+    paired = {name: compare(by_system, set(variants) | {base(s) for s in by_system if MIXED in s})
               for name, by_system in results.items()}
     if pairs := [[name, ours, theirs, *(interval(by_figure[f]) for f in (
             "recall_at_1", "recall_at_5", "map_at_r"))]
