@@ -382,3 +382,54 @@ def test_get_trashnet_refuses_a_link_where_a_photo_should_be(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "cannot build" in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr and len(failed.stderr.splitlines()) == 1
+
+
+def card_repository(root: Path, extra: dict[str, bytes]) -> Path:
+    """A copy of the playing-cards set: one photo of each of its 53 classes in ``train`` and a
+    second in ``test`` (distinct bytes), plus ``extra``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from get_cards import CLASSES
+    photos = {f"dataset/{split}/{name}/{split}1.jpg": f"{split} {name}".encode()
+              for name in CLASSES for split in ("train", "test")}
+    return fake_repository(root, {**photos, "dataset/cards.csv": b"index", **extra})
+
+
+def test_get_cards_pools_the_splits_and_drops_repeated_bytes(tmp_path):
+    # The same bytes under two classes (a label error: both go), and twice in one class (kept
+    # once).
+    source = card_repository(tmp_path / "repo", {
+        "dataset/train/four of clubs/127.jpg": b"one card, two labels",
+        "dataset/train/four of spades/120.jpg": b"one card, two labels",
+        "dataset/valid/joker/2.jpg": b"train joker"})
+    built = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "get_cards.py"),
+                            "--source", source, "--output", tmp_path / "cards"],
+                           capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    assert "106 photos in 53 classes (2-2 a class)" in built.stdout
+    tree = tmp_path / "cards"
+    assert len([p for p in tree.iterdir() if p.is_dir()]) == 53
+    assert sorted(p.name for p in (tree / "four-of-clubs").iterdir()) == ["test-test1.jpg",
+                                                                          "train-train1.jpg"]
+    assert (tree / "joker" / "test-test1.jpg").read_bytes() == b"test joker"
+    assert not (tree / "joker" / "valid-2.jpg").exists()
+    assert "CC0" in (tree / "SOURCE.txt").read_text()
+    assert "Left out: 3 photos" in (tree / "SOURCE.txt").read_text()
+
+
+def test_get_cards_refuses_a_link_and_a_missing_class(tmp_path):
+    source = card_repository(tmp_path / "repo", {})
+    (source / "dataset" / "valid" / "joker").mkdir(parents=True)
+    (source / "dataset" / "valid" / "joker" / "2.jpg").symlink_to("/etc/passwd")
+    git(source, "add", "-A")
+    git(source, "commit", "-qm", "a link")
+    script = [sys.executable, str(ROOT / "benchmarks" / "get_cards.py"), "--source", source]
+    failed = subprocess.run([*script, "--output", tmp_path / "cards"], capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and "2.jpg is not a photo file" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "cards").exists()
+    git(source, "rm", "-rqf", "dataset/valid/joker", "dataset/train/joker", "dataset/test/joker")
+    git(source, "commit", "-qm", "no joker")
+    failed = subprocess.run([*script, "--output", tmp_path / "cards"], capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and "no photos of 'joker'" in failed.stderr, failed.stderr
+    assert not (tmp_path / "cards").exists()
