@@ -17,7 +17,7 @@ def make(tmp_path: Path, file_text: str | None = None, suffix: str = ".yaml", **
 def test_defaults_are_the_documented_ones(tmp_path):
     config = make(tmp_path)
     assert (config.batch_size, config.target_batch, config.epochs) == (16, 128, 50)
-    assert (config.warmup_epochs, config.lr, config.temperature) == (None, 6e-4, None)
+    assert (config.warmup_epochs, config.lr, config.temperature) == (None, 6e-4, 0.1)
     assert (config.lr_scaling, config.backbone_lr_scale) == ("linear", 1.0)
     assert config.model == "tf_efficientnetv2_m"
     assert (config.head, config.embedding_dim) == ("none", 128)

@@ -117,12 +117,11 @@ def test_the_default_weight_adds_proxies_only_where_a_batch_cannot_hold_every_cl
     assert resolved("proxy_weight", 81, loss="pml:ContrastiveLoss") == 0.0
 
 
-def test_the_default_temperature_is_lower_only_where_a_batch_cannot_hold_every_class():
-    from ascension_cli.config import MANY_CLASS_TEMPERATURE, TEMPERATURE, TrainConfig
+def test_the_temperature_is_one_default_on_every_set():
+    from ascension_cli.config import TEMPERATURE, TrainConfig
 
-    assert TrainConfig(data_root=".").temperature is None
-    assert resolved("temperature", 81) == MANY_CLASS_TEMPERATURE == 0.07
-    assert resolved("temperature", 32) == TEMPERATURE == 0.1
+    assert TrainConfig(data_root=".").temperature == TEMPERATURE == 0.1
+    assert resolved("temperature", 81) == resolved("temperature", 32) == 0.1
     assert resolved("temperature", 81, temperature=0.2) == 0.2
 
 
@@ -135,28 +134,28 @@ def test_the_default_lr_stays_at_its_peak_only_where_a_batch_cannot_hold_every_c
     assert resolved("lr_schedule", 81, loss="pml:ContrastiveLoss") == "cosine"
     assert resolved("lr_schedule", 10, lr_schedule="constant") == "constant"
     assert [resolved(name, 81) for name in ("proxy_weight", "temperature", "lr_schedule",
-                                            "ema_decay")] == [0.3, 0.07, "constant", 0.9]
+                                            "ema_decay")] == [0.3, 0.1, "constant", 0.9]
 
 
-@pytest.mark.parametrize(("target_batch", "weight", "temperature", "schedule"),
-                         [(4, 0.3, 0.07, "constant"), (8, 0.0, 0.1, "cosine")])
-def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight, temperature,
-                                        schedule):
+@pytest.mark.parametrize(("target_batch", "weight", "schedule"),
+                         [(4, 0.3, "constant"), (8, 0.0, "cosine")])
+def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight, schedule):
     import yaml
 
     # Four classes, two photos each a batch: a batch of 4 holds two classes, one of 8 all four.
     train(config(dataset, tmp_path / "run", target_batch=target_batch, batch_size=4, epochs=1))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["proxy_weight"] is None and saved["resolved_proxy_weight"] == weight
-    assert saved["temperature"] is None and saved["resolved_temperature"] == temperature
+    assert saved["temperature"] == 0.1 and "resolved_temperature" not in saved
     assert saved["lr_schedule"] is None and saved["resolved_lr_schedule"] == schedule
     assert saved["resolved_ema_decay"] == (0.9 if weight else 0.0)
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ("loss" in checkpoint) == bool(weight)
     # The plan, with why each setting took its value, in config.yaml and the checkpoint.
     assert checkpoint["plan"] == saved["plan"]
-    assert checkpoint["plan"]["temperature"] == temperature
-    assert "target batch" in checkpoint["plan"]["reasons"]["temperature"]
+    assert checkpoint["plan"]["temperature"] == 0.1
+    assert checkpoint["plan"]["reasons"]["temperature"] == "default"
+    assert "target batch" in checkpoint["plan"]["reasons"]["lr_schedule"]
 
 
 def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
@@ -179,12 +178,40 @@ def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_
     resume(old, config(dataset, tmp_path / "run"), few)
     many = [f"class{i}" for i in range(9)]
     with pytest.raises(CheckpointError,
-                       match=r"temperature: 0\.1 -> 0\.07; proxy_weight: 0\.0 -> 0\.3; "
+                       match=r"proxy_weight: 0\.0 -> 0\.3; "
                              r"lr_schedule: 'cosine' -> 'constant'; ema_decay: 0\.0 -> 0\.9"):
         resume(old, config(dataset, tmp_path / "run"), many)
-    as_trained = config(dataset, tmp_path / "run", proxy_weight=0, temperature=0.1,
-                        lr_schedule="cosine", ema_decay=0)
+    as_trained = config(dataset, tmp_path / "run", proxy_weight=0, lr_schedule="cosine",
+                        ema_decay=0)
     resume(old, as_trained, many)
+
+
+def test_a_run_whose_temperature_followed_the_data_resumes_at_the_one_it_trained_at(
+        dataset, tmp_path):
+    """A checkpoint from while --temperature defaulted to 0.07 on many classes records None:
+    with its plan, or (older) planned again by the old rule, it resumes only at that value."""
+    from ascension_cli.config import check_resumable, to_plain
+    from ascension_cli.errors import CheckpointError
+    from ascension_cli.train.plan import check_plan, planned_before
+    from tests.conftest import planned
+
+    def resume(checkpoint: dict, current, classes: list[str]) -> None:
+        check_resumable(checkpoint, current, classes)
+        plan = planned(current, len(classes), 32)
+        check_plan(planned_before(checkpoint, plan, 32), plan)
+
+    old = {**to_plain(config(dataset, tmp_path / "run")), "temperature": None}
+    many, few = [f"class{i}" for i in range(9)], [f"class{i}" for i in range(4)]
+    before_plan = {"config": old, "classes": many}
+    with pytest.raises(CheckpointError, match=r"temperature: 0\.07 -> 0\.1\)"):
+        resume(before_plan, config(dataset, tmp_path / "run"), many)
+    resume(before_plan, config(dataset, tmp_path / "run", temperature=0.07), many)
+    resume({"config": old, "classes": few}, config(dataset, tmp_path / "run"), few)
+    as_trained = config(dataset, tmp_path / "run", temperature=0.07)
+    with_plan = {**before_plan, "plan": planned(as_trained, len(many), 32).to_dict()}
+    with pytest.raises(CheckpointError, match=r"temperature: 0\.07 -> 0\.1\)"):
+        resume(with_plan, config(dataset, tmp_path / "run"), many)
+    resume(with_plan, as_trained, many)
 
 
 def test_the_proxies_start_at_their_classes_mean_features(dataset, tmp_path):

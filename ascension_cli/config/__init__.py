@@ -22,7 +22,6 @@ from ascension_cli.config.fields import (
     AUTO_PROXY_WEIGHT,
     COSINE_FLOOR,
     LR_REFERENCE_BATCH,
-    MANY_CLASS_TEMPERATURE,
     POSITIONAL,
     RESUMABLE,
     TEMPERATURE,
@@ -34,7 +33,7 @@ from ascension_cli.config.resume import check_resumable, resume_may_change
 from ascension_cli.config.train import TrainConfig
 
 __all__ = [
-    "AUTO_PROXY_WEIGHT", "COSINE_FLOOR", "LR_REFERENCE_BATCH", "MANY_CLASS_TEMPERATURE",
+    "AUTO_PROXY_WEIGHT", "COSINE_FLOOR", "LR_REFERENCE_BATCH",
     "POSITIONAL", "RESUMABLE", "TEMPERATURE", "WARMUP_SHARE",
     "CalibrateConfig", "DemoConfig", "EmbedConfig",
     "EvalConfig", "ExportConfig", "IndexConfig", "ManifestConfig", "ReportConfig", "SearchConfig",

@@ -54,10 +54,11 @@ LR_REFERENCE_BATCH = 32
 WARMUP_SHARE = 0.05
 # --lr-schedule cosine decays the LR to this share of its peak by the last step.
 COSINE_FLOOR = 0.01
-# --proxy-weight, --temperature, --lr-schedule and --ema-decay when not given: on data with
-# more classes than a target batch holds (the many-class case), and elsewhere.
+# --proxy-weight, --lr-schedule and --ema-decay when not given: on data with more classes than
+# a target batch holds (the many-class case), and elsewhere.
 AUTO_PROXY_WEIGHT = 0.3
-TEMPERATURE, MANY_CLASS_TEMPERATURE = 0.1, 0.07
+# SupCon's temperature, on every set (0.07 in the many-class case until round fifteen).
+TEMPERATURE = 0.1
 # Below this, similarities over the temperature overflow float32 (1e-45 gives every step a
 # non-finite loss); published SupCon runs use 0.05 to 0.5.
 MIN_TEMPERATURE = 0.001
@@ -67,10 +68,13 @@ MANY_CLASS_EMA = 0.9
 # value elsewhere).
 DATA_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "proxy_weight": (AUTO_PROXY_WEIGHT, 0.0),
-    "temperature": (MANY_CLASS_TEMPERATURE, TEMPERATURE),
     "lr_schedule": (MANY_CLASS_LR, LR_SCHEDULE),
     "ema_decay": (MANY_CLASS_EMA, 0.0),
 }
+# Options a resume compares as the two runs' plans hold them (``train/plan.py::check_plan``),
+# not as given: those above, and --temperature, which a checkpoint written while its default
+# followed the data records as None.
+PLANNED_OPTIONS = frozenset(DATA_DEFAULTS) | {"temperature"}
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and
 # compile change only the order of floating-point operations) carry this mark.

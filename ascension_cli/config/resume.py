@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ascension_cli.config.fields import DATA_DEFAULTS
+from ascension_cli.config.fields import PLANNED_OPTIONS
 from ascension_cli.config.resolve import to_plain
 from ascension_cli.config.train import TrainConfig
 from ascension_cli.errors import CheckpointError
@@ -19,12 +19,12 @@ def resume_may_change() -> set[str]:
 
 def check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
     """Refuse a resume whose options (other than the RESUMABLE ones) or classes differ from the
-    checkpoint's. The options whose default depends on the data are compared as the plans of
-    the two runs resolve them (``train/plan.py::check_plan``), not here."""
+    checkpoint's. The planned options (``PLANNED_OPTIONS``) are compared as the plans of the two
+    runs resolve them (``train/plan.py::check_plan``), not here."""
     # An option added after the checkpoint was written had its default value then.
     saved = {**to_plain(TrainConfig.model_construct()), **checkpoint["config"]}
     current = to_plain(config)
-    may_change = resume_may_change() | set(DATA_DEFAULTS)
+    may_change = resume_may_change() | PLANNED_OPTIONS
     differences = [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"
         for key in sorted(current)

@@ -19,7 +19,6 @@ from ascension_cli.config.fields import (
     LR_SCHEDULE,
     MANY_CLASS_EMA,
     MANY_CLASS_LR,
-    MANY_CLASS_TEMPERATURE,
     MIN_TEMPERATURE,
     PML_PREFIX,
     RESUMABLE,
@@ -85,9 +84,8 @@ class TrainConfig(BaseModel):
         description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
-    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, le=10, description=(
-        f"SupCon temperature. (default: {TEMPERATURE}; {MANY_CLASS_TEMPERATURE} when a target "
-        "batch cannot hold every class)"))
+    temperature: float = Field(TEMPERATURE, ge=MIN_TEMPERATURE, le=10,
+                               description="SupCon temperature.")
     loss: str = Field(
         "supcon", description="supcon: SupCon at --temperature. pml:NAME: any "
         "pytorch-metric-learning loss (pml:ProxyAnchorLoss, pml:MultiSimilarityLoss, ...) over "

@@ -1,11 +1,11 @@
 """A run's plan: every training setting that the options leave to the data, resolved once, each
 with the reason it took its value. The batch sizes fitted to the training set, the defaults
-that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``), the step's LR, the
-run's length and warmup, and ``--augment auto``'s choice are decided here and nowhere else; the
-image size and the loader processes, which the model and the machine settle, are recorded with
-them (``Setup``). The run is built from the plan, ``config.yaml`` and every checkpoint record
-it, and a resume compares the checkpoint's plan with the new one field by field. A checkpoint
-written before the plan is planned again from its options, as it trained
+that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``), the temperature, the step's
+LR, the run's length and warmup, and ``--augment auto``'s choice are decided here and nowhere
+else; the image size and the loader processes, which the model and the machine settle, are
+recorded with them (``Setup``). The run is built from the plan, ``config.yaml`` and every
+checkpoint record it, and a resume compares the checkpoint's plan with the new one field by
+field. A checkpoint written before the plan is planned again from its options, as it trained
 (``TRAINED_AS_BEFORE``); one written before the plan held the setup takes the new run's.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, get_args
 import numpy as np
 
 from ascension_cli.config import TrainConfig
-from ascension_cli.config.fields import DATA_DEFAULTS, Augment, classes_per_batch
+from ascension_cli.config.fields import DATA_DEFAULTS, TEMPERATURE, Augment, classes_per_batch
 from ascension_cli.data.sampler import fit_batches, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.errors import CheckpointError, DataError
@@ -29,6 +29,9 @@ from ascension_cli.values import number
 # (and before the plan) trained as this value (SupCon alone, the LR decaying on a cosine, no
 # weight average).
 TRAINED_AS_BEFORE = {"proxy_weight": 0.0, "lr_schedule": "cosine", "ema_decay": 0.0}
+# A checkpoint written while --temperature followed the data (and before the plan) records None:
+# it trained at this value where a target batch could not hold every class, else at the default.
+FORMER_MANY_CLASS_TEMPERATURE = 0.07
 
 # What ``--augment auto`` may choose.
 CHOSEN_AUGMENTATIONS = tuple(choice for choice in get_args(Augment) if choice != "auto")
@@ -222,13 +225,14 @@ def plan_run(config: TrainConfig, classes: int, images: int, setup: Setup,
     reasons = {**{name: "; ".join(notes) or ("given" if name in given else "default")
                   for name in batches},
                **{name: why for name, (_, why) in defaults.items()},
+               "temperature": "given" if "temperature" in given else "default",
                "step_lr": f"--lr {config.lr:g} for 32 images, {config.lr_scaling} to the target "
                           f"batch of {config.target_batch}",
                **{name: why for name, (_, why) in length.items()},
                **{name: getattr(setup, name)[1] for name in SETUP_FIELDS}}
     return RunPlan(classes=classes, target_batch=config.target_batch,
                    batch_size=config.batch_size, samples_per_class=config.samples_per_class,
-                   step_lr=step_lr, reasons=reasons,
+                   step_lr=step_lr, temperature=config.temperature, reasons=reasons,
                    **{name: value for name, (value, _) in defaults.items()},
                    **{name: value for name, (value, _) in length.items()},
                    **{name: getattr(setup, name)[0] for name in SETUP_FIELDS})
@@ -241,6 +245,9 @@ def planned_before(checkpoint: dict[str, Any], current: RunPlan, images: int) ->
     if "plan" in checkpoint:
         return RunPlan.from_dict(checkpoint["plan"], current)
     options = {**TRAINED_AS_BEFORE, **checkpoint["config"]}
+    if options.get("temperature") is None:
+        many = many_classes(TrainConfig.model_construct(**options), current.classes)
+        options["temperature"] = FORMER_MANY_CLASS_TEMPERATURE if many else TEMPERATURE
     return plan_run(TrainConfig.model_construct(**options), current.classes, images,
                     current.setup())
 
