@@ -158,47 +158,48 @@ def test_a_run_records_what_it_resolved(dataset, tmp_path, target_batch, weight,
     assert "target batch" in checkpoint["plan"]["reasons"]["lr_schedule"]
 
 
-def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
-    from ascension_cli.config import check_resumable, to_plain
-    from ascension_cli.errors import CheckpointError
+def resume(checkpoint: dict, current, classes: list[str]) -> None:
+    """The two checks a resume makes of ``checkpoint`` against a run with ``current``'s options
+    on ``classes`` (32 training images): its options, then its plan."""
+    from ascension_cli.config import check_resumable
     from ascension_cli.train.plan import check_plan, planned_before
     from tests.conftest import planned
 
-    def resume(old: dict, current, classes: list[str]) -> None:
-        checkpoint = {"config": old, "classes": classes}
-        check_resumable(checkpoint, current, classes)
-        plan = planned(current, len(classes), 32)
-        check_plan(planned_before(checkpoint, plan, 32), plan)
+    check_resumable(checkpoint, current, classes)
+    plan = planned(current, len(classes), 32)
+    check_plan(planned_before(checkpoint, plan, 32), plan)
+
+
+def test_a_run_from_before_the_defaults_resumes_only_as_it_trained(dataset, tmp_path):
+    from ascension_cli.config import to_plain
+    from ascension_cli.errors import CheckpointError
+
+    def resume_before_plan(old: dict, current, classes: list[str]) -> None:
+        resume({"config": old, "classes": classes}, current, classes)
 
     old = to_plain(config(dataset, tmp_path / "run", temperature=0.1))
     # From before them (and before the plan): SupCon alone, on a cosine, no weight average.
     del old["proxy_weight"], old["lr_schedule"], old["ema_decay"]
     # A batch of 8 (2 photos a class) holds 4 classes: on 4 the defaults resolve as it trained.
     few = [f"class{i}" for i in range(4)]
-    resume(old, config(dataset, tmp_path / "run"), few)
+    resume_before_plan(old, config(dataset, tmp_path / "run"), few)
     many = [f"class{i}" for i in range(9)]
     with pytest.raises(CheckpointError,
                        match=r"proxy_weight: 0\.0 -> 0\.3; "
                              r"lr_schedule: 'cosine' -> 'constant'; ema_decay: 0\.0 -> 0\.9"):
-        resume(old, config(dataset, tmp_path / "run"), many)
+        resume_before_plan(old, config(dataset, tmp_path / "run"), many)
     as_trained = config(dataset, tmp_path / "run", proxy_weight=0, lr_schedule="cosine",
                         ema_decay=0)
-    resume(old, as_trained, many)
+    resume_before_plan(old, as_trained, many)
 
 
 def test_a_run_whose_temperature_followed_the_data_resumes_at_the_one_it_trained_at(
         dataset, tmp_path):
     """A checkpoint from while --temperature defaulted to 0.07 on many classes records None:
     with its plan, or (older) planned again by the old rule, it resumes only at that value."""
-    from ascension_cli.config import check_resumable, to_plain
+    from ascension_cli.config import to_plain
     from ascension_cli.errors import CheckpointError
-    from ascension_cli.train.plan import check_plan, planned_before
     from tests.conftest import planned
-
-    def resume(checkpoint: dict, current, classes: list[str]) -> None:
-        check_resumable(checkpoint, current, classes)
-        plan = planned(current, len(classes), 32)
-        check_plan(planned_before(checkpoint, plan, 32), plan)
 
     old = {**to_plain(config(dataset, tmp_path / "run")), "temperature": None}
     many, few = [f"class{i}" for i in range(9)], [f"class{i}" for i in range(4)]
