@@ -301,7 +301,7 @@ def train_ascension(train_root: Path, val_root: Path, args, seed: int, save_dir:
 
 def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
     from ascension_cli.model.checkpoint import load_model
-    from ascension_cli.train.logbook import VALIDATION_FIGURES
+    from ascension_cli.train.logbook import GALLERY_FIGURES, VALIDATION_FIGURES
 
     options = dict(options)
     features = options.pop("features", "backbone")  # which vectors are evaluated
@@ -316,7 +316,7 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
         history = result.history
         return {"train_seconds": seconds, "steps": history[-1].step,
                 **{f"{key}_by_epoch": [getattr(r, key) for r in history]
-                   for key, _ in VALIDATION_FIGURES},
+                   for key, _ in VALIDATION_FIGURES + GALLERY_FIGURES},
                 "epoch_seconds": [r.seconds for r in history],
                 "images_per_second": [r.images_per_second for r in history],
                 "data_wait_fraction": [r.data_wait_fraction for r in history], **figures,

@@ -126,6 +126,11 @@ def test_nproc_option_launches_torchrun(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "launching 2 processes" in result.stdout
     assert "processes: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    # Rank 0 searched the validation photos among the training photos (--gallery-check) while
+    # the other waited.
+    metrics = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["gallery_recall_at_1"] is not None
 
 
 def test_target_batch_must_split_over_processes(tmp_path, monkeypatch):

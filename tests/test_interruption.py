@@ -80,20 +80,23 @@ def signal_on_call(module, name: str, call: int, monkeypatch) -> None:
     monkeypatch.setattr(module, name, wrapped)
 
 
+# The untrained model embeds three times before the first step: the validation photos, then
+# those and the training photos of --gallery-check.
 @pytest.mark.parametrize(("where", "name", "call", "says"), [
     ("loading a step's micro-batches", "to_input", 3, "the step in progress was abandoned"),
     ("in the step's backward passes", "supcon_loss", 2, "the step in progress was abandoned"),
-    ("validating an epoch", "extract_features", 2, "validation was abandoned"),
+    ("validating an epoch", "extract_features", 4, "validation was abandoned"),
 ])
 def test_a_signal_inside_a_step_or_validation_stops_there_and_resume_is_exact(
     tmp_path, monkeypatch, where, name, call, says
 ):
-    from ascension_cli.train import build, loop
+    from ascension_cli.train import build, loop, validation
 
     data = make_dataset(tmp_path / "data")
     train(TrainConfig(**options(data, tmp_path / "whole")))
 
-    signal_on_call(build if name == "supcon_loss" else loop, name, call, monkeypatch)
+    module = {"supcon_loss": build, "extract_features": validation}.get(name, loop)
+    signal_on_call(module, name, call, monkeypatch)
     with pytest.raises(Interrupted) as stopped:
         train(TrainConfig(**options(data, tmp_path / "parts")))
     assert says in str(stopped.value), where
@@ -106,11 +109,13 @@ def test_a_signal_inside_a_step_or_validation_stops_there_and_resume_is_exact(
     assert [r["val_recall_at_1"] for r in parts] == [r["val_recall_at_1"] for r in whole]
 
 
-def test_a_signal_before_training_starts_stops_at_once(tmp_path, monkeypatch):
-    from ascension_cli.train import loop
+@pytest.mark.parametrize("call", [1, 3])
+def test_a_signal_before_training_starts_stops_at_once(tmp_path, monkeypatch, call):
+    from ascension_cli.train import validation
 
     data = make_dataset(tmp_path / "data")
-    signal_on_call(loop, "extract_features", 1, monkeypatch)  # the untrained model's validation
+    # the untrained model's validation, and its search among the training photos
+    signal_on_call(validation, "extract_features", call, monkeypatch)
     with pytest.raises(Interrupted, match="before training started") as stopped:
         train(TrainConfig(**options(data, tmp_path / "run")))
     assert stopped.value.exit_code == 128 + signal.SIGTERM

@@ -43,6 +43,20 @@ class TrainSummary:
         return lost_to_start(self.history)
 
     @property
+    def gallery_check(self) -> tuple[dict[str, float | None], dict[str, float | None]] | None:
+        """The validation photos searched among the training photos (``--gallery-check``), as
+        a catalogue of them would search: (the starting weights' figures, best.pt's), keyed
+        "recall@1", "recall@5", "MAP@R"; None where not measured or best.pt is the start."""
+        from ascension_cli.train.logbook import GALLERY_FIGURES, start_and_best
+
+        pair = start_and_best(self.history)
+        if pair is None or any(record.gallery_recall_at_1 is None for record in pair):
+            return None
+        start, best = ({name: getattr(record, key) for key, name in GALLERY_FIGURES}
+                       for record in pair)
+        return start, best
+
+    @property
     def metrics_file(self) -> Path | None:
         """metrics.jsonl: each epoch's figures."""
         from ascension_cli.train.logbook import METRICS
@@ -98,6 +112,7 @@ def _train_with_torchrun(settings: TrainConfig, reporter: Reporter, nproc: int) 
     from ascension_cli.launch import launch_torchrun
     from ascension_cli.model.checkpoint import load_checkpoint
     from ascension_cli.train.logbook import EpochRecord
+    from ascension_cli.train.state import metrics_history
 
     reporter.message(f"launching {nproc} processes: torchrun --standalone "
                      f"--nproc-per-node={nproc} -m ascension_cli train ...")
@@ -108,7 +123,7 @@ def _train_with_torchrun(settings: TrainConfig, reporter: Reporter, nproc: int) 
         raise error
     save_dir = Path(settings.save_dir)
     saved = load_checkpoint(save_dir / LAST_CHECKPOINT)
-    history = [EpochRecord(**record) for record in saved["history"]]
+    history = metrics_history(save_dir) or [EpochRecord(**record) for record in saved["history"]]
     return _summary(save_dir, history, saved.get("best_recall_at_1"))
 
 

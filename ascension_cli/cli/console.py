@@ -357,6 +357,7 @@ def print_training_summary(result: TrainSummary) -> None:
             "Train longer, or lower --lr.",
         )
     print_losses_to_start(result)
+    print_gallery_check(result)
 
 
 def print_losses_to_start(result: TrainSummary) -> None:
@@ -369,3 +370,23 @@ def print_losses_to_start(result: TrainSummary) -> None:
             f"note: best.pt (epoch {result.best_epoch}, chosen by validation recall@1) "
             f"validates below the starting model in {figures}; each epoch's figures are in "
             f"{result.metrics_file}."), soft_wrap=True)
+
+
+def print_gallery_check(result: TrainSummary) -> None:
+    """The starting weights against best.pt with the validation photos searched among the
+    training photos (``--gallery-check``), and plainly where training did not help there."""
+    check = result.gallery_check
+    if check is None:
+        return
+    start, best = check
+    measured = [name for name in start if start[name] is not None and best[name] is not None]
+    figures = ", ".join(f"{name} {start[name]:.4f} -> {best[name]:.4f}" for name in measured)
+    console.print(shown(f"the validation photos searched among the training photos, as a "
+                        f"catalogue of them is searched: {figures} (starting weights -> "
+                        f"best.pt)"), soft_wrap=True)
+    lost = [name for name in measured if best[name] < start[name]]
+    if lost:
+        console.print(shown(
+            f"note: in that search best.pt is below the starting weights in "
+            f"{' and '.join(lost)}: for a catalogue of these photos, training did not help "
+            f"there (docs/training.md, \"When training does not help\")."), soft_wrap=True)

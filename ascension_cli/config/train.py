@@ -149,6 +149,12 @@ class TrainConfig(BaseModel):
         None, description="A separate validation tree, or a manifest (its validation rows when "
         "it has a split column), with the training classes."
     )
+    gallery_check: int = Field(
+        2000, ge=0, description="At the start and the end, search the validation photos among "
+        "up to this many training photos (spread over the classes), as a catalogue of them "
+        "would, with the starting weights and with best.pt, and say whether training helped "
+        "that search. Each epoch's validation searches the validation photos among themselves, "
+        "which can promise more than a catalogue sees. 0 skips it (shards always do).")
     workers: int | None = Field(None, ge=0, le=256, description=WORKERS_HELP,
                                 json_schema_extra=RESUMABLE)
     seed: int = Field(0, ge=0, description="Random seed.")

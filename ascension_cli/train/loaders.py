@@ -26,6 +26,7 @@ from ascension_cli.errors import Wording
 from ascension_cli.model.backbone import ModelSpec
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.stopping import StopRequest, ignore_sigint
+from ascension_cli.train.validation import gallery_sample
 from ascension_cli.values import whole
 
 
@@ -36,6 +37,9 @@ class Loaders:
     val: DataLoader | None
     train_failures: Callable[[Failed], None]
     val_failures: Callable[[Failed], None]
+    gallery: DataLoader | None = None  # training photos the validation photos are searched
+    # among, for the starting weights and best.pt (--gallery-check; folders only)
+    gallery_failures: Callable[[Failed], None] | None = None
 
 
 class _LoadFailures:
@@ -110,9 +114,11 @@ def build_loaders(config: TrainConfig, data: TrainData, spec: ModelSpec, machine
     options = _loader_options(config, machine)
     # Under DDP every rank must draw the same batches, so a rank cannot exclude a file alone:
     # unreadable files are skipped each time instead.
-    return Loaders(sampler, DataLoader(train_set, batch_sampler=sampler, **options),
-                   _val_loader(config, data, spec, options, val_cache, reporter),
+    val = _val_loader(config, data, spec, options, val_cache, reporter)
+    return Loaders(sampler, DataLoader(train_set, batch_sampler=sampler, **options), val,
                    _LoadFailures(reporter, None if distributed.enabled else sampler),
+                   _LoadFailures(reporter, None),
+                   _gallery_loader(config, data, spec, options) if val is not None else None,
                    _LoadFailures(reporter, None))
 
 
@@ -160,6 +166,22 @@ def _val_loader(config: TrainConfig, data: TrainData, spec: ModelSpec, options: 
         reporter.message(Wording("no validation split ({val_fraction} 0): best.pt will not be "
                                  "written", ("val_fraction",)))
     return None
+
+
+def _gallery_loader(config: TrainConfig, data: TrainData, spec: ModelSpec,
+                    options: dict[str, Any]) -> DataLoader | None:
+    """Up to ``--gallery-check`` training photos, spread over the classes, as eval sees them."""
+    if config.gallery_check == 0:
+        return None
+    chosen = gallery_sample(data.train_labels, config.gallery_check, config.seed)
+    gallery = EvalDataset(
+        [data.scan.paths[data.train_index[i]] for i in chosen], data.train_labels[chosen],
+        eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
+        max_pixels=config.max_image_pixels, min_side=2 * spec.image_size,
+    )
+    # Used twice a run: its loader processes end after each use.
+    return DataLoader(gallery, batch_size=config.batch_size * config.views, shuffle=False,
+                      **{**options, "persistent_workers": False})
 
 
 def _cache_images(groups: list[list[Path]], keep_side: int, max_pixels: int,

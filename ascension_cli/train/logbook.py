@@ -17,6 +17,10 @@ PLOT = "training.png"
 # What validation measures each epoch: EpochRecord's field, and how a person reads it.
 VALIDATION_FIGURES = (("val_recall_at_1", "recall@1"), ("val_recall_at_5", "recall@5"),
                       ("val_map_at_r", "MAP@R"))
+# The same figures with the validation photos searched among the training photos, as a catalogue
+# of them searches (``train/gallery_check.py``): measured for the starting weights and best.pt.
+GALLERY_FIGURES = (("gallery_recall_at_1", "recall@1"), ("gallery_recall_at_5", "recall@5"),
+                   ("gallery_map_at_r", "MAP@R"))
 
 
 @dataclass
@@ -34,6 +38,9 @@ class EpochRecord:
     below_untrained: bool = False  # validation recall@1 not above the untrained model's
     val_recall_at_5: float | None = None  # None in the records of older runs
     val_map_at_r: float | None = None
+    gallery_recall_at_1: float | None = None  # epoch 0's and best.pt's only (GALLERY_FIGURES)
+    gallery_recall_at_5: float | None = None
+    gallery_map_at_r: float | None = None
 
 
 @dataclass
@@ -55,15 +62,15 @@ def below(recall: float | None, untrained: float | None) -> bool:
     return recall is not None and untrained is not None and recall <= untrained
 
 
-def figures_of(record: EpochRecord) -> dict[str, float | None]:
-    """A record's validation figures under their field names."""
-    return {key: getattr(record, key) for key, _ in VALIDATION_FIGURES}
+def figures_of(record: EpochRecord, names=VALIDATION_FIGURES) -> dict[str, float | None]:
+    """A record's validation figures (or ``GALLERY_FIGURES``) under their field names."""
+    return {key: getattr(record, key) for key, _ in names}
 
 
-def shown_figures(figures: dict[str, float | None]) -> str:
+def shown_figures(figures: dict[str, float | None], names=VALIDATION_FIGURES) -> str:
     """"recall@1 0.8000, recall@5 0.9100, MAP@R 0.4660": the figures measured, as read
     ("recall@1 -" where none was)."""
-    return ", ".join(f"{name} {figures[key]:.4f}" for key, name in VALIDATION_FIGURES
+    return ", ".join(f"{name} {figures[key]:.4f}" for key, name in names
                      if figures.get(key) is not None) or "recall@1 -"
 
 
@@ -73,14 +80,26 @@ def best_record(history: list[EpochRecord]) -> EpochRecord | None:
     return kept[-1] if kept else None
 
 
-def lost_to_start(history: list[EpochRecord]) -> list[tuple[str, float, float]]:
-    """The validation figures in which best.pt's epoch (chosen by recall@1) is below the
-    starting model's (epoch 0): (name, before, best.pt's), where both were measured."""
+def start_and_best(history: list[EpochRecord]) -> tuple[EpochRecord, EpochRecord] | None:
+    """The starting model's record (epoch 0) and best.pt's, where best.pt holds a trained
+    epoch."""
     start = history[0] if history and history[0].epoch == 0 else None
     best = best_record(history)
     if start is None or best is None or best.epoch == 0:
+        return None
+    return start, best
+
+
+def lost_to_start(history: list[EpochRecord],
+                  names=VALIDATION_FIGURES) -> list[tuple[str, float, float]]:
+    """The validation figures (or ``GALLERY_FIGURES``) in which best.pt's epoch (chosen by
+    recall@1) is below the starting model's (epoch 0): (name, before, best.pt's), where both
+    were measured."""
+    pair = start_and_best(history)
+    if pair is None:
         return []
-    return [(name, getattr(start, key), getattr(best, key)) for key, name in VALIDATION_FIGURES
+    start, best = pair
+    return [(name, getattr(start, key), getattr(best, key)) for key, name in names
             if getattr(start, key) is not None and getattr(best, key) is not None
             and getattr(best, key) < getattr(start, key)]
 

@@ -9,7 +9,6 @@ each. A checkpoint holds ``Trainer.state_dict()``, and a resume loads it with
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -20,12 +19,10 @@ import numpy as np
 import torch
 
 from ascension_cli.config import TrainConfig, to_plain
-from ascension_cli.embedding.inference import extract_features
 from ascension_cli.errors import TrainingError, Wording, first_line
 from ascension_cli.formats import BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.model.backbone import training_mode
 from ascension_cli.model.checkpoint import atomic_save, training_state
-from ascension_cli.retrieval.evaluate import evaluate
 from ascension_cli.runtime import to_input
 from ascension_cli.train.average import applied
 from ascension_cli.train.build import Run, build_run, resumed_path
@@ -38,13 +35,19 @@ from ascension_cli.train.logbook import (
     TrainResult,
     below,
     plot,
-    shown_figures,
     write_metrics,
 )
 from ascension_cli.train.reporter import Reporter
 from ascension_cli.train.state import EpochProgress, TrainState, load_parts, load_state
 from ascension_cli.train.stopping import StopRequest, interrupted
 from ascension_cli.train.trackers import Tracker, Trackers, open_trackers, require
+from ascension_cli.train.validation import (
+    NOT_MEASURABLE,
+    gallery_figures,
+    measure_best,
+    start_text,
+    validation_figures,
+)
 
 __all__ = ["EpochProgress", "EpochRecord", "Reporter", "Trainer", "TrainResult", "train"]
 
@@ -104,6 +107,8 @@ class Trainer:
         started = time.perf_counter()
         figures = validation_figures(self.run_parts, self.stop)
         recall = figures.get("val_recall_at_1")
+        if recall is not None:
+            figures |= gallery_figures(self.run_parts, self.stop, self.run_parts.opt.average)
         self.state.history.append(EpochRecord(
             0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], images_per_second=None,
             seconds=time.perf_counter() - started, best=recall is not None, **figures))
@@ -111,12 +116,9 @@ class Trainer:
         if recall is not None:
             self.state.best = recall
             self.save(self.run_parts.save_dir / BEST_CHECKPOINT, 0)
-            self.reporter.message(f"before training: validation {shown_figures(figures)}")
+            self.reporter.message(start_text(self.run_parts, figures))
         elif self.run_parts.loaders.val is not None:
-            self.reporter.message(Wording(
-                "validation recall cannot be measured: no validation class has two readable "
-                "images (raise {val_fraction} or give {val_root}); best.pt will not be written",
-                ("val_fraction", "val_root")))
+            self.reporter.message(NOT_MEASURABLE)
 
     # ---- the run
     def run(self, stop_after_epoch: Callable[[int], bool] | None = None) -> TrainResult:
@@ -139,6 +141,7 @@ class Trainer:
         try:
             self._epochs(stop_after_epoch)
             finished = True
+            measure_best(self.run_parts, self.state.history, self.stop)
         finally:
             self.trackers.close(finished, [run.save_dir / name for name in (
                 PLOT, METRICS, RUN_CONFIG)] + [kept_checkpoint(run.save_dir)])
@@ -321,38 +324,6 @@ def kept_checkpoint(save_dir: Path) -> Path:
     """best.pt where validation wrote one, else last.pt: the checkpoint a tracker keeps."""
     best = save_dir / BEST_CHECKPOINT
     return best if best.is_file() else save_dir / LAST_CHECKPOINT
-
-
-def validation_figures(run: Run, stop: StopRequest) -> dict[str, float | None]:
-    """Validation recall@1, recall@5 and MAP@R, each photo of the validation split searched
-    among the others, under ``EpochRecord``'s field names (recall@1 None, and nothing else,
-    where there is nothing to measure). Rank 0 embeds the whole validation split with the
-    plain model (no collectives), so the figures are the same whatever the number of
-    processes. A stop asked for meanwhile abandons it (a single process only), as it abandons
-    a step."""
-    nothing: dict[str, float | None] = {"val_recall_at_1": None}
-    if run.loaders.val is None or not run.machine.distributed.is_main:
-        return nothing
-    should_stop = run.opt.should_stop
-
-    def abandon_if_asked(_: int) -> None:
-        if stop.deferring and should_stop is not None and should_stop():
-            raise StepAbandoned
-
-    with applied(run.opt.average):  # with --ema-decay, the average is what is measured
-        features, labels, _ = extract_features(
-            run.nets.model, run.loaders.val, run.machine.device, "backbone", run.machine.autocast,
-            on_failed=run.loaders.val_failures, on_batch=abandon_if_asked,
-            channels_last=run.config.channels_last,
-        )
-    if len(labels) == 0:
-        return nothing
-    # The same evaluator as `ascension eval`, so training and eval report the same figures.
-    report = evaluate(features, labels, ks=(1, 5)).report
-    if math.isnan(report.recall_at_k[1]):  # no class with two readable photos
-        return nothing
-    return {"val_recall_at_1": report.recall_at_k[1], "val_recall_at_5": report.recall_at_k[5],
-            "val_map_at_r": report.map_at_r}
 
 
 def stop_agreed(stop: StopRequest, machine) -> bool:

@@ -8,6 +8,7 @@ lacks (``consecutive_nonfinite`` before it was saved) takes its fresh value.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from ascension_cli.errors import first_line
 from ascension_cli.model.checkpoint import damaged_entry, finite_weights
-from ascension_cli.train.logbook import EpochRecord
+from ascension_cli.train.logbook import METRICS, EpochRecord
 from ascension_cli.values import number, whole
 
 FINITE = sys.float_info.max  # the largest a float read back may be: infinity is no time or LR
@@ -87,6 +88,17 @@ def _history(payload: dict[str, Any]) -> list[EpochRecord]:
     if not isinstance(payload.get("history"), list):
         raise DamagedEntry("history", "missing, or not a list of epoch records")
     return [_record(entry, number) for number, entry in enumerate(payload["history"])]
+
+
+def metrics_history(save_dir: Path) -> list[EpochRecord] | None:
+    """The records of a finished run's metrics.jsonl, each checked as a checkpoint's; they
+    hold best.pt's search among the training photos, measured after last.pt was written. None
+    where the file is missing or damaged."""
+    try:
+        lines = (save_dir / METRICS).read_text(encoding="utf-8").splitlines()
+        return [_record(json.loads(line), number) for number, line in enumerate(lines)]
+    except (OSError, ValueError):  # DamagedEntry and a JSON or UTF-8 error are ValueErrors
+        return None
 
 
 def _progress(saved: Any) -> EpochProgress | None:
