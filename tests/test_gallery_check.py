@@ -14,7 +14,7 @@ from ascension_cli.config import TrainConfig
 from ascension_cli.errors import Interrupted
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.train.logbook import GALLERY_FIGURES
-from ascension_cli.train.loop import train
+from ascension_cli.train.loop import Trainer, train
 from ascension_cli.train.validation import gallery_sample
 from tests.conftest import make_dataset
 from tests.test_cli import invoke
@@ -122,6 +122,33 @@ def test_a_torchrun_summary_reads_best_pt_s_search_from_metrics_jsonl(tmp_path, 
     for damaged in ('{"epoch": 0}', '{"epoch": "0", "step": 0}', "not json", "\udcff"):
         (tmp_path / "run" / "metrics.jsonl").write_text(damaged, errors="surrogateescape")
         assert metrics_history(tmp_path / "run") is None, damaged
+
+
+def test_a_best_pt_gone_by_the_end_leaves_the_check_out_and_says_so(tmp_path, monkeypatch):
+    from ascension_cli.train.reporter import Reporter
+
+    class Said(Reporter):
+        def __init__(self):
+            self.said = []
+
+        def message(self, text):
+            self.said.append(str(text))
+
+    made_up_validation(monkeypatch, [0.5, 0.9, 0.6])  # best.pt is epoch 1: read back at the end
+    original = Trainer.end_epoch
+
+    def removing(trainer, record):  # after the last epoch's checkpoints, best.pt is deleted
+        original(trainer, record)
+        if record.epoch == 2:
+            (tmp_path / "run" / "best.pt").unlink()
+
+    monkeypatch.setattr(Trainer, "end_epoch", removing)
+    reporter = Said()
+    result = train(options(make_dataset(tmp_path / "data"), tmp_path / "run"), reporter)
+    assert result.history[1].gallery_recall_at_1 is None
+    assert result.history[0].gallery_recall_at_1 is not None
+    assert any(text.startswith("best.pt was not searched among the training photos: ")
+               and "best.pt" in text.split(": ", 1)[1] for text in reporter.said)
 
 
 def test_zero_skips_it(dataset, tmp_path):

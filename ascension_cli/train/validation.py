@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ascension_cli.embedding.inference import extract_features
-from ascension_cli.errors import Wording
+from ascension_cli.errors import CheckpointError, Wording
 from ascension_cli.formats import BEST_CHECKPOINT
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.retrieval.evaluate import evaluate
@@ -162,6 +162,9 @@ def measure_best(run, history: list[EpochRecord], stop: StopRequest) -> None:
     except StepAbandoned:
         stopped(stop.signal_number, "after the last epoch, in the check of best.pt against "
                 "the training photos; best.pt and last.pt are complete")
+    except CheckpointError as exc:  # best.pt removed or changed while the run went on
+        run.reporter.message(f"best.pt was not searched among the training photos: {exc}")
+        return
     for key, value in figures.items():
         setattr(best, key, value)
     if figures:  # the summary prints them beside the start's (cli/console.py)
