@@ -57,6 +57,13 @@ class TrainSummary:
         return start, best
 
     @property
+    def gallery_lost_to_start(self) -> list[tuple[str, float, float]]:
+        """As ``lost_to_start``, in the search among the training photos (``gallery_check``)."""
+        from ascension_cli.train.logbook import GALLERY_FIGURES, lost_to_start
+
+        return lost_to_start(self.history, GALLERY_FIGURES)
+
+    @property
     def metrics_file(self) -> Path | None:
         """metrics.jsonl: each epoch's figures."""
         from ascension_cli.train.logbook import METRICS

@@ -384,7 +384,7 @@ def print_gallery_check(result: TrainSummary) -> None:
     console.print(shown(f"the validation photos searched among the training photos, as a "
                         f"catalogue of them is searched: {figures} (starting weights -> "
                         f"best.pt)"), soft_wrap=True)
-    lost = [name for name in measured if best[name] < start[name]]
+    lost = [name for name, _, _ in result.gallery_lost_to_start]
     if lost:
         console.print(shown(
             f"note: in that search best.pt is below the starting weights in "

@@ -28,7 +28,8 @@ def kept_share(decay: float, steps: int) -> float:
     return min(decay, (1 + steps) / (WARMUP + steps))
 
 
-def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors, detached and cloned (a model's weights kept aside)."""
     return {key: value.detach().clone() for key, value in state.items()}
 
 
@@ -40,7 +41,7 @@ class WeightAverage:
         if not 0 < decay < 1:
             raise ValueError(f"the average's decay must lie between 0 and 1, not {decay}")
         self.model, self.decay, self.steps = model, decay, 0
-        self.average = _copy(model.state_dict())
+        self.average = copied(model.state_dict())
         self._trained: dict[str, torch.Tensor] | None = None  # held while the average is in
 
     @torch.no_grad()
@@ -60,7 +61,7 @@ class WeightAverage:
         if self._trained is not None:  # already applied by an enclosing block
             yield
             return
-        self._trained = _copy(self.model.state_dict())
+        self._trained = copied(self.model.state_dict())
         self.model.load_state_dict(self.average)
         try:
             yield
@@ -71,7 +72,7 @@ class WeightAverage:
     def state_dict(self) -> dict[str, Any]:
         """The trained weights and the step count (a checkpoint's model is the average, so
         the average is not stored twice), inside ``applied`` or out of it."""
-        trained = self._trained if self._trained is not None else _copy(self.model.state_dict())
+        trained = self._trained if self._trained is not None else copied(self.model.state_dict())
         return {"trained": trained, "steps": self.steps}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
@@ -82,7 +83,7 @@ class WeightAverage:
             # A negative count would extrapolate (a kept share below 0) or divide by zero.
             raise ValueError(f"its step count must be a whole number from 0, not {steps!r:.40}")
         finite_weights(trained)
-        average = _copy(self.model.state_dict())
+        average = copied(self.model.state_dict())
         self.model.load_state_dict(trained)
         self.average, self.steps = average, steps
 

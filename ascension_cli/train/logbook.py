@@ -18,7 +18,7 @@ PLOT = "training.png"
 VALIDATION_FIGURES = (("val_recall_at_1", "recall@1"), ("val_recall_at_5", "recall@5"),
                       ("val_map_at_r", "MAP@R"))
 # The same figures with the validation photos searched among the training photos, as a catalogue
-# of them searches (``train/gallery_check.py``): measured for the starting weights and best.pt.
+# of them searches (``train/validation.py``): measured for the starting weights and best.pt.
 GALLERY_FIGURES = (("gallery_recall_at_1", "recall@1"), ("gallery_recall_at_5", "recall@5"),
                    ("gallery_map_at_r", "MAP@R"))
 
@@ -62,9 +62,9 @@ def below(recall: float | None, untrained: float | None) -> bool:
     return recall is not None and untrained is not None and recall <= untrained
 
 
-def figures_of(record: EpochRecord, names=VALIDATION_FIGURES) -> dict[str, float | None]:
-    """A record's validation figures (or ``GALLERY_FIGURES``) under their field names."""
-    return {key: getattr(record, key) for key, _ in names}
+def figures_of(record: EpochRecord) -> dict[str, float | None]:
+    """A record's validation figures under their field names."""
+    return {key: getattr(record, key) for key, _ in VALIDATION_FIGURES}
 
 
 def shown_figures(figures: dict[str, float | None], names=VALIDATION_FIGURES) -> str:

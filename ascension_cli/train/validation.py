@@ -20,7 +20,7 @@ from ascension_cli.errors import CheckpointError, Wording
 from ascension_cli.formats import BEST_CHECKPOINT
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.retrieval.evaluate import evaluate
-from ascension_cli.train.average import WeightAverage, applied
+from ascension_cli.train.average import WeightAverage, applied, copied
 from ascension_cli.train.gradcache import StepAbandoned
 from ascension_cli.train.logbook import (
     GALLERY_FIGURES,
@@ -127,7 +127,7 @@ def best_weights(run, best: EpochRecord, last: EpochRecord
         yield run.opt.average
         return
     model = run.nets.model
-    held = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    held = copied(model.state_dict())
     saved = load_checkpoint(run.save_dir / BEST_CHECKPOINT)["model"]
     try:
         with torch.no_grad():
