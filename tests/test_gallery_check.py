@@ -13,7 +13,7 @@ from ascension_cli import embed, evaluate
 from ascension_cli.config import TrainConfig
 from ascension_cli.errors import Interrupted
 from ascension_cli.model.checkpoint import load_checkpoint
-from ascension_cli.train.logbook import GALLERY_FIGURES
+from ascension_cli.train.logbook import GALLERY_FIGURES, VALIDATION_FIGURES
 from ascension_cli.train.loop import Trainer, train
 from ascension_cli.train.validation import gallery_sample
 from tests.conftest import make_dataset
@@ -83,6 +83,43 @@ def test_best_pt_is_searched_among_the_training_photos_as_a_user_would(tmp_path,
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.parametrize("recalls", [[0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.2, 0.3]],
+                         ids=["best.pt is the last epoch", "best.pt is an earlier epoch"])
+def test_the_validation_photos_are_embedded_once_for_each_set_of_weights(tmp_path, monkeypatch,
+                                                                         recalls):
+    """The start's two searches share one embedding of the validation photos, and so does
+    best.pt's search where best.pt is the model as trained; the figures are still best.pt's.
+    Validation runs for real here; only its recall@1 is made up, to choose best.pt."""
+    from ascension_cli.train import validation
+
+    data = make_dataset(tmp_path / "data", per_class=6)
+    val = make_dataset(tmp_path / "val", per_class=3, seed=1)
+    embedded, made_up = [], iter(recalls)
+    real_embedded, real_figures = validation._embedded, validation._figures
+
+    def counted(run, loader, *args):
+        embedded.append("val" if loader is run.loaders.val else "gallery")
+        return real_embedded(run, loader, *args)
+
+    def figures(names, *arrays):
+        measured = real_figures(names, *arrays)
+        return measured | ({"val_recall_at_1": next(made_up)} if names is VALIDATION_FIGURES
+                           else {})
+
+    monkeypatch.setattr(validation, "_embedded", counted)
+    monkeypatch.setattr(validation, "_figures", figures)
+    train(options(data, tmp_path / "run", val_root=val, epochs=3))
+    best = int(np.argmax(recalls))
+    # the start (validation, the training photos), each epoch's validation, best.pt's search
+    assert embedded == ["val", "gallery", "val", "val", "val"] + (
+        ["gallery"] if best == 3 else ["val", "gallery"])
+    report = evaluate(embed(tmp_path / "run" / "best.pt", val),
+                      embed(tmp_path / "run" / "best.pt", data), ks=(1, 5)).clean.report
+    expected = [report.recall_at_k[1], report.recall_at_k[5], report.map_at_r]
+    records = metrics(tmp_path / "run")
+    assert [records[best][key] for key in GALLERY_KEYS] == pytest.approx(expected, abs=1e-6)
+
+
 def test_the_run_says_plainly_where_training_did_not_help_that_search(dataset, tmp_path,
                                                                       monkeypatch):
     from ascension_cli.train import loop, validation
@@ -90,7 +127,7 @@ def test_the_run_says_plainly_where_training_did_not_help_that_search(dataset, t
     made_up_validation(monkeypatch, [0.5, 0.6, 0.9])  # validation: every epoch better
     searched = iter([(0.9, 0.95, 0.3), (0.8, 0.96, 0.5)])  # the start, then best.pt
     for module in (loop, validation):
-        monkeypatch.setattr(module, "gallery_figures", lambda run, stop, average: dict(
+        monkeypatch.setattr(module, "gallery_figures", lambda run, stop, current=True: dict(
             zip(GALLERY_KEYS, next(searched), strict=True)))
     result = invoke("train", dataset, "--model", "test_convnext", "--no-pretrained",
                     "--image-size", "32", "--batch-size", "4", "--target-batch", "8",

@@ -10,7 +10,7 @@ the parts before it, never from attributes set elsewhere; the trainer (``loop.py
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ class Run:
     loaders: Loaders
     opt: Optimisation
     reporter: Reporter
+    # The validation photos' features and labels as last embedded, by the optimizer step they
+    # were embedded at: a second search with the same weights reuses them (train/validation.py).
+    embedded: dict[int, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -108,7 +108,7 @@ class Trainer:
         figures = validation_figures(self.run_parts, self.stop)
         recall = figures.get("val_recall_at_1")
         if recall is not None:
-            figures |= gallery_figures(self.run_parts, self.stop, self.run_parts.opt.average)
+            figures |= gallery_figures(self.run_parts, self.stop)
         self.state.history.append(EpochRecord(
             0, 0, None, self.run_parts.opt.optimizer.param_groups[0]["lr"], images_per_second=None,
             seconds=time.perf_counter() - started, best=recall is not None, **figures))

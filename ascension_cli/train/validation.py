@@ -20,7 +20,7 @@ from ascension_cli.errors import CheckpointError, Wording
 from ascension_cli.formats import BEST_CHECKPOINT
 from ascension_cli.model.checkpoint import load_checkpoint
 from ascension_cli.retrieval.evaluate import evaluate
-from ascension_cli.train.average import WeightAverage, applied, copied
+from ascension_cli.train.average import applied, copied
 from ascension_cli.train.gradcache import StepAbandoned
 from ascension_cli.train.logbook import (
     GALLERY_FIGURES,
@@ -88,6 +88,19 @@ def _figures(names, queries: np.ndarray, query_labels: np.ndarray,
     return {key: value for (key, _), value in zip(names, values, strict=True)}
 
 
+def _validation_embedded(run, stop: StopRequest) -> tuple[np.ndarray, np.ndarray]:
+    """The validation photos' features with the weight average applied, embedded once for the
+    weights of each optimizer step: the start's two searches, and best.pt's search where best.pt
+    is the last epoch, reuse the validation's."""
+    step = run.opt.scheduler.last_epoch  # advances with every change of the weights
+    if step not in run.embedded:
+        with applied(run.opt.average):  # with --ema-decay, the average is what is measured
+            embedded = _embedded(run, run.loaders.val, run.loaders.val_failures, stop)
+        run.embedded.clear()
+        run.embedded[step] = embedded
+    return run.embedded[step]
+
+
 def validation_figures(run, stop: StopRequest) -> dict[str, float | None]:
     """Validation recall@1, recall@5 and MAP@R, each photo of the validation split searched
     among the others, under ``EpochRecord``'s field names (recall@1 None, and nothing else,
@@ -97,20 +110,21 @@ def validation_figures(run, stop: StopRequest) -> dict[str, float | None]:
     a step."""
     if run.loaders.val is None or not run.machine.distributed.is_main:
         return {"val_recall_at_1": None}
-    with applied(run.opt.average):  # with --ema-decay, the average is what is measured
-        features, labels = _embedded(run, run.loaders.val, run.loaders.val_failures, stop)
-    return _figures(VALIDATION_FIGURES, features, labels)
+    return _figures(VALIDATION_FIGURES, *_validation_embedded(run, stop))
 
 
-def gallery_figures(run, stop: StopRequest, average: WeightAverage | None
-                    ) -> dict[str, float | None]:
+def gallery_figures(run, stop: StopRequest, current: bool = True) -> dict[str, float | None]:
     """The same figures, ``gallery_*``, with each validation photo searched among the
-    training photos of ``loaders.gallery`` (``--gallery-check``), for the model as it is now
-    with ``average`` applied; {} where that is not measured (rank 0 only)."""
+    training photos of ``loaders.gallery`` (``--gallery-check``): for the model as trained so
+    far (``current``, its weight average applied, as validation measures it) or for the
+    weights the model holds (best.pt read back); {} where that is not measured (rank 0 only)."""
     if run.loaders.gallery is None or not run.machine.distributed.is_main:
         return {}
-    with applied(average):
+    if current:
+        queries, query_labels = _validation_embedded(run, stop)
+    else:
         queries, query_labels = _embedded(run, run.loaders.val, run.loaders.val_failures, stop)
+    with applied(run.opt.average if current else None):
         gallery, gallery_labels = _embedded(run, run.loaders.gallery,
                                             run.loaders.gallery_failures, stop)
     figures = _figures(GALLERY_FIGURES, queries, query_labels, gallery, gallery_labels)
@@ -118,21 +132,16 @@ def gallery_figures(run, stop: StopRequest, average: WeightAverage | None
 
 
 @contextmanager
-def best_weights(run, best: EpochRecord, last: EpochRecord
-                 ) -> Iterator[WeightAverage | None]:
-    """best.pt's model inside the block, and the average to apply to it: where best.pt is the
-    last epoch, the model as it is and its average; else best.pt's weights read back (the
-    model validation measured, nothing to apply), and the model's own weights again after."""
-    if best.epoch == last.epoch:
-        yield run.opt.average
-        return
+def read_back(run, best: EpochRecord) -> Iterator[None]:
+    """best.pt's weights in the model inside the block (the model validation measured, its
+    average already applied), and the model's own weights again after."""
     model = run.nets.model
     held = copied(model.state_dict())
     saved = load_checkpoint(run.save_dir / BEST_CHECKPOINT)["model"]
     try:
         with torch.no_grad():
             model.load_state_dict(saved)
-        yield None
+        yield
     finally:
         with torch.no_grad():
             model.load_state_dict(held)
@@ -157,8 +166,11 @@ def measure_best(run, history: list[EpochRecord], stop: StopRequest) -> None:
         return  # best.pt is the start, the start was not measured, or best.pt was
     best = pair[1]
     try:
-        with best_weights(run, best, history[-1]) as average:
-            figures = gallery_figures(run, stop, average)
+        if best.epoch == history[-1].epoch:  # best.pt is the model as it is
+            figures = gallery_figures(run, stop)
+        else:
+            with read_back(run, best):
+                figures = gallery_figures(run, stop, current=False)
     except StepAbandoned:
         stopped(stop.signal_number, "after the last epoch, in the check of best.pt against "
                 "the training photos; best.pt and last.pt are complete")
