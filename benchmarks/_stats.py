@@ -82,3 +82,21 @@ def beyond_noise(comparison: dict[str, dict[str, dict]]) -> bool:
     return bool(defaults) and all(
         figures["low"] > 0 for against in defaults for by_figure in against.values()
         for figures in by_figure.values())
+
+
+def below_start(comparison: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """Where the defaults (each budget's row) retrieve worse than the starting model, the
+    frozen features at the same budget, in a figure (issue 44: "never below the starting
+    model"): {row: {figure: its paired difference}}, with ``beyond_luck`` where the whole
+    interval is below zero; {} where they are level or ahead in every figure."""
+    found: dict[str, dict[str, dict]] = {}
+    for ours, against in comparison.items():
+        start = next((by_figure for theirs, by_figure in against.items()
+                      if base(theirs) == "frozen"), None)
+        if base(ours) != "ascension" or start is None:
+            continue
+        for figure, difference in start.items():
+            if difference["mean"] < 0:
+                found.setdefault(ours, {})[figure] = difference | {
+                    "beyond_luck": difference["high"] < 0}
+    return found

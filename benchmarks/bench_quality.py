@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from _common import ROOT, benchmark_parser, print_table, write_json
 from _sets import suite
-from _stats import base, beyond_noise, compare, interval
+from _stats import base, below_start, beyond_noise, compare, interval
 
 RECOLOURED = ("hue90", "hue180", "grayscale")
 MIXED = "~"  # a mix's row: the system, MIXED, its share (ascension~0.75)
@@ -441,6 +441,21 @@ def measure(split: Split, args, system: str, options: dict | None) -> dict[str, 
     return rows
 
 
+FIGURE_NAMES = {"recall_at_1": "R@1", "recall_at_5": "R@5", "map_at_r": "MAP@R"}
+
+
+def print_below_start(paired: dict[str, dict]) -> None:
+    """Issue 44's "never below the starting model": each figure in which the defaults retrieve
+    worse than the frozen features at the same budget, or a line saying there is none."""
+    lines = [f"  {name}, {row}: {FIGURE_NAMES[figure]} {interval(difference)}"
+             + (" (beyond the queries' luck)" if difference["beyond_luck"] else "")
+             for name, by in paired.items() for row, figures in below_start(by).items()
+             for figure, difference in figures.items()]
+    if any("frozen" in against for by in paired.values() for against in by.values()):
+        print("below the starting model (the defaults minus the frozen features, points, 95 % "
+              "interval):", *(lines or ["  nowhere"]), sep="\n")
+
+
 def main() -> None:
     parser = training_parser(__doc__, __file__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -516,6 +531,7 @@ def main() -> None:
         print_table(f"paired on the same {args.on} queries: Ascension minus each system, "
                     "points, 95 % interval over the queries",
                     ["set", "ours", "against", "R@1", "R@5", "MAP@R"], pairs)
+    print_below_start(paired)
     # The defaults win a set when they beat every other system there in all three figures.
     compared = [by for by in results.values() if "ascension" in by and len(by) > 1]
     wins = [all(by[ours]["mean"][key] > summary["mean"][key]
@@ -530,6 +546,7 @@ def main() -> None:
         "complete": True, "paired": paired,
         "defaults_win_beyond_noise": (all(beyond_noise(by) for by in paired.values())
                                       if len(compared) == len(results) else None),
+        "below_starting_model": {name: below_start(by) for name, by in paired.items()},
     }, args.json)
 
 

@@ -107,6 +107,11 @@ def test_bench_quality_runs_every_system_on_a_tiny_set(tmp_path):
         np.mean(ours["per_query"]["map_at_r"]) - np.mean(theirs["per_query"]["map_at_r"]))
     assert figures["low"] <= figures["mean"] <= figures["high"]
     assert isinstance(result["defaults_win_beyond_noise"], bool) and result["complete"]
+    # Below the starting model: each figure the defaults lose to the frozen features, and no other.
+    below = result["below_starting_model"]["shapes"]
+    for row, start in (("ascension", "frozen"), ("ascension @passes", "frozen @passes")):
+        losses = {f for f, d in paired[row][start].items() if d["mean"] < 0}
+        assert set(below.get(row, {})) == losses, row
 
 
 def test_bench_quality_without_ascension_has_nothing_to_pair(tmp_path):
@@ -187,7 +192,7 @@ def test_bench_quality_refuses_a_mix_without_starting_weights(tmp_path):
 
 def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _stats import beyond_noise, compare, paired_difference
+    from _stats import FIGURES, below_start, beyond_noise, compare, paired_difference
 
     rng = np.random.default_rng(0)
     theirs = rng.random(400) < 0.7
@@ -213,6 +218,10 @@ def test_paired_difference_is_the_mean_difference_with_an_interval_that_covers_i
                                                                                 "plain"}
     assert set(paired["lr3"]) == {"frozen", "plain", "ascension"}
     assert not beyond_noise(paired)  # the frozen features find every query ours find
+    below = below_start(paired)  # ... and more: the defaults are below the starting model
+    assert set(below) == {"ascension"} and set(below["ascension"]) == set(FIGURES)
+    assert all(d["beyond_luck"] and d["mean"] < 0 for d in below["ascension"].values())
+    assert below_start(compare({"ascension": system(*ours), "frozen": system(theirs)})) == {}
     assert beyond_noise(compare({"ascension": system(*ours), "plain": system(theirs)}))
 
 
