@@ -451,7 +451,8 @@ def print_below_start(paired: dict[str, dict]) -> None:
              + (" (beyond the queries' luck)" if difference["beyond_luck"] else "")
              for name, by in paired.items() for row, figures in below_start(by).items()
              for figure, difference in figures.items()]
-    if any("frozen" in against for by in paired.values() for against in by.values()):
+    if any(base(theirs) == "frozen" for by in paired.values() for against in by.values()
+           for theirs in against):
         print("below the starting model (the defaults minus the frozen features, points, 95 % "
               "interval):", *(lines or ["  nowhere"]), sep="\n")
 
