@@ -83,6 +83,12 @@ class TrainConfig(BaseModel):
         1.0, gt=0, le=1,
         description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
+    frozen_stages: int = Field(
+        0, ge=0, le=64,
+        description="Keep the backbone's stem and its first N stages (an EfficientNet's block "
+        "stages, a ResNet's layers, a ViT's blocks) at the starting weights, BatchNorm "
+        "statistics too: no backward pass through them, so a step costs less. 0 trains every "
+        "layer.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     temperature: float = Field(TEMPERATURE, ge=MIN_TEMPERATURE, le=10,
                                description="SupCon temperature.")
@@ -247,6 +253,9 @@ class TrainConfig(BaseModel):
                         "the loss trains the backbone's pooled features themselves: give "
                         f"--head mlp or linear, or drop {option_name(field)}"
                     )
+        if self.frozen_stages and not self.pretrained and self.weights is None:
+            raise ValueError("--frozen-stages keeps starting weights, and a run from scratch "
+                             "has none: give --weights FILE, or drop --no-pretrained")
         if self.val_root is not None and "val_fraction" in self.model_fields_set:
             raise ValueError("give either --val-root or --val-fraction, not both")
         self._check_loss()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascension_cli.errors import ConfigError, WeightsError
+from ascension_cli.model.stages import frozen
 from ascension_cli.paths import not_ours, why_unloadable
 from ascension_cli.values import number, whole
 
@@ -265,11 +266,10 @@ def model_from_spec(spec: ModelSpec) -> EmbeddingModel:
 
 
 def training_mode(model: nn.Module, freeze_bn: bool = False) -> None:
-    """``model.train()``; with ``freeze_bn`` every BatchNorm layer stays in eval mode: it
-    normalises by the running statistics it has and no longer updates them, while its weight
-    and bias still train."""
+    """``model.train()``; a BatchNorm layer stays in eval mode, normalising by the running
+    statistics it has and no longer updating them, when ``freeze_bn`` (its weight and bias
+    still train) or when its weight and bias do not train (``--frozen-stages``)."""
     model.train()
-    if freeze_bn:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (freeze_bn or frozen(module)):
+            module.eval()

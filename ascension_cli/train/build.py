@@ -27,6 +27,7 @@ from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint, rebuild_model
+from ascension_cli.model.stages import freeze_stages
 from ascension_cli.runtime import (
     DistributedContext,
     autocast_factory,
@@ -247,6 +248,7 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
             config.model, embedding_dim=config.embedding_dim, head=config.head,
             image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
         )
+    _freeze(model, config, reporter)
     reporter.table("dataset " + str(config.data_root), data_rows(
         data.scan, len(data.train_index), len(data.val_paths)))
     if data.scan.skipped_lines:
@@ -274,6 +276,21 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
         reporter.message(Wording("{compile}: the first steps compile the model, which takes "
                                  "minutes", ("compile",)))
     return Networks(model, spec, trained, no_sync, compile_errors)
+
+
+def _freeze(model: EmbeddingModel, config: TrainConfig, reporter: Reporter) -> None:
+    """``--frozen-stages``: the stem and the first stages kept at the starting weights."""
+    try:
+        kept = freeze_stages(model, config.frozen_stages)
+    except ValueError as exc:
+        raise ConfigError(f"{{frozen_stages}} {config.frozen_stages} with {config.model}: "
+                          f"{exc}", options=("frozen_stages",)) from None
+    if kept:
+        total = sum(parameter.numel() for parameter in model.parameters())
+        reporter.message(Wording(
+            f"{{frozen_stages}} {config.frozen_stages}: the stem and the first "
+            f"{config.frozen_stages} stages keep their starting weights ({kept:,} of {total:,})",
+            ("frozen_stages",)))
 
 
 def _measure_colour(config: TrainConfig, data: TrainData, nets: Networks, machine: Machine,
