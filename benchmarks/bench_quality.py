@@ -17,7 +17,9 @@ reports it instead of test); the test split is never used for a choice. Systems:
 - ``ascension``: ``TrainConfig`` defaults through the Python API (``train``), evaluated from
   ``best.pt`` (chosen on val) with the features ``ascension embed`` gives by default;
 - ``--variant NAME:key=value,key=value``: Ascension with those ``TrainConfig`` options changed
-  (and ``features=head`` to evaluate the projection head's output instead of the backbone's);
+  (and ``features=head`` to evaluate the projection head's output instead of the backbone's;
+  ``epochs=N`` replaces ``--epochs`` for it, at both budgets, to compare at equal time a
+  variant whose epoch costs less);
 - ``--mix-start SHARE ...``: each Ascension run's ``best.pt`` also scored with its trunk's
   weights mixed with the starting ones (share s of the trained weights, 1 - s of the pretrained:
   a weight-space ensemble, as WiSE-FT does), a row ``ascension~s`` each, from the same training.
@@ -257,10 +259,12 @@ VIEWS = {"plain": 2, "proxyanchor": 1, "multisim": 1}  # augmented views of a ph
 
 
 def epochs_at(budget: str, system: str, options: dict | None, epochs: int) -> int:
-    """The epochs ``system`` trains at ``budget``: ``epochs``, or as many image passes as
-    ``plain`` makes in ``epochs`` (its views x photos x epochs)."""
+    """The epochs ``system`` trains at ``budget``: ``epochs`` (a variant's own, where it gives
+    them), or as many image passes as ``plain`` makes in that many (its views x photos x
+    epochs)."""
     from ascension_cli.config import TrainConfig
 
+    epochs = (options or {}).get("epochs", epochs)
     if budget == "epochs" or system == "frozen":
         return epochs
     views = VIEWS.get(system) or (options or {}).get("views",
@@ -305,6 +309,7 @@ def run_ascension(split: Split, args, seed: int, options: dict) -> dict:
 
     options = dict(options)
     features = options.pop("features", "backbone")  # which vectors are evaluated
+    options.pop("epochs", None)  # the run's, args.epochs, came from it (epochs_at)
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
         checkpoint, seconds, result = train_ascension(

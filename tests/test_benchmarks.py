@@ -442,3 +442,25 @@ def test_get_cards_refuses_a_link_and_a_missing_class(tmp_path):
                             text=True, timeout=60)
     assert failed.returncode == 1 and "no photos of 'joker'" in failed.stderr, failed.stderr
     assert not (tmp_path / "cards").exists()
+
+
+def test_a_variant_with_its_own_epochs_trains_them_at_both_budgets():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    assert bench_quality.epochs_at("epochs", "cheap", {"epochs": 7}, 5) == 7
+    assert bench_quality.epochs_at("passes", "cheap", {"epochs": 7}, 5) == 14
+    assert bench_quality.epochs_at("passes", "cheap", {"epochs": 7, "views": 2}, 5) == 7
+    assert bench_quality.epochs_at("epochs", "ascension", None, 5) == 5
+
+
+def test_bench_quality_trains_a_variant_for_its_own_epochs(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", classes=3, per_class=6)
+    result = run_benchmark(
+        "bench_quality", "--sets", data, "--model", "test_efficientnet", "--weights", "none",
+        "--image-size", "32", "--epochs", "1", "--systems", "--budget", "epochs",
+        "--variant", "longer:epochs=2", "--json", tmp_path / "q.json", timeout=300)
+    run = result["results"]["shapes"]["longer"]["runs"][0]
+    assert run["epochs"] == 2 and len(run["val_recall_at_1_by_epoch"]) == 3  # the start, 1, 2
