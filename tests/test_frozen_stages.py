@@ -28,6 +28,19 @@ def start_weights(tmp_path):
     return path, backbone.state_dict()
 
 
+def kept_as_started(run, start, count):
+    """Assert that last.pt's stem and first ``count`` stages (weights and BatchNorm statistics)
+    are exactly ``start``'s; returns its backbone's tensors and stages."""
+    model, _, _ = load_model(run / LAST_CHECKPOINT)
+    trained = {k.removeprefix("backbone."): v for k, v in model.state_dict().items()}
+    groups = stages(model.backbone)
+    layers = {n.rsplit(".", 1)[0] for group in groups[:count + 1] for n in group}
+    for key, value in trained.items():
+        if key.rsplit(".", 1)[0] in layers:
+            assert torch.equal(value, start[key]), key
+    return trained, groups
+
+
 @pytest.mark.parametrize("name, count", [("test_efficientnet", 5), ("test_resnet", 4),
                                          ("test_vit", 6)])
 def test_a_backbones_stages_are_its_stem_then_timms_coarse_groups(name, count):
@@ -48,15 +61,7 @@ def test_the_frozen_stages_end_where_they_started_and_the_rest_trains(dataset, t
                  weights=path, frozen_stages=2, epochs=1, precision="fp32"), reporter)
     assert any("the stem and the first 2 stages keep their starting weights" in m
                for m in reporter.messages)
-    model, _, _ = load_model(tmp_path / "run" / LAST_CHECKPOINT)
-    trained = {k.removeprefix("backbone."): v for k, v in model.state_dict().items()}
-    groups = stages(model.backbone)
-    kept = {n for group in groups[:3] for n in group}
-    prefixes = {n.rsplit(".", 1)[0] for n in kept}
-    # Weights and BatchNorm statistics of the stem and stages 1-2: exactly as they started.
-    for key, value in trained.items():
-        if key.rsplit(".", 1)[0] in prefixes:
-            assert torch.equal(value, start[key]), key
+    trained, groups = kept_as_started(tmp_path / "run", start, 2)
     moved = [n for group in groups[3:] for n in group if not torch.equal(trained[n], start[n])]
     assert moved, "the stages after the frozen ones did not train"
 
@@ -97,9 +102,4 @@ def test_a_resume_keeps_the_stages_frozen_and_refuses_another_count(dataset, tmp
         train(config(dataset, tmp_path / "run", epochs=2, resume="auto",
                      **{**options, "frozen_stages": 2}))
     train(config(dataset, tmp_path / "run", epochs=2, resume="auto", **options))
-    model, _, _ = load_model(tmp_path / "run" / LAST_CHECKPOINT)
-    trained = {k.removeprefix("backbone."): v for k, v in model.state_dict().items()}
-    stem_and_first = {n.rsplit(".", 1)[0] for group in stages(model.backbone)[:2] for n in group}
-    for key, value in trained.items():
-        if key.rsplit(".", 1)[0] in stem_and_first:
-            assert torch.equal(value, start[key]), key
+    kept_as_started(tmp_path / "run", start, 1)
