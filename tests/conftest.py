@@ -92,10 +92,10 @@ def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def planned(config, classes: int, images: int = 1000):
     """``plan_run`` of ``config`` on ``classes`` classes, with a fixed setup (image size,
-    workers, augmentation) that the data-dependent defaults do not read."""
+    workers, augmentation, stages kept) that the data-dependent defaults do not read."""
     from ascension_cli.train.plan import Setup, plan_run
 
-    setup = Setup((32, "test"), (0, "test"), ("color-agnostic", "test"))
+    setup = Setup((32, "test"), (0, "test"), ("color-agnostic", "test"), (0, "test"))
     return plan_run(config, classes, images, setup)
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import yaml
 from pydantic import ValidationError
 
 from ascension_cli.config import TrainConfig
+from ascension_cli.config.fields import AUTO_FROZEN_OF, AUTO_FROZEN_STAGES
 from ascension_cli.errors import CheckpointError
-from ascension_cli.formats import LAST_CHECKPOINT
+from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.model.checkpoint import load_model
 from ascension_cli.model.stages import freeze_stages, stages
 from ascension_cli.train.loop import train
+from ascension_cli.train.plan import planned_frozen_stages, recorded_frozen_stages
 from tests.test_train import Collect, config, train_error
 
 
@@ -103,3 +106,81 @@ def test_a_resume_keeps_the_stages_frozen_and_refuses_another_count(dataset, tmp
                      **{**options, "frozen_stages": 2}))
     train(config(dataset, tmp_path / "run", epochs=2, resume="auto", **options))
     kept_as_started(tmp_path / "run", start, 1)
+
+
+@pytest.fixture
+def efficientnet_rule(monkeypatch):
+    """The default's rule as it would hold if test_efficientnet (5 stages after its stem) had
+    an EfficientNet's stage count."""
+    from ascension_cli.train import plan
+
+    monkeypatch.setattr(plan, "AUTO_FROZEN_OF", 5)
+    return plan.AUTO_FROZEN_STAGES
+
+
+def test_by_default_a_backbone_with_weights_keeps_its_first_stages(dataset, tmp_path,
+                                                                     start_weights,
+                                                                     efficientnet_rule):
+    path, start = start_weights
+    train(config(dataset, tmp_path / "run", model="test_efficientnet", pretrained=True,
+                 weights=path, epochs=1, precision="fp32"))
+    kept_as_started(tmp_path / "run", start, efficientnet_rule)
+    saved = yaml.safe_load((tmp_path / "run" / RUN_CONFIG).read_text())
+    assert saved["frozen_stages"] is None
+    assert saved["resolved_frozen_stages"] == efficientnet_rule
+    assert saved["plan"]["reasons"]["frozen_stages"].startswith("default: the stem and the first")
+
+
+def test_the_default_keeps_nothing_from_scratch_or_where_it_was_not_measured(dataset,
+                                                                            tmp_path):
+    options = dict(data_root=dataset, save_dir=tmp_path, model="tf_efficientnet_lite0")
+    scratch = TrainConfig(**options, pretrained=False)
+    weights = TrainConfig(**options, pretrained=True)
+    assert planned_frozen_stages(scratch, AUTO_FROZEN_OF, None)[0] == 0
+    assert planned_frozen_stages(weights, AUTO_FROZEN_OF, None)[0] == AUTO_FROZEN_STAGES
+    count, why = planned_frozen_stages(weights, 4, None)
+    assert count == 0 and "tf_efficientnet_lite0 has 4" in why
+    assert planned_frozen_stages(weights, None, None)[0] == 0
+    given = TrainConfig(**options, pretrained=True, frozen_stages=1)
+    assert planned_frozen_stages(given, AUTO_FROZEN_OF, None) == (1, "given")
+
+
+@pytest.mark.parametrize("checkpoint, count", [
+    ({"config": {"frozen_stages": None}, "plan": {"frozen_stages": 2}}, 2),
+    ({"config": {"frozen_stages": 1}}, 1),  # given, before the plan held the count
+    ({"config": {}}, 0),  # before --frozen-stages: every layer trained
+    ({"config": {}, "plan": {"temperature": 0.1}}, 0)])
+def test_a_checkpoint_says_the_stages_it_kept(checkpoint, count):
+    assert recorded_frozen_stages(checkpoint) == count
+
+
+@pytest.mark.parametrize("bad", [-1, "3", 2.0, True])
+def test_a_recorded_count_that_is_not_one_is_refused(bad):
+    with pytest.raises(ValueError, match="the stages kept must be a count"):
+        recorded_frozen_stages({"config": {}, "plan": {"frozen_stages": bad}})
+
+
+def test_a_checkpoint_from_before_the_default_resumes_with_every_stage_training(
+        dataset, tmp_path, start_weights, monkeypatch):
+    path, _ = start_weights
+    options = dict(model="test_efficientnet", pretrained=True, weights=path, precision="fp32")
+    train(config(dataset, tmp_path / "run", epochs=1, **options))
+    last = tmp_path / "run" / LAST_CHECKPOINT
+    checkpoint = torch.load(last, weights_only=True)
+    # As a run before --frozen-stages saved it: no count in its options or its plan.
+    del checkpoint["config"]["frozen_stages"], checkpoint["plan"]["frozen_stages"]
+    torch.save(checkpoint, last)
+    from ascension_cli.train import plan
+
+    monkeypatch.setattr(plan, "AUTO_FROZEN_OF", 5)  # the default would now keep some
+    with pytest.raises(CheckpointError, match=r"frozen_stages: 0 -> 3"):
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto", frozen_stages=3,
+                     **options))
+    before = torch.load(last, weights_only=True)["model"]
+    train(config(dataset, tmp_path / "run", epochs=2, resume="auto", **options))
+    saved = yaml.safe_load((tmp_path / "run" / RUN_CONFIG).read_text())
+    assert saved["resolved_frozen_stages"] == 0
+    assert saved["plan"]["reasons"]["frozen_stages"] == "the resumed run's"
+    after = torch.load(last, weights_only=True)["model"]
+    stem = [key for key in after if key.startswith("backbone.conv_stem")]
+    assert stem and any(not torch.equal(before[key], after[key]) for key in stem)

@@ -84,7 +84,8 @@ DAMAGES = {
                                            "seconds": 0.0, "waited": 0.0}},
     "plan": {"shape": lambda p: {"classes": 4},
              "range": lambda p: {**p["plan"], "temperature": -1.0},
-             "choice": lambda p: {**p["plan"], "augmentation": "sepia"}},
+             "choice": lambda p: {**p["plan"], "augmentation": "sepia"},
+             "stages": lambda p: {**p["plan"], "frozen_stages": -2}},
     "rng": {"shape": lambda p: {"torch": torch.zeros(5, dtype=torch.uint8)},
             "range": lambda p: {"torch": p["rng"]["torch"].float()}},
 }

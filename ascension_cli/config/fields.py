@@ -72,9 +72,13 @@ DATA_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "ema_decay": (MANY_CLASS_EMA, 0.0),
 }
 # Options a resume compares as the two runs' plans hold them (``train/plan.py::check_plan``),
-# not as given: those above, and --temperature, which a checkpoint written while its default
-# followed the data records as None.
-PLANNED_OPTIONS = frozenset(DATA_DEFAULTS) | {"temperature"}
+# not as given: those above, --temperature, which a checkpoint written while its default
+# followed the data records as None, and --frozen-stages, whose default follows the model.
+PLANNED_OPTIONS = frozenset(DATA_DEFAULTS) | {"temperature", "frozen_stages"}
+# --frozen-stages when not given, on a backbone that starts from weights and whose stages timm
+# groups as an EfficientNet's (AUTO_FROZEN_OF after its stem, where it was measured): the stem
+# and the first AUTO_FROZEN_STAGES stages keep their starting weights; elsewhere none.
+AUTO_FROZEN_STAGES, AUTO_FROZEN_OF = 2, 7
 
 # Options a resume may change (where and how fast it runs, not what it learns; channels_last and
 # compile change only the order of floating-point operations) carry this mark.

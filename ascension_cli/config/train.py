@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ascension_cli import paths
 from ascension_cli.config.fields import (
+    AUTO_FROZEN_OF,
+    AUTO_FROZEN_STAGES,
     AUTO_PROXY_WEIGHT,
     CHANNELS_LAST_HELP,
     COSINE_FLOOR,
@@ -83,12 +85,13 @@ class TrainConfig(BaseModel):
         1.0, gt=0, le=1,
         description="The backbone's LR as a share of the head's, with --head mlp or linear.",
     )
-    frozen_stages: int = Field(
-        0, ge=0, le=64,
+    frozen_stages: int | None = Field(
+        None, ge=0, le=64,
         description="Keep the backbone's stem and its first N stages (an EfficientNet's block "
         "stages, a ResNet's layers, a ViT's blocks) at the starting weights, BatchNorm "
         "statistics too: no backward pass through them, so a step costs less. 0 trains every "
-        "layer.")
+        f"layer. (default: {AUTO_FROZEN_STAGES} on a backbone with starting weights and "
+        f"{AUTO_FROZEN_OF} stages after its stem, an EfficientNet's; else 0)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     temperature: float = Field(TEMPERATURE, ge=MIN_TEMPERATURE, le=10,
                                description="SupCon temperature.")

@@ -22,6 +22,14 @@ def stages(backbone: nn.Module) -> list[list[str]]:
     return [groups[key] for key in sorted(groups)]
 
 
+def stage_count(backbone: nn.Module) -> int | None:
+    """How many stages follow the backbone's stem; None for one that does not say."""
+    try:
+        return len(stages(backbone)) - 1
+    except ValueError:
+        return None
+
+
 def freeze_stages(model: nn.Module, count: int) -> int:
     """Stop the stem and the ``count`` stages after it of ``model.backbone`` from training;
     returns how many weights that keeps. ``ValueError`` when the backbone has no stages, or not

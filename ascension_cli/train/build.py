@@ -27,7 +27,7 @@ from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint, rebuild_model
-from ascension_cli.model.stages import freeze_stages
+from ascension_cli.model.stages import freeze_stages, stage_count
 from ascension_cli.runtime import (
     DistributedContext,
     autocast_factory,
@@ -50,7 +50,9 @@ from ascension_cli.train.plan import (
     plan_run,
     planned_augmentation,
     planned_before,
+    planned_frozen_stages,
     recorded_augmentation,
+    recorded_frozen_stages,
     settled,
 )
 from ascension_cli.train.proxy_start import PHOTOS_PER_CLASS, start_proxies
@@ -79,6 +81,7 @@ class Networks:
     trained: torch.nn.Module
     no_sync: Callable | None  # DDP's: skip the all-reduce of a step's first backward passes
     compile_errors: tuple[type[Exception], ...]
+    frozen_stages: tuple[int, str]  # the stages kept at their starting weights, and why
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
     augmentation = planned_augmentation(config, checkpoint, partial(
         _measure_colour, config, data, nets, machine, reporter))
     setup = settled(config, nets.spec.image_size, machine.workers, machine.device.type,
-                    checkpoint is not None, augmentation)
+                    checkpoint is not None, augmentation, nets.frozen_stages)
     plan = plan_run(config, len(data.scan.classes), len(data.train_labels), setup, notes, given)
     if checkpoint is not None:
         _check_plan(checkpoint, source, plan, len(data.train_labels))
@@ -231,11 +234,13 @@ def _check_entries(checkpoint: dict[str, Any], source: Path) -> None:
         raise damaged_entry(source, "classes", "not a list of class names")
     if "plan" in checkpoint and not isinstance(checkpoint["plan"], dict):
         raise damaged_entry(source, "plan", "not a run's plan")
-    try:
-        recorded_augmentation(checkpoint)
-    except ValueError as exc:
-        where = "plan" if "augmentation" in checkpoint.get("plan", {}) else "augmentation"
-        raise damaged_entry(source, where, first_line(exc)) from None
+    for key, recorded, entry in (("augmentation", recorded_augmentation, "augmentation"),
+                                 ("frozen_stages", recorded_frozen_stages, "config")):
+        try:
+            recorded(checkpoint)
+        except ValueError as exc:
+            where = "plan" if key in checkpoint.get("plan", {}) else entry
+            raise damaged_entry(source, where, first_line(exc)) from None
 
 
 # ---- the model and its wrappers; the configuration as run
@@ -248,7 +253,8 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
             config.model, embedding_dim=config.embedding_dim, head=config.head,
             image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
         )
-    _freeze(model, config, reporter)
+    frozen = planned_frozen_stages(config, stage_count(model.backbone), checkpoint)
+    _freeze(model, config.model, frozen[0], reporter)
     reporter.table("dataset " + str(config.data_root), data_rows(
         data.scan, len(data.train_index), len(data.val_paths)))
     if data.scan.skipped_lines:
@@ -275,22 +281,22 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
         trained = compile_model(trained)
         reporter.message(Wording("{compile}: the first steps compile the model, which takes "
                                  "minutes", ("compile",)))
-    return Networks(model, spec, trained, no_sync, compile_errors)
+    return Networks(model, spec, trained, no_sync, compile_errors, frozen)
 
 
-def _freeze(model: EmbeddingModel, config: TrainConfig, reporter: Reporter) -> None:
-    """``--frozen-stages``: the stem and the first stages kept at the starting weights."""
+def _freeze(model: EmbeddingModel, name: str, count: int, reporter: Reporter) -> None:
+    """``--frozen-stages``: the stem and the first ``count`` stages of the model ``name`` kept
+    at the starting weights."""
     try:
-        kept = freeze_stages(model, config.frozen_stages)
+        kept = freeze_stages(model, count)
     except ValueError as exc:
-        raise ConfigError(f"{{frozen_stages}} {config.frozen_stages} with {config.model}: "
-                          f"{exc}", options=("frozen_stages",)) from None
+        raise ConfigError(f"{{frozen_stages}} {count} with {name}: {exc}",
+                          options=("frozen_stages",)) from None
     if kept:
         total = sum(parameter.numel() for parameter in model.parameters())
         reporter.message(Wording(
-            f"{{frozen_stages}} {config.frozen_stages}: the stem and the first "
-            f"{config.frozen_stages} stages keep their starting weights ({kept:,} of {total:,})",
-            ("frozen_stages",)))
+            f"{{frozen_stages}} {count}: the stem and the first {count} stages keep their "
+            f"starting weights ({kept:,} of {total:,})", ("frozen_stages",)))
 
 
 def _measure_colour(config: TrainConfig, data: TrainData, nets: Networks, machine: Machine,
@@ -315,7 +321,7 @@ def _write_config(config: TrainConfig, plan: RunPlan, save_dir: Path, machine: M
     resolved = to_plain(config)
     if config.augment == "auto":
         resolved.update(resolved_augment=plan.augmentation)
-    for option in DATA_DEFAULTS:
+    for option in (*DATA_DEFAULTS, "frozen_stages"):
         if getattr(config, option) is None:
             resolved[f"resolved_{option}"] = getattr(plan, option)
     resolved.update(image_size=plan.image_size, workers=plan.workers,

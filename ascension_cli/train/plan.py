@@ -1,24 +1,33 @@
 """A run's plan: every training setting that the options leave to the data, resolved once, each
 with the reason it took its value. The batch sizes fitted to the training set, the defaults
 that follow the many-class rule (``config/fields.py::DATA_DEFAULTS``), the temperature, the step's
-LR, the run's length and warmup, and ``--augment auto``'s choice are decided here and nowhere
-else; the image size and the loader processes, which the model and the machine settle, are
-recorded with them (``Setup``). The run is built from the plan, ``config.yaml`` and every
-checkpoint record it, and a resume compares the checkpoint's plan with the new one field by
-field. A checkpoint written before the plan is planned again from its options, as it trained
-(``TRAINED_AS_BEFORE``); one written before the plan held the setup takes the new run's.
+LR, the run's length and warmup, ``--augment auto``'s choice and the stages ``--frozen-stages``
+keeps by default (the model's count settles it) are decided here and nowhere else; the image
+size and the loader processes, which the model and the machine settle, are recorded with them
+(``Setup``). The run is built from the plan, ``config.yaml`` and every checkpoint record it,
+and a resume compares the checkpoint's plan with the new one field by field. A checkpoint
+written before the plan is planned again from its options, as it trained
+(``TRAINED_AS_BEFORE``); one written before the plan held the setup takes the new run's, but
+for the stages it kept (``recorded_frozen_stages``: none before the option existed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, get_args
 
 import numpy as np
 
 from ascension_cli.config import TrainConfig
-from ascension_cli.config.fields import DATA_DEFAULTS, TEMPERATURE, Augment, classes_per_batch
+from ascension_cli.config.fields import (
+    AUTO_FROZEN_OF,
+    AUTO_FROZEN_STAGES,
+    DATA_DEFAULTS,
+    TEMPERATURE,
+    Augment,
+    classes_per_batch,
+)
 from ascension_cli.data.sampler import fit_batches, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.errors import CheckpointError, DataError
@@ -40,11 +49,13 @@ CHOSEN_AUGMENTATIONS = tuple(choice for choice in get_args(Augment) if choice !=
 @dataclass(frozen=True)
 class Setup:
     """What the model, the machine and the photos settled before the plan, each (value, why):
-    the image size, the loader processes and the augmentation (``planned_augmentation``)."""
+    the image size, the loader processes, the augmentation (``planned_augmentation``) and the
+    stages kept at their starting weights (``planned_frozen_stages``)."""
 
     image_size: tuple[int, str]
     workers: tuple[int, str]
     augmentation: tuple[str, str]
+    frozen_stages: tuple[int, str]
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class RunPlan:
     ema_decay: float
     step_lr: float
     augmentation: str  # --augment, or the one --augment auto chose when the run started
+    frozen_stages: int  # --frozen-stages, or its default for the model
     # The image size is the model's (a resume rebuilds the checkpoint's); --workers may change
     # on a resume.
     image_size: int = field(compare=False)
@@ -92,7 +104,7 @@ class RunPlan:
         plan = cls(**saved)
         words = ("lr_schedule", "augmentation", "reasons")
         numbers = [getattr(plan, name) for name in names if name not in words]
-        if (not all(number(n, 0) for n in numbers)
+        if (not all(number(n, 0) for n in numbers) or not isinstance(plan.frozen_stages, int)
                 or not isinstance(plan.lr_schedule, str) or not isinstance(plan.reasons, dict)):
             raise ValueError("a plan's settings are numbers from 0 and a schedule's name")
         if plan.augmentation not in CHOSEN_AUGMENTATIONS:
@@ -109,14 +121,14 @@ SETUP_FIELDS = tuple(item.name for item in fields(Setup))
 
 
 def settled(config: TrainConfig, image_size: int, workers: int, device: str, resumed: bool,
-            augmentation: tuple[str, str]) -> Setup:
+            augmentation: tuple[str, str], frozen_stages: tuple[int, str]) -> Setup:
     """The setup of a run whose model takes ``image_size`` and whose machine (a ``device``)
     loads with ``workers`` processes, with why each is so."""
     size_why = ("the resumed checkpoint's model" if resumed
                 else "given" if config.image_size is not None else f"{config.model}'s default")
     workers_why = ("given" if config.workers is not None
                    else f"default: chosen for the {device} and its cores")
-    return Setup((image_size, size_why), (workers, workers_why), augmentation)
+    return Setup((image_size, size_why), (workers, workers_why), augmentation, frozen_stages)
 
 
 def recorded_augmentation(checkpoint: dict[str, Any] | None) -> str | None:
@@ -148,6 +160,38 @@ def planned_augmentation(config: TrainConfig, checkpoint: dict[str, Any] | None,
     if recorded is not None:
         return recorded, "--augment auto: chosen when the run started"
     return choose()
+
+
+def recorded_frozen_stages(checkpoint: dict[str, Any]) -> int:
+    """The stages a checkpoint's run kept at their starting weights: its plan's, or (before the
+    plan held them) its options', or none (before --frozen-stages); ``ValueError`` for a count
+    that is not one."""
+    plan, options = checkpoint.get("plan"), checkpoint.get("config")
+    if isinstance(plan, dict) and "frozen_stages" in plan:
+        count = plan["frozen_stages"]
+    else:
+        count = (options.get("frozen_stages") if isinstance(options, dict) else None) or 0
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"the stages kept must be a count, not {str(count)[:40]!r}")
+    return count
+
+
+def planned_frozen_stages(config: TrainConfig, stages: int | None,
+                          checkpoint: dict[str, Any] | None) -> tuple[int, str]:
+    """(--frozen-stages, why) for a backbone with ``stages`` stages after its stem (None: it
+    does not say): as given; a resumed run's as it trained; else ``AUTO_FROZEN_STAGES`` where
+    the backbone starts from weights and has an EfficientNet's stages, where it was measured."""
+    if config.frozen_stages is not None:
+        return config.frozen_stages, "given"
+    if checkpoint is not None:
+        return recorded_frozen_stages(checkpoint), "the resumed run's"
+    if not config.pretrained and config.weights is None:
+        return 0, "default: a run from scratch has no starting weights to keep"
+    if stages != AUTO_FROZEN_OF:
+        return 0, (f"default: kept only on a backbone with {AUTO_FROZEN_OF} stages after its "
+                   f"stem (an EfficientNet's); {config.model} has {stages or 'no named'}")
+    return AUTO_FROZEN_STAGES, (f"default: the stem and the first {AUTO_FROZEN_STAGES} of the "
+                                f"{stages} stages keep their starting weights")
 
 
 def many_classes(config: TrainConfig, classes: int) -> bool:
@@ -242,14 +286,17 @@ def planned_before(checkpoint: dict[str, Any], current: RunPlan, images: int) ->
     """The plan a checkpoint trained with: its own, or for one written before the plan, its
     options planned again as they trained (on ``images`` training images, and the classes and
     setup of ``current``, the resumed run's plan)."""
+    kept = recorded_frozen_stages(checkpoint)
     if "plan" in checkpoint:
-        return RunPlan.from_dict(checkpoint["plan"], current)
+        saved = checkpoint["plan"]
+        return RunPlan.from_dict({"frozen_stages": kept, **saved} if isinstance(saved, dict)
+                                 else saved, current)
     options = {**TRAINED_AS_BEFORE, **checkpoint["config"]}
     if options.get("temperature") is None:
         many = many_classes(TrainConfig.model_construct(**options), current.classes)
         options["temperature"] = FORMER_MANY_CLASS_TEMPERATURE if many else TEMPERATURE
     return plan_run(TrainConfig.model_construct(**options), current.classes, images,
-                    current.setup())
+                    replace(current.setup(), frozen_stages=(kept, "recorded")))
 
 
 def check_plan(saved: RunPlan, plan: RunPlan) -> None:
