@@ -14,6 +14,7 @@ from ascension_cli.errors import CheckpointError
 from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
 from ascension_cli.model.checkpoint import load_model
 from ascension_cli.model.stages import freeze_stages, stages
+from ascension_cli.train import plan
 from ascension_cli.train.loop import train
 from ascension_cli.train.plan import planned_frozen_stages, recorded_frozen_stages
 from tests.test_train import Collect, config, train_error
@@ -112,8 +113,6 @@ def test_a_resume_keeps_the_stages_frozen_and_refuses_another_count(dataset, tmp
 def efficientnet_rule(monkeypatch):
     """The default's rule as it would hold if test_efficientnet (5 stages after its stem) had
     an EfficientNet's stage count."""
-    from ascension_cli.train import plan
-
     monkeypatch.setattr(plan, "AUTO_FROZEN_OF", 5)
     return plan.AUTO_FROZEN_STAGES
 
@@ -140,7 +139,9 @@ def test_the_default_keeps_nothing_from_scratch_or_where_it_was_not_measured(dat
     assert planned_frozen_stages(weights, AUTO_FROZEN_OF, None)[0] == AUTO_FROZEN_STAGES
     count, why = planned_frozen_stages(weights, 4, None)
     assert count == 0 and "tf_efficientnet_lite0 has 4" in why
-    assert planned_frozen_stages(weights, None, None)[0] == 0
+    assert planned_frozen_stages(weights, None, None) == (
+        0, f"default: kept only on a backbone with {AUTO_FROZEN_OF} stages after its stem (an "
+        "EfficientNet's); tf_efficientnet_lite0 does not name its stages")
     given = TrainConfig(**options, pretrained=True, frozen_stages=1)
     assert planned_frozen_stages(given, AUTO_FROZEN_OF, None) == (1, "given")
 
@@ -170,9 +171,8 @@ def test_a_checkpoint_from_before_the_default_resumes_with_every_stage_training(
     # As a run before --frozen-stages saved it: no count in its options or its plan.
     del checkpoint["config"]["frozen_stages"], checkpoint["plan"]["frozen_stages"]
     torch.save(checkpoint, last)
-    from ascension_cli.train import plan
-
-    monkeypatch.setattr(plan, "AUTO_FROZEN_OF", 5)  # the default would now keep some
+    # The default as it would now be for this backbone: its first stages kept.
+    monkeypatch.setattr(plan, "AUTO_FROZEN_OF", 5)
     with pytest.raises(CheckpointError, match=r"frozen_stages: 0 -> 3"):
         train(config(dataset, tmp_path / "run", epochs=2, resume="auto", frozen_stages=3,
                      **options))

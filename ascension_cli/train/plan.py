@@ -188,8 +188,9 @@ def planned_frozen_stages(config: TrainConfig, stages: int | None,
     if not config.pretrained and config.weights is None:
         return 0, "default: a run from scratch has no starting weights to keep"
     if stages != AUTO_FROZEN_OF:
+        has = "does not name its stages" if stages is None else f"has {stages}"
         return 0, (f"default: kept only on a backbone with {AUTO_FROZEN_OF} stages after its "
-                   f"stem (an EfficientNet's); {config.model} has {stages or 'no named'}")
+                   f"stem (an EfficientNet's); {config.model} {has}")
     return AUTO_FROZEN_STAGES, (f"default: the stem and the first {AUTO_FROZEN_STAGES} of the "
                                 f"{stages} stages keep their starting weights")
 
