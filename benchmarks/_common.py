@@ -25,11 +25,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CLI = (sys.executable, "-m", "ascension_cli")
 
 
-def benchmark_parser(doc: str, script: str) -> argparse.ArgumentParser:
-    """The options every benchmark has: ``--quick`` and ``--json`` (where the results go)."""
+def benchmark_parser(doc: str, script: str,
+                     quick: str = "small sizes: under two minutes on a 2-core CPU"
+                     ) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` (``quick`` says what it does) and ``--json``
+    (where the results go)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: under two minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", type=Path, help="where to write the results "
                         f"(default: benchmarks/results/{Path(script).stem}.json)")
     return parser

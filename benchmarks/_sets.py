@@ -21,10 +21,11 @@ CACHE = ROOT / "benchmarks" / "cache"
 MAX_PHOTO_BYTES = 64 << 20  # a photo of these sets is well under 1 MiB
 
 
-def suite() -> list[Path]:
-    """Every set under ../shared/data, then every set a get_*.py script built into the cache."""
+def suite(cached: bool = True) -> list[Path]:
+    """Every set under ../shared/data, then (``cached``) every set a get_*.py script built into
+    the cache."""
     found = []
-    for parent in (SHARED_DATA, CACHE):
+    for parent in (SHARED_DATA, CACHE) if cached else (SHARED_DATA,):
         if parent.is_dir():
             found += sorted(p for p in parent.iterdir() if p.is_dir() and not
                             p.name.startswith("."))

@@ -38,7 +38,7 @@ each photo: a one-view system trains twice the epochs) or ``both`` (the default:
 epochs are the same at both budgets is trained once). Each row says its epochs and training
 seconds, so quality per second can be read off too.
 
-    python benchmarks/bench_quality.py --quick          # 150 photos a class, 2 epochs
+    python benchmarks/bench_quality.py --quick   # ../shared/data's sets, 150 a class, 2 epochs
     python benchmarks/bench_quality.py --max-per-class 150 --seeds 0 1   # docs/benchmarks.md
 """
 
@@ -380,10 +380,12 @@ def summarise(runs: list[dict]) -> dict:
 def training_parser(doc: str, script: str):
     """The options of every benchmark that trains on real sets: which sets, model, weights,
     size, epochs and split (with ``--quick`` and ``--json``)."""
-    parser = benchmark_parser(doc, script)
+    parser = benchmark_parser(doc, script, quick="2 epochs, 150 photos a class, ../shared/data's "
+                              "sets only: minutes, not hours (docs/benchmarks.md has the times)")
     parser.add_argument("--sets", nargs="+", type=Path,
                         help="class-per-folder trees (default: the suite, every set under "
-                        "../shared/data and those get_*.py built in benchmarks/cache)")
+                        "../shared/data and those get_*.py built in benchmarks/cache; --quick: "
+                        "../shared/data's only)")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", type=Path, default=WEIGHTS if WEIGHTS.is_file() else None,
                         help="timm weights file (default: ../shared/weights' lite0; 'none' "
@@ -405,10 +407,12 @@ def training_args(parser) -> tuple[object, list[Path]]:
         args.weights = None
     args.epochs = args.epochs or (2 if args.quick else 5)
     args.max_per_class = args.max_per_class or (150 if args.quick else None)
-    sets = args.sets or suite()
+    sets = args.sets or suite(cached=not args.quick)  # --quick: a fixed size as the cache grows
     if not sets:
-        parser.error("no sets: none under ../shared/data or benchmarks/cache (run "
-                     "benchmarks/get_grocery.py, get_trashnet.py), and no --sets given")
+        where = "../shared/data (--quick reads only there)" if args.quick else (
+            "../shared/data or benchmarks/cache (run benchmarks/get_grocery.py, get_trashnet.py, "
+            "get_cards.py)")
+        parser.error(f"no sets: none under {where}, and no --sets given")
     return args, sets
 
 

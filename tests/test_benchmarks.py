@@ -464,3 +464,23 @@ def test_bench_quality_trains_a_variant_for_its_own_epochs(tmp_path):
         "--variant", "longer:epochs=2", "--json", tmp_path / "q.json", timeout=300)
     run = result["results"]["shapes"]["longer"]["runs"][0]
     assert run["epochs"] == 2 and len(run["val_recall_at_1_by_epoch"]) == 3  # the start, 1, 2
+
+
+def test_quick_reads_only_the_shared_sets_so_it_keeps_its_size_as_the_cache_grows(
+        tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _sets
+    import bench_quality
+
+    shared, cache = tmp_path / "shared", tmp_path / "cache"
+    for folder in (shared / "b", shared / "a", cache / "c", cache / ".c-partial"):
+        folder.mkdir(parents=True)
+    monkeypatch.setattr(_sets, "SHARED_DATA", shared)
+    monkeypatch.setattr(_sets, "CACHE", cache)
+    assert [p.name for p in _sets.suite()] == ["a", "b", "c"]
+    assert [p.name for p in _sets.suite(cached=False)] == ["a", "b"]
+    for argv, names, epochs in ((["--quick"], ["a", "b"], 2), ([], ["a", "b", "c"], 5)):
+        monkeypatch.setattr(sys, "argv", ["bench_quality.py", *argv])
+        args, sets = bench_quality.training_args(
+            bench_quality.training_parser("doc", "bench_quality.py"))
+        assert ([p.name for p in sets], args.epochs) == (names, epochs)
