@@ -39,7 +39,7 @@ epochs are the same at both budgets is trained once). Each row says its epochs a
 seconds, so quality per second can be read off too.
 
     python benchmarks/bench_quality.py --quick   # ../shared/data's sets, 150 a class, 2 epochs
-    python benchmarks/bench_quality.py --max-per-class 150 --seeds 0 1   # docs/benchmarks.md
+    python benchmarks/bench_quality.py --sets ../shared/data/* --max-per-class 150 --seeds 0 1
 """
 
 from __future__ import annotations
