@@ -37,12 +37,16 @@ def colour_classes(root, per_class: int = 10):
     return root
 
 
-def searched(root):
+def searched(root, among=None):
     torch.manual_seed(0)
     model, spec = build_model("test_convnext", image_size=32, pretrained=False)
     scan = scan_folder(root)
-    return recall_in_colour_and_gray(model.eval(), spec, scan.paths, scan.labels, MACHINE, 16,
-                                     True)
+    photos = (scan.paths, scan.labels)
+    if among is None:
+        return recall_in_colour_and_gray(model.eval(), spec, photos, None, MACHINE, 16, True)
+    gallery = scan_folder(among)
+    return recall_in_colour_and_gray(model.eval(), spec, photos,
+                                     (gallery.paths, gallery.labels), MACHINE, 16, True)
 
 
 def test_grayscale_loses_the_classes_only_colour_tells_apart(tmp_path, dataset):
@@ -52,21 +56,36 @@ def test_grayscale_loses_the_classes_only_colour_tells_apart(tmp_path, dataset):
     assert clean - gray < 0.1
 
 
+def test_queries_searched_among_a_gallery(tmp_path):
+    """Validation photos are searched among training photos (more photos, less luck): colour
+    is found where only colour tells the classes apart."""
+    queries = colour_classes(tmp_path / "queries", per_class=4)
+    clean, gray = searched(queries, among=colour_classes(tmp_path / "gallery", per_class=12))
+    assert clean - gray > 0.2
+
+
 def test_the_choice_and_its_reason(tmp_path, dataset):
     torch.manual_seed(0)
     model, spec = build_model("test_convnext", image_size=32, pretrained=False)
     nets = SimpleNamespace(model=model.eval(), spec=spec)
     colours = colour_classes(tmp_path / "colours")
+    options = SimpleNamespace(pretrained=True, weights=None, seed=0, batch_size=16,
+                              channels_last=True, max_image_pixels=10_000_000)
     for root, expected in ((colours, "color-preserving"), (dataset, "color-agnostic")):
         scan = scan_folder(root)
-        data = SimpleNamespace(val_paths=scan.paths, val_labels=scan.labels, shards=None)
-        chosen, why = choose_augmentation(SimpleNamespace(
-            pretrained=True, weights=None, seed=0, batch_size=16, channels_last=True,
-            max_image_pixels=10_000_000), data,
-            nets, MACHINE)
+        val = np.arange(len(scan.paths)) % 3 == 0
+        data = SimpleNamespace(scan=scan, train_index=np.flatnonzero(~val), shards=None,
+                               val_paths=[p for p, v in zip(scan.paths, val, strict=True) if v],
+                               val_labels=scan.labels[val])
+        chosen, why = choose_augmentation(options, data, nets, MACHINE)
         assert chosen == expected
-        assert why.startswith(f"--augment auto: {expected}: on {len(scan.paths)} validation")
+        assert why.startswith(f"--augment auto: {expected}: with {val.sum()} validation photos "
+                              f"searched among {(~val).sum()} training photos")
         assert "in colour" in why and "in grayscale" in why
+        data.val_paths = []  # no validation split: training photos among themselves
+        chosen, why = choose_augmentation(options, data, nets, MACHINE)
+        assert chosen == expected
+        assert f"with {(~val).sum()} training photos searched among themselves" in why
     chosen, why = choose_augmentation(SimpleNamespace(pretrained=False, weights=None), None,
                                       nets, MACHINE)
     assert chosen == "color-agnostic" and "from scratch" in why

@@ -149,8 +149,9 @@ class TrainConfig(BaseModel):
         "auto", description="color-agnostic: colour destroyed or randomised, so the "
         "same item in another colour lands close. color-preserving: lighting changes only, for "
         "catalogues where colour tells items apart (a red and a green apple). auto: "
-        "color-preserving when grayscale photos lose more than 5 points of the starting "
-        "model's Recall@1 on the validation photos, else color-agnostic. standard: SimCLR. "
+        "color-preserving when, all in grayscale, the validation photos searched among the "
+        "training photos lose more than 3 points of the starting model's Recall@1, else "
+        "color-agnostic. standard: SimCLR. "
         "none.")
     val_fraction: float = Field(0.1, ge=0, lt=1,
                                 description="Share of each class held out for validation.")
