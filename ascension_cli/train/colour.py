@@ -56,12 +56,11 @@ def recall_in_colour_and_gray(model, spec, queries: tuple[list[Path], np.ndarray
     without a gallery), all in colour, then all in grayscale."""
     found = []
     for recolouring in (None, "grayscale"):
-        sides = [_features(model, spec, *photos, recolouring, machine, batch_size,
-                           channels_last, max_pixels)
-                 for photos in (queries, gallery) if photos is not None]
-        evaluation = evaluate(*sides[0], *sides[1], ks=(1,)) if len(sides) == 2 else evaluate(
-            *sides[0], ks=(1,))
-        found.append(evaluation.report.recall_at_k[1])
+        # queries' features and labels, then the gallery's: evaluate's arguments in order
+        arrays = [array for photos in (queries, gallery) if photos is not None
+                  for array in _features(model, spec, *photos, recolouring, machine,
+                                         batch_size, channels_last, max_pixels)]
+        found.append(evaluate(*arrays, ks=(1,)).report.recall_at_k[1])
     return found[0], found[1]
 
 
@@ -77,14 +76,15 @@ def sample_photos(data, seed: int):
     """(queries, gallery, a phrase saying which): up to ``SAMPLE`` validation photos searched
     among up to ``GALLERY`` training photos, or, without validation photos, up to ``SAMPLE``
     training photos among themselves (gallery None); seeded."""
-    train_paths = [data.scan.paths[row] for row in data.train_index]
-    train = _sample(train_paths, data.scan.labels[data.train_index], GALLERY, seed)
+    train = ([data.scan.paths[row] for row in data.train_index],
+             data.scan.labels[data.train_index])
     if not data.val_paths:
         queries = _sample(*train, SAMPLE, seed)
         return queries, None, f"{len(queries[0])} training photos searched among themselves"
-    queries = _sample(list(data.val_paths), data.val_labels, SAMPLE, seed)
-    return queries, train, (f"{len(queries[0])} validation photos searched among "
-                            f"{len(train[0])} training photos")
+    queries, gallery = _sample(data.val_paths, data.val_labels, SAMPLE, seed), _sample(
+        *train, GALLERY, seed)
+    return queries, gallery, (f"{len(queries[0])} validation photos searched among "
+                              f"{len(gallery[0])} training photos")
 
 
 def choose_augmentation(config, data, nets, machine) -> tuple[str, str]:
