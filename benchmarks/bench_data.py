@@ -19,7 +19,7 @@ from _common import SHARED_DATA, benchmark_parser, best_of_rounds, print_table, 
 
 from ascension_cli.data.augment import train_transform
 from ascension_cli.data.cache import DecodedImages
-from ascension_cli.data.dataset import MultiViewDataset
+from ascension_cli.data.dataset import MultiViewDataset, min_decode_side
 from ascension_cli.data.folder import scan_folder
 
 
@@ -32,7 +32,7 @@ def sample_paths(root, count, seed=0):
 def ours(paths, labels, size, views, cache=None):
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     dataset = MultiViewDataset(paths, labels, train_transform("color-agnostic", size, mean, std),
-                               views, min_side=2 * size, cache=cache)
+                               views, min_side=min_decode_side(size), cache=cache)
     for index in range(len(dataset)):
         item = dataset[(index, index)]
         assert item[0].shape == (views, 3, size, size)

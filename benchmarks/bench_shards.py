@@ -21,7 +21,7 @@ from _common import SHARED_DATA, benchmark_parser, print_table, write_json
 from torch.utils.data import DataLoader
 
 from ascension_cli.data.augment import train_transform
-from ascension_cli.data.dataset import MultiViewDataset, collate
+from ascension_cli.data.dataset import MultiViewDataset, collate, min_decode_side
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.data.sampler import ClassBalancedBatchSampler
 from ascension_cli.data.shards import open_shards, write_shards
@@ -33,14 +33,14 @@ MEAN = STD = (0.5, 0.5, 0.5)
 def folder_loader(scan, size, batch, steps, per_step, workers):
     dataset = MultiViewDataset(scan.paths, scan.labels,
                                train_transform("color-agnostic", size, MEAN, STD), 2,
-                               min_side=2 * size)
+                               min_side=min_decode_side(size))
     sampler = ClassBalancedBatchSampler(scan.labels, batch * per_step, batch, 4, seed=0)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
 
 
 def shard_loader(shards, size, batch, steps, per_step, workers):
     stream = ShardTrainStream(shards, train_transform("color-agnostic", size, MEAN, STD), 2,
-                              batch, per_step, 4, steps, 2048, 0, min_side=2 * size)
+                              batch, per_step, 4, steps, 2048, 0, min_side=min_decode_side(size))
     return DataLoader(stream, batch_size=None, num_workers=workers)
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ascension_cli.data.augment import eval_transform, train_transform
-from ascension_cli.data.dataset import EvalDataset, MultiViewDataset, collate
+from ascension_cli.data.dataset import (
+    EvalDataset,
+    MultiViewDataset,
+    collate,
+    eval_photos,
+    min_decode_side,
+)
 from ascension_cli.data.folder import scan_folder
 from ascension_cli.embedding.pipeline import embed_images
 from ascension_cli.launch import torchrun_config
@@ -19,6 +27,22 @@ from ascension_cli.train.gradcache import cached_backward
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def test_eval_photos_are_the_eval_transform_decoded_at_twice_the_input(dataset):
+    """Every search (training's validation and gallery check, the colour test, embed) builds its
+    photos here: the spec's eval transform, JPEGs decoded down to twice the input size."""
+    scan = scan_folder(dataset)
+    spec = types.SimpleNamespace(image_size=24, mean=MEAN, std=STD, crop_pct=0.875)
+    photos = eval_photos(spec, scan.paths[:3], scan.labels[:3], recolouring="grayscale")
+    by_hand = EvalDataset(scan.paths[:3], scan.labels[:3], eval_transform(24, MEAN, STD, 0.875),
+                          "grayscale", min_side=48)
+    assert photos.min_side == min_decode_side(24) == 48
+    for index in range(3):
+        torch.testing.assert_close(photos[index][0], by_hand[index][0], rtol=0, atol=0)
+        assert photos[index][1:] == by_hand[index][1:]
+    wider = eval_photos(spec, scan.paths[:1], None, image_size=32)
+    assert wider[0][0].shape == (3, 32, 32) and wider.min_side == 64 and wider[0][1] == -1
 
 
 def test_eval_batches_are_channels_last_and_hold_the_same_pixels(dataset):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ascension_cli.data.augment import recolor, reseed
+from ascension_cli.data.augment import eval_transform, recolor, reseed
 from ascension_cli.data.cache import DecodedImages
 from ascension_cli.data.folder import ImageDecodeError, load_image
 from ascension_cli.formats import DEFAULT_MAX_PIXELS
@@ -115,6 +116,34 @@ class EvalDataset(_ImageSource, Dataset):
             image = recolor(image, self.recolouring)
         label = -1 if self.labels is None else int(self.labels[index])
         return _to_tensor(self.transform(image=image)["image"]), label, index
+
+
+class InputSpec(Protocol):
+    """What a model says about its input (``model.backbone.ModelSpec`` has it)."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    crop_pct: float
+
+
+def min_decode_side(image_size: int) -> int:
+    """The short side a JPEG may be decoded down to for an input of ``image_size``: twice it,
+    so whoever decodes a photo (training, validation, embed, a lookup) hands the transform the
+    same image."""
+    return 2 * image_size
+
+
+def eval_photos(spec: InputSpec, paths: Sequence[Path], labels: np.ndarray | None, *,
+                image_size: int | None = None, recolouring: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, cache: DecodedImages | None = None
+                ) -> EvalDataset:
+    """The photos as every search sees them: the eval transform at ``spec``'s input size (or
+    ``image_size``), decoded down to ``min_decode_side``, recoloured first or not."""
+    size = image_size or spec.image_size
+    return EvalDataset(paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
+                       recolouring, max_pixels=max_pixels, min_side=min_decode_side(size),
+                       cache=cache)
 
 
 @dataclass

@@ -24,7 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ascension_cli.data.augment import eval_transform
-from ascension_cli.data.dataset import EvalDataset, Failed, collate
+from ascension_cli.data.dataset import (
+    EvalDataset,
+    Failed,
+    collate,
+    eval_photos,
+    min_decode_side,
+)
 from ascension_cli.data.folder import FolderScan
 from ascension_cli.data.manifest import for_evaluation, scan_any
 from ascension_cli.data.shards import ShardSet, is_shards, open_shards, read_samples
@@ -119,16 +125,15 @@ def embed_dataset(model: EmbeddingModel, dataset: Dataset, options: ResolvedOpti
 def decode_side(spec: ModelSpec, options: EmbedOptions) -> int:
     """The short side a JPEG may be decoded down to (``decode_image``'s ``min_side``): twice
     the input size, so the eval transform gets the same image whoever decodes it."""
-    return 2 * (options.image_size or spec.image_size)
+    return min_decode_side(options.image_size or spec.image_size)
 
 
 def image_dataset(spec: ModelSpec, paths: list[Path], labels: np.ndarray | None,
                   options: EmbedOptions, decoded: list[np.ndarray] | None = None) -> EvalDataset:
     """The images with the spec's eval transform (and ``options.recolouring``); ``decoded``:
     the images already decoded (``decode_side``), in the order of ``paths``."""
-    size = options.image_size or spec.image_size
-    return EvalDataset(paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
-                       options.recolouring, min_side=decode_side(spec, options), cache=decoded)
+    return eval_photos(spec, paths, labels, image_size=options.image_size,
+                       recolouring=options.recolouring, cache=decoded)
 
 
 def embed_images(
@@ -222,7 +227,7 @@ def _shard_source(shards: ShardSet, source, spec: ModelSpec, options: EmbedOptio
         # Read once (checked against its count), held in memory while loader workers decode.
         samples = list(read_samples(shards.urls[chunk], shards.counts[chunk],
                                     len(shards.classes)))
-        return (SampleDataset(samples, transform, min_side=2 * size), int,
+        return (SampleDataset(samples, transform, min_side=min_decode_side(size)), int,
                 lambda i: samples[i].name)
 
     identity = {"format": PARTS_FORMAT, "checkpoint_sha256": checkpoint_sha,

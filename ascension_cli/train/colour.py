@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ascension_cli.data.augment import eval_transform
-from ascension_cli.data.dataset import EvalDataset, collate
+from ascension_cli.data.dataset import collate, eval_photos
 from ascension_cli.embedding.inference import extract_features
 from ascension_cli.formats import DEFAULT_MAX_PIXELS
 from ascension_cli.retrieval.evaluate import evaluate
@@ -38,10 +37,7 @@ def _features(model, spec, paths: list[Path], labels: np.ndarray, recolouring: s
               machine, batch_size: int, channels_last: bool, max_pixels: int):
     """The photos' backbone features, decoded as validation decodes them (within
     ``max_pixels``), recoloured or not."""
-    dataset = EvalDataset(paths, labels, eval_transform(spec.image_size, spec.mean, spec.std,
-                                                        spec.crop_pct),
-                          recolouring=recolouring, max_pixels=max_pixels,
-                          min_side=2 * spec.image_size)
+    dataset = eval_photos(spec, paths, labels, recolouring=recolouring, max_pixels=max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     features, found_labels, _ = extract_features(model, loader, machine.device, "backbone",
                                                  machine.autocast, channels_last=channels_last)

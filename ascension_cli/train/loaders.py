@@ -16,9 +16,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ascension_cli.config import TrainConfig
-from ascension_cli.data.augment import eval_transform, train_transform
+from ascension_cli.data.augment import train_transform
 from ascension_cli.data.cache import DecodedImages, memory_share
-from ascension_cli.data.dataset import EvalDataset, Failed, MultiViewDataset, collate
+from ascension_cli.data.dataset import (
+    Failed,
+    MultiViewDataset,
+    collate,
+    eval_photos,
+    min_decode_side,
+)
 from ascension_cli.data.sampler import ClassBalancedBatchSampler, steps_per_epoch
 from ascension_cli.data.splits import TrainData
 from ascension_cli.data.stream import ShardTrainStream, stream_count
@@ -95,7 +101,7 @@ def build_loaders(config: TrainConfig, data: TrainData, spec: ModelSpec, machine
     train_paths = [data.scan.paths[i] for i in data.train_index]
     # Large photos are decoded (and cached) at reduced scale, keeping twice the input size for
     # the crops.
-    keep_side = 2 * spec.image_size
+    keep_side = min_decode_side(spec.image_size)
     train_cache = val_cache = None
     if config.cache_images:
         train_cache, val_cache = _cache_images([train_paths, data.val_paths], keep_side,
@@ -135,7 +141,7 @@ def _stream_loaders(config: TrainConfig, data: TrainData, spec: ModelSpec, machi
         config.views, config.batch_size, config.target_batch // (config.batch_size * world),
         config.samples_per_class, steps_per_epoch(data.shards.count, config.target_batch),
         config.shuffle_buffer, config.seed, distributed.rank, world, config.max_image_pixels,
-        min_side=2 * spec.image_size, mix=config.accumulation == "cache",
+        min_side=min_decode_side(spec.image_size), mix=config.accumulation == "cache",
     )
     workers = streams if machine.workers > 0 else 0
     # Not persistent: each epoch's iterator carries the epoch (and skip) to the workers.
@@ -152,11 +158,8 @@ def _stream_loaders(config: TrainConfig, data: TrainData, spec: ModelSpec, machi
 def _val_loader(config: TrainConfig, data: TrainData, spec: ModelSpec, options: dict[str, Any],
                 val_cache, reporter: Reporter) -> DataLoader | None:
     if data.val_paths:
-        val_set = EvalDataset(
-            data.val_paths, data.val_labels,
-            eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
-            max_pixels=config.max_image_pixels, min_side=2 * spec.image_size, cache=val_cache,
-        )
+        val_set = eval_photos(spec, data.val_paths, data.val_labels,
+                              max_pixels=config.max_image_pixels, cache=val_cache)
         return DataLoader(val_set, batch_size=config.batch_size * config.views, shuffle=False,
                           **options)
     if data.shards is not None:
@@ -174,11 +177,8 @@ def _gallery_loader(config: TrainConfig, data: TrainData, spec: ModelSpec,
     if config.gallery_check == 0:
         return None
     chosen = gallery_sample(data.train_labels, config.gallery_check, config.seed)
-    gallery = EvalDataset(
-        [data.scan.paths[data.train_index[i]] for i in chosen], data.train_labels[chosen],
-        eval_transform(spec.image_size, spec.mean, spec.std, spec.crop_pct),
-        max_pixels=config.max_image_pixels, min_side=2 * spec.image_size,
-    )
+    gallery = eval_photos(spec, [data.scan.paths[data.train_index[i]] for i in chosen],
+                          data.train_labels[chosen], max_pixels=config.max_image_pixels)
     # Used twice a run: its loader processes end after each use.
     return DataLoader(gallery, batch_size=config.batch_size * config.views, shuffle=False,
                       **{**options, "persistent_workers": False})

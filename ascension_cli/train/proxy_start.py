@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ascension_cli.data.augment import eval_transform
-from ascension_cli.data.dataset import EvalDataset, collate
+from ascension_cli.data.dataset import collate, eval_photos
 from ascension_cli.embedding.inference import extract_features
 
 PHOTOS_PER_CLASS = 8  # photos of each class embedded to place its proxy
@@ -36,10 +35,8 @@ def start_proxies(run) -> int:
         rng.permutation(np.flatnonzero(labels == label))[:PHOTOS_PER_CLASS]
         for label in range(proxies.shape[0])]).astype(np.int64)
     spec = run.nets.spec
-    photos = EvalDataset([data.scan.paths[data.train_index[row]] for row in chosen],
-                         labels[chosen], eval_transform(spec.image_size, spec.mean, spec.std,
-                                                        spec.crop_pct),
-                         max_pixels=config.max_image_pixels, min_side=2 * spec.image_size)
+    photos = eval_photos(spec, [data.scan.paths[data.train_index[row]] for row in chosen],
+                         labels[chosen], max_pixels=config.max_image_pixels)
     loader = DataLoader(photos, batch_size=config.batch_size, shuffle=False, collate_fn=collate,
                         generator=torch.Generator().manual_seed(config.seed))  # the run's
     # random streams stay as they were
