@@ -1,6 +1,6 @@
 """Supervised Contrastive loss (Khosla et al. 2020, the L_out form) as a pure function, the
-Proxy-Anchor term (Kim et al. 2020) that can join it, and any pytorch-metric-learning loss
-wrapped to take the same whole batch."""
+instance term and the Proxy-Anchor term (Kim et al. 2020) that can join it, and any
+pytorch-metric-learning loss wrapped to take the same whole batch."""
 
 from __future__ import annotations
 
@@ -112,22 +112,42 @@ def proxy_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: t
     return positive + torch.nn.functional.softplus(push).mean()
 
 
+def supcon_with_instances(embeddings: torch.Tensor, labels: torch.Tensor,
+                          temperature: float = 0.1, instance_weight: float = 0.0) -> torch.Tensor:
+    """``(1 - w) x`` SupCon over the classes ``+ w x`` SupCon over the photos (``--instance-weight``
+    w): in the second term a view's only positives are the other views of its own photo
+    (SimCLR's NT-Xent), so the photos of a class are also told apart from each other rather than
+    pulled onto one point (Chen et al. 2022). ``embeddings`` (N, V, D) with V >= 2 where w > 0:
+    with one view a photo has nothing to be pulled toward."""
+    classes = supcon_loss(embeddings, labels, temperature)
+    if not instance_weight:
+        return classes
+    if embeddings.dim() != 3 or embeddings.shape[1] < 2:
+        raise ValueError("an instance term needs two views or more of each photo")
+    photos = torch.arange(embeddings.shape[0], device=labels.device)
+    return ((1 - instance_weight) * classes
+            + instance_weight * supcon_loss(embeddings, photos, temperature))
+
+
 class SupConWithProxies(torch.nn.Module):
-    """SupCon plus ``weight`` x Proxy-Anchor, over the same rows: the trainer's loss with
-    ``--proxy-weight``. Its proxies are this module's parameters (the optimizer trains them
-    at their own LR, a checkpoint keeps them), started as the paper's code does (Kaiming
-    normal, fan out)."""
+    """SupCon (with its instance term, ``instance_weight``) plus ``weight`` x Proxy-Anchor, over
+    the same rows: the trainer's loss with ``--proxy-weight``. Its proxies are this module's
+    parameters (the optimizer trains them at their own LR, a checkpoint keeps them), started as
+    the paper's code does (Kaiming normal, fan out)."""
 
     def __init__(self, num_classes: int, embedding_size: int, temperature: float,
-                 weight: float, generator: torch.Generator | None = None):
+                 weight: float, generator: torch.Generator | None = None,
+                 instance_weight: float = 0.0):
         super().__init__()
         proxies = torch.empty(num_classes, embedding_size)
         std = (2.0 / num_classes) ** 0.5  # kaiming_normal_(mode="fan_out"), our own generator
         self.proxies = torch.nn.Parameter(proxies.normal_(0.0, std, generator=generator))
         self.temperature, self.weight = temperature, weight
+        self.instance_weight = instance_weight
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        contrast = supcon_loss(embeddings, labels, self.temperature)
+        contrast = supcon_with_instances(embeddings, labels, self.temperature,
+                                         self.instance_weight)
         return contrast + self.weight * proxy_anchor_loss(*rows_of(embeddings, labels),
                                                           self.proxies)
 

@@ -119,3 +119,22 @@ def test_fp32_under_autocast_and_stable_at_tiny_temperature():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="labels"):
         supcon_loss(torch.randn(4, 3), torch.arange(3))
+
+
+@pytest.mark.parametrize("views", [2, 3])
+def test_the_instance_term_is_supcon_over_photos_mixed_in_by_its_weight(views):
+    embeddings, labels = random_batch(8 * views, 6, 3, views)
+    by_view, image_labels = embeddings.view(8, views, 6), labels[:8]
+    rows_of_photos = torch.arange(8).repeat_interleave(views)
+    expected = (0.7 * reference_supcon(embeddings, image_labels.repeat_interleave(views), 0.1)
+                + 0.3 * reference_supcon(embeddings, rows_of_photos, 0.1))
+    ours = losses.supcon_with_instances(by_view, image_labels, 0.1, instance_weight=0.3)
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_instance_weight_is_supcon_and_one_view_is_refused():
+    embeddings, labels = random_batch(12, 6, 3, 5)
+    assert torch.equal(losses.supcon_with_instances(embeddings, labels, 0.1),
+                       supcon_loss(embeddings, labels, 0.1))
+    with pytest.raises(ValueError, match="two views"):
+        losses.supcon_with_instances(embeddings.view(12, 1, 6), labels, 0.1, 0.1)

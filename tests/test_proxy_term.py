@@ -10,7 +10,12 @@ import math
 import pytest
 import torch
 
-from ascension_cli.losses import SupConWithProxies, proxy_anchor_loss, supcon_loss
+from ascension_cli.losses import (
+    SupConWithProxies,
+    proxy_anchor_loss,
+    supcon_loss,
+    supcon_with_instances,
+)
 from ascension_cli.train.gradcache import cached_backward
 from ascension_cli.train.loop import train
 from tests.test_gradcache import gradients, make_batch, make_model, relative_error, split
@@ -63,6 +68,16 @@ def test_supcon_with_proxies_adds_the_weighted_term():
     found = loss(embeddings, labels).detach()
     assert float(found) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert loss.proxies.std().item() == pytest.approx((2 / 4) ** 0.5, rel=0.3)
+
+
+def test_supcon_with_proxies_keeps_the_instance_term():
+    loss = SupConWithProxies(4, 16, 0.1, 0.5, torch.Generator().manual_seed(0),
+                             instance_weight=0.2)
+    embeddings = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    expected = (supcon_with_instances(embeddings, labels, 0.1, 0.2) + 0.5 * proxy_anchor_loss(
+        embeddings.reshape(16, 16), labels.repeat_interleave(2), loss.proxies))
+    assert float(loss(embeddings, labels)) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_the_cached_step_equals_the_true_full_batch_proxies_included():

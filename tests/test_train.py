@@ -208,6 +208,21 @@ def test_validation_tree_and_more_views(dataset, tmp_path):
     assert result.history[-1].val_recall_at_1 is not None
 
 
+def test_an_instance_weight_trains_with_the_instance_term(dataset, tmp_path, monkeypatch):
+    weights = []
+
+    def spy(embeddings, labels, temperature, instance_weight):
+        weights.append((embeddings.shape[1], instance_weight))
+        return real(embeddings, labels, temperature, instance_weight)
+
+    real = build.supcon_with_instances
+    monkeypatch.setattr(build, "supcon_with_instances", spy)
+    result = train(config(dataset, tmp_path / "run", views=2, instance_weight=0.25, epochs=1,
+                          proxy_weight=0.0))
+    assert weights and set(weights) == {(2, 0.25)}
+    assert result.history[-1].loss is not None
+
+
 def test_a_single_class_is_refused_with_a_clear_error(tmp_path):
     from ascension_cli.errors import DataError
 

@@ -24,7 +24,7 @@ from ascension_cli.config.fields import DATA_DEFAULTS, PML_PREFIX
 from ascension_cli.data.splits import TrainData, training_data
 from ascension_cli.errors import CheckpointError, ConfigError, Wording, first_line
 from ascension_cli.formats import LAST_CHECKPOINT, RUN_CONFIG
-from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss
+from ascension_cli.losses import SupConWithProxies, pml_loss, supcon_loss, supcon_with_instances
 from ascension_cli.model.backbone import EmbeddingModel, ModelSpec, build_model
 from ascension_cli.model.checkpoint import damaged_entry, load_checkpoint, rebuild_model
 from ascension_cli.model.stages import freeze_stages, stage_count
@@ -341,14 +341,18 @@ def _write_config(config: TrainConfig, plan: RunPlan, save_dir: Path, machine: M
 # ---- the optimisation and the step
 def _loss(config: TrainConfig, plan: RunPlan, spec: ModelSpec,
           device: torch.device) -> tuple[Callable, torch.nn.Module | None]:
-    """The loss over a whole batch: SupCon (with a proxy term: a module), or the pml: loss
-    (a module, maybe with proxies)."""
+    """The loss over a whole batch: SupCon (with its instance term; with a proxy term: a
+    module), or the pml: loss (a module, maybe with proxies)."""
     width = spec.num_features if spec.head == "none" else spec.embedding_dim
     weight, temperature, classes = plan.proxy_weight, plan.temperature, plan.classes
     if config.loss == "supcon" and weight:
         generator = torch.Generator().manual_seed(config.seed)  # the run's streams untouched
-        module = SupConWithProxies(classes, width, temperature, weight, generator).to(device)
+        module = SupConWithProxies(classes, width, temperature, weight, generator,
+                                   config.instance_weight).to(device)
         return module, module
+    if config.loss == "supcon" and config.instance_weight:
+        return partial(supcon_with_instances, temperature=temperature,
+                       instance_weight=config.instance_weight), None
     if config.loss == "supcon":
         return partial(supcon_loss, temperature=temperature), None
     try:
