@@ -278,7 +278,8 @@ class TrainConfig(BaseModel):
 
 
 def _check_loss(config: TrainConfig) -> None:
-    """--loss names SupCon or a pytorch-metric-learning loss; the options fit it."""
+    """--loss names SupCon or a pytorch-metric-learning loss; the options fit it (an instance
+    term needs SupCon and two views)."""
     if config.instance_weight and (config.loss != "supcon" or config.views < 2):
         raise ValueError("--instance-weight tells a photo's views from other photos: it "
                          "needs --views 2 or more and --loss supcon")
