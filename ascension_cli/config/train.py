@@ -105,7 +105,8 @@ class TrainConfig(BaseModel):
         "every other, its own other views its only positives (SimCLR's term), so lookalike "
         "photos of a class stay apart and a query's first five hold more near matches; needs "
         "--views 2 or more. 0: classes alone. (0.1 at 2 views: TrashNet's validation "
-        "Recall@5 +2.0 points, docs/benchmarks.md round twenty-one)")
+        "Recall@5 +2.0 points; on the clothing photos Recall@5 level and MAP@R -1.7: "
+        "docs/benchmarks.md round twenty-one)")
     loss_option: list[str] = Field(
         default_factory=list, description="key=value for a pml: loss, read as YAML; repeat it "
         "(--loss-option margin=0.1 --loss-option alpha=32). num_classes and embedding_size are "
