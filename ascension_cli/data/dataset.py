@@ -134,16 +134,22 @@ def min_decode_side(image_size: int) -> int:
     return 2 * image_size
 
 
+def eval_input(spec: InputSpec, image_size: int | None = None):
+    """(the eval transform, the short side a photo may be decoded down to) at ``spec``'s input
+    size or ``image_size``: how every search sees a photo, from a folder or from a shard."""
+    size = image_size or spec.image_size
+    return eval_transform(size, spec.mean, spec.std, spec.crop_pct), min_decode_side(size)
+
+
 def eval_photos(spec: InputSpec, paths: Sequence[Path], labels: np.ndarray | None, *,
                 image_size: int | None = None, recolouring: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, cache: DecodedImages | None = None
                 ) -> EvalDataset:
     """The photos as every search sees them: the eval transform at ``spec``'s input size (or
     ``image_size``), decoded down to ``min_decode_side``, recoloured first or not."""
-    size = image_size or spec.image_size
-    return EvalDataset(paths, labels, eval_transform(size, spec.mean, spec.std, spec.crop_pct),
-                       recolouring, max_pixels=max_pixels, min_side=min_decode_side(size),
-                       cache=cache)
+    transform, min_side = eval_input(spec, image_size)
+    return EvalDataset(paths, labels, transform, recolouring, max_pixels=max_pixels,
+                       min_side=min_side, cache=cache)
 
 
 @dataclass

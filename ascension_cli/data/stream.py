@@ -24,6 +24,7 @@ from ascension_cli.data.dataset import Failed, _to_tensor, collate, stack_channe
 from ascension_cli.data.folder import ImageDecodeError, decode_image
 from ascension_cli.data.shards import Sample, ShardSet, read_samples
 from ascension_cli.errors import ConfigError, DataError
+from ascension_cli.formats import DEFAULT_MAX_PIXELS
 
 
 def _decoded(sample: Sample, index: int, max_pixels: int, min_side: int | None):
@@ -50,7 +51,7 @@ class ShardTrainStream(IterableDataset):
     def __init__(
         self, shards: ShardSet, transform, views: int, micro_batch: int, micro_per_step: int,
         samples_per_class: int, batches_per_epoch: int, buffer: int, seed: int,
-        rank: int = 0, world_size: int = 1, max_pixels: int = 100_000_000,
+        rank: int = 0, world_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int | None = None, mix: bool = True,
     ):
         self.shards, self.transform, self.views = shards, transform, views
@@ -162,7 +163,7 @@ class SampleDataset(Dataset):
     """Samples read from a shard, each once with the eval transform: items are (tensor, label,
     index) or ``Failed``. The shard is read once, by the caller; loader workers only decode."""
 
-    def __init__(self, samples: list[Sample], transform, max_pixels: int = 100_000_000,
+    def __init__(self, samples: list[Sample], transform, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_side: int | None = None):
         self.samples, self.transform = samples, transform
         self.max_pixels, self.min_side = max_pixels, min_side

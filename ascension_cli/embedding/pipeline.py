@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ascension_cli.data.augment import eval_transform
 from ascension_cli.data.dataset import (
     EvalDataset,
     Failed,
     collate,
+    eval_input,
     eval_photos,
     min_decode_side,
 )
@@ -220,14 +220,13 @@ def _folder_source(scan: FolderScan, spec: ModelSpec, options: EmbedOptions, chu
 
 def _shard_source(shards: ShardSet, source, spec: ModelSpec, options: EmbedOptions,
                   checkpoint_sha: str) -> _Source:
-    size = options.image_size or spec.image_size
-    transform = eval_transform(size, spec.mean, spec.std, spec.crop_pct)
+    transform, min_side = eval_input(spec, options.image_size)
 
     def chunk_of(chunk: int):
         # Read once (checked against its count), held in memory while loader workers decode.
         samples = list(read_samples(shards.urls[chunk], shards.counts[chunk],
                                     len(shards.classes)))
-        return (SampleDataset(samples, transform, min_side=min_decode_side(size)), int,
+        return (SampleDataset(samples, transform, min_side=min_side), int,
                 lambda i: samples[i].name)
 
     identity = {"format": PARTS_FORMAT, "checkpoint_sha256": checkpoint_sha,
