@@ -43,10 +43,11 @@ def searched(root, among=None):
     scan = scan_folder(root)
     photos = (scan.paths, scan.labels)
     if among is None:
-        return recall_in_colour_and_gray(model.eval(), spec, photos, None, MACHINE, 16, True)
+        return recall_in_colour_and_gray(model.eval(), spec, photos, None, MACHINE, 16,
+                                         True)[:2]
     gallery = scan_folder(among)
     return recall_in_colour_and_gray(model.eval(), spec, photos,
-                                     (gallery.paths, gallery.labels), MACHINE, 16, True)
+                                     (gallery.paths, gallery.labels), MACHINE, 16, True)[:2]
 
 
 def test_grayscale_loses_the_classes_only_colour_tells_apart(tmp_path, dataset):

@@ -215,3 +215,43 @@ def test_a_signal_during_the_last_check_stops_with_both_checkpoints_complete(tmp
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("gallery_check, embedded_at_start", [(2000, []), (10, ["gallery"])],
+                         ids=["every training photo", "a sample of them"])
+def test_the_start_reuses_the_colour_tests_features(tmp_path, monkeypatch, gallery_check,
+                                                    embedded_at_start):
+    """``--augment auto``'s colour test embeds every validation and training photo with the
+    starting weights: the start's searches reuse those features (the gallery's only where the
+    gallery check searches them all) and find what a run that embeds them afresh finds."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from ascension_cli.train import validation
+
+    torch.manual_seed(1)
+    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    data = make_dataset(tmp_path / "data", per_class=8)
+    embedded, real_embedded = [], validation._embedded
+
+    def counted(run, loader, *args):
+        embedded.append("val" if loader is run.loaders.val else "gallery")
+        return real_embedded(run, loader, *args)
+
+    monkeypatch.setattr(validation, "_embedded", counted)
+    starts = {}
+    for augment in ("auto", "color-agnostic"):
+        embedded.clear()
+        train(options(data, tmp_path / augment, model="test_efficientnet", pretrained=True,
+                      weights=weights, augment=augment, epochs=1, precision="fp32",
+                      gallery_check=gallery_check))
+        starts[augment] = metrics(tmp_path / augment)[0]
+        if augment == "auto":
+            assert embedded[:-1] == embedded_at_start  # then epoch 1's validation
+    keys = [key for key, _ in VALIDATION_FIGURES] + GALLERY_KEYS
+    assert starts["auto"]["gallery_recall_at_1"] is not None
+    assert [starts["auto"][key] for key in keys] == pytest.approx(
+        [starts["color-agnostic"][key] for key in keys], abs=1e-6)

@@ -112,9 +112,10 @@ class Run:
     loaders: Loaders
     opt: Optimisation
     reporter: Reporter
-    # The validation photos' features and labels as last embedded, by the optimizer step they
-    # were embedded at: a second search with the same weights reuses them (train/validation.py).
-    embedded: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # Features and labels as last embedded, by the photos ("val", "gallery") and the optimizer
+    # step they were embedded at: a second search with the same weights reuses them
+    # (train/validation.py), the start's gallery check the colour test's (train/colour.py).
+    embedded: dict[tuple[str, int], tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -151,8 +152,11 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
         _check_entries(checkpoint, source)
         check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
+    from ascension_cli.train.colour import measure_colour
+
+    colour: dict[str, Any] = {}  # the colour test's start features, the gallery check's too
     augmentation = planned_augmentation(config, checkpoint, partial(
-        _measure_colour, config, data, nets, machine, reporter))
+        measure_colour, config, data, nets, machine, reporter, colour))
     setup = settled(config, nets.spec.image_size, machine.workers, machine.device.type,
                     checkpoint is not None, augmentation, nets.frozen_stages)
     plan = plan_run(config, len(data.scan.classes), len(data.train_labels), setup, notes, given)
@@ -163,11 +167,23 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
                             nets.spec, machine, reporter, stop)
     opt = _optimisation(config, plan, nets, loaders.sampler, machine, stop)
     run = Run(config, plan, resolved, save_dir, machine, checkpoint, data, nets, loaders, opt,
-              reporter)
+              reporter, start_features(colour, config, data, opt))
     if checkpoint is None and (placed := start_proxies(run)):  # a resume has its proxies
         reporter.message(f"the proxies start at their classes' mean features ({placed} "
                          f"classes, up to {PHOTOS_PER_CLASS} photos each)")
     return run
+
+
+def start_features(colour: dict[str, Any], config: TrainConfig, data: TrainData,
+                   opt: Optimisation) -> dict[tuple[str, int], tuple[Any, Any]]:
+    """The colour test's features of every validation photo, and of every training photo where
+    the gallery check searches among them all (``--gallery-check`` at least their number), for
+    the start's searches."""
+    start, step = colour.get("start"), opt.scheduler.last_epoch
+    if start is None:
+        return {}
+    every = 0 < len(data.train_labels) <= config.gallery_check
+    return {("val", step): start[0], **({("gallery", step): start[1]} if every else {})}
 
 
 # ---- the machine, the checkpoint, the options fitted to the data
@@ -297,21 +313,6 @@ def _freeze(model: EmbeddingModel, name: str, count: int, reporter: Reporter) ->
         reporter.message(Wording(
             f"{{frozen_stages}} {count}: the stem and the first {count} stages keep their "
             f"starting weights ({kept:,} of {total:,})", ("frozen_stages",)))
-
-
-def _measure_colour(config: TrainConfig, data: TrainData, nets: Networks, machine: Machine,
-                    reporter: Reporter) -> tuple[str, str]:
-    """``--augment auto``'s measurement of whether colour tells the classes apart
-    (``train/colour.py``), said once; under DDP rank 0's choice holds everywhere."""
-    from ascension_cli.train.colour import choose_augmentation
-
-    chosen, why = choose_augmentation(config, data, nets, machine)
-    if machine.distributed.enabled:
-        shared = [chosen, why]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        chosen, why = shared
-    reporter.message(why)
-    return chosen, why
 
 
 def _write_config(config: TrainConfig, plan: RunPlan, save_dir: Path, machine: Machine,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from ascension_cli.data.dataset import collate, eval_photos
@@ -47,17 +48,32 @@ def _features(model, spec, paths: list[Path], labels: np.ndarray, recolouring: s
 def recall_in_colour_and_gray(model, spec, queries: tuple[list[Path], np.ndarray],
                               gallery: tuple[list[Path], np.ndarray] | None, machine,
                               batch_size: int, channels_last: bool,
-                              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[float, float]:
+                              max_pixels: int = DEFAULT_MAX_PIXELS
+                              ) -> tuple[float, float, list[np.ndarray]]:
     """Recall@1 of the query photos searched among the gallery photos (among themselves
-    without a gallery), all in colour, then all in grayscale."""
-    found = []
+    without a gallery), all in colour, then all in grayscale; and the colour search's
+    arrays: the queries' features and labels, then the gallery's (readable photos only)."""
+    found, in_colour = [], []
     for recolouring in (None, "grayscale"):
         # queries' features and labels, then the gallery's: evaluate's arguments in order
         arrays = [array for photos in (queries, gallery) if photos is not None
                   for array in _features(model, spec, *photos, recolouring, machine,
                                          batch_size, channels_last, max_pixels)]
         found.append(evaluate(*arrays, ks=(1,)).report.recall_at_k[1])
-    return found[0], found[1]
+        in_colour = in_colour or arrays
+    return found[0], found[1], in_colour
+
+
+def start_features(data, queries, gallery, arrays: list[np.ndarray]):
+    """((validation features, labels), (training features, labels)) of the colour search, when
+    it embedded every validation and every training photo, each readable, in the split's
+    order: the start's gallery check searches those very photos with these very weights, so it
+    reuses them instead of embedding them again; else None."""
+    if gallery is None or len(arrays) != 4:
+        return None
+    every = (len(queries[0]) == len(data.val_paths) == len(arrays[1])
+             and len(gallery[0]) == len(data.train_index) == len(arrays[3]))
+    return ((arrays[0], arrays[1]), (arrays[2], arrays[3])) if every else None
 
 
 def _sample(paths: list[Path], labels: np.ndarray, most: int, seed: int):
@@ -83,8 +99,10 @@ def sample_photos(data, seed: int):
                               f"{len(gallery[0])} training photos")
 
 
-def choose_augmentation(config, data, nets, machine) -> tuple[str, str]:
-    """(the augmentation, a line saying why) for ``--augment auto``."""
+def choose_augmentation(config, data, nets, machine, keep: dict | None = None
+                        ) -> tuple[str, str]:
+    """(the augmentation, a line saying why) for ``--augment auto``; ``keep`` receives the
+    colour search's ``start_features`` under ``"start"`` where there are some."""
     if not config.pretrained and config.weights is None:
         return "color-agnostic", ("--augment auto: color-agnostic (a model from scratch cannot "
                                   "tell whether colour tells the classes apart)")
@@ -93,12 +111,28 @@ def choose_augmentation(config, data, nets, machine) -> tuple[str, str]:
                                   "before training; give --augment color-preserving where "
                                   "colour tells items apart)")
     queries, gallery, which = sample_photos(data, config.seed)
-    clean, gray = recall_in_colour_and_gray(nets.model, nets.spec, queries, gallery, machine,
-                                            config.batch_size, config.channels_last,
-                                            config.max_image_pixels)
+    clean, gray, arrays = recall_in_colour_and_gray(
+        nets.model, nets.spec, queries, gallery, machine, config.batch_size,
+        config.channels_last, config.max_image_pixels)
+    if keep is not None and (start := start_features(data, queries, gallery, arrays)):
+        keep["start"] = start
     chosen = "color-preserving" if clean - gray > COLOUR_GAP else "color-agnostic"
     because = ("colour tells these classes apart" if chosen == "color-preserving"
                else "colour does not tell these classes apart")
     return chosen, (f"--augment auto: {chosen}: with {which}, the starting "
                     f"model's Recall@1 is {clean:.3f} in colour, {gray:.3f} in grayscale, so "
                     f"{because}")
+
+
+def measure_colour(config, data, nets, machine, reporter, keep: dict) -> tuple[str, str]:
+    """``--augment auto``'s measurement, said once; under DDP rank 0's choice holds
+    everywhere (and only rank 0, which runs the gallery check, keeps the features)."""
+    chosen, why = choose_augmentation(config, data, nets, machine, keep)
+    if machine.distributed.enabled:
+        shared = [chosen, why]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen, why = shared
+    if not machine.distributed.is_main:
+        keep.clear()
+    reporter.message(why)
+    return chosen, why

@@ -91,14 +91,15 @@ def _figures(names, queries: np.ndarray, query_labels: np.ndarray,
 def _validation_embedded(run, stop: StopRequest) -> tuple[np.ndarray, np.ndarray]:
     """The validation photos' features with the weight average applied, embedded once for the
     weights of each optimizer step: the start's two searches, and best.pt's search where best.pt
-    is the last epoch, reuse the validation's."""
-    step = run.opt.scheduler.last_epoch  # advances with every change of the weights
-    if step not in run.embedded:
+    is the last epoch, reuse the validation's (at the start, the colour test's where it has
+    them: ``build.start_features``)."""
+    key = ("val", run.opt.scheduler.last_epoch)  # the step: it advances as the weights change
+    if key not in run.embedded:
         with applied(run.opt.average):  # with --ema-decay, the average is what is measured
             embedded = _embedded(run, run.loaders.val, run.loaders.val_failures, stop)
         run.embedded.clear()
-        run.embedded[step] = embedded
-    return run.embedded[step]
+        run.embedded[key] = embedded
+    return run.embedded[key]
 
 
 def validation_figures(run, stop: StopRequest) -> dict[str, float | None]:
@@ -124,9 +125,13 @@ def gallery_figures(run, stop: StopRequest, current: bool = True) -> dict[str, f
         queries, query_labels = _validation_embedded(run, stop)
     else:
         queries, query_labels = _embedded(run, run.loaders.val, run.loaders.val_failures, stop)
-    with applied(run.opt.average if current else None):
-        gallery, gallery_labels = _embedded(run, run.loaders.gallery,
-                                            run.loaders.gallery_failures, stop)
+    held = run.embedded.pop(("gallery", run.opt.scheduler.last_epoch), None) if current else None
+    if held is not None:  # the start's, embedded by the colour test with these weights
+        gallery, gallery_labels = held
+    else:
+        with applied(run.opt.average if current else None):
+            gallery, gallery_labels = _embedded(run, run.loaders.gallery,
+                                                run.loaders.gallery_failures, stop)
     figures = _figures(GALLERY_FIGURES, queries, query_labels, gallery, gallery_labels)
     return {} if figures[GALLERY_FIGURES[0][0]] is None else figures
 
