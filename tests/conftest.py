@@ -84,6 +84,21 @@ def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
+@pytest.fixture
+def start_weights(tmp_path: Path):
+    """Starting weights for test_efficientnet, as a user's --weights file: (its path, the
+    state dict)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    path = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
+    return path, backbone.state_dict()
+
+
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never download: a pretrained request without --weights must fail fast and clearly.

@@ -20,18 +20,6 @@ from ascension_cli.train.plan import planned_frozen_stages, recorded_frozen_stag
 from tests.test_train import Collect, config, train_error
 
 
-@pytest.fixture
-def start_weights(tmp_path):
-    """Starting weights for test_efficientnet, as a user's --weights file."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(1)
-    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
-    path = tmp_path / "start.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
-    return path, backbone.state_dict()
-
-
 def kept_as_started(run, start, count):
     """Assert that last.pt's stem and first ``count`` stages (weights and BatchNorm statistics)
     are exactly ``start``'s; returns its backbone's tensors and stages."""

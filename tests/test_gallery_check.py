@@ -219,21 +219,14 @@ def test_a_signal_during_the_last_check_stops_with_both_checkpoints_complete(tmp
 
 @pytest.mark.parametrize("gallery_check, embedded_at_start", [(2000, []), (10, ["gallery"])],
                          ids=["every training photo", "a sample of them"])
-def test_the_start_reuses_the_colour_tests_features(tmp_path, monkeypatch, gallery_check,
-                                                    embedded_at_start):
+def test_the_start_reuses_the_colour_tests_features(tmp_path, monkeypatch, start_weights,
+                                                    gallery_check, embedded_at_start):
     """``--augment auto``'s colour test embeds every validation and training photo with the
     starting weights: the start's searches reuse those features (the gallery's only where the
     gallery check searches them all) and find what a run that embeds them afresh finds."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
     from ascension_cli.train import validation
 
-    torch.manual_seed(1)
-    backbone = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
-    weights = tmp_path / "start.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    weights = start_weights[0]
     data = make_dataset(tmp_path / "data", per_class=8)
     embedded, real_embedded = [], validation._embedded
 

@@ -39,6 +39,7 @@ from ascension_cli.runtime import (
     use_channels_last,
 )
 from ascension_cli.train.average import WeightAverage
+from ascension_cli.train.colour import measure_colour
 from ascension_cli.train.distributed import gather_with_grad, rank_seed
 from ascension_cli.train.gradcache import accumulated_backward, cached_backward
 from ascension_cli.train.loaders import Exclusions, Loaders, build_loaders
@@ -152,8 +153,6 @@ def build_run(config: TrainConfig, reporter: Reporter, stop: StopRequest) -> Run
         _check_entries(checkpoint, source)
         check_resumable(checkpoint, config, data.scan.classes)
     nets = _networks(config, checkpoint, machine, data, reporter)
-    from ascension_cli.train.colour import measure_colour
-
     colour: dict[str, Any] = {}  # the colour test's start features, the gallery check's too
     augmentation = planned_augmentation(config, checkpoint, partial(
         measure_colour, config, data, nets, machine, reporter, colour))

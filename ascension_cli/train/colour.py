@@ -53,18 +53,18 @@ def recall_in_colour_and_gray(model, spec, queries: tuple[list[Path], np.ndarray
     """Recall@1 of the query photos searched among the gallery photos (among themselves
     without a gallery), all in colour, then all in grayscale; and the colour search's
     arrays: the queries' features and labels, then the gallery's (readable photos only)."""
-    found, in_colour = [], []
+    found, by_recolouring = [], {}
     for recolouring in (None, "grayscale"):
         # queries' features and labels, then the gallery's: evaluate's arguments in order
         arrays = [array for photos in (queries, gallery) if photos is not None
                   for array in _features(model, spec, *photos, recolouring, machine,
                                          batch_size, channels_last, max_pixels)]
         found.append(evaluate(*arrays, ks=(1,)).report.recall_at_k[1])
-        in_colour = in_colour or arrays
-    return found[0], found[1], in_colour
+        by_recolouring[recolouring] = arrays
+    return found[0], found[1], by_recolouring[None]
 
 
-def start_features(data, queries, gallery, arrays: list[np.ndarray]):
+def _whole_split(data, queries, gallery, arrays: list[np.ndarray]):
     """((validation features, labels), (training features, labels)) of the colour search, when
     it embedded every validation and every training photo, each readable, in the split's
     order: the start's gallery check searches those very photos with these very weights, so it
@@ -102,7 +102,8 @@ def sample_photos(data, seed: int):
 def choose_augmentation(config, data, nets, machine, keep: dict | None = None
                         ) -> tuple[str, str]:
     """(the augmentation, a line saying why) for ``--augment auto``; ``keep`` receives the
-    colour search's ``start_features`` under ``"start"`` where there are some."""
+    colour search's features under ``"start"`` where they cover the whole split
+    (``_whole_split``; ``build.start_features`` hands them to the start's searches)."""
     if not config.pretrained and config.weights is None:
         return "color-agnostic", ("--augment auto: color-agnostic (a model from scratch cannot "
                                   "tell whether colour tells the classes apart)")
@@ -114,7 +115,7 @@ def choose_augmentation(config, data, nets, machine, keep: dict | None = None
     clean, gray, arrays = recall_in_colour_and_gray(
         nets.model, nets.spec, queries, gallery, machine, config.batch_size,
         config.channels_last, config.max_image_pixels)
-    if keep is not None and (start := start_features(data, queries, gallery, arrays)):
+    if keep is not None and (start := _whole_split(data, queries, gallery, arrays)):
         keep["start"] = start
     chosen = "color-preserving" if clean - gray > COLOUR_GAP else "color-agnostic"
     because = ("colour tells these classes apart" if chosen == "color-preserving"
