@@ -75,6 +75,39 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
         assert error < 1e-5, name
 
 
+def _colour_rank(rank: int, world: int, init_file: str, output: str) -> None:
+    from types import SimpleNamespace
+
+    from ascension_cli.runtime import DistributedContext
+    from ascension_cli.train import colour
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    measured = []  # the colour test embeds every photo: a rank that measures shows here
+
+    def measure(*_):
+        measured.append(rank)
+        return "color-preserving", "--augment auto: measured on rank 0"
+
+    colour.choose_augmentation = measure
+    machine = SimpleNamespace(distributed=DistributedContext(rank=rank, world_size=world))
+    said = []
+    chosen, why = colour.measure_colour(None, None, None, machine,
+                                        SimpleNamespace(message=said.append), {})
+    Path(f"{output}.{rank}").write_text(json.dumps([measured, chosen, why, said]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_only_rank_0_measures_colour_and_every_rank_gets_its_choice(tmp_path):
+    output = tmp_path / "colour"
+    mp.spawn(_colour_rank, args=(2, str(tmp_path / "init"), str(output)), nprocs=2, join=True)
+    first, second = (json.loads(Path(f"{output}.{rank}").read_text()) for rank in (0, 1))
+    assert first[0] == [0] and second[0] == []
+    why = "--augment auto: measured on rank 0"
+    assert first[1:] == second[1:] == ["color-preserving", why, [why]]
+
+
 def test_train_with_two_processes_then_embed(tmp_path):
     data = make_dataset(tmp_path / "data", classes=4, per_class=10)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

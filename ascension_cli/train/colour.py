@@ -126,14 +126,14 @@ def choose_augmentation(config, data, nets, machine, keep: dict | None = None
 
 
 def measure_colour(config, data, nets, machine, reporter, keep: dict) -> tuple[str, str]:
-    """``--augment auto``'s measurement, said once; under DDP rank 0's choice holds
-    everywhere (and only rank 0, which runs the gallery check, keeps the features)."""
-    chosen, why = choose_augmentation(config, data, nets, machine, keep)
+    """``--augment auto``'s measurement, said once; under DDP only rank 0 measures (it alone
+    runs the gallery check that reuses the features) and its choice is sent to every rank."""
+    chosen, why = "", ""
+    if machine.distributed.is_main:
+        chosen, why = choose_augmentation(config, data, nets, machine, keep)
     if machine.distributed.enabled:
         shared = [chosen, why]
         torch.distributed.broadcast_object_list(shared, src=0)
         chosen, why = shared
-    if not machine.distributed.is_main:
-        keep.clear()
     reporter.message(why)
     return chosen, why
