@@ -4,6 +4,9 @@ own bytes, recall against exact search on held-out vectors, and up-front refusal
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -129,3 +132,26 @@ def test_eval_with_ivfpq_measures_its_recall_and_refuses_small_galleries(tmp_pat
     assert abs(run.report.recall_at_k[1] - exact.report.recall_at_k[1]) < 0.1
     with pytest.raises(VectorsError, match="at least 10,000 vectors"):
         evaluate(vectors[:500], labels[:500], index_kind="ivfpq")
+
+
+
+THREADS_AFTER_A_SEARCH = """
+import numpy as np, torch
+from ascension_cli.retrieval.index import build_index, search
+vectors = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+search(build_index(vectors), vectors[:4], k=3)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no thread count to change")
+def test_a_search_keeps_the_threads_the_process_was_given():
+    """FAISS and torch share one OpenMP pool: a validation search that set FAISS's threads to
+    every core changed training's too (a run resumed under OMP_NUM_THREADS=1 then differed in
+    the last bits from an uninterrupted one, whose first validation had raised them)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", THREADS_AFTER_A_SEARCH], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1"]

@@ -1,8 +1,13 @@
-"""FAISS index building and chunked k-nearest-neighbour search (inner product on unit vectors)."""
+"""FAISS index building and chunked k-nearest-neighbour search (inner product on unit vectors).
+
+The searches use the threads the process was given (``OMP_NUM_THREADS``; torchrun gives each
+process one) and never set them: FAISS and torch share one OpenMP pool, so setting FAISS's
+would also change training's mid-run (after the first validation), which made a resumed run
+differ from an uninterrupted one in the last bits.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +23,6 @@ HNSW_LINKS = 32  # graph neighbours per vector (M): recall ~0.95+ at efSearch 12
 TRAIN_PER_LIST = 50  # vectors the coarse quantizer is trained on, per inverted list
 MIN_TRAIN = 10_000  # ... and at least this many (the PQ codebooks need 256 per sub-quantizer)
 
-
-
-def _use_all_cores() -> None:
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,6 @@ def build_index(
     ``use_gpu`` moves a flat index to the GPU when a GPU build of FAISS is installed (not for an
     index that will be written).
     """
-    _use_all_cores()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     plan = plan or plan_index(n, dim, index_kind)
@@ -236,7 +236,6 @@ def search(
 
     Memory is O(n * k), never an n x n matrix. Missing results (k > index size) have id -1.
     """
-    _use_all_cores()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(k, index.ntotal))
     scores = np.empty((len(queries), k), dtype=np.float32)
