@@ -11,6 +11,14 @@ import cv2
 import numpy as np
 import pytest
 
+# pytest runs two worker processes (pyproject.toml): on a 2-core machine each keeps to one
+# thread, and so do the processes its tests start, instead of four threads fighting for two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
 SIGN_DIGITS = SHARED / "data" / "sign-language-digits"
