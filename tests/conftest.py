@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-# pytest runs two worker processes (pyproject.toml): on a 2-core machine each keeps to one
-# thread, and so do the processes its tests start, instead of four threads fighting for two cores.
+# pytest runs two worker processes (pyproject.toml): each keeps to one thread, and so do the
+# processes its tests start, so that on 2 cores four threads do not fight for two.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch

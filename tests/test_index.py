@@ -134,7 +134,6 @@ def test_eval_with_ivfpq_measures_its_recall_and_refuses_small_galleries(tmp_pat
         evaluate(vectors[:500], labels[:500], index_kind="ivfpq")
 
 
-
 THREADS_AFTER_A_SEARCH = """
 import numpy as np, torch
 from ascension_cli.retrieval.index import build_index, search

@@ -24,7 +24,6 @@ TRAIN_PER_LIST = 50  # vectors the coarse quantizer is trained on, per inverted 
 MIN_TRAIN = 10_000  # ... and at least this many (the PQ codebooks need 256 per sub-quantizer)
 
 
-
 @dataclass(frozen=True)
 class IndexPlan:
     """An index's shape, chosen from the number and dimension of the vectors, with its memory.
