@@ -271,10 +271,13 @@ def test_an_add_warns_of_new_items_confusable_with_another_class(trained, place,
 
 def unordered(check: dict) -> dict:
     """A check's report with each pair's two photos in path order (which comes first follows
-    the rows' order, a folder's as added, a Milvus collection's by key)."""
+    the rows' order, a folder's as added, a Milvus collection's by key) and its similarity to
+    5 decimals (two searches over the same float32 vectors may sum in another order: a twin
+    pair measured 1.0000001 once and 0.99999994 the next time)."""
     def pair(entry: dict) -> dict:
         first, second = sorted([entry["photo"], entry["other_photo"]], key=str)
-        return {**entry, "photo": first, "other_photo": second}
+        return {**entry, "photo": first, "other_photo": second,
+                "similarity": round(entry["similarity"], 5)}
 
     return {**check, "cross_class_duplicates": [pair(e) for e in check["cross_class_duplicates"]],
             "confusable_items": [pair(e) for e in check["confusable_items"]]}
