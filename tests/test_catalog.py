@@ -346,10 +346,16 @@ def test_vote_weighs_by_similarity():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-@pytest.mark.parametrize("features", ["backbone", "head"])
-def test_exports_match_pytorch(trained, tmp_path, features):
+@pytest.mark.parametrize(("features", "flip"),
+                         [("backbone", False), ("head", False), ("backbone", True)])
+def test_exports_match_pytorch(trained, tmp_path, features, flip):
     ort = pytest.importorskip("onnxruntime")
     root, data, checkpoint = trained
+    if flip:  # the same weights, recorded as embedding each photo with its mirror image
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        payload["spec"]["flip_average"] = True
+        checkpoint = tmp_path / "flip.pt"
+        torch.save(payload, checkpoint)
     onnx_file, script_file = tmp_path / "m.onnx", tmp_path / "m.pt"
     for fmt, path in (("onnx", onnx_file), ("torchscript", script_file)):
         result = invoke("export", checkpoint, "--format", fmt, "-o", path,
@@ -370,6 +376,8 @@ def test_exports_match_pytorch(trained, tmp_path, features):
         assert np.allclose(from_onnx, expected.numpy(), atol=1e-4)
         assert torch.allclose(from_script, expected, atol=1e-4)
         assert np.allclose(np.linalg.norm(from_onnx, axis=1), 1, atol=1e-4)
+        mirrored = session.run(None, {"images": torch.flip(images, dims=(-1,)).numpy()})[0]
+        assert np.allclose(mirrored, from_onnx, atol=1e-4) == flip
 
 
 def test_export_bad_format_is_one_line(trained, tmp_path):

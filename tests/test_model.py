@@ -75,3 +75,32 @@ def test_real_pretrained_weights_load_offline():
     fresh, _ = build_model("tf_efficientnet_lite0", pretrained=False)
     stem = "backbone.conv_stem.weight"
     assert not torch.equal(model.state_dict()[stem], fresh.state_dict()[stem])
+
+
+def test_flip_average_embeds_a_photo_as_the_mean_of_it_and_its_mirror_image():
+    plain, _ = build_model("test_convnext", embedding_dim=16, pretrained=False, image_size=32)
+    flipping, spec = build_model("test_convnext", embedding_dim=16, pretrained=False,
+                                 image_size=32, flip_average=True)
+    flipping.load_state_dict(plain.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    plain.eval(), flipping.eval()
+    for ours, theirs in ((flipping.features, plain.features), (flipping, plain)):
+        expected = torch.nn.functional.normalize(
+            theirs(images) + theirs(torch.flip(images, dims=(-1,))), dim=-1)
+        assert torch.allclose(ours(images), expected, atol=1e-6)
+        assert not torch.allclose(ours(images), theirs(images), atol=1e-3)
+    # A photo and its mirror image get the same vector; training's forward is unchanged.
+    assert torch.allclose(flipping.features(images),
+                          flipping.features(torch.flip(images, dims=(-1,))), atol=1e-6)
+    plain.train(), flipping.train()
+    assert torch.allclose(flipping(images), plain(images), atol=1e-6)
+    assert spec.flip_average and ModelSpec.from_dict(spec.to_dict()).flip_average
+
+
+def test_a_spec_written_before_the_flip_average_searches_as_trained():
+    _, spec = build_model("test_convnext", pretrained=False)
+    older = {key: value for key, value in spec.to_dict().items() if key != "flip_average"}
+    assert ModelSpec.from_dict(older).flip_average is False
+    assert model_from_spec(ModelSpec.from_dict(older)).flip_average is False
+    with pytest.raises(ValueError, match="flip_average"):
+        ModelSpec.from_dict({**older, "flip_average": "yes"})

@@ -356,3 +356,16 @@ def test_frozen_batchnorm_keeps_its_statistics_while_its_weights_train(dataset, 
                   and torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
     assert unmoved == freeze_bn
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_flip_average_is_recorded_with_the_model_for_every_later_search(dataset, tmp_path):
+    from ascension_cli.formats import LAST_CHECKPOINT
+    from ascension_cli.model.checkpoint import load_model, load_model_file, save_model_file
+
+    train(config(dataset, tmp_path / "run", epochs=1, flip_average=True))
+    model, spec, _ = load_model(tmp_path / "run" / LAST_CHECKPOINT)
+    assert spec.flip_average and model.flip_average
+    save_model_file(tmp_path / "model.pt", model, spec)  # as a catalogue keeps it
+    assert load_model_file(tmp_path / "model.pt").flip_average
+    with pytest.raises(CheckpointError, match="flip_average: True -> False"):
+        train(config(dataset, tmp_path / "run", epochs=2, resume="auto"))

@@ -36,6 +36,7 @@ class ModelSpec:
     std: tuple[float, float, float]
     crop_pct: float
     num_features: int
+    flip_average: bool = False  # a checkpoint written before the option searches as trained
 
     def feature_dim(self, feature_kind: str) -> int:
         """The length of a vector of ``feature_kind`` (``head``: the embedding; ``backbone``:
@@ -60,6 +61,7 @@ class ModelSpec:
                   "image_size": whole(spec.image_size, 16, 4096),
                   "embedding_dim": whole(spec.embedding_dim, 2, 65536),
                   "num_features": whole(spec.num_features, 1, 1 << 20),
+                  "flip_average": isinstance(spec.flip_average, bool),
                   "mean, std and crop_pct": len(spec.mean) == len(spec.std) == 3 and all(
                       number(n, 0, 1000) for n in numbers)
                   and all(n > 0 for n in spec.std) and 0 < spec.crop_pct <= 1}
@@ -73,12 +75,17 @@ class EmbeddingModel(nn.Module):
     """Backbone pooled features -> projection head -> L2-normalised embedding.
 
     ``head="none"`` trains the pooled features themselves (``forward`` equals ``features``):
-    the loss then shapes exactly the vectors that retrieval uses.
+    the loss then shapes exactly the vectors that retrieval uses. ``flip_average``: in eval mode
+    each vector is the mean of the photo's and its mirror image's (unit length each, then the
+    sum made unit length), so every search, validation and export embeds alike; training's
+    forward is unchanged.
     """
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, head: str = "mlp"):
+    def __init__(self, backbone: nn.Module, embedding_dim: int, head: str = "mlp",
+                 flip_average: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.flip_average = flip_average
         width = backbone.num_features
         if head == "mlp":
             self.head = nn.Sequential(
@@ -93,11 +100,18 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Projected, L2-normalised embeddings: what SupCon trains."""
-        return F.normalize(self.head(self.backbone(images)), dim=-1)
+        return self._seen(lambda batch: self.head(self.backbone(batch)), images)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled backbone features: what retrieval usually uses."""
-        return F.normalize(self.backbone(images), dim=-1)
+        return self._seen(self.backbone, images)
+
+    def _seen(self, network, images: torch.Tensor) -> torch.Tensor:
+        vectors = F.normalize(network(images), dim=-1)
+        if self.flip_average and not self.training:
+            mirrored = F.normalize(network(torch.flip(images, dims=(-1,))), dim=-1)
+            vectors = F.normalize(vectors + mirrored, dim=-1)
+        return vectors
 
 
 def _check_name(name: str) -> None:
@@ -240,8 +254,10 @@ def build_model(
     image_size: int | None = None,
     pretrained: bool = True,
     weights: str | Path | None = None,
+    flip_average: bool = False,
 ) -> tuple[EmbeddingModel, ModelSpec]:
-    """Create backbone + head and the spec that rebuilds it (input size, normalisation)."""
+    """Create backbone + head and the spec that rebuilds it (input size, normalisation, how
+    it embeds)."""
     backbone = create_backbone(name, pretrained=pretrained, weights=weights)
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     input_size = cfg.get("input_size", (3, 224, 224))
@@ -254,15 +270,16 @@ def build_model(
         std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
         crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
         num_features=int(backbone.num_features),
+        flip_average=flip_average,
     )
-    return EmbeddingModel(backbone, spec.embedding_dim, head), spec
+    return EmbeddingModel(backbone, spec.embedding_dim, head, flip_average), spec
 
 
 def model_from_spec(spec: ModelSpec) -> EmbeddingModel:
     """An uninitialised model of the spec's shape, ready for ``load_state_dict``."""
     _check_name(spec.name)
     backbone = timm.create_model(spec.name, pretrained=False, num_classes=0)
-    return EmbeddingModel(backbone, spec.embedding_dim, spec.head)
+    return EmbeddingModel(backbone, spec.embedding_dim, spec.head, spec.flip_average)
 
 
 def training_mode(model: nn.Module, freeze_bn: bool = False) -> None:

@@ -267,6 +267,7 @@ def _networks(config: TrainConfig, checkpoint: dict[str, Any] | None, machine: M
         model, spec = build_model(
             config.model, embedding_dim=config.embedding_dim, head=config.head,
             image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
+            flip_average=config.flip_average,
         )
     frozen = planned_frozen_stages(config, stage_count(model.backbone), checkpoint)
     _freeze(model, config.model, frozen[0], reporter)
