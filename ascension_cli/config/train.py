@@ -137,9 +137,9 @@ class TrainConfig(BaseModel):
     )
     flip_average: bool = Field(
         False, description="Embed each photo as the mean of its vector and its mirror image's, "
-        "recorded in the checkpoint so every search with the model does: a second forward "
-        "pass at every search, for a little more Recall@5 and MAP@R; off where left and right "
-        "tell items apart.")
+        "recorded in the checkpoint so every search with the model does, validation too (which "
+        "may then choose an earlier best.pt): a second forward pass at every search. Off where "
+        "left and right tell items apart.")
     pretrained: bool = Field(
         True, description="Start from timm's pretrained weights (downloaded or cached)."
     )
