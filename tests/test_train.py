@@ -11,6 +11,7 @@ from ascension_cli.config import TrainConfig, option_name
 from ascension_cli.errors import CheckpointError, TrainingError
 from ascension_cli.runtime import resolve_workers
 from ascension_cli.train import build
+from ascension_cli.train.logbook import figures_of
 from ascension_cli.train.loop import Reporter, train
 
 
@@ -358,11 +359,16 @@ def test_frozen_batchnorm_keeps_its_statistics_while_its_weights_train(dataset, 
     assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
 
 
-def test_flip_average_is_recorded_with_the_model_for_every_later_search(dataset, tmp_path):
+def test_flip_average_is_recorded_for_the_searches_after_training_not_validation(dataset,
+                                                                               tmp_path):
     from ascension_cli.formats import LAST_CHECKPOINT
     from ascension_cli.model.checkpoint import load_model, load_model_file, save_model_file
 
-    train(config(dataset, tmp_path / "run", epochs=1, flip_average=True))
+    flipped = train(config(dataset, tmp_path / "run", epochs=1, flip_average=True))
+    plain = train(config(dataset, tmp_path / "plain", epochs=1))
+    # Training, validation and so the choice of best.pt are those of a run without it.
+    assert [figures_of(r) for r in flipped.history] == [figures_of(r) for r in plain.history]
+    assert [r.loss for r in flipped.history] == [r.loss for r in plain.history]
     model, spec, _ = load_model(tmp_path / "run" / LAST_CHECKPOINT)
     assert spec.flip_average and model.flip_average
     save_model_file(tmp_path / "model.pt", model, spec)  # as a catalogue keeps it

@@ -136,10 +136,10 @@ class TrainConfig(BaseModel):
         "retrieval uses), or an mlp or linear projection head on them."
     )
     flip_average: bool = Field(
-        False, description="Embed each photo as the mean of its vector and its mirror image's, "
-        "recorded in the checkpoint so every search with the model does, validation too (which "
-        "may then choose an earlier best.pt): a second forward pass at every search. Off where "
-        "left and right tell items apart.")
+        False, description="Embed each photo as the mean of its vector and its mirror image's "
+        "in every search after training (recorded in the checkpoint: embed, eval, catalogues, "
+        "the service, export); validation embeds without it, so best.pt is chosen as without "
+        "it. A second forward pass at every search. Off where left and right tell items apart.")
     pretrained: bool = Field(
         True, description="Start from timm's pretrained weights (downloaded or cached)."
     )

@@ -77,8 +77,8 @@ class EmbeddingModel(nn.Module):
     ``head="none"`` trains the pooled features themselves (``forward`` equals ``features``):
     the loss then shapes exactly the vectors that retrieval uses. ``flip_average``: in eval mode
     each vector is the mean of the photo's and its mirror image's (unit length each, then the
-    sum made unit length), so every search, validation and export embeds alike; training's
-    forward is unchanged.
+    sum made unit length), so every search and export embeds alike; training's forward is
+    unchanged, and a training run turns it off on the model it trains and validates.
     """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, head: str = "mlp",
